@@ -1,0 +1,106 @@
+"""Dispatch and combine: send each (token, expert) pair to its expert and add the results.
+
+Pure functions of a decision (mask and weights, both (T, E)) and of an experts object
+with ``expert(e, x)`` and ``grouped(x_sorted, counts)``; nothing here knows how the
+decision was made. Two paths give the same numbers:
+
+- ``combine_loop``: the readable reference (a loop over experts, as HF Mixtral does);
+- ``combine_sorted``: sort the (token, expert) pairs by expert, gather, run every expert
+  on one contiguous slice, scatter-add with the weights (MegaBlocks' layout).
+
+Capacity: ``capacity = ceil(capacity_factor * T * k / E)`` slots per expert, where T * k
+is the number of (token, expert) pairs. Pairs past an expert's capacity are dropped: that
+expert's output for the token is 0 (the residual stream carries the token) and the drop is
+counted. ``capacity_factor=None`` is dropless.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+DISPATCH_PATHS = ("sorted", "loop")
+
+
+class ExpertsLike(Protocol):
+    def expert(self, e: int, x: Tensor) -> Tensor: ...
+    def grouped(self, x: Tensor, counts: list[int]) -> Tensor: ...
+
+
+def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float | None) -> int | None:
+    """Slots per expert: ceil(capacity_factor * num_pairs / E), num_pairs = T * k; None if dropless."""
+    if capacity_factor is None:
+        return None
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 or None, got capacity_factor={capacity_factor!r}")
+    return math.ceil(capacity_factor * num_pairs / num_experts)
+
+
+def apply_capacity(mask: Tensor, probs: Tensor, capacity: int | None) -> Tensor:
+    """Keep at most ``capacity`` tokens per expert: (T, E) bool -> (T, E) bool kept.
+
+    Priority as in GShard: every token's first choice claims a slot before any second
+    choice; within a choice rank, earlier tokens first.
+    """
+    if capacity is None:
+        return mask
+    num_tokens, num_experts = mask.shape
+    order = probs.masked_fill(~mask, -1.0).argsort(dim=1, descending=True, stable=True)  # (T, E)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(num_experts, device=mask.device).expand(num_tokens, -1)
+    )  # (T, E) 0 = the token's first choice
+    token = torch.arange(num_tokens, device=mask.device)[:, None]
+    last = num_experts * num_tokens  # larger than any priority: unselected pairs go last
+    priority = (rank * num_tokens + token).masked_fill(~mask, last)  # (T, E)
+    sorted_priority, idx = priority.sort(dim=0, stable=True)  # per expert, by priority
+    slot = torch.arange(num_tokens, device=mask.device)[:, None]  # (T, 1)
+    kept_sorted = (slot < capacity) & (sorted_priority < last)
+    return torch.zeros_like(mask).scatter_(0, idx, kept_sorted)
+
+
+class SortedPairs(NamedTuple):
+    """(token, expert) pairs of a mask, sorted by expert (stable: token order within)."""
+
+    token: Tensor  # (N,) token index of each pair
+    expert: Tensor  # (N,) expert index of each pair
+    counts: list[int]  # pairs per expert, length E
+
+
+def sort_by_expert(mask: Tensor) -> SortedPairs:
+    """The pairs of a (T, E) mask grouped by expert, for contiguous per-expert slices."""
+    expert_major = mask.t().nonzero()  # (N, 2) rows (expert, token), expert-major, token order
+    expert, token = expert_major.unbind(dim=1)
+    counts = torch.bincount(expert, minlength=mask.shape[1]).tolist()
+    return SortedPairs(token=token, expert=expert, counts=counts)
+
+
+def combine_sorted(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike) -> Tensor:
+    """y_t = sum_{e: mask[t, e]} weights[t, e] * Expert_e(x_t), via sort-gather-scatter."""
+    pairs = sort_by_expert(mask)
+    expert_out = experts.grouped(x[pairs.token], pairs.counts)  # (N, d) gather, run
+    gate = weights[pairs.token, pairs.expert].to(expert_out.dtype)[:, None]  # (N, 1)
+    return torch.zeros_like(x).index_add_(0, pairs.token, expert_out * gate)  # scatter-add
+
+
+def combine_loop(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike) -> Tensor:
+    """The same sum, one expert at a time (the reference path)."""
+    out = torch.zeros_like(x)
+    for e in range(mask.shape[1]):
+        token = mask[:, e].nonzero().squeeze(1)  # (n_e,) tokens sent to expert e
+        if token.numel():
+            gate = weights[token, e].to(x.dtype)[:, None]  # (n_e, 1)
+            out.index_add_(0, token, experts.expert(e, x[token]) * gate)
+    return out
+
+
+COMBINE = {"sorted": combine_sorted, "loop": combine_loop}
+
+
+def combine(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike, path: str = "sorted") -> Tensor:
+    """Dispatch x (T, d) to the experts by ``mask`` and combine with ``weights``: (T, d)."""
+    if path not in COMBINE:
+        raise ValueError(f"unknown dispatch path {path!r}; choose from {DISPATCH_PATHS}")
+    return COMBINE[path](x, weights, mask, experts)

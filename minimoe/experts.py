@@ -1,0 +1,66 @@
+"""E feed-forward experts with stacked weights, so grouped computation is possible.
+
+Layout as Hugging Face Mixtral (transformers 5): ``gate_up`` (E, 2h, d) holds the gate
+and up projections of SwiGLU stacked, ``down`` (E, d, h). Expert e computes
+    SwiGLU: down_e(silu(gate_e x) * up_e x)        GELU: down_e(gelu(up_e x))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+class Experts(nn.Module):
+    """``num_experts`` FFNs of width ``d_hidden``, run one at a time or grouped."""
+
+    def __init__(self, *, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown expert activation {activation!r}; choose from {ACTIVATIONS}")
+        self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
+        self.activation = activation
+        width = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.gate_up = nn.Parameter(torch.empty(num_experts, width, d_model))
+        self.down = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # the default init of nn.Linear, expert by expert
+        nn.init.uniform_(self.gate_up, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.down, -1 / math.sqrt(self.d_hidden), 1 / math.sqrt(self.d_hidden))
+
+    def _act(self, h: Tensor) -> Tensor:
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on its tokens: (n, d) -> (n, d)."""
+        return F.linear(self._act(F.linear(x, self.gate_up[e])), self.down[e])
+
+    def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
+        """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d)."""
+        outs = [self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if xe.shape[0]]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+
+    def dense(self, x: Tensor) -> Tensor:
+        """Every expert on every token: (T, d) -> (T, E, d). For teaching and tests."""
+        return torch.stack([self.expert(e, x) for e in range(self.num_experts)], dim=1)
+
+    def flops_per_assignment(self) -> int:
+        """Multiply-adds x2 of one expert on one token (the matmuls; activations ignored)."""
+        return 2 * self.gate_up.shape[1] * self.d_model + 2 * self.d_model * self.d_hidden
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, "
+                f"d_hidden={self.d_hidden}, activation={self.activation!r}")
