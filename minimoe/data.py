@@ -1,0 +1,289 @@
+"""Data sets for the course: a toy regression task, graded token tasks, and a byte-level corpus.
+
+Ground floor: imports nothing from the rest of minimoe. Every generator is deterministic given its
+seed and uses a local `torch.Generator`, never the global RNG.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------
+# 1. Toy mixture-of-experts regression (chapters 1-3)
+# ---------------------------------------------------------------------------------------------
+
+TOY_HIDDEN = 32  # width of each cluster's target function
+TOY_SEPARATION = 3.5  # distance of the two closest centres (noise std is `spread` per coordinate)
+
+
+@dataclass
+class ToyTask:
+    """Samples of a task whose right expert is known: cluster c's inputs follow function c.
+
+    The centres and functions (`centers`, `w_in`, `w_out`) depend only on `seed`, `num_clusters`,
+    `dim` and `out_dim`; the samples also depend on `sample_seed`, so a train and a test set made
+    with the same `seed` and different `sample_seed` share one task.
+    """
+
+    x: Tensor  # (N, dim) inputs
+    y: Tensor  # (N, out_dim) targets
+    cluster: Tensor  # (N,) long, the cluster (= target function) that made each sample
+    margin: Tensor  # (N,) distance to 2nd-nearest centre minus to nearest; small = ambiguous
+    centers: Tensor  # (C, dim)
+    w_in: Tensor  # (C, dim, TOY_HIDDEN) first weights of each cluster's function
+    w_out: Tensor  # (C, TOY_HIDDEN, out_dim) second weights of each cluster's function
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def target(self, x: Tensor, cluster: Tensor) -> Tensor:
+        """Noise-free target of each row of `x` (N, dim) under the function of `cluster` (N,)."""
+        return _toy_target(x, cluster, self.w_in, self.w_out)
+
+    def split(self, frac: float) -> tuple[ToyTask, ToyTask]:
+        """The first `frac` of the samples and the rest (samples are already in random order)."""
+        k = round(frac * len(self))
+        if not 0 < k < len(self):
+            raise ValueError(f"frac={frac} leaves an empty part of {len(self)} samples")
+        head = {f: getattr(self, f)[:k] for f in ("x", "y", "cluster", "margin")}
+        tail = {f: getattr(self, f)[k:] for f in ("x", "y", "cluster", "margin")}
+        return replace(self, **head), replace(self, **tail)
+
+
+def _toy_target(x: Tensor, cluster: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    hidden = torch.tanh(torch.einsum("nd,ndh->nh", x, w_in[cluster]))  # (N, TOY_HIDDEN)
+    return torch.einsum("nh,nho->no", hidden, w_out[cluster])  # (N, out_dim)
+
+
+def _spread_directions(num: int, dim: int, g: torch.Generator, tries: int = 64) -> Tensor:
+    """`num` unit vectors in `dim` dimensions: the best-separated of `tries` random draws."""
+    cand = torch.randn(tries, num, dim, generator=g)
+    cand = cand / cand.norm(dim=-1, keepdim=True)  # (tries, num, dim)
+    return cand[_closest_gap(cand).argmax()]
+
+
+def _closest_gap(points: Tensor) -> Tensor:
+    """Smallest distance between two distinct rows of `points` (..., num, dim)."""
+    self_pairs = torch.eye(points.shape[-2], dtype=torch.bool)
+    return torch.cdist(points, points).masked_fill(self_pairs, float("inf")).amin(dim=(-2, -1))
+
+
+def make_toy_task(
+    n: int = 4096,
+    num_clusters: int = 4,
+    dim: int = 16,
+    out_dim: int = 8,
+    spread: float = 1.0,
+    seed: int = 0,
+    noise: float = 0.0,
+    sample_seed: int | None = None,
+) -> ToyTask:
+    """Gaussian clusters around `num_clusters` centres, cluster c labelled by y = tanh(x A_c) B_c.
+
+    The two closest centres are `TOY_SEPARATION` apart, so at spread=1 about 7% of the points lie
+    nearer another cluster's centre than their own (by default, nearly 20% have margin < 0.5).
+    Independent random A_c, B_c make the functions clearly different: the wrong expert's error is
+    of the order of the targets' own variance. `noise` adds Gaussian noise of that std to y.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if num_clusters < 2:
+        raise ValueError(f"num_clusters must be at least 2, got {num_clusters}")
+    if dim <= 0 or out_dim <= 0:
+        raise ValueError(f"dim and out_dim must be positive, got dim={dim}, out_dim={out_dim}")
+    if spread <= 0:
+        raise ValueError(f"spread must be positive, got {spread}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = _spread_directions(num_clusters, dim, g)  # (C, dim)
+    radius = TOY_SEPARATION / _closest_gap(dirs).item()
+    centers = dirs * radius
+    # Scale so that pre-activations are O(1) for points of norm ~ sqrt(radius^2 + dim) (spread=1).
+    w_in = torch.randn(num_clusters, dim, TOY_HIDDEN, generator=g) / (radius**2 + dim) ** 0.5
+    w_out = torch.randn(num_clusters, TOY_HIDDEN, out_dim, generator=g) / TOY_HIDDEN**0.5
+
+    gs = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
+    cluster = torch.randint(num_clusters, (n,), generator=gs)
+    x = centers[cluster] + spread * torch.randn(n, dim, generator=gs)  # (N, dim)
+    nearest2 = torch.cdist(x, centers).topk(2, dim=1, largest=False).values  # (N, 2), ascending
+    y = _toy_target(x, cluster, w_in, w_out) + noise * torch.randn(n, out_dim, generator=gs)
+    return ToyTask(x, y, cluster, nearest2[:, 1] - nearest2[:, 0], centers, w_in, w_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Token tasks of graded difficulty (chapters 4-5)
+# ---------------------------------------------------------------------------------------------
+
+TASKS = ("copy", "reverse", "sort", "add")  # index = difficulty level
+VOCAB: list[str] = [str(d) for d in range(10)] + [f"<{t}>" for t in TASKS]
+VOCAB += ["+", "=", "<eos>", "<pad>"]
+TASK_IDS = tuple(VOCAB.index(f"<{t}>") for t in TASKS)
+PLUS_ID, SEP_ID, EOS_ID, PAD_ID = (VOCAB.index(t) for t in ("+", "=", "<eos>", "<pad>"))
+IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
+
+
+@dataclass
+class MultiTaskData:
+    """`<task> operand(s) = answer <eos>` sequences, padded, shifted for next-token prediction.
+
+    Operands are `length` uniform random digits (leading zeros allowed); `add` writes
+    `a + b = sum` with the sum zero-padded to length + 1 digits.
+    """
+
+    inputs: Tensor  # (N, L) long token ids
+    targets: Tensor  # (N, L) long next-token ids, IGNORE_INDEX except on answer digits and <eos>
+    task: Tensor  # (N,) long index into TASKS (= difficulty level)
+    length: Tensor  # (N,) long number of digits of each operand
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def answer_mask(self) -> Tensor:
+        """(N, L) bool, True where the target is part of the answer (the positions scored)."""
+        return self.targets != IGNORE_INDEX
+
+
+def seq_len(max_len: int) -> int:
+    """L for operands of at most `max_len` digits: the longest sample (add) minus the shift."""
+    return 3 * max_len + 4  # <add> a + b = (max_len+1 digits) <eos>, one fewer after shifting
+
+
+def _answer(task: str, a: list[int], b: list[int]) -> list[int]:
+    if task == "copy":
+        return a
+    if task == "reverse":
+        return a[::-1]
+    if task == "sort":
+        return sorted(a)
+    total = int("".join(map(str, a))) + int("".join(map(str, b)))
+    return [int(c) for c in str(total).zfill(len(a) + 1)]
+
+
+def make_multitask(
+    n: int = 2048,
+    min_len: int = 2,
+    max_len: int = 6,
+    tasks: Sequence[str] = TASKS,
+    seed: int = 0,
+) -> MultiTaskData:
+    """`n` samples in random order, an equal share per task (to within one), lengths uniform in
+    [min_len, max_len]. L = seq_len(max_len), so calls with the same max_len stack."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    if not tasks:
+        raise ValueError("tasks is empty")
+    for name in tasks:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task in {tuple(tasks)}")
+
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.tensor([TASKS.index(t) for t in tasks])
+    task = chosen[torch.arange(n) % len(chosen)][torch.randperm(n, generator=g)]  # (N,)
+    length = torch.randint(min_len, max_len + 1, (n,), generator=g)
+    digits = torch.randint(10, (n, 2, max_len), generator=g).tolist()  # (N, 2, max_len)
+
+    L = seq_len(max_len)
+    inputs = torch.full((n, L + 1), PAD_ID)  # (N, L+1) unshifted sequences
+    targets = torch.full((n, L + 1), IGNORE_INDEX)
+    for i, (t, k) in enumerate(zip(task.tolist(), length.tolist(), strict=True)):
+        a, b = digits[i][0][:k], digits[i][1][:k]
+        prompt = [TASK_IDS[t]] + a + ([PLUS_ID] + b if TASKS[t] == "add" else [])
+        answer = _answer(TASKS[t], a, b) + [EOS_ID]
+        seq = prompt + [SEP_ID] + answer
+        inputs[i, : len(seq)] = torch.tensor(seq)
+        targets[i, len(seq) - len(answer) : len(seq)] = torch.tensor(answer)
+    return MultiTaskData(inputs[:, :-1], targets[:, 1:], task, length)
+
+
+def decode(ids: Tensor | Sequence[int]) -> str:
+    """Token ids to text, run together: '<add>12+34=046<eos>'. Drops <pad> and IGNORE_INDEX."""
+    ids = ids.tolist() if isinstance(ids, Tensor) else ids
+    return "".join(VOCAB[i] for i in ids if i not in (PAD_ID, IGNORE_INDEX))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Byte-level text corpus (a small real language-modelling task)
+# ---------------------------------------------------------------------------------------------
+
+BYTE_VOCAB_SIZE = 256
+# "other" holds digits, control bytes and every non-ASCII byte.
+BYTE_KINDS = ("letter", "whitespace", "punctuation", "other")
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
+
+
+def _byte_kind_table() -> Tensor:
+    table = torch.full((256,), BYTE_KINDS.index("other"))
+    # letter, whitespace, punctuation: the first three BYTE_KINDS, in order
+    for kind, chars in enumerate((string.ascii_letters, string.whitespace, string.punctuation)):
+        table[[ord(c) for c in chars]] = kind
+    return table
+
+
+_BYTE_KIND = _byte_kind_table()
+
+
+def byte_kind(ids: Tensor) -> Tensor:
+    """Kind of each byte id, same shape, long index into BYTE_KINDS."""
+    return _BYTE_KIND[ids.long()]
+
+
+def load_text(path: str | Path | None = None) -> str:
+    """Read a UTF-8 text file; by default the repository's data/shakespeare.txt."""
+    path = Path(path) if path is not None else DEFAULT_TEXT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no text file at {path}; the default corpus ships in the repository's data/ folder "
+            "(see data/README.md to regenerate it), or pass a path"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+@dataclass
+class ByteCorpus:
+    """A text as byte ids (vocabulary 256), split into a leading train part and a trailing val part."""
+
+    train: Tensor  # (N_train,) long byte ids
+    val: Tensor  # (N_val,) long byte ids
+
+    def batch(
+        self, split: str, batch_size: int, block_size: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Random windows: inputs (B, block_size) and their next-byte targets (B, block_size)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        data = self.train if split == "train" else self.val
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 < block_size < len(data):
+            raise ValueError(f"block_size={block_size} must be in [1, {len(data) - 1}] for {split}")
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        window = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, block_size + 1)
+        return window[:, :-1], window[:, 1:]
+
+
+def byte_corpus(text: str | None = None, val_frac: float = 0.1) -> ByteCorpus:
+    """UTF-8 bytes of `text` (default: load_text()); the last `val_frac` of them is validation.
+
+    A contiguous split, not a random one, so no validation window overlaps a training window.
+    """
+    if not 0 < val_frac < 1:
+        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
+    raw = (load_text() if text is None else text).encode("utf-8")
+    cut = round(len(raw) * (1 - val_frac))
+    if not 0 < cut < len(raw):
+        raise ValueError(f"val_frac={val_frac} leaves an empty split of {len(raw)} bytes")
+    ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()  # (N,)
+    return ByteCorpus(ids[:cut], ids[cut:])

@@ -1,0 +1,171 @@
+"""A tiny pre-norm causal transformer with MoE feed-forward layers, and a toy regressor.
+
+Both models return a ``ModelOutput`` whose ``loss`` is the task loss and whose
+``aux_loss`` is the sum of the MoE layers' weighted auxiliary losses; the trainer adds
+them. ``layers`` holds every MoE layer's full result (routing, losses, stats).
+
+The documented tiny CPU configuration, ``ModelConfig.tiny()`` (about 0.2 M parameters),
+trains a byte-level language model to a visibly falling loss in about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minimoe.layer import MoE, MoEConfig, MoEOutput
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # bytes
+    block_size: int = 64  # longest sequence
+    n_layers: int = 2
+    n_heads: int = 4
+    moe: MoEConfig = field(default_factory=MoEConfig)  # d_model lives here
+    moe_every: int = 1  # MoE in every layer (1) or every other layer (2); dense FFN elsewhere
+    num_classes: int = 0  # > 0 adds a sequence-classification head
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # rebuilt from a checkpoint
+            self.moe = MoEConfig(**self.moe)
+        for name in ("vocab_size", "block_size", "n_layers", "n_heads", "moe_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+    @property
+    def d_model(self) -> int:
+        return self.moe.d_model
+
+    @classmethod
+    def tiny(cls, **moe_overrides) -> ModelConfig:
+        """2 layers, d_model 64, 8 experts of width 128, top-2: trains in about a minute on CPU."""
+        moe = dict(d_model=64, d_hidden=128, num_experts=8) | moe_overrides
+        return cls(n_layers=2, n_heads=4, block_size=64, moe=MoEConfig(**moe))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B, L, vocab) for the LM, (B, classes) for classification, (N, out) for toy
+    loss: Tensor | None  # task loss, or None without targets
+    aux_loss: Tensor  # () sum of the MoE layers' weighted aux losses
+    layers: list[MoEOutput]  # one per MoE layer, bottom to top
+
+
+class FFN(nn.Module):
+    """The dense SwiGLU feed-forward block that MoE replaces (every other layer, if asked)."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, use_moe: bool):
+        super().__init__()
+        d = config.d_model
+        self.n_heads, self.dropout = config.n_heads, config.dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        moe = config.moe
+        self.ffn = MoE(moe) if use_moe else FFN(d, moe.d_hidden * max(1, moe.k))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput | None]:
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # (B, L, d) each
+        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d/H)
+        drop = self.dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        x = x + self.proj(att.transpose(1, 2).reshape(B, L, d))
+        h = self.ln2(x)
+        if isinstance(self.ffn, MoE):
+            moe_out = self.ffn(h)
+            return x + moe_out.output, moe_out
+        return x + self.ffn(h), None
+
+
+class TinyTransformer(nn.Module):
+    """Byte/token-level causal LM with MoE FFNs; ``labels`` use the classification head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.tok_emb = nn.Embedding(config.vocab_size, d)
+        self.pos_emb = nn.Embedding(config.block_size, d)
+        self.blocks = nn.ModuleList(
+            Block(config, use_moe=(i % config.moe_every == config.moe_every - 1))
+            for i in range(config.n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self.cls_head = nn.Linear(d, config.num_classes) if config.num_classes else None
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
+        """idx (B, L) token ids; targets (B, L) next tokens (-100 = ignore); labels (B,) classes."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, length), got {tuple(idx.shape)}")
+        B, L = idx.shape
+        if L > self.config.block_size:
+            raise ValueError(f"sequence length {L} exceeds block_size={self.config.block_size}")
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(L, device=idx.device))  # (B, L, d)
+        layers = []
+        for block in self.blocks:
+            x, moe_out = block(x)
+            if moe_out is not None:
+                layers.append(moe_out)
+        h = self.ln_f(x)  # (B, L, d)
+        aux = sum((m.aux_loss for m in layers), h.new_zeros(()))
+        if labels is not None or (self.cls_head is not None and targets is None):
+            if self.cls_head is None:
+                raise ValueError("labels given but the model has no classification head (num_classes=0)")
+            logits = self.cls_head(h.mean(dim=1))  # (B, classes)
+            loss = F.cross_entropy(logits, labels) if labels is not None else None
+            return ModelOutput(logits, loss, aux, layers)
+        logits = self.lm_head(h)  # (B, L, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return ModelOutput(logits, loss, aux, layers)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+
+class MoERegressor(nn.Module):
+    """The toy task's model: one MoE layer on the raw input, then a shared linear read-out.
+
+    The router sees x itself, so which expert serves which cluster can be read off directly.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, moe: MoEConfig):
+        super().__init__()
+        if moe.d_model != in_dim:
+            raise ValueError(f"moe.d_model={moe.d_model} must equal in_dim={in_dim}")
+        self.config = moe
+        self.moe = MoE(moe)
+        self.head = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:
+        moe_out = self.moe(x)
+        pred = self.head(moe_out.output)  # (N, out_dim)
+        loss = F.mse_loss(pred, y) if y is not None else None
+        return ModelOutput(pred, loss, moe_out.aux_loss, [moe_out])
+
+    def moe_layers(self) -> list[MoE]:
+        return [self.moe]

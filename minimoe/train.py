@@ -1,0 +1,157 @@
+"""Training: seeding, a small loop with a progress bar, evaluation, checkpoints.
+
+The loop is model-agnostic: ``get_batch(generator)`` returns a dict of keyword arguments
+for the model (``{"idx": ..., "targets": ...}`` for the transformer, ``{"x": ..., "y": ...}``
+for the toy regressor), and the model returns a ``ModelOutput``. The loss optimised is
+``output.loss + output.aux_loss``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minimoe.layer import MoE, MoEConfig
+from minimoe.model import MoERegressor, ModelConfig, TinyTransformer
+
+Batch = dict[str, torch.Tensor]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator for data sampling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate only at the end (if an evaluate function is given)
+    freeze_router: bool = False  # GW-MoE fine-tuning keeps the router fixed
+    progress: bool = True
+
+
+@dataclass
+class History:
+    """Per-step training record; ``evals`` holds (step, metrics) pairs."""
+
+    loss: list[float] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)
+    experts_per_token: list[list[float]] = field(default_factory=list)  # [step][layer]
+    dropped_pairs: list[int] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+    @property
+    def final_eval(self) -> dict[str, float]:
+        return self.evals[-1][1] if self.evals else {}
+
+
+def routers(model: nn.Module) -> list[nn.Module]:
+    """Every MoE router's parameters (gate and noise) as modules."""
+    found = []
+    for m in model.modules():
+        if isinstance(m, MoE):
+            found += [m.gate] + ([m.noise] if m.noise is not None else [])
+    return found
+
+
+def train(
+    model: nn.Module,
+    get_batch: Callable[[torch.Generator], Batch],
+    config: TrainConfig,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    callback: Callable[[int, nn.Module, object], None] | None = None,
+) -> History:
+    """Train ``model`` for ``config.steps`` steps with AdamW; returns the History.
+
+    ``callback(step, model, output)`` runs after every step (e.g. to record statistics).
+    """
+    if config.steps < 0:
+        raise ValueError(f"steps must be >= 0, got steps={config.steps}")
+    generator = seed_everything(config.seed)
+    for r in routers(model):
+        r.requires_grad_(not config.freeze_router)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    history = History()
+    model.train()
+    bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False)
+    for step in bar:
+        batch = get_batch(generator)
+        out = model(**batch)
+        loss = out.loss + out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+
+        history.loss.append(out.loss.item())
+        history.aux_loss.append(out.aux_loss.item())
+        history.experts_per_token.append([m.stats.experts_per_token.item() for m in out.layers])
+        history.dropped_pairs.append(sum(int(m.stats.dropped_pairs) for m in out.layers))
+        if callback is not None:
+            callback(step, model, out)
+        if evaluate is not None and config.eval_every and step % config.eval_every == 0:
+            history.evals.append((step, evaluate(model)))
+            model.train()
+        if step % 10 == 0 or step == config.steps:
+            bar.set_postfix(loss=f"{np.mean(history.loss[-10:]):.3f}")
+    if evaluate is not None and (not history.evals or history.evals[-1][0] != config.steps):
+        history.evals.append((config.steps, evaluate(model)))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+    """Evaluation-mode mean task loss and experts per token over the given batches."""
+    model.eval()
+    losses, ept = [], []
+    for batch in batches:
+        out = model(**batch)
+        losses.append(out.loss.item())
+        ept.append(np.mean([m.stats.experts_per_token.item() for m in out.layers]))
+    return {"loss": float(np.mean(losses)), "experts_per_token": float(np.mean(ept))}
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def save_checkpoint(model: TinyTransformer | MoERegressor, path: str | Path, **extra) -> None:
+    """Save the config and weights (loadable with ``weights_only=True``)."""
+    if isinstance(model, TinyTransformer):
+        kind, config = "transformer", model.config.to_dict()
+    elif isinstance(model, MoERegressor):
+        kind = "regressor"
+        config = {"in_dim": model.head.in_features, "out_dim": model.head.out_features,
+                  "moe": vars(model.config).copy()}
+    else:
+        raise TypeError(f"cannot checkpoint a {type(model).__name__}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": kind, "config": config, "state_dict": model.state_dict(), "extra": extra}, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by ``save_checkpoint``; the file is read with weights_only=True."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if ckpt["kind"] == "transformer":
+        model: nn.Module = TinyTransformer(ModelConfig(**ckpt["config"]))
+    else:
+        c = ckpt["config"]
+        model = MoERegressor(c["in_dim"], c["out_dim"], MoEConfig(**c["moe"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+from minimoe import data as D
+
+# ---- toy task ---------------------------------------------------------------------------------
+
+
+def test_toy_shapes_and_dtypes():
+    t = D.make_toy_task(n=100, num_clusters=3, dim=5, out_dim=2)
+    assert t.x.shape == (100, 5) and t.y.shape == (100, 2) and t.centers.shape == (3, 5)
+    assert t.cluster.shape == t.margin.shape == (100,)
+    assert t.cluster.dtype == torch.long and t.x.dtype == t.y.dtype == t.margin.dtype
+    assert len(t) == 100 and set(t.cluster.tolist()) == {0, 1, 2}
+
+
+def test_toy_determinism():
+    a, b, c = (D.make_toy_task(n=512, seed=s) for s in (0, 0, 1))
+    for f in ("x", "y", "cluster", "margin", "centers"):
+        assert torch.equal(getattr(a, f), getattr(b, f))
+    assert not torch.equal(a.x, c.x) and not torch.equal(a.centers, c.centers)
+
+
+def test_toy_sample_seed_keeps_the_task():
+    train = D.make_toy_task(n=256, seed=3)
+    test = D.make_toy_task(n=128, seed=3, sample_seed=99)
+    assert torch.equal(train.centers, test.centers) and torch.equal(train.w_in, test.w_in)
+    assert not torch.equal(train.x[:128], test.x)
+
+
+def test_toy_margin_and_overlap():
+    t = D.make_toy_task()
+    dist = torch.cdist(t.x, t.centers).sort(dim=1).values
+    assert torch.allclose(t.margin, dist[:, 1] - dist[:, 0])
+    assert (t.margin >= 0).all()
+    assert 0.05 < (t.margin < 0.5).float().mean() < 0.35  # some points sit near a border
+    wrong = torch.cdist(t.x, t.centers).argmin(1) != t.cluster
+    assert 0.01 < wrong.float().mean() < 0.15  # clusters overlap a little, not much
+
+
+def test_toy_targets_follow_the_cluster_function():
+    t = D.make_toy_task(n=512, noise=0.0)
+    assert torch.allclose(t.y, t.target(t.x, t.cluster))
+    # by hand for one sample: y = tanh(x A_c) B_c
+    i, c = 7, t.cluster[7]
+    assert torch.allclose(t.y[i], torch.tanh(t.x[i] @ t.w_in[c]) @ t.w_out[c], atol=1e-5)
+    # a wrong expert is clearly worse than the target's own spread
+    wrong = t.target(t.x, (t.cluster + 1) % t.centers.shape[0])
+    assert (wrong - t.y).pow(2).mean() > t.y.var(0).mean()
+    noisy = D.make_toy_task(n=512, noise=0.1)
+    assert torch.equal(noisy.x, t.x) and 0.05 < (noisy.y - t.y).std() < 0.2
+
+
+def test_toy_split():
+    t = D.make_toy_task(n=100)
+    a, b = t.split(0.8)
+    assert len(a) == 80 and len(b) == 20
+    assert torch.equal(torch.cat([a.y, b.y]), t.y) and torch.equal(a.centers, t.centers)
+
+
+# ---- multi-task tokens ------------------------------------------------------------------------
+
+
+def test_vocab():
+    assert D.VOCAB[:10] == [str(d) for d in range(10)]
+    assert len(set(D.VOCAB)) == len(D.VOCAB) == 18 and D.VOCAB[D.PAD_ID] == "<pad>"
+    assert D.decode([D.TASK_IDS[3], 1, D.PLUS_ID, 2, D.SEP_ID, 0, 3, D.EOS_ID, D.PAD_ID]) == (
+        "<add>1+2=03<eos>"
+    )
+
+
+def test_multitask_shapes_shares_and_determinism():
+    m = D.make_multitask(n=402, min_len=1, max_len=4, seed=5)
+    L = D.seq_len(4)
+    assert m.inputs.shape == m.targets.shape == (402, L) and m.inputs.dtype == torch.long
+    assert m.task.bincount().tolist() == [101, 101, 100, 100]
+    assert m.length.min() == 1 and m.length.max() == 4
+    same, other = D.make_multitask(402, 1, 4, seed=5), D.make_multitask(402, 1, 4, seed=6)
+    assert torch.equal(m.inputs, same.inputs) and torch.equal(m.targets, same.targets)
+    assert not torch.equal(m.inputs, other.inputs)
+    # fixed L: a call with other lengths and tasks stacks with this one
+    assert D.make_multitask(8, 4, 4, tasks=("sort",)).inputs.shape[1] == L
+
+
+def test_multitask_answers_are_correct():
+    m = D.make_multitask(n=200, min_len=1, max_len=5, seed=1)
+    for i in range(len(m)):
+        name = D.TASKS[m.task[i]]
+        prompt, answer = D.decode(m.inputs[i]).split("=")[0], D.decode(m.targets[i])
+        assert prompt.startswith(f"<{name}>") and answer.endswith("<eos>")
+        answer = answer.removesuffix("<eos>")
+        ops = prompt[len(name) + 2 :].split("+")
+        assert all(len(op) == m.length[i] for op in ops)
+        expected = {
+            "copy": ops[0],
+            "reverse": ops[0][::-1],
+            "sort": "".join(sorted(ops[0])),
+            "add": str(sum(map(int, ops))).zfill(int(m.length[i]) + 1),
+        }[name]
+        assert answer == expected, (name, prompt, answer)
+
+
+def test_multitask_targets_only_on_answers():
+    m = D.make_multitask(n=64, seed=2)
+    for i in range(len(m)):
+        ans = m.answer_mask[i].nonzero().squeeze(1)
+        start = (m.inputs[i] == D.SEP_ID).nonzero().item()  # "=" predicts the first answer digit
+        assert ans.tolist() == list(range(start, start + len(ans)))
+        assert m.targets[i, ans[-1]] == D.EOS_ID
+        # targets are the inputs shifted by one where both exist
+        assert torch.equal(m.targets[i, ans[:-1]], m.inputs[i, ans[:-1] + 1])
+    assert (m.targets[~m.answer_mask] == D.IGNORE_INDEX).all()
+
+
+def test_multitask_task_subset_keeps_global_indices():
+    m = D.make_multitask(n=10, tasks=("copy", "add"))
+    assert set(m.task.tolist()) == {0, 3}
+
+
+# ---- byte corpus ------------------------------------------------------------------------------
+
+
+def test_load_text_default_and_missing(tmp_path):
+    text = D.load_text()
+    assert len(text.encode()) > 500_000 and "HAMLET" in text
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        D.load_text(tmp_path / "nope.txt")
+
+
+def test_byte_corpus_split_and_batches():
+    text = "To be, or not to be: that is the question. Ünïcode!\n" * 20
+    corpus = D.byte_corpus(text, val_frac=0.25)
+    raw = list(text.encode("utf-8"))
+    assert torch.cat([corpus.train, corpus.val]).tolist() == raw
+    assert corpus.val.numel() == round(0.25 * len(raw)) and corpus.train.dtype == torch.long
+    x, y = corpus.batch("train", 8, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # next-byte shift
+    x2, _ = corpus.batch("train", 8, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+    xv, yv = corpus.batch("val", 4, corpus.val.numel() - 1, torch.Generator().manual_seed(0))
+    assert torch.equal(xv[0], corpus.val[:-1]) and torch.equal(yv[0], corpus.val[1:])
+
+
+def test_byte_kind():
+    ids = torch.tensor(list(b"Ab \n,.7\xc3"))
+    kinds = [D.BYTE_KINDS[k] for k in D.byte_kind(ids).tolist()]
+    assert kinds == ["letter"] * 2 + ["whitespace"] * 2 + ["punctuation"] * 2 + ["other"] * 2
+
+
+# ---- argument checks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: D.make_toy_task(n=0), "n must be positive, got 0"),
+        (lambda: D.make_toy_task(num_clusters=1), "got 1"),
+        (lambda: D.make_toy_task(spread=-1.0), "got -1.0"),
+        (lambda: D.make_toy_task(n=10).split(1.0), "frac=1.0"),
+        (lambda: D.make_multitask(n=-3), "got -3"),
+        (lambda: D.make_multitask(tasks=("copy", "divide")), "'divide'"),
+        (lambda: D.make_multitask(min_len=5, max_len=3), "min_len=5, max_len=3"),
+        (lambda: D.byte_corpus("abcdef", val_frac=1.0), "got 1.0"),
+        (lambda: D.byte_corpus("abcdef", val_frac=0), "got 0"),
+        (lambda: D.byte_corpus("abcdef").batch("test", 1, 1, torch.Generator()), "'test'"),
+        (lambda: D.byte_corpus("a" * 100).batch("val", 1, 10, torch.Generator()), "10"),
+    ],
+)
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
