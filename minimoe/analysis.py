@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from minimoe.dispatch import apply_capacity, expert_capacity
 from minimoe.layer import MoE, MoEOutput
-from minimoe.routing import Routing, normalized_entropy, top_gap
+from minimoe.routing import Routing, normalized_entropy, top_gap, top_k
 
 
 def _cpu(routing: Routing) -> Routing:
@@ -120,3 +121,66 @@ def expert_for_cluster(routing: Routing, cluster: Tensor, num_clusters: int | No
     counts = torch.zeros(num_clusters, routing.num_experts, dtype=torch.long)
     counts.index_put_((cluster, first), torch.ones_like(first), accumulate=True)  # (C, E)
     return counts.argmax(dim=1)
+
+
+def experts_per_token_by_group(routing: Routing, groups: Tensor) -> dict[int, float]:
+    """Mean experts per token for each group label (e.g. task or difficulty), groups (T,)."""
+    ept = routing.mask.sum(1).float()
+    return {int(g): ept[groups == g].mean().item() for g in groups.unique()}
+
+
+@dataclass
+class CapacityReport:
+    capacity: int | None  # slots per expert (None: dropless)
+    tokens_per_expert: Tensor  # (E,) pairs routed to each expert
+    kept_per_expert: Tensor  # (E,) pairs that found a slot
+    dropped_pairs: int  # (token, expert) pairs over capacity
+    dropped_tokens: int  # tokens that lost every expert
+
+
+def capacity_report(logits: Tensor, k: int, capacity_factor: float | None) -> CapacityReport:
+    """What top-k routing with a capacity factor does to these logits (T, E)."""
+    routing = top_k(logits, k)
+    cap = expert_capacity(int(routing.mask.sum()), routing.num_experts, capacity_factor)
+    kept = apply_capacity(routing.mask, routing.probs, cap)
+    return CapacityReport(
+        capacity=cap,
+        tokens_per_expert=routing.mask.sum(0),
+        kept_per_expert=kept.sum(0),
+        dropped_pairs=int((routing.mask & ~kept).sum()),
+        dropped_tokens=int((routing.mask.any(1) & ~kept.any(1)).sum()),
+    )
+
+
+class ExpertsPerTokenTracker:
+    """Training callback: every ``every`` steps, run a fixed probe batch in eval mode and
+    record mean experts per token per MoE layer, and per group label if ``groups`` is given
+    (one label per token of the probe batch, flattened like the model's tokens).
+
+        tracker = ExpertsPerTokenTracker(probe, every=25, groups=task_per_token)
+        train(model, get_batch, config, callback=tracker)
+        tracker.steps, tracker.per_layer, tracker.per_group
+    """
+
+    def __init__(self, probe: dict[str, Tensor], every: int = 25, groups: Tensor | None = None):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got every={every}")
+        self.probe, self.every, self.groups = probe, every, groups
+        self.steps: list[int] = []
+        self.per_layer: list[list[float]] = []  # [record][layer]
+        self.per_group: list[list[dict[int, float]]] = []  # [record][layer] {group: ept}
+
+    @torch.no_grad()
+    def __call__(self, step: int, model: nn.Module, output: object = None) -> None:
+        if step % self.every:
+            return
+        was_training = model.training
+        model.eval()
+        with RoutingRecorder(model) as rec:
+            model(**self.probe)
+        model.train(was_training)
+        layers = [rec.routing(i) for i in range(len(rec))]
+        self.steps.append(step)
+        self.per_layer.append([experts_per_token(r) for r in layers])
+        if self.groups is not None:
+            self.per_group.append([experts_per_token_by_group(r, self.groups) for r in layers])

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minimoe.layer import MoE, MoEConfig
-from minimoe.model import MoERegressor, ModelConfig, TinyTransformer
+from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
 
 Batch = dict[str, torch.Tensor]
 
@@ -88,9 +88,10 @@ def train(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     history = History()
     model.train()
+    device = next(model.parameters()).device
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False)
     for step in bar:
-        batch = get_batch(generator)
+        batch = {k: v.to(device) for k, v in get_batch(generator).items()}
         out = model(**batch)
         loss = out.loss + out.aux_loss
         opt.zero_grad(set_to_none=True)
@@ -121,8 +122,9 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
     """Evaluation-mode mean task loss and experts per token over the given batches."""
     model.eval()
     losses, ept = [], []
+    device = next(model.parameters()).device
     for batch in batches:
-        out = model(**batch)
+        out = model(**{k: v.to(device) for k, v in batch.items()})
         losses.append(out.loss.item())
         ept.append(np.mean([m.stats.experts_per_token.item() for m in out.layers]))
     return {"loss": float(np.mean(losses)), "experts_per_token": float(np.mean(ept))}

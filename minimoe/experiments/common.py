@@ -1,0 +1,83 @@
+"""Pieces every experiment needs: batch samplers, model construction, argument parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from minimoe.data import ByteCorpus, MultiTaskData, ToyTask
+from minimoe.layer import MoEConfig
+from minimoe.routing import ROUTERS
+
+Batch = dict[str, torch.Tensor]
+
+
+def lm_batches(corpus: ByteCorpus, batch_size: int, block_size: int, split: str = "train") -> Callable[[torch.Generator], Batch]:
+    """Random windows of the byte corpus as {idx, targets}."""
+    def get(g: torch.Generator) -> Batch:
+        idx, targets = corpus.batch(split, batch_size, block_size, g)
+        return {"idx": idx, "targets": targets}
+    return get
+
+
+def multitask_batches(data: MultiTaskData, batch_size: int) -> Callable[[torch.Generator], Batch]:
+    """Random samples of the graded token tasks as {idx, targets} (loss on answers only)."""
+    def get(g: torch.Generator) -> Batch:
+        i = torch.randint(0, len(data), (batch_size,), generator=g)
+        return {"idx": data.inputs[i], "targets": data.targets[i]}
+    return get
+
+
+def toy_batches(task: ToyTask, batch_size: int) -> Callable[[torch.Generator], Batch]:
+    """Random samples of the toy regression task as {x, y}."""
+    def get(g: torch.Generator) -> Batch:
+        i = torch.randint(0, len(task), (batch_size,), generator=g)
+        return {"x": task.x[i], "y": task.y[i]}
+    return get
+
+
+def add_moe_args(p: argparse.ArgumentParser) -> None:
+    """Router and layer options, named as MoEConfig's fields."""
+    g = p.add_argument_group("MoE layer")
+    g.add_argument("--router", default="top_k", choices=sorted(ROUTERS))
+    g.add_argument("--k", type=int, default=2)
+    g.add_argument("--top-p", type=float, default=0.4)
+    g.add_argument("--adaptive-threshold", type=float, default=0.1)
+    g.add_argument("--experts", type=int, default=8, help="number of experts")
+    g.add_argument("--d-model", type=int, default=64)
+    g.add_argument("--d-hidden", type=int, default=128, help="width of each expert")
+    g.add_argument("--capacity-factor", type=float, default=None, help="omit for dropless")
+    g.add_argument("--balance-coef", type=float, default=1e-2)
+    g.add_argument("--z-coef", type=float, default=1e-3)
+    g.add_argument("--dynamic-coef", type=float, default=0.0)
+    g.add_argument("--dispatch", default="sorted", choices=["sorted", "loop"])
+
+
+def moe_config_from_args(args: argparse.Namespace, **overrides) -> MoEConfig:
+    fields = dict(
+        d_model=args.d_model, d_hidden=args.d_hidden, num_experts=args.experts, router=args.router,
+        k=args.k, top_p=args.top_p, adaptive_threshold=args.adaptive_threshold,
+        capacity_factor=args.capacity_factor, balance_coef=args.balance_coef, z_coef=args.z_coef,
+        dynamic_coef=args.dynamic_coef, dispatch=args.dispatch,
+    )
+    return MoEConfig(**(fields | overrides))
+
+
+def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", type=int, default=steps)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--out", type=Path, default=None, help="folder for results (JSON, plots, checkpoint)")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
