@@ -22,7 +22,7 @@ def plot_expert_load(
 ) -> Axes:
     """Grouped bars: share of assignments per expert, one bar group per named routing."""
     ax = _ax(ax)
-    items = {k: (load_per_expert(v) if isinstance(v, Routing) else v.float()) for k, v in loads.items()}
+    items = {k: (load_per_expert(v) if isinstance(v, Routing) else v.detach().float().cpu()) for k, v in loads.items()}
     num_experts = len(next(iter(items.values())))
     width = 0.8 / len(items)
     for i, (name, load) in enumerate(items.items()):
@@ -49,7 +49,7 @@ def plot_routing_heatmap(routing: Routing, num_tokens: int = 48, ax: Axes | None
                          labels: Sequence[str] | None = None) -> Axes:
     """Combine weights of the first ``num_tokens`` tokens: tokens (rows) x experts (columns)."""
     ax = _ax(ax, figsize=(4, 6))
-    w = routing.weights[:num_tokens].float().numpy()
+    w = routing.weights[:num_tokens].detach().float().cpu().numpy()
     im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     ax.set(xlabel="expert", ylabel="token", title="Combine weights", xticks=range(w.shape[1]))
     if labels is not None:
@@ -83,7 +83,7 @@ def plot_histograms(values: Mapping[str, torch.Tensor], ax: Axes | None = None, 
     """Overlaid density histograms (e.g. router entropy per layer)."""
     ax = _ax(ax)
     for name, v in values.items():
-        ax.hist(v.float().numpy(), bins=bins, range=range_, density=True, histtype="step", lw=1.5, label=name)
+        ax.hist(v.detach().float().cpu().numpy(), bins=bins, range=range_, density=True, histtype="step", lw=1.5, label=name)
     ax.set(xlabel=xlabel, ylabel="density")
     ax.legend(fontsize=8)
     return ax

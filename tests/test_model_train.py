@@ -1,0 +1,137 @@
+"""The tiny transformer, the recorder, training, checkpoints and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+import pytest
+import torch
+
+from minimoe import analysis, plots
+from minimoe.__main__ import main as cli
+from minimoe.data import byte_corpus, make_toy_task
+from minimoe.experiments.common import lm_batches, toy_batches
+from minimoe.layer import MoE, MoEConfig
+from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
+from minimoe.train import TrainConfig, load_checkpoint, save_checkpoint, train
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return byte_corpus()
+
+
+def _tiny(**moe) -> TinyTransformer:
+    torch.manual_seed(0)
+    return TinyTransformer(ModelConfig(block_size=32, moe=MoEConfig(d_model=32, d_hidden=32, num_experts=4, **moe)))
+
+
+def test_model_trains_loss_falls(corpus):
+    model = _tiny()
+    hist = train(model, lm_batches(corpus, 8, 32), TrainConfig(steps=40, lr=1e-2, progress=False))
+    assert sum(hist.loss[-5:]) / 5 < hist.loss[0] - 1.0
+    assert hist.experts_per_token[-1] == [2.0, 2.0]
+
+
+def test_same_seed_same_numbers(corpus):
+    runs = [train(_tiny(), lm_batches(corpus, 4, 32), TrainConfig(steps=5, progress=False)).loss for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_shapes_heads_and_every_other_layer():
+    cfg = ModelConfig(n_layers=4, moe_every=2, num_classes=3, block_size=16, moe=MoEConfig(d_model=32, d_hidden=32))
+    model = TinyTransformer(cfg)
+    assert len(model.moe_layers()) == 2
+    idx = torch.randint(0, 256, (2, 16))
+    out = model(idx, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and out.loss.item() > 0 and len(out.layers) == 2
+    lm = model(idx, targets=idx)
+    assert lm.logits.shape == (2, 16, 256)
+    with pytest.raises(ValueError, match="block_size=16"):
+        model(torch.randint(0, 256, (1, 17)))
+    with pytest.raises(ValueError, match="n_heads=5"):
+        ModelConfig(n_heads=5, moe=MoEConfig(d_model=32))
+
+
+def test_recorder_sees_every_token_and_changes_nothing():
+    model = _tiny().eval()
+    idx = torch.randint(0, 256, (3, 32))
+    with torch.no_grad():
+        before = model(idx).logits
+        with analysis.RoutingRecorder(model) as rec:
+            during = model(idx).logits
+        after = model(idx).logits
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert len(rec) == 2 and rec.routing(1).num_tokens == 96
+    assert not any(m._forward_hooks for m in model.moe_layers())  # hooks removed on exit
+    with pytest.raises(ValueError, match="no MoE layer"):
+        analysis.RoutingRecorder(torch.nn.Linear(2, 2))
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    model = _tiny(router="top_p").eval()
+    save_checkpoint(model, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, loaded(idx).logits)
+    assert loaded.config.moe.router == "top_p"
+
+    toy = MoERegressor(16, 8, MoEConfig(d_model=16, num_experts=4)).eval()
+    save_checkpoint(toy, tmp_path / "toy.pt")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(toy(x).logits, load_checkpoint(tmp_path / "toy.pt")(x).logits)
+
+
+def test_toy_regressor_learns_and_freeze_router():
+    task = make_toy_task(1024, seed=0)
+    model = MoERegressor(16, 8, MoEConfig(d_model=16, d_hidden=32, num_experts=4))
+    gate_before = model.moe.gate.weight.clone()
+    hist = train(model, toy_batches(task, 64), TrainConfig(steps=30, lr=1e-2, freeze_router=True, progress=False))
+    assert torch.equal(model.moe.gate.weight, gate_before)  # router frozen
+    assert sum(hist.loss[-5:]) / 5 < hist.loss[0]
+
+
+def test_capacity_report_counts_drops():
+    logits = torch.tensor([[5.0, 0, 0, 0]] * 6 + [[0, 5.0, 0, 0]] * 2)  # 6 tokens want expert 0
+    rep = analysis.capacity_report(logits, k=1, capacity_factor=1.0)  # capacity ceil(8/4) = 2
+    assert rep.capacity == 2
+    assert rep.tokens_per_expert.tolist() == [6, 2, 0, 0]
+    assert rep.kept_per_expert.tolist() == [2, 2, 0, 0]
+    assert rep.dropped_pairs == 4 and rep.dropped_tokens == 4
+    assert analysis.capacity_report(logits, 1, None).dropped_pairs == 0
+
+
+def test_experts_per_token_tracker_by_group(corpus):
+    model = _tiny(router="top_p", top_p=0.5)
+    probe = lm_batches(corpus, 2, 32)(torch.Generator().manual_seed(0))
+    groups = torch.arange(64) % 2
+    tracker = analysis.ExpertsPerTokenTracker(probe, every=2, groups=groups)
+    train(model, lm_batches(corpus, 4, 32), TrainConfig(steps=4, progress=False), callback=tracker)
+    assert tracker.steps == [2, 4]
+    assert len(tracker.per_layer[0]) == 2 and set(tracker.per_group[0][0]) == {0, 1}
+    assert all(1.0 <= v <= 4.0 for v in tracker.per_layer[-1])
+
+
+def test_plots_and_widget_build():
+    r = MoE(MoEConfig(d_model=16, num_experts=4))(torch.randn(20, 16)).routing
+    assert plots.plot_expert_load({"a": r}).get_title() == "Load per expert"
+    assert plots.plot_routing_heatmap(r, num_tokens=10).get_images()
+    assert plots.smooth([1.0, 3.0, 5.0], window=2).tolist() == [1.0, 2.0, 4.0]
+    from minimoe.widgets import capacity_explorer
+
+    assert len(capacity_explorer(r.logits).children) == 2
+
+
+def test_cli_train_writes_summary(tmp_path, capsys):
+    cli(["train", "--steps", "3", "--batch-size", "4", "--block-size", "16", "--d-model", "32",
+         "--experts", "4", "--capacity-factor", "1.0", "--no-progress", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "experts/token" in printed and "dropped" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["experts_per_token"]) == 2 and summary["dropped_pairs_in_training"] >= 0
+    assert (tmp_path / "model.pt").exists()
