@@ -18,9 +18,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_capacity
-from minimoe.experts import Experts
+from minimoe.experts import ACTIVATIONS, Experts
 from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
-from minimoe.routing import ROUTERS, Routing, adaptive, gw_broadcast, noisy_top_k, top_k, top_p
+from minimoe.routing import (
+    ROUTERS,
+    UNCERTAINTY,
+    Routing,
+    adaptive,
+    gw_broadcast,
+    noisy_top_k,
+    top_k,
+    top_p,
+)
 
 
 @dataclass
@@ -47,7 +56,7 @@ class MoEConfig:
     balance_coef: float = 1e-2  # alpha of the load-balance loss
     balance_count: str = "auto"  # "first" (Switch) | "selected" (Top-P) | "auto": selected for top_p
     z_coef: float = 1e-3  # ST-MoE router z-loss
-    dynamic_coef: float = 0.0  # beta of the Top-P dynamic (entropy) loss; the paper uses 1e-4
+    dynamic_coef: float | None = None  # beta of the Top-P dynamic (entropy) loss; None: 1e-4 for top_p (the paper), 0 otherwise
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -58,6 +67,16 @@ class MoEConfig:
             raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got k={self.k}")
         if self.balance_count not in ("auto", "first", "selected"):
             raise ValueError(f"balance_count must be auto, first or selected, got {self.balance_count!r}")
+        if self.dynamic_coef is not None and not self.dynamic_coef >= 0:
+            raise ValueError(f"dynamic_coef must be >= 0 or None, got dynamic_coef={self.dynamic_coef!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown expert activation {self.activation!r}; choose from {ACTIVATIONS}")
+        if self.top_p_rule not in ("paper", "code"):
+            raise ValueError(f"top_p_rule must be 'paper' or 'code', got {self.top_p_rule!r}")
+        if self.adaptive_gap not in ("raw", "normalized"):
+            raise ValueError(f"adaptive_gap must be 'raw' or 'normalized', got {self.adaptive_gap!r}")
+        if self.gw_measure not in UNCERTAINTY:
+            raise ValueError(f"unknown gw_measure {self.gw_measure!r}; choose from {sorted(UNCERTAINTY)}")
         expert_capacity(1, 1, self.capacity_factor)  # validates capacity_factor
 
     @property
@@ -65,6 +84,13 @@ class MoEConfig:
         if self.balance_count != "auto":
             return self.balance_count
         return "selected" if self.router == "top_p" else "first"
+
+    @property
+    def dynamic_beta(self) -> float:
+        """beta of L_d: ``dynamic_coef``, or by default the Top-P paper's 1e-4 for top_p and 0 otherwise."""
+        if self.dynamic_coef is not None:
+            return self.dynamic_coef
+        return 1e-4 if self.router == "top_p" else 0.0
 
 
 class MoEStats(NamedTuple):
@@ -147,8 +173,8 @@ class MoE(nn.Module):
             "dynamic": dynamic_loss(routing.probs),
         }
         aux = c.balance_coef * losses["load_balance"] + c.z_coef * losses["z_loss"]
-        if c.dynamic_coef:
-            aux = aux + c.dynamic_coef * losses["dynamic"]
+        if c.dynamic_beta:
+            aux = aux + c.dynamic_beta * losses["dynamic"]
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, mask))
 
     def _stats(self, routing: Routing, kept: Tensor) -> MoEStats:

@@ -102,7 +102,7 @@ def _from_mask(logits: Tensor, probs: Tensor, mask: Tensor, renormalize: bool) -
 
 
 def _mask_of_top(scores: Tensor, k: int) -> Tensor:
-    """(T, E) bool mask of the k largest scores per row (ties: lowest index, as torch.topk)."""
+    """(T, E) bool mask of the k largest scores per row (exact ties: whichever torch.topk returns)."""
     idx = scores.topk(k, dim=1).indices  # (T, k)
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
 
@@ -173,8 +173,10 @@ def top_p(
     if rule not in ("paper", "code"):
         raise ValueError(f"top_p rule must be 'paper' or 'code', got rule={rule!r}")
     num_experts = logits.shape[1]
-    if max_experts is not None and not 1 <= max_experts:
-        raise ValueError(f"max_experts must be >= 1 or None, got max_experts={max_experts}")
+    if max_experts is not None and (
+        isinstance(max_experts, bool) or not isinstance(max_experts, int) or max_experts < 1
+    ):
+        raise ValueError(f"max_experts must be an int >= 1 or None, got max_experts={max_experts!r}")
     probs = logits.softmax(dim=-1)  # (T, E)
     sorted_p, order = probs.sort(dim=1, descending=True, stable=True)  # (T, E)
     cum = sorted_p.cumsum(dim=1)  # (T, E)
@@ -198,10 +200,12 @@ def adaptive(
 
     Let i, j be the top-1 and top-2 experts. If the gap between their probabilities is
     within ``threshold`` the token goes to both, otherwise to i alone.
-    ``gap="raw"`` (default): R_i - R_j, the paper's Eq. 4 on softmax values, where T = 0.1
-    is the value the paper reports. ``gap="normalized"``: (R_i - R_j) / (R_i + R_j), our
-    reading of "normalizes the expert probability"; it is scale-free, so it sends more
-    tokens to two experts when E is large and the top-2 mass is small.
+    ``gap="raw"`` (default): R_i - R_j on the softmax values, the rule as written, on the
+    same probabilities that are the weights (Eq. 3); softmax is the normalization, and no
+    step the paper leaves undefined is added. ``gap="normalized"``: (R_i - R_j) / (R_i + R_j),
+    our reading of "normalizes the expert probability": scale-free, and never smaller than
+    the raw gap (R_i + R_j <= 1), so at the same T it sends at most as many tokens to two
+    experts (as many when R_i + R_j = 1).
     Weights are the softmax values (Eq. 3); ``renormalize=True`` rescales them over S.
     """
     logits = check_logits(logits)
@@ -288,11 +292,13 @@ def gw_broadcast(
     if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 0):
         raise ValueError(f"max_slots must be a non-negative int or None, got max_slots={max_slots!r}")
     num_tokens = routing.num_tokens
-    if seq_len is not None and (seq_len < 1 or num_tokens % seq_len):
+    if seq_len is not None and num_tokens and (seq_len < 1 or num_tokens % seq_len):
         raise ValueError(f"seq_len={seq_len} does not divide the number of tokens {num_tokens}")
     if not training:
         return routing
-    chosen = uncertainty(routing.probs, measure) >= threshold  # (T,)
+    # float32 rounding puts a uniform router's entropy a hair below ln E: allow 1e-6 so the
+    # maximum threshold still selects perfectly uncertain tokens
+    chosen = uncertainty(routing.probs, measure) >= threshold - 1e-6  # (T,)
     if max_slots is not None and num_tokens:
         per_seq = chosen.view(-1, seq_len or num_tokens)  # (B, L)
         chosen = (per_seq & (per_seq.cumsum(dim=1) <= max_slots)).view(-1)  # first tokens first

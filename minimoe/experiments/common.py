@@ -53,7 +53,7 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--capacity-factor", type=float, default=None, help="omit for dropless")
     g.add_argument("--balance-coef", type=float, default=1e-2)
     g.add_argument("--z-coef", type=float, default=1e-3)
-    g.add_argument("--dynamic-coef", type=float, default=0.0)
+    g.add_argument("--dynamic-coef", type=float, default=None, help="default: 1e-4 for top_p, else 0")
     g.add_argument("--dispatch", default="sorted", choices=["sorted", "loop"])
 
 

@@ -1,0 +1,155 @@
+"""Capacity, sorting and the two combine paths against hand counts and a dense oracle."""
+
+import re
+
+import pytest
+import torch
+
+from minimoe.dispatch import (
+    apply_capacity,
+    combine,
+    combine_loop,
+    combine_sorted,
+    expert_capacity,
+    sort_by_expert,
+)
+from minimoe.experts import Experts
+from minimoe.routing import top_k, top_p
+
+# ---- capacity --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, tokens, k, experts, expected",
+    [
+        (1.25, 10, 2, 4, 7),  # ceil(1.25 * 20 / 4) = ceil(6.25)
+        (1.0, 8, 1, 4, 2),
+        (1.0, 8, 2, 4, 4),  # k counts: twice the pairs, twice the slots
+        (2.0, 3, 1, 4, 2),  # ceil(1.5)
+        (0.1, 4, 1, 4, 1),  # ceil(0.1): never 0 slots for a non-empty batch
+        (1.0, 0, 2, 4, 0),
+    ],
+)
+def test_expert_capacity(capacity_factor, tokens, k, experts, expected):
+    assert expert_capacity(tokens * k, experts, capacity_factor) == expected
+
+
+def test_expert_capacity_none_is_dropless():
+    assert expert_capacity(20, 4, None) is None
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    assert torch.equal(apply_capacity(mask, torch.full((3, 2), 0.5), None), mask)
+
+
+@pytest.mark.parametrize("capacity_factor", [0, 0.0, -1.0])
+def test_expert_capacity_rejects_non_positive(capacity_factor):
+    with pytest.raises(ValueError, match=re.escape(f"capacity_factor={capacity_factor!r}")):
+        expert_capacity(20, 4, capacity_factor)
+
+
+def test_apply_capacity_first_choices_before_second_choices():
+    # T = 4 tokens, both experts each, capacity 2.
+    # expert 0: first choice of t0, t2, t3, second choice of t1 -> keeps t0, t2
+    #           (t2's first choice beats the earlier t1's second choice; t3 comes too late)
+    # expert 1: first choice of t1, second choice of t0, t2, t3 -> keeps t1, then t0
+    probs = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.8, 0.2], [0.9, 0.1]])
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    kept = apply_capacity(mask, probs, capacity=2)
+    assert kept.tolist() == [[True, True], [False, True], [True, False], [False, False]]
+    assert (mask & ~kept).sum() == 4  # dropped pairs
+    assert (~kept.any(dim=1)).sum() == 1  # t3 lost both experts
+
+
+def test_apply_capacity_top_1_earlier_tokens_first():
+    first = [0, 0, 1, 0, 0, 2]  # each token's only expert, E = 3, capacity 2
+    mask = torch.nn.functional.one_hot(torch.tensor(first), 3).bool()
+    kept = apply_capacity(mask, torch.full((6, 3), 1 / 3), capacity=2)
+    assert kept.any(dim=1).tolist() == [True, True, True, False, False, True]
+    assert not (kept & ~mask).any()
+    assert apply_capacity(mask, torch.full((6, 3), 1 / 3), capacity=6).equal(mask)
+
+
+# ---- sorting ---------------------------------------------------------------------------
+
+
+def test_sort_by_expert():
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0], [1, 0, 1]], dtype=torch.bool)
+    pairs = sort_by_expert(mask)
+    assert pairs.counts == [3, 1, 3]
+    assert pairs.expert.tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert pairs.token.tolist() == [0, 2, 4, 2, 0, 1, 4]  # token order within each expert
+
+
+def test_sort_by_expert_empty():
+    pairs = sort_by_expert(torch.zeros(0, 3, dtype=torch.bool))
+    assert pairs.counts == [0, 0, 0] and pairs.token.numel() == 0
+
+
+# ---- combine ---------------------------------------------------------------------------
+
+T, E, D = 12, 4, 6
+
+
+def decision(kind):
+    """(mask, weights) of one routing; weights zeroed where capacity dropped a pair."""
+    logits = 2 * torch.randn(T, E, generator=torch.Generator().manual_seed(1))
+    if kind == "top_p":
+        r = top_p(logits, 0.7)
+        return r.mask, r.weights
+    r = top_k(logits, 2)
+    if kind == "top_2":
+        return r.mask, r.weights
+    if kind == "capacity":  # 4 slots for 24 pairs: pairs are dropped
+        kept = apply_capacity(r.mask, r.probs, capacity=4)
+        assert (r.mask & ~kept).sum() > 0
+        return kept, r.weights * kept
+    if kind == "one_expert_idle":
+        mask = r.mask.clone()
+        mask[:, 0] = False
+        return mask, r.weights * mask
+    raise AssertionError(kind)
+
+
+def dense_oracle(x, weights, mask, experts):
+    """sum over all e of weights[t, e] * Expert_e(x_t), with weights 0 off the mask."""
+    return ((weights * mask)[:, :, None] * experts.dense(x)).sum(dim=1)  # (T, d)
+
+
+def outputs_and_grads(fn, x, weights, mask, experts):
+    x = x.clone().requires_grad_()
+    weights = weights.clone().requires_grad_()
+    out = fn(x, weights, mask, experts)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((out * upstream).sum(), [x, weights, *experts.parameters()])
+    return out, grads
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("kind", ["top_2", "top_p", "capacity", "one_expert_idle"])
+def test_combine_paths_match_each_other_and_dense_oracle(kind, activation):
+    torch.manual_seed(0)
+    experts = Experts(num_experts=E, d_model=D, d_hidden=5, activation=activation)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+    mask, weights = decision(kind)
+    sorted_out, sorted_grads = outputs_and_grads(combine_sorted, x, weights, mask, experts)
+    loop_out, loop_grads = outputs_and_grads(combine_loop, x, weights, mask, experts)
+    oracle_out, oracle_grads = outputs_and_grads(dense_oracle, x, weights, mask, experts)
+    torch.testing.assert_close(sorted_out, loop_out)
+    torch.testing.assert_close(sorted_out, oracle_out)
+    for name, s, loop, oracle in zip(["x", "weights", "gate_up", "down"], sorted_grads, loop_grads, oracle_grads):
+        torch.testing.assert_close(s, loop, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(s, oracle, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert (sorted_out.abs().sum(dim=1) > 0).equal(mask.any(dim=1))  # unrouted tokens give 0
+
+
+@pytest.mark.parametrize("path", ["sorted", "loop"])
+def test_combine_with_empty_mask_is_zero(path):
+    experts = Experts(num_experts=E, d_model=D, d_hidden=5)
+    x = torch.randn(T, D)
+    out = combine(x, torch.zeros(T, E), torch.zeros(T, E, dtype=torch.bool), experts, path=path)
+    assert out.shape == (T, D) and not out.any()
+
+
+def test_combine_unknown_path_raises():
+    experts = Experts(num_experts=E, d_model=D, d_hidden=5)
+    with pytest.raises(ValueError, match="'gather'"):
+        combine(torch.randn(T, D), torch.zeros(T, E), torch.zeros(T, E, dtype=torch.bool), experts, path="gather")

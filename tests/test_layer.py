@@ -1,0 +1,265 @@
+"""The MoE layer and its losses against hand-worked values and dense oracles."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from minimoe.layer import MoE, MoEConfig
+from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
+
+D, H, E = 8, 16, 4
+
+
+def config(**overrides):
+    return MoEConfig(**{"d_model": D, "d_hidden": H, "num_experts": E, **overrides})
+
+
+def layer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MoE(config(**overrides))
+
+
+def tokens(*shape, seed=1):
+    return torch.randn(*shape, D, generator=torch.Generator().manual_seed(seed))
+
+
+def router_probs(moe, x):
+    """P = softmax(x W_r^T), computed here rather than by the layer."""
+    return (x @ moe.gate.weight.detach().T).softmax(dim=-1)  # (T, E)
+
+
+def mixture(moe, x, weights):
+    """Dense oracle: sum_e weights[t, e] * Expert_e(x_t)."""
+    return (weights[:, :, None] * moe.experts.dense(x)).sum(dim=1)  # (T, d)
+
+
+ROUTER_CONFIGS = {
+    "top_k": {},
+    "switch": {"k": 1, "renormalize": False},
+    "noisy_top_k": {"router": "noisy_top_k"},
+    "top_p": {"router": "top_p"},
+    "adaptive": {"router": "adaptive"},
+    "gw": {"gw_threshold": 0.5, "gw_max_slots": 2},
+    "capacity_loop": {"capacity_factor": 1.0, "dispatch": "loop"},
+}
+
+
+# ---- shapes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ROUTER_CONFIGS)
+@pytest.mark.parametrize("shape", [(5,), (2, 3)], ids=["T,d", "B,L,d"])
+def test_output_shape_is_input_shape(shape, name):
+    x = tokens(*shape)
+    out = layer(**ROUTER_CONFIGS[name])(x)
+    assert out.output.shape == x.shape
+    assert out.routing.mask.shape == (math.prod(shape), E)
+
+
+@pytest.mark.parametrize("name", ROUTER_CONFIGS)
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0)], ids=["0,d", "0,5,d", "3,0,d"])
+def test_empty_batch(shape, name):
+    x = tokens(*shape)
+    out = layer(**ROUTER_CONFIGS[name])(x)
+    assert out.output.shape == x.shape
+    assert out.aux_loss.item() == 0
+    assert all(loss.item() == 0 for loss in out.losses.values())
+    assert out.stats.dropped_pairs.item() == 0 and out.stats.flops.item() == 0
+
+
+# ---- losses ----------------------------------------------------------------------------
+
+
+def test_load_balance_is_1_at_perfect_balance():
+    assert load_balance_loss(torch.full((6, E), 1 / E)).item() == pytest.approx(1)
+    one_hot_balanced = torch.eye(E).repeat(2, 1)  # f_i = Q_i = 1/E
+    assert load_balance_loss(one_hot_balanced).item() == pytest.approx(1)
+
+
+def test_load_balance_is_num_experts_at_collapse():
+    collapsed = torch.zeros(6, E)
+    collapsed[:, 2] = 1
+    assert load_balance_loss(collapsed).item() == pytest.approx(E)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_load_balance_selected_grows_with_experts_per_token(k):
+    # token t selects experts t, t+1, .., t+k-1 (mod E): f_i = k/E, Q_i = 1/E, L_b = k
+    mask = torch.zeros(2 * E, E, dtype=torch.bool)
+    for t in range(2 * E):
+        mask[t, [(t + j) % E for j in range(k)]] = True
+    probs = torch.full((2 * E, E), 1 / E)
+    assert load_balance_loss(probs, mask, count="selected").item() == pytest.approx(k)
+    assert load_balance_loss(probs, mask, count="first").item() == pytest.approx(1)
+
+
+def test_z_loss_and_dynamic_loss_by_hand():
+    # logsumexp(0, 0) = ln 2, logsumexp(ln 3, 0) = ln 4 = 2 ln 2: mean square = 2.5 (ln 2)^2
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
+    assert z_loss(logits).item() == pytest.approx(2.5 * math.log(2) ** 2, rel=1e-6)
+    # entropies ln 2 and 0
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    assert dynamic_loss(probs).item() == pytest.approx(math.log(2) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, balance, beta",
+    [
+        ({}, 1, 0.0),
+        ({"dynamic_coef": 1e-4}, 1, 1e-4),
+        # top_p at p = 0.4 over P = 1/4 keeps 2 experts; L_b counts the selected set, so
+        # L_b = E * sum_i f_i / E = 2; beta defaults to the paper's 1e-4
+        ({"router": "top_p"}, 2, 1e-4),
+    ],
+)
+def test_layer_aux_loss_by_hand(overrides, balance, beta):
+    # a zero router: P uniform, so L_b = 1 (first choices), L_z = (ln E)^2, L_d = ln E
+    moe = layer(**overrides)
+    torch.nn.init.zeros_(moe.gate.weight)
+    out = moe(tokens(6))
+    ln_e = math.log(E)
+    assert out.losses["load_balance"].item() == pytest.approx(balance, rel=1e-6)
+    assert out.losses["z_loss"].item() == pytest.approx(ln_e**2, rel=1e-6)
+    assert out.losses["dynamic"].item() == pytest.approx(ln_e, rel=1e-6)
+    expected = 1e-2 * balance + 1e-3 * ln_e**2 + beta * ln_e
+    assert out.aux_loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_layer_dynamic_loss_is_mean_entropy():
+    moe, x = layer(), tokens(10)
+    p = router_probs(moe, x)
+    assert moe(x).losses["dynamic"].item() == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-5)
+
+
+def test_aux_loss_reaches_the_router():
+    moe = layer()
+    moe(tokens(10)).aux_loss.backward()
+    grad = moe.gate.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+# ---- capacity statistics ---------------------------------------------------------------
+
+
+def forced_layer(**overrides):
+    """Every token's logits are [10, 5, 0, 0]: first choice expert 0, second expert 1."""
+    moe = layer(**overrides)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[:, 0] = torch.tensor([10.0, 5.0, 0.0, 0.0])
+    x = tokens(8)
+    x[:, 0] = 1.0
+    return moe, x
+
+
+@pytest.mark.parametrize(
+    "k, capacity_factor, dropped_pairs, dropped_tokens",
+    [
+        (1, 1.0, 6, 6),  # capacity ceil(8 / 4) = 2 on expert 0
+        (1, 2.0, 4, 4),  # capacity 4
+        (2, 1.0, 8, 4),  # capacity ceil(16 / 4) = 4 on experts 0 and 1: tokens 4-7 lose both
+        (1, None, 0, 0),
+        (2, None, 0, 0),
+    ],
+)
+def test_dropped_pairs_for_forced_routing(k, capacity_factor, dropped_pairs, dropped_tokens):
+    moe, x = forced_layer(k=k, capacity_factor=capacity_factor)
+    out = moe(x)
+    stats = out.stats
+    assert stats.dropped_pairs.item() == dropped_pairs
+    assert stats.dropped_tokens.item() == dropped_tokens
+    assert stats.tokens_per_expert.tolist() == [8, 8 if k == 2 else 0, 0, 0]  # before capacity
+    assert stats.experts_per_token.item() == k
+    kept_pairs = 8 * k - dropped_pairs
+    assert stats.flops.item() == kept_pairs * 6 * D * H  # SwiGLU: 2 (2H x D) + 2 (D x H)
+    lost = 8 - dropped_tokens
+    assert not out.output[lost:].any()  # dropped tokens get 0: the residual carries them
+    assert out.output[:lost].abs().sum(dim=1).gt(0).all()
+
+
+@pytest.mark.parametrize("k, renormalize", [(1, False), (1, True), (2, True), (2, False)])
+def test_layer_output_is_the_dense_mixture_of_top_k(k, renormalize):
+    moe, x = layer(k=k, renormalize=renormalize), tokens(10)
+    p = router_probs(moe, x)
+    top = p.topk(k, dim=1)
+    g = top.values / top.values.sum(1, keepdim=True) if renormalize else top.values  # Switch: P_max
+    torch.testing.assert_close(moe(x).output, mixture(moe, x, torch.zeros_like(p).scatter(1, top.indices, g)))
+
+
+# ---- GW broadcast in the layer ---------------------------------------------------------
+
+
+def test_gw_training_is_the_dense_mixture_and_eval_is_top_k():
+    moe, x = layer(gw_threshold=0.0), tokens(10)
+    p = router_probs(moe, x)
+    moe.train()
+    out = moe(x)
+    torch.testing.assert_close(out.output, mixture(moe, x, p))
+    assert out.stats.broadcast_ratio.item() == 1 and out.stats.experts_per_token.item() == E
+
+    moe.eval()
+    top2 = p.topk(2, dim=1)
+    w = torch.zeros_like(p).scatter(1, top2.indices, top2.values / top2.values.sum(1, keepdim=True))
+    out = moe(x)
+    torch.testing.assert_close(out.output, mixture(moe, x, w))
+    assert out.stats.broadcast_ratio.item() == 0 and out.stats.experts_per_token.item() == 2
+
+
+def test_gw_max_slots_counts_per_sequence():
+    moe = layer(gw_threshold=0.0, gw_max_slots=2)
+    out = moe(tokens(3, 5))
+    assert out.routing.broadcast.view(3, 5).tolist() == [[True, True, False, False, False]] * 3
+
+
+# ---- determinism -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ROUTER_CONFIGS)
+def test_same_seed_same_output(name):
+    x = tokens(2, 6)
+
+    def run(seed):
+        moe = layer(seed=seed, **ROUTER_CONFIGS[name])
+        torch.manual_seed(seed)  # noisy top-k draws its noise from the global generator
+        return moe(x).output
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+# ---- bad configuration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, text",
+    [
+        ({"router": "switch"}, "'switch'"),
+        ({"dispatch": "scatter"}, "'scatter'"),
+        ({"activation": "relu"}, "'relu'"),
+        ({"k": 5}, "k=5"),
+        ({"capacity_factor": 0}, "capacity_factor=0"),
+    ],
+)
+def test_bad_config_raises_naming_the_value(overrides, text):
+    with pytest.raises(ValueError, match=re.escape(text)):
+        MoE(config(**overrides))
+
+
+def test_wrong_input_width_raises():
+    with pytest.raises(ValueError, match=re.escape("(3, 7)")):
+        layer()(torch.randn(3, 7))
+
+
+# ---- GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["top_k", "top_p", "adaptive", "capacity_loop"])
+def test_cuda_matches_cpu(name):
+    moe, x = layer(**ROUTER_CONFIGS[name]), tokens(4, 16)
+    expected = moe(x).output
+    out = moe.to("cuda")(x.to("cuda")).output
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
