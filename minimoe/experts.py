@@ -44,13 +44,19 @@ class Experts(nn.Module):
             return F.silu(gate) * up
         return F.gelu(h)
 
+    def _ffn(self, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+        return F.linear(self._act(F.linear(x, gate_up)), down)
+
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e on its tokens: (n, d) -> (n, d)."""
-        return F.linear(self._act(F.linear(x, self.gate_up[e])), self.down[e])
+        return self._ffn(x, self.gate_up[e], self.down[e])
 
     def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
         """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d)."""
-        outs = [self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if xe.shape[0]]
+        # unbind once: indexing gate_up[e] per expert would make backward build E full-size
+        # zero gradients, one per expert
+        weights = zip(self.gate_up.unbind(0), self.down.unbind(0), strict=True)
+        outs = [self._ffn(xe, w1, w2) for xe, (w1, w2) in zip(x.split(counts), weights) if xe.shape[0]]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
 
     def dense(self, x: Tensor) -> Tensor:

@@ -3,14 +3,15 @@ this file only wires sliders to them and draws."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 from torch import Tensor
 
-from minimoe.analysis import capacity_report
+from minimoe.analysis import capacity_report, experts_per_token, experts_per_token_by_group
+from minimoe.routing import top_p
 
 
 def explorer(draw: Callable[..., None], **controls: widgets.Widget) -> widgets.VBox:
@@ -41,4 +42,101 @@ def capacity_explorer(logits: Tensor) -> widgets.VBox:
         k=widgets.IntSlider(value=2, min=1, max=num_experts, description="k"),
         capacity_factor=widgets.FloatSlider(value=1.0, min=0.25, max=3.0, step=0.25, description="capacity"),
         dropless=widgets.Checkbox(value=False, description="dropless"),
+    )
+
+
+def top_p_explorer(logits: Sequence[Tensor], groups: Tensor | None = None,
+                   group_names: Sequence[str] | None = None) -> widgets.VBox:
+    """Top-P on recorded router logits, one (T, E) tensor per MoE layer: experts per token per
+    layer as p moves, split by ``groups`` (T,) (e.g. the task of each token) when given."""
+    num_experts = logits[0].shape[1]
+    layers = np.arange(len(logits))
+
+    def draw(p: float, rule: str) -> None:
+        routings = [top_p(lg, p, rule=rule) for lg in logits]
+        mean = np.mean([experts_per_token(r) for r in routings])
+        fig, ax = plt.subplots(figsize=(6, 3), layout="constrained")
+        if groups is None:
+            ax.bar(layers, [experts_per_token(r) for r in routings], color="tab:blue")
+        else:
+            per_group = [experts_per_token_by_group(r, groups) for r in routings]  # [layer] {g: ept}
+            labels = sorted(per_group[0])
+            width = 0.8 / len(labels)
+            for i, g in enumerate(labels):
+                name = group_names[g] if group_names is not None else str(g)
+                ax.bar(layers + (i - (len(labels) - 1) / 2) * width, [pg[g] for pg in per_group], width, label=name)
+            ax.legend(fontsize=8)
+        ax.axhline(2, color="k", ls=":", lw=1)  # top-2's cost
+        ax.set(xlabel="MoE layer", ylabel="experts per token", xticks=layers, ylim=(0, num_experts),
+               title=f"top-p, p={p:.2f} ({rule} rule): {mean:.2f} experts per token")
+        plt.show()
+
+    return explorer(
+        draw,
+        p=widgets.FloatSlider(value=0.4, min=0.05, max=1.0, step=0.05, description="p"),
+        rule=widgets.Dropdown(options=["paper", "code"], value="paper", description="rule"),
+    )
+
+
+def uncertainty_explorer(routings: dict[str, list]) -> widgets.VBox:
+    """Share of uncertain tokens per MoE layer as the threshold moves. ``routings``: a name
+    (e.g. "toy", "text") -> that model's recorded Routing per MoE layer, bottom first."""
+    from minimoe.routing import normalized_entropy
+    from minimoe.uncertainty import uncertain_share_per_layer
+
+    names = [f"{name} L{i}" for name, rs in routings.items() for i in range(len(rs))]
+    entropies = [normalized_entropy(r.probs) for rs in routings.values() for r in rs]
+
+    def draw(threshold: float) -> None:
+        shares = [s for rs in routings.values() for s in uncertain_share_per_layer(rs, threshold)]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3), layout="constrained")
+        for name, h in zip(names, entropies):
+            left.hist(h.numpy(), bins=30, range=(0, 1), density=True, histtype="step", lw=1.5, label=name)
+        left.axvline(threshold, color="k", ls="--", lw=1)
+        left.set(xlabel="normalized entropy H / ln E", ylabel="density", title="Router entropy per layer")
+        left.legend(fontsize=8)
+        right.bar(range(len(names)), shares, color="tab:orange")
+        right.set(xticks=range(len(names)), xticklabels=names, ylim=(0, 1), ylabel="share of tokens",
+                  title=f"uncertain: H / ln E >= {threshold:.2f}")
+        plt.show()
+
+    return explorer(draw, threshold=widgets.FloatSlider(value=0.75, min=0.0, max=1.0, step=0.05,
+                                                        description="threshold"))
+
+
+def adaptive_explorer(logits: Sequence[Tensor], groups: Tensor | None = None,
+                      group_names: Sequence[str] | None = None) -> widgets.VBox:
+    """Adaptive gating on recorded router logits, one (T, E) tensor per MoE layer: the share of
+    tokens on two experts as the threshold T moves (raw or normalized gap), and at the chosen T
+    per group of ``groups`` (T,) (e.g. each token's task; negative labels are left out)."""
+    from minimoe.routing import adaptive
+
+    grid = np.linspace(0, 1, 41)
+
+    def draw(threshold: float, gap: str) -> None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3), layout="constrained")
+        for i, lg in enumerate(logits):
+            curve = [experts_per_token(adaptive(lg, t, gap=gap)) - 1 for t in grid]  # share on two
+            left.plot(grid, curve, label=f"layer {i}")
+        routings = [adaptive(lg, threshold, gap=gap) for lg in logits]
+        share = np.mean([experts_per_token(r) - 1 for r in routings])
+        left.axvline(threshold, color="k", ls="--", lw=1)
+        left.axhspan(0.11, 0.26, color="tab:green", alpha=0.15, label="paper: 11-26%")
+        left.set(xlabel="threshold T", ylabel="share on two experts", ylim=(0, 1),
+                 title=f"{gap} gap, T={threshold:.2f}: {share:.0%} on two, FLOPs {(1 + share) / 2:.2f}x top-2")
+        left.legend(fontsize=8)
+        if groups is not None:
+            per_group = [experts_per_token_by_group(r, groups) for r in routings]  # [layer] {g: ept}
+            labels = [g for g in sorted(per_group[0]) if g >= 0]
+            names = [group_names[g] if group_names is not None else str(g) for g in labels]
+            right.bar(names, [np.mean([pg[g] - 1 for pg in per_group]) for g in labels], color="tab:orange")
+            right.set(ylabel="share on two experts", ylim=(0, 1), title="by group, mean over layers")
+        else:
+            right.axis("off")
+        plt.show()
+
+    return explorer(
+        draw,
+        threshold=widgets.FloatSlider(value=0.1, min=0.0, max=1.0, step=0.01, description="T"),
+        gap=widgets.Dropdown(options=["raw", "normalized"], value="raw", description="gap"),
     )

@@ -1,0 +1,313 @@
+"""Chapter 4: top-2 vs top-p routing on the graded multi-task data (``python -m minimoe topp``).
+
+One run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort < add: the task
+index is the difficulty level) and measures on a fixed probe of fresh samples: experts per
+token per layer and per task over training (``ExpertsPerTokenTracker``), and quality per task
+(teacher-forced argmax: token accuracy and exact match of whole answers). Padding positions
+carry no loss and are left out of every routing statistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from minimoe.analysis import ExpertsPerTokenTracker, RoutingRecorder, experts_per_token_by_group
+from minimoe.data import PAD_ID, TASKS, VOCAB, MultiTaskData, make_multitask, seq_len
+from minimoe.experiments.common import multitask_batches, write_json
+from minimoe.layer import MoEConfig
+from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.train import History, TrainConfig, seed_everything, train
+
+MAX_LEN = 6  # longest operand: sequences of seq_len(6) = 22 tokens
+RESULTS = Path(__file__).resolve().parents[2] / "data" / "topp" / "results.json"  # the chapter's cache
+
+
+@dataclass
+class TopPSetup:
+    """What every run of one comparison shares; the router settings are ``run``'s arguments."""
+
+    n_layers: int = 3
+    d_model: int = 64
+    d_hidden: int = 128  # width of each expert
+    num_experts: int = 8
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+    n_train: int = 8192
+    n_probe: int = 512  # fresh samples (seed + 1) for every measurement
+    track_every: int = 50
+    device: str = "cpu"
+
+
+def variants(ps: list[float], betas: list[float]) -> dict[str, dict]:
+    """Named MoEConfig overrides: top-2, top-p at the paper's p=0.4 and beta (the layer's
+    default for top_p), the same with other betas, and the paper's defaults at other p."""
+    runs = {"top-2": {"router": "top_k", "k": 2}, "top-p": {"router": "top_p", "top_p": 0.4}}
+    runs |= {f"top-p beta={b:g}": {"router": "top_p", "top_p": 0.4, "dynamic_coef": b} for b in betas}
+    runs |= {f"top-p p={p:g}": {"router": "top_p", "top_p": p} for p in ps if p != 0.4}
+    return runs
+
+
+@dataclass
+class Probe:
+    """Fresh samples (another seed than the training set's; short operands may repeat some),
+    with each token's task as a group label,
+    flattened like the model's tokens: ``task`` on every real token, ``answer_task`` only on
+    the positions that predict an answer token (from "=" on); -1 elsewhere (left out)."""
+
+    data: MultiTaskData
+    task: Tensor  # (N * L,) long, -1 where the input is <pad>
+    answer_task: Tensor  # (N * L,) long, -1 where the target is not part of the answer
+
+    @classmethod
+    def make(cls, n: int, seed: int) -> Probe:
+        data = make_multitask(n, max_len=MAX_LEN, seed=seed)
+        task = data.task[:, None].expand_as(data.inputs)  # (N, L)
+        return cls(data, task.masked_fill(data.inputs == PAD_ID, -1).reshape(-1),
+                   task.masked_fill(~data.answer_mask, -1).reshape(-1))
+
+    def batch(self, device: str = "cpu") -> dict[str, Tensor]:
+        return {"idx": self.data.inputs.to(device), "targets": self.data.targets.to(device)}
+
+    def counts(self, answers: bool = False) -> dict[int, int]:
+        """Tokens per label of ``task`` (or ``answer_task``)."""
+        labels, n = (self.answer_task if answers else self.task).unique(return_counts=True)
+        return dict(zip(labels.tolist(), n.tolist()))
+
+
+def model_config(setup: TopPSetup, **moe) -> ModelConfig:
+    """The chapter's tiny transformer; ``moe`` overrides MoEConfig fields (router, top_p, ...)."""
+    layer = dict(d_model=setup.d_model, d_hidden=setup.d_hidden, num_experts=setup.num_experts) | moe
+    return ModelConfig(vocab_size=len(VOCAB), block_size=seq_len(MAX_LEN), n_layers=setup.n_layers,
+                       n_heads=4, moe=MoEConfig(**layer))
+
+
+def _device(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
+@torch.no_grad()
+def task_quality(model: nn.Module, probe: Probe) -> dict[str, dict[str, float]]:
+    """Per task: token accuracy on answer positions, and exact match (every answer token right)."""
+    model.eval()
+    pred = model(**probe.batch(_device(model))).logits.argmax(-1).cpu()  # (N, L) teacher-forced
+    scored = probe.data.answer_mask  # (N, L)
+    right = (pred == probe.data.targets) & scored
+    out = {}
+    for t, name in enumerate(TASKS):
+        rows = probe.data.task == t
+        out[name] = {
+            "token_accuracy": right[rows].sum().item() / max(scored[rows].sum().item(), 1),
+            "exact_match": (right[rows] == scored[rows]).all(dim=1).float().mean().item(),
+        }
+    return out
+
+
+def real_token_mean(per_group: dict[int, float], counts: dict[int, int]) -> float:
+    """Mean over real tokens of per-group means (groups as the probe's task labels; -1 = padding)."""
+    groups = [g for g in per_group if g >= 0]
+    return sum(per_group[g] * counts[g] for g in groups) / sum(counts[g] for g in groups)
+
+
+def summarize_groups(per_layer_groups: list[dict[int, float]], counts: dict[int, int]) -> dict:
+    """One tracker record (per layer {task: experts per token}) -> the statistics we report."""
+    tasks = range(len(TASKS))
+    per_layer = [real_token_mean(g, counts) for g in per_layer_groups]
+    return {
+        "mean": float(np.mean(per_layer)),  # every layer sees the same tokens
+        "per_layer": per_layer,
+        "per_task": [float(np.mean([g[t] for g in per_layer_groups])) for t in tasks],
+        "per_layer_task": [[g[t] for t in tasks] for g in per_layer_groups],
+    }
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, probe: Probe) -> dict:
+    """Experts per token of the probe's real tokens (mean, per layer, per task, per layer and
+    task), and the same on answer positions only (``answers``)."""
+    model.eval()
+    with RoutingRecorder(model) as rec:
+        model(**probe.batch(_device(model)))
+    routings = [rec.routing(i) for i in range(len(rec))]
+    stats = summarize_groups([experts_per_token_by_group(r, probe.task) for r in routings], probe.counts())
+    answers = [experts_per_token_by_group(r, probe.answer_task) for r in routings]
+    return stats | {"answers": summarize_groups(answers, probe.counts(answers=True))}
+
+
+@dataclass
+class Trained:
+    """A trained model with its training record."""
+
+    model: TinyTransformer
+    moe: dict  # the MoEConfig overrides it was built with
+    history: History
+    tracker: ExpertsPerTokenTracker  # experts per token on the probe every setup.track_every steps
+    seconds: float  # training time
+
+
+def train_model(setup: TopPSetup, probe: Probe, progress: bool = False, **moe) -> Trained:
+    """Train one model; ``moe``: MoEConfig overrides such as router="top_p", top_p=0.4."""
+    seed_everything(setup.seed)
+    model = TinyTransformer(model_config(setup, **moe)).to(setup.device)
+    data = make_multitask(setup.n_train, max_len=MAX_LEN, seed=setup.seed)
+    tracker = ExpertsPerTokenTracker(probe.batch(setup.device), every=setup.track_every, groups=probe.task)
+    tracker(0, model)  # before training
+    start = time.perf_counter()
+    history = train(model, multitask_batches(data, setup.batch_size),
+                    TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=progress),
+                    callback=tracker)
+    return Trained(model, moe, history, tracker, time.perf_counter() - start)
+
+
+def measure(trained: Trained, probe: Probe) -> dict:
+    """A trained model's measurements as plain numbers, ready for JSON."""
+    counts = probe.counts()
+    records = [summarize_groups(g, counts) for g in trained.tracker.per_group]
+    return {
+        "moe": trained.moe,
+        "dynamic_beta": trained.model.config.moe.dynamic_beta,
+        "seconds": trained.seconds,
+        "loss": [round(v, 5) for v in trained.history.loss],
+        "quality": task_quality(trained.model, probe),
+        "routing": routing_stats(trained.model, probe),
+        "trajectory": {"steps": trained.tracker.steps}
+        | {k: [r[k] for r in records] for k in ("mean", "per_layer", "per_task")},
+    }
+
+
+def run(setup: TopPSetup, probe: Probe | None = None, progress: bool = False, **moe) -> dict:
+    """Train one model and measure it (the probe: ``setup.n_probe`` samples of seed + 1)."""
+    probe = probe or Probe.make(setup.n_probe, seed=setup.seed + 1)
+    return measure(train_model(setup, probe, progress, **moe), probe)
+
+
+def compare(setup: TopPSetup, runs: dict[str, dict], seeds: list[int], seeded: int,
+            progress: bool = False) -> dict:
+    """The first ``seeded`` named runs for every seed, the others for the first seed only."""
+    results: dict[str, list[dict]] = {}
+    for i, (name, moe) in enumerate(runs.items()):
+        for seed in seeds if i < seeded else seeds[:1]:
+            s = TopPSetup(**(asdict(setup) | {"seed": seed}))
+            r = run(s, progress=progress, **moe)
+            results.setdefault(name, []).append(r | {"seed": seed})
+            print(f"{name:>20} seed {seed}: experts/token {r['routing']['mean']:.2f}  exact match "
+                  + " ".join(f"{t} {q['exact_match']:.2f}" for t, q in r["quality"].items())
+                  + f"  ({r['seconds']:.0f} s)", flush=True)
+    return {"setup": asdict(setup), "runs": results}
+
+
+def load_results(path: str | Path = RESULTS) -> dict:
+    """Results written by the command; by default the chapter's cache (see data/README.md)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results at {path}; data/README.md gives the command that writes them")
+    return json.loads(path.read_text())
+
+
+# ---- the command: tables and plots -----------------------------------------------------------
+
+
+def table(results: dict) -> list[dict]:
+    """One row per run and seed: the numbers of the chapter's comparison."""
+    rows = []
+    for name, runs in results["runs"].items():
+        for r in runs:
+            row = {"run": name, "seed": r["seed"], "p": r["moe"].get("top_p", ""), "beta": r["dynamic_beta"],
+                   "experts_per_token": round(r["routing"]["mean"], 3)}
+            row |= {f"ept_layer{i}": round(v, 3) for i, v in enumerate(r["routing"]["per_layer"])}
+            row |= {f"ept_{t}": round(v, 3) for t, v in zip(TASKS, r["routing"]["per_task"])}
+            row |= {f"ept_answer_{t}": round(v, 3) for t, v in zip(TASKS, r["routing"]["answers"]["per_task"])}
+            row |= {f"exact_{t}": round(q["exact_match"], 3) for t, q in r["quality"].items()}
+            row |= {f"token_acc_{t}": round(q["token_accuracy"], 3) for t, q in r["quality"].items()}
+            row["final_loss"] = round(float(np.mean(r["loss"][-50:])), 4)
+            rows.append(row)
+    return rows
+
+
+def plot_results(results: dict, out: Path) -> list[Path]:
+    """trajectory.png, by_task_layer.png, p_sweep.png in ``out``."""
+    runs = {name: rs[0] for name, rs in results["runs"].items()}
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    for name, r in runs.items():
+        if not name.startswith("top-p p="):
+            ax.plot(r["trajectory"]["steps"], r["trajectory"]["mean"], marker=".", label=name)
+    ax.set(xlabel="step", ylabel="experts per token", title="Experts per token over training")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "trajectory.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
+    top_p = runs["top-p"]["routing"]
+    axes[0].bar(TASKS, top_p["per_task"])
+    axes[0].set(xlabel="task (difficulty)", ylabel="experts per token", title="top-p: by task")
+    axes[1].bar(range(len(top_p["per_layer"])), top_p["per_layer"])
+    axes[1].set(xlabel="MoE layer", ylabel="experts per token", title="top-p: by layer")
+    paths.append(_save(fig, out / "by_task_layer.png"))
+
+    sweep = sorted((r["moe"]["top_p"], r) for name, r in runs.items()
+                   if name == "top-p" or name.startswith("top-p p="))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
+    ps = [p for p, _ in sweep]
+    axes[0].plot(ps, [r["routing"]["mean"] for _, r in sweep], marker="o")
+    axes[0].set(xlabel="p", ylabel="experts per token", title="Experts per token vs p")
+    for t in TASKS:
+        axes[1].plot(ps, [r["quality"][t]["exact_match"] for _, r in sweep], marker="o", label=t)
+    axes[1].set(xlabel="p", ylabel="exact match", title="Quality vs p")
+    axes[1].legend(fontsize=8)
+    paths.append(_save(fig, out / "p_sweep.png"))
+    return paths
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("topp", help="top-2 vs top-p routing on the graded tasks: table and plots")
+    defaults = TopPSetup(n_layers=4, steps=2000, batch_size=64)
+    for f in fields(TopPSetup):
+        if f.name not in ("seed", "device"):
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                           default=getattr(defaults, f.name), help="default: %(default)s")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of top-2, top-p and top-p with each --betas")
+    p.add_argument("--ps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                   help="p values of the sweep (first seed only)")
+    p.add_argument("--betas", type=float, nargs="+", default=[0.0, 1e-3, 1e-2],
+                   help="dynamic-loss coefficients to compare with the paper's 1e-4, at p=0.4")
+    p.add_argument("--out", type=Path, default=Path("topp_results"))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
+    p.add_argument("--progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    setup = TopPSetup(**{f.name: getattr(args, f.name) for f in fields(TopPSetup) if f.name != "seed"},
+                      seed=args.seeds[0])
+    results = compare(setup, variants(args.ps, args.betas), args.seeds, seeded=2 + len(args.betas),
+                      progress=args.progress)
+    rows = table(results)
+    write_json(args.out / "results.json", results)
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plots = plot_results(results, args.out)
+    print(f"wrote {args.out / 'results.json'}, results.csv and {', '.join(p.name for p in plots)}")
+    return results

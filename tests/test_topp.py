@@ -1,0 +1,305 @@
+"""Top-P routing (Huang et al. 2024): the rule, its losses in the layer, and chapter 4's experiment."""
+
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minimoe.data import TASKS
+from minimoe.experiments import topp
+from minimoe.layer import MoE, MoEConfig
+from minimoe.losses import dynamic_loss, load_balance_loss
+from minimoe.routing import top_p
+from minimoe.widgets import top_p_explorer
+
+RULES = ["paper", "code"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is much faster (and a busy machine's extra threads only spin)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def kept(logits, p, rule="paper", **kw):
+    return top_p(torch.tensor(logits, dtype=torch.float32), p, rule=rule, **kw).mask.tolist()
+
+
+# ---- the rule on hand-worked examples ----------------------------------------------------
+
+# equal logits: every probability is exactly 1/4 (or 1/8) in float32, so cumulative sums hit
+# p exactly and the two rules part: "paper" stops at cumsum >= p, "code" at cumsum > p.
+# Among equal probabilities the lower expert index comes first (a stable sort).
+@pytest.mark.parametrize(
+    "experts, p, paper, code",
+    [
+        (4, 0.25, 1, 2), (4, 0.5, 2, 3), (4, 0.75, 3, 4), (4, 1.0, 4, 4),
+        (4, 0.3, 2, 2), (4, 0.01, 1, 1),  # no tie: the rules agree
+        (8, 0.375, 3, 4), (8, 0.4, 4, 4), (2, 0.5, 1, 2),
+    ],
+)
+def test_exact_ties_split_the_paper_and_code_rules(experts, p, paper, code):
+    logits = [[0.0] * experts]
+    assert kept(logits, p, "paper") == [[e < paper for e in range(experts)]]
+    assert kept(logits, p, "code") == [[e < code for e in range(experts)]]
+
+
+def test_hand_worked_without_ties():
+    # softmax of [3, 2, 1, 0] = 0.644, 0.237, 0.087, 0.032: cumulative 0.644, 0.881, 0.968, 1
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # expert 3 is the most likely
+    probs = [math.exp(v) / sum(math.exp(u) for u in range(4)) for v in range(4)]
+    for p, n in [(0.4, 1), (0.6, 1), (0.7, 2), (0.9, 3), (0.97, 4)]:
+        for rule in RULES:
+            r = top_p(logits, p, rule=rule)
+            assert r.mask[0].tolist() == [e >= 4 - n for e in range(4)], (p, rule)
+            # the combine weights are the raw probabilities, not renormalized over S
+            expected = [probs[e] if e >= 4 - n else 0.0 for e in range(4)]
+            torch.testing.assert_close(r.weights[0], torch.tensor(expected), rtol=1e-5, atol=1e-7)
+
+
+def test_max_experts_caps_and_keeps_the_most_likely():
+    logits = [[0.0] * 8]
+    assert kept(logits, 0.9, max_experts=3) == [[e < 3 for e in range(8)]]
+    assert kept(logits, 0.9, max_experts=20) == kept(logits, 0.9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [
+        ({"p": 0.0}, "p=0.0"), ({"p": -0.1}, "p=-0.1"), ({"p": 1.01}, "p=1.01"),
+        ({"p": float("nan")}, "p=nan"), ({"p": 0.4, "rule": ">="}, "'>='"),
+        ({"p": 0.4, "max_experts": 0}, "max_experts=0"), ({"p": 0.4, "max_experts": 1.5}, "max_experts=1.5"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_value(kwargs, text):
+    with pytest.raises(ValueError, match=re.escape(text)):
+        top_p(torch.zeros(2, 4), **kwargs)
+
+
+# ---- properties ------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=60, deadline=None)
+
+
+@st.composite
+def logits_st(draw):
+    tokens, experts = draw(st.integers(1, 6)), draw(st.integers(1, 9))
+    # coarse values make exact ties between probabilities (and cumulative sums) frequent
+    values = st.one_of(st.sampled_from([0.0, 1.0, -1.0, 2.0]), st.floats(-8, 8, width=32))
+    return torch.tensor(draw(st.lists(st.lists(values, min_size=experts, max_size=experts),
+                                      min_size=tokens, max_size=tokens)), dtype=torch.float32)
+
+
+@PROPERTY
+@given(logits=logits_st(), p=st.floats(1e-3, 1.0), rule=st.sampled_from(RULES))
+def test_minimal_prefix(logits, p, rule):
+    """S holds the most likely experts, reaches p, and without its least likely member it does not."""
+    r = top_p(logits, p, rule=rule)
+    n = r.experts_per_token  # (T,)
+    sorted_p = r.probs.sort(dim=1, descending=True).values
+    cum = sorted_p.cumsum(dim=1)  # (T, E) the same float sums the rule sees
+    reaches = (lambda s: s >= p) if rule == "paper" else (lambda s: s > p)
+    E = logits.shape[1]
+    for t in range(len(logits)):
+        k = int(n[t])
+        assert 1 <= k <= E
+        # the most likely experts (ties broken by index): the k largest probabilities
+        assert torch.equal(r.probs[t][r.mask[t]].sort(descending=True).values, sorted_p[t, :k])
+        assert reaches(cum[t, k - 1]) or k == E  # enough mass
+        assert k == 1 or not reaches(cum[t, k - 2])  # minimal: one fewer falls short
+    assert torch.equal(r.weights, r.probs * r.mask)  # raw probabilities
+
+
+@PROPERTY
+@given(logits=logits_st(), ps=st.lists(st.floats(1e-3, 1.0), min_size=2, max_size=5), rule=st.sampled_from(RULES))
+def test_monotonic_in_p(logits, ps, rule):
+    masks = [top_p(logits, p, rule=rule).mask for p in sorted(ps)]
+    for small, large in zip(masks, masks[1:]):
+        assert not (small & ~large).any()
+
+
+@PROPERTY
+@given(logits=logits_st(), p=st.floats(1e-3, 1.0))
+def test_code_rule_keeps_a_superset_and_differs_only_on_ties(logits, p):
+    paper, code = top_p(logits, p, rule="paper"), top_p(logits, p, rule="code")
+    assert not (paper.mask & ~code.mask).any()
+    cum = paper.probs.sort(dim=1, descending=True).values.cumsum(dim=1)
+    tie = (cum == p).any(dim=1)  # (T,) some cumulative sum equals p exactly
+    assert torch.equal(paper.mask[~tie], code.mask[~tie])
+
+
+@PROPERTY
+@given(logits=logits_st(), rule=st.sampled_from(RULES))
+def test_p_1_keeps_enough_experts_to_reach_1(logits, rule):
+    r = top_p(logits, 1.0, rule=rule)
+    cum = r.probs.sort(dim=1, descending=True).values.cumsum(dim=1)
+    reached = cum[torch.arange(len(logits)), r.experts_per_token - 1]
+    assert ((reached >= 1.0) | (r.experts_per_token == logits.shape[1])).all()
+    assert ((r.probs * r.mask).sum(dim=1) >= 1 - 1e-5).all()
+
+
+@PROPERTY
+@given(logits=logits_st(), p=st.floats(1e-3, 1.0), cap=st.integers(1, 9))
+def test_max_experts_is_a_cap_on_the_same_prefix(logits, p, cap):
+    free, capped = top_p(logits, p), top_p(logits, p, max_experts=cap)
+    assert torch.equal(capped.experts_per_token, free.experts_per_token.clamp(max=cap))
+    assert not (capped.mask & ~free.mask).any()
+
+
+# ---- the losses in the layer -------------------------------------------------------------
+
+
+def test_dynamic_loss_is_the_mean_router_entropy():
+    probs = torch.tensor([[0.25] * 4, [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert dynamic_loss(probs).item() == pytest.approx((math.log(4) + 0 + math.log(2)) / 3, rel=1e-6)
+
+
+def small_layer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MoE(MoEConfig(**{"d_model": 8, "d_hidden": 16, "num_experts": 4, "router": "top_p"} | overrides))
+
+
+def test_layer_reports_each_loss_and_adds_the_papers_coefficients():
+    moe = small_layer()
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+    out = moe(x)
+    p = (x @ moe.gate.weight.detach().T).softmax(dim=-1)  # (T, E) by hand
+    assert out.losses["dynamic"].item() == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-5)
+    # Top-P balance loss: f_i = share of tokens whose S contains i (not normalized)
+    f = out.routing.mask.float().mean(0)
+    assert out.losses["load_balance"].item() == pytest.approx(4 * (f * p.mean(0)).sum().item(), rel=1e-5)
+    expected = 1e-2 * out.losses["load_balance"] + 1e-3 * out.losses["z_loss"] + 1e-4 * out.losses["dynamic"]
+    assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_selected_balance_loss_grows_with_experts_per_token():
+    probs = torch.full((4, 4), 0.25)  # uniform router: L_b = E * sum_i f_i / E = sum_i f_i
+    for p, n in [(0.25, 1), (0.5, 2), (1.0, 4)]:
+        mask = top_p(probs.log(), p).mask
+        assert load_balance_loss(probs, mask, count="selected").item() == pytest.approx(n)
+
+
+@pytest.mark.parametrize("router, beta", [("top_p", 1e-4), ("top_k", 0.0), ("adaptive", 0.0)])
+def test_default_dynamic_coefficient_follows_the_paper(router, beta):
+    assert MoEConfig(router=router).dynamic_beta == beta
+    assert MoEConfig(router=router, dynamic_coef=0.5).dynamic_beta == 0.5
+    with pytest.raises(ValueError, match="dynamic_coef=-1"):
+        MoEConfig(router=router, dynamic_coef=-1)
+
+
+def test_gradients_flow_through_the_combine_weights():
+    """With every aux loss off, the router's gradient is that of y = sum_{i in S} P_i E_i(x), S fixed."""
+    moe = small_layer(balance_coef=0.0, z_coef=0.0, dynamic_coef=0.0)
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+    out = moe(x)
+    assert out.aux_loss.item() == 0
+    out.output.square().sum().backward()
+    layer_grad = moe.gate.weight.grad.clone()
+    assert layer_grad.abs().sum() > 0
+
+    gate = moe.gate.weight.detach().clone().requires_grad_()
+    probs = (x @ gate.T).softmax(dim=-1)  # (T, E)
+    with torch.no_grad():
+        dense = moe.experts.dense(x)  # (T, E, d)
+    y = ((probs * out.routing.mask)[:, :, None] * dense).sum(dim=1)  # (T, d)
+    y.square().sum().backward()
+    torch.testing.assert_close(layer_grad, gate.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_on_the_dynamic_loss_sharpens_the_router():
+    moe = small_layer()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    before = moe(x).losses["dynamic"]
+    before.backward()
+    with torch.no_grad():
+        moe.gate.weight -= 0.5 * moe.gate.weight.grad
+    assert moe(x).losses["dynamic"] < before
+
+
+# ---- the experiment functions ------------------------------------------------------------
+
+TINY = topp.TopPSetup(n_layers=2, d_model=16, d_hidden=16, num_experts=4, steps=6, batch_size=8,
+                      n_train=64, n_probe=16, track_every=3)
+
+
+def test_probe_labels_real_tokens_by_task():
+    probe = topp.Probe.make(16, seed=1)
+    real = (probe.data.inputs != topp.PAD_ID).reshape(-1)
+    assert torch.equal(probe.task >= 0, real)
+    assert set(probe.task[real].tolist()) == set(range(len(TASKS)))
+    assert sum(n for g, n in probe.counts().items() if g >= 0) == int(real.sum())
+
+
+def test_real_token_mean_weights_groups_by_their_tokens():
+    assert topp.real_token_mean({-1: 8.0, 0: 1.0, 1: 2.0}, {-1: 100, 0: 3, 1: 1}) == pytest.approx(1.25)
+
+
+def test_run_measures_routing_and_quality():
+    r = topp.run(TINY, router="top_p", top_p=0.4)
+    assert r["dynamic_beta"] == 1e-4 and len(r["loss"]) == TINY.steps
+    assert r["trajectory"]["steps"] == [0, 3, 6]
+    routing = r["routing"]
+    assert len(routing["per_layer"]) == 2 and len(routing["per_task"]) == len(TASKS)
+    assert all(1 <= v <= 4 for v in routing["per_layer"] + routing["per_task"])
+    # the last tracked record is the final model, measured the same way
+    assert r["trajectory"]["per_layer"][-1] == pytest.approx(routing["per_layer"])
+    assert set(r["quality"]) == set(TASKS)
+    assert all(0 <= v <= 1 for q in r["quality"].values() for v in q.values())
+    top2 = topp.run(TINY, router="top_k", k=2)
+    assert top2["routing"]["per_layer"] == [2.0, 2.0] and top2["dynamic_beta"] == 0
+
+
+def test_run_is_reproducible_and_a_shorter_run_is_its_prefix():
+    full = topp.run(TINY, router="top_p")
+    short = topp.run(topp.TopPSetup(**(vars(TINY) | {"steps": 3})), router="top_p")
+    assert short["loss"] == full["loss"][:3]
+    assert short["trajectory"]["mean"] == full["trajectory"]["mean"][:2]
+
+
+def test_task_quality_of_a_perfect_predictor():
+    probe = topp.Probe.make(8, seed=0)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, idx, targets):
+            logits = torch.nn.functional.one_hot(targets.clamp_min(0), 18).float()
+            return type("Out", (), {"logits": logits})
+
+    q = topp.task_quality(Oracle(), probe)
+    assert all(v == {"token_accuracy": 1.0, "exact_match": 1.0} for v in q.values())
+
+
+def test_command_writes_table_and_plots(tmp_path):
+    from minimoe.__main__ import main
+
+    main(["topp", "--n-layers", "2", "--d-model", "16", "--d-hidden", "16", "--num-experts", "4",
+          "--steps", "2", "--batch-size", "4", "--n-train", "32", "--n-probe", "8", "--track-every", "1",
+          "--seeds", "0", "--ps", "0.2", "0.4", "--betas", "0", "--out", str(tmp_path)])
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "results.csv", "trajectory.png", "by_task_layer.png", "p_sweep.png"} <= names
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("run,seed,p,beta,experts_per_token") and len(rows) == 1 + 4
+
+
+# ---- the explorer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_explorer_draws_for_every_p_and_rule(with_groups, monkeypatch):
+    monkeypatch.setattr("matplotlib.pyplot.show", lambda: None)
+    logits = [torch.randn(30, 8, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    groups = torch.arange(30) % 4 if with_groups else None
+    box = top_p_explorer(logits, groups=groups, group_names=TASKS)
+    p_slider, rule = box.children[0].children
+    for value in (p_slider.min, 0.4, p_slider.max):
+        p_slider.value = value
+    rule.value = "code"
