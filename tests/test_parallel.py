@@ -1,0 +1,225 @@
+"""Expert parallelism against the single-process layer, on 2 real gloo processes (CPU).
+
+One launch of 2 processes runs every distributed check (they share the start-up cost, about
+10 s); ``launch`` kills the workers after its timeout, so a hung collective fails the test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from minimoe.experiments import train_cli
+from minimoe.layer import MoE, MoEConfig
+from minimoe.parallel import (
+    Exchange,
+    ExpertParallelMoE,
+    launch,
+    make_expert_parallel,
+    pairs_to_ranks,
+    shard_batch,
+)
+from minimoe.train import load_checkpoint
+
+ATOL = 1e-5
+# name -> (MoEConfig overrides, how the case runs)
+CASES = {
+    "top_k": ({}, {}),
+    "switch_top_1": ({"k": 1, "renormalize": False}, {}),
+    "top_p": ({"router": "top_p", "top_p": 0.5}, {}),
+    "adaptive": ({"router": "adaptive", "adaptive_threshold": 0.2}, {}),
+    "gw_broadcast": ({"k": 1, "gw_threshold": 0.8, "gw_max_slots": 2}, {}),
+    "noisy_top_k_eval": ({"router": "noisy_top_k"}, {"train": False}),
+    "gelu_experts": ({"activation": "gelu", "dispatch": "loop"}, {}),
+    "idle_rank": ({}, {"zero_gate": True}),  # ties: every token picks experts 0 and 1, on rank 0
+    "idle_rank_input_without_grad": ({}, {"zero_gate": True, "input_grad": False}),
+    # per rank by design: each rank's capacity and noise come from its own tokens
+    "capacity_per_rank": ({"capacity_factor": 1.0}, {"per_shard": True}),
+    "noisy_top_k_train": ({"router": "noisy_top_k"}, {"per_shard": True}),
+}
+TRAIN_ARGS = ["--steps", "5", "--batch-size", "4", "--block-size", "16", "--layers", "1",
+              "--heads", "2", "--d-model", "32", "--d-hidden", "32", "--experts", "4",
+              "--balance-coef", "0", "--no-progress", "--device", "cpu"]
+
+
+def _max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    a = torch.zeros_like(b) if a is None else a  # no gradient = a zero gradient
+    b = torch.zeros_like(a) if b is None else b
+    return (a - b).abs().max().item()
+
+
+def _compare(overrides: dict, train: bool = True, zero_gate: bool = False, input_grad: bool = True,
+             per_shard: bool = False) -> dict[str, float]:
+    """Max |difference| between this rank's expert-parallel layer and the single-process layer."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, **overrides)).train(train)
+    with torch.no_grad():
+        moe.gate.weight.mul_(0.0 if zero_gate else 3.0)  # sharper than at init: varied expert sets
+    x, upstream = torch.randn(4, 6, 16), torch.randn(4, 6, 16)  # (B, L, d) the global batch
+    ep = ExpertParallelMoE.from_moe(moe)
+    mine = slice(rank * 4 // world, (rank + 1) * 4 // world)  # this rank's sequences
+    if per_shard:
+        x, upstream = x[mine], upstream[mine]
+        mine = slice(None)
+    x_ep = x[mine].clone().requires_grad_(input_grad)
+    x_ref = x.clone().requires_grad_(input_grad)
+    torch.manual_seed(1)
+    out = ep(x_ep)
+    (out.output * upstream[mine]).sum().backward()
+    torch.manual_seed(1)
+    ref = moe(x_ref)
+    (ref.output * upstream).sum().backward()
+
+    # over all tokens: the router's gradient and the load sum over ranks (and so do an expert's
+    # gradients, but the backward all_to_all already did that sum for the expert-parallel layer)
+    summed = [ep.gate.weight.grad.clone(), out.stats.tokens_per_expert.clone()]
+    ref_grads = [moe.experts.gate_up.grad, moe.experts.down.grad, moe.gate.weight.grad]
+    ref_summed = [*ref_grads, ref.stats.tokens_per_expert.clone()] if per_shard else []
+    for t in summed + ref_summed:
+        dist.all_reduce(t)
+    experts = slice(ep.experts.first, ep.experts.first + ep.experts.local.num_experts)
+    sent = ep.last_exchange.sent
+    diffs = {
+        "output": _max_diff(out.output, ref.output[mine]),
+        "gate_up_grad": _max_diff(ep.experts.local.gate_up.grad, ref_grads[0][experts]),
+        "down_grad": _max_diff(ep.experts.local.down.grad, ref_grads[1][experts]),
+        "router_grad": _max_diff(summed[0], ref_grads[2]),
+        "tokens_per_expert": _max_diff(summed[1], ref_summed[-1] if per_shard else ref.stats.tokens_per_expert),
+        "pairs_sent": abs(sum(sent) - (out.routing.mask.sum() - out.stats.dropped_pairs).item()),
+    }
+    if overrides.get("capacity_factor") is None:  # dropless: the routing mask is what travels
+        diffs["exchange_vs_mask"] = _max_diff(torch.tensor(sent), pairs_to_ranks(out.routing.mask, world))
+    if input_grad:
+        diffs["input_grad"] = _max_diff(x_ep.grad, x_ref.grad[mine])
+    if per_shard:
+        diffs["aux_loss"] = _max_diff(out.aux_loss, ref.aux_loss)
+    return diffs
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _run_train(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", *argv])
+    return args.func(args)
+
+
+def _all_checks(out_dir: str) -> dict:
+    """Runs on each of the 2 ranks."""
+    rank = dist.get_rank()
+    results = {name: _compare(overrides, **how) for name, (overrides, how) in CASES.items()}
+    results["errors"] = {
+        "indivisible": _error(lambda: ExpertParallelMoE(MoEConfig(num_experts=3, k=2))),
+        "mismatch": _error(lambda: ExpertParallelMoE(MoEConfig(router="top_p", top_p=0.3 + 0.1 * rank))),
+        "batch": _error(lambda: shard_batch({"idx": torch.zeros(3, 4)})),
+    }
+    torch.manual_seed(rank)  # different weights on each rank: make_expert_parallel takes rank 0's
+    model = make_expert_parallel(torch.nn.Sequential(MoE(MoEConfig(num_experts=4))))
+    weights = model[0].gate.weight.detach().clone()
+    dist.all_reduce(weights, op=dist.ReduceOp.MAX)
+    results["same_router"] = _max_diff(weights, model[0].gate.weight)
+    results["train"] = _run_train([*TRAIN_ARGS, "--expert-parallel", "--out", out_dir])
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[list[dict], object]:
+    out = tmp_path_factory.mktemp("expert_parallel")
+    return launch(_all_checks, world_size=2, args=(str(out),), timeout=60), out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_equals_single_process(two_ranks, case):
+    for rank, results in enumerate(two_ranks[0]):
+        bad = {k: v for k, v in results[case].items() if not v <= ATOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def test_clear_errors_on_every_rank(two_ranks):
+    for results in two_ranks[0]:
+        errors = results["errors"]
+        assert "num_experts=3 is not divisible by the world size 2" in errors["indivisible"]
+        assert "differs across ranks in ['top_p']" in errors["mismatch"]
+        assert "not divisible by the world size 2" in errors["batch"]
+        assert results["same_router"] == 0.0
+
+
+def test_training_matches_single_process(two_ranks, tmp_path):
+    ranks, ep_out = two_ranks
+    ep = ranks[0]["train"]
+    assert ranks[1]["train"]["world_size"] == 2  # the other rank returns the traffic only
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker; two threads crawl on a machine that others keep busy
+    try:
+        single = _run_train([*TRAIN_ARGS, "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert max(ep["expert_parallel"]["max_abs_diff_vs_single_process"].values()) <= ATOL
+    assert math.isclose(ep["train_loss"], single["train_loss"], abs_tol=1e-5)
+    assert math.isclose(ep["val_loss"], single["val_loss"], abs_tol=1e-5)
+    ep_model, single_model = load_checkpoint(ep_out / "model.pt"), load_checkpoint(tmp_path / "model.pt")
+    for (name, p), q in zip(ep_model.named_parameters(), single_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
+    traffic = ep["expert_parallel"]
+    assert all(b > 0 for b in traffic["bytes_sent_per_step"]) and len(traffic["pairs_per_step"]) == 2
+
+
+def test_not_initialised_is_a_clear_error():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        ExpertParallelMoE(MoEConfig())
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        make_expert_parallel(MoE(MoEConfig()))
+
+
+def test_exchange_bytes():
+    # rank 0 of 2 sends 5 pairs to itself and 3 to rank 1, and serves 5 + 4 pairs
+    ex = Exchange(rank=0, sent=(5, 3), received=(5, 4), row_bytes=64 * 4, count_bytes=4 * 8)
+    assert ex.load == 9
+    assert ex.bytes_sent == (3 + 4) * 256 + 32  # rows out, rows back, split sizes; self excluded
+    mask = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert pairs_to_ranks(mask, 2).tolist() == [3, 2]
+    assert pairs_to_ranks(mask, 4).tolist() == [2, 1, 1, 1]
+    with pytest.raises(ValueError, match="not divisible"):
+        pairs_to_ranks(mask, 3)
+
+
+def _sleep_on_rank_1() -> None:
+    if dist.get_rank() == 1:
+        import time
+        time.sleep(120)
+    dist.barrier()
+
+
+def test_hang_fails_instead_of_blocking():
+    with pytest.raises(TimeoutError, match="killed"):
+        launch(_sleep_on_rank_1, world_size=2, timeout=3)
+
+
+def _nccl_check() -> dict:
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4)).cuda()
+    x = torch.randn(8, 16, device="cuda")
+    ep = ExpertParallelMoE.from_moe(moe)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    return {"output": _max_diff(ep(x[mine]).output, moe(x).output[mine])}
+
+
+@pytest.mark.gpu
+def test_nccl_equals_single_process():
+    world = min(2, torch.cuda.device_count())
+    for results in launch(_nccl_check, world_size=world, timeout=120, backend="nccl"):
+        assert results["output"] <= ATOL
