@@ -1,0 +1,382 @@
+"""Chapter 5: adaptive gating vs top-2, the threshold sweep and the curriculum
+(``python -m minimoe adaptive``).
+
+Every run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort < add: the
+task index is the difficulty) in epochs of a ``CurriculumSampler``: shuffled, or in the
+curriculum's order. Validation loss (answer tokens) is taken every ``eval_every`` steps.
+Routing statistics leave padding out. Wall-clock comparisons are interleaved: each round
+runs every variant once, in alternating order, and the median over rounds is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from minimoe.analysis import RoutingRecorder, experts_per_token_by_group
+from minimoe.curriculum import CurriculumSampler
+from minimoe.data import EOS_ID, PAD_ID, VOCAB, MultiTaskData, make_multitask, seq_len
+from minimoe.dispatch import combine
+from minimoe.experts import Experts
+from minimoe.layer import MoEConfig
+from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.routing import top_k
+from minimoe.train import History, TrainConfig, mean_loss, train
+
+TOKEN_KINDS = ("prompt", "answer", "end")  # end: <eos> and <pad> inputs, nothing left to say
+
+
+@dataclass
+class Setup:
+    """The scale of one comparison (the notebook's defaults run in seconds on one CPU core)."""
+
+    n_train: int = 2048
+    n_val: int = 512
+    max_len: int = 4  # longest operand: sequences of seq_len(4) = 16 tokens
+    n_layers: int = 2
+    d_model: int = 64
+    d_hidden: int = 128
+    num_experts: int = 8
+    batch_size: int = 32
+    steps: int = 200
+    lr: float = 5e-3
+    eval_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+
+
+def make_data(setup: Setup) -> tuple[MultiTaskData, MultiTaskData]:
+    """Training and validation samples (disjoint seeds)."""
+    return (make_multitask(setup.n_train, max_len=setup.max_len, seed=setup.seed),
+            make_multitask(setup.n_val, max_len=setup.max_len, seed=setup.seed + 1000))
+
+
+def build_model(setup: Setup, router: str = "adaptive", threshold: float = 0.1, gap: str = "raw") -> TinyTransformer:
+    """The chapter's model; the balance loss counts top-1 decisions (``balance_count="first"``)."""
+    torch.manual_seed(setup.seed)
+    moe = MoEConfig(d_model=setup.d_model, d_hidden=setup.d_hidden, num_experts=setup.num_experts,
+                    router=router, k=2, adaptive_threshold=threshold, adaptive_gap=gap,
+                    balance_count="first", balance_coef=1e-2)
+    config = ModelConfig(vocab_size=len(VOCAB), block_size=seq_len(setup.max_len),
+                         n_layers=setup.n_layers, n_heads=4, moe=moe)
+    return TinyTransformer(config).to(setup.device)
+
+
+def token_kind(data: MultiTaskData) -> Tensor:
+    """(N, L) index into TOKEN_KINDS: answer = scored positions ('=' and answer digits, which
+    predict the answer), end = <eos>/<pad> inputs, prompt = the rest (task, operands, '+')."""
+    kind = torch.zeros_like(data.inputs)
+    kind[data.answer_mask] = TOKEN_KINDS.index("answer")
+    kind[(data.inputs == PAD_ID) | (data.inputs == EOS_ID)] = TOKEN_KINDS.index("end")
+    return kind
+
+
+@dataclass
+class Run:
+    name: str
+    model: TinyTransformer
+    history: History
+    sampler: CurriculumSampler
+    seconds: float  # wall time of train(), ranking included
+
+    @property
+    def eval_steps(self) -> list[int]:
+        return [s for s, _ in self.history.evals]
+
+    @property
+    def eval_loss(self) -> list[float]:
+        return [m["loss"] for _, m in self.history.evals]
+
+    @property
+    def final_loss(self) -> float:
+        """Mean validation loss over the last three evaluations (less noisy than the last one)."""
+        return statistics.fmean(self.eval_loss[-3:])
+
+    def loss_at(self, step: int) -> float:
+        """Validation loss at the evaluation nearest to ``step``."""
+        i = min(range(len(self.eval_steps)), key=lambda j: abs(self.eval_steps[j] - step))
+        return self.eval_loss[i]
+
+    def steps_to(self, target: float) -> int | None:
+        """First evaluated step at which validation loss is <= target (None: never)."""
+        return next((s for s, v in zip(self.eval_steps, self.eval_loss) if v <= target), None)
+
+
+def train_variant(setup: Setup, data: MultiTaskData, val: MultiTaskData, name: str,
+                  router: str = "adaptive", threshold: float = 0.1, curriculum: bool = False,
+                  gap: str = "raw", progress: bool = False) -> Run:
+    """Train one variant from the setup's seed; every variant sees the same initial weights."""
+    model = build_model(setup, router, threshold, gap)
+    samples = {"idx": data.inputs, "targets": data.targets}
+    sampler = CurriculumSampler(model, samples, setup.batch_size, curriculum=curriculum,
+                                valid=data.inputs != PAD_ID)
+    val_batch = [{"idx": val.inputs, "targets": val.targets}]
+    config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed,
+                         eval_every=setup.eval_every, progress=progress)
+    start = time.perf_counter()
+    history = train(model, sampler, config, evaluate=lambda m: mean_loss(m, val_batch))
+    return Run(name, model, history, sampler, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def routing_report(model: nn.Module, val: MultiTaskData) -> dict:
+    """Share of (non-padding) tokens on two experts, per layer, per task and per token kind,
+    and the expert FLOPs of one validation pass."""
+    real = (val.inputs != PAD_ID).reshape(-1)  # (T,)
+    task = val.task[:, None].expand_as(val.inputs).reshape(-1)  # (T,)
+    kind = token_kind(val).reshape(-1)  # (T,)
+    model.eval()
+    with RoutingRecorder(model) as rec:
+        out = model(idx=val.inputs.to(next(model.parameters()).device))
+    layers = [rec.routing(i) for i in range(len(rec))]
+
+    def share(groups: Tensor) -> dict[int, float]:
+        per_layer = [experts_per_token_by_group(r, groups) for r in layers]  # {group: ept}
+        return {g: statistics.fmean(d[g] - 1 for d in per_layer) for g in per_layer[0] if g >= 0}
+
+    two = torch.stack([r.mask.sum(1) > 1 for r in layers])[:, real]  # (layers, T_real)
+    return {
+        "two_expert_share": two.float().mean().item(),
+        "per_layer": two.float().mean(1).tolist(),
+        "by_task": share(task.masked_fill(~real, -1)),
+        "by_kind": share(kind),
+        "flops": sum(m.stats.flops.item() for m in out.layers),
+    }
+
+
+def with_threshold(model: TinyTransformer, threshold: float) -> TinyTransformer:
+    """A copy of an adaptive model that routes with another threshold (0: top-1, 1: top-2)."""
+    twin = copy.deepcopy(model)
+    twin.config.moe.adaptive_threshold = threshold  # one MoEConfig, shared by every layer
+    return twin
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
+                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds per call of each fn; every round calls each once, order alternating."""
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(warmup + repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            sync()
+            start = time.perf_counter()
+            fns[n]()
+            sync()
+            if r >= warmup:
+                times[n].append(time.perf_counter() - start)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def time_train_steps(models: dict[str, nn.Module], batch: dict[str, Tensor],
+                     repeats: int = 20) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, AdamW update) per model, on one
+    batch, interleaved. The update runs at lr 0: all the arithmetic, none of the change."""
+    device = next(next(iter(models.values())).parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def step(model: nn.Module) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+
+        def run() -> None:
+            out = model(**batch)
+            (out.loss + out.aux_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    for m in models.values():
+        m.train()
+    result = interleaved({n: step(m) for n, m in models.items()}, repeats, sync=_sync(device))
+    for m in models.values():
+        m.eval()
+    return result
+
+
+def time_dispatch(two_shares: Sequence[float] = (0.0, 0.2, 0.5, 0.8, 1.0), tokens: int = 2048,
+                  d_model: int = 64, d_hidden: int = 128, num_experts: int = 8, repeats: int = 15,
+                  seed: int = 0, device: str = "cpu") -> list[dict[str, float]]:
+    """The experts alone, forward + backward through the sorted dispatch path, for routings
+    where ``share`` of the tokens keep their top-2 expert and the rest only their top-1.
+    Returns per share: pairs and time relative to top-2 (share 1), interleaved medians."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    experts = Experts(num_experts=num_experts, d_model=d_model, d_hidden=d_hidden).to(device)
+    x = torch.randn(tokens, d_model, generator=gen).to(device).requires_grad_(True)
+    full = top_k(torch.randn(tokens, num_experts, generator=gen), 2)
+    second = full.mask & (full.probs < full.probs.amax(1, keepdim=True))  # (T, E) the top-2 pair
+    rank = torch.randperm(tokens, generator=gen)  # tokens that keep two: the first share * T
+    shares = sorted(set(two_shares) | {1.0})  # top-2 (share 1) is the reference
+    masks = {s: full.mask & ~(second & (rank >= round(s * tokens))[:, None]) for s in shares}
+
+    def step(mask: Tensor) -> Callable[[], None]:
+        mask, weights = mask.to(device), (full.probs * mask).to(device)
+
+        def run() -> None:
+            combine(x, weights, mask, experts).sum().backward()
+            x.grad = None
+            for p in experts.parameters():
+                p.grad = None
+        return run
+
+    times = interleaved({s: step(m) for s, m in masks.items()}, repeats, sync=_sync(torch.device(device)))
+    return [{"two_expert_share": s, "flop_ratio": int(masks[s].sum()) / (2 * tokens),
+             "time_ratio": times[s] / times[1.0], "seconds": times[s]} for s in shares]
+
+
+# ---- the comparison, at any scale (the command) -----------------------------------------------
+
+
+def compare(setup: Setup, thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
+            timing_repeats: int = 20, progress: bool = False) -> dict:
+    """Top-2, adaptive at each threshold, and adaptive (T = 0.1) with the curriculum."""
+    data, val = make_data(setup)
+    runs = {"top-2": train_variant(setup, data, val, "top-2", router="top_k", progress=progress)}
+    for t in thresholds:
+        runs[f"adaptive T={t}"] = train_variant(setup, data, val, f"adaptive T={t}", threshold=t,
+                                                progress=progress)
+    runs["adaptive T=0.1 + curriculum"] = train_variant(
+        setup, data, val, "adaptive T=0.1 + curriculum", threshold=0.1, curriculum=True, progress=progress)
+    batch = {"idx": data.inputs[: setup.batch_size], "targets": data.targets[: setup.batch_size]}
+    models = {n: r.model for n, r in runs.items()}
+    if "adaptive T=0.1" in runs:  # the same weights routed top-1: what the experts cost at most
+        models["top-1 routing"] = with_threshold(runs["adaptive T=0.1"].model, 0.0)
+    step_time = time_train_steps(models, batch, timing_repeats)
+    top2 = runs["top-2"]
+    reports = {n: routing_report(r.model, val) for n, r in runs.items()}
+    targets = {"final": top2.final_loss, "half": top2.loss_at(setup.steps // 2)}
+    rows = []
+    for n, r in runs.items():
+        rows.append({
+            "variant": n, "final_val_loss": round(r.final_loss, 4),
+            "loss_vs_top2": round(r.final_loss - top2.final_loss, 4),
+            "two_expert_share": round(reports[n]["two_expert_share"], 4),
+            "flop_ratio": round(reports[n]["flops"] / reports["top-2"]["flops"], 4),
+            "step_time_ratio": round(step_time[n] / step_time["top-2"], 4),
+            "steps_to_top2_final_loss": r.steps_to(targets["final"]),
+            "steps_to_top2_half_loss": r.steps_to(targets["half"]),
+            "ranking_share_of_time": round(r.sampler.ranking_seconds / r.seconds, 4),
+        })
+    return {
+        "setup": asdict(setup), "rows": rows, "targets": targets,
+        "step_seconds": step_time,
+        "curves": {n: {"steps": r.eval_steps, "val_loss": r.eval_loss} for n, r in runs.items()},
+        "routing": {n: {k: v for k, v in rep.items() if k != "flops"} for n, rep in reports.items()},
+        "dispatch": time_dispatch(d_model=setup.d_model, d_hidden=setup.d_hidden,
+                                  num_experts=setup.num_experts, device=setup.device,
+                                  repeats=timing_repeats),
+    }
+
+
+CACHED = Path(__file__).resolve().parents[2] / "data" / "adaptive" / "results.json"
+
+
+def load_cached(path: str | Path | None = None) -> dict:
+    """The shipped results of the bigger run (data/adaptive/; see data/README.md)."""
+    import json
+
+    return json.loads(Path(path or CACHED).read_text())
+
+
+def summarize(per_seed: list[dict]) -> list[dict]:
+    """Per variant, the mean over seeds of every numeric column (None where any seed is None)."""
+    summary = []
+    for i, row in enumerate(per_seed[0]["rows"]):
+        same = [r["rows"][i] for r in per_seed]
+        mean = {k: (None if any(s[k] is None for s in same) else round(statistics.fmean(s[k] for s in same), 4))
+                for k in row if k != "variant"}
+        summary.append({"variant": row["variant"], "seeds": len(same), **mean})
+    return summary
+
+
+def write_results(per_seed: list[dict], out: Path) -> list[Path]:
+    """results.json (every seed), results.csv (one row per variant and seed, then the means
+    over seeds) and adaptive.png (first seed's curves; sweep and dispatch: means)."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(per_seed)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "per_seed": per_seed}, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["seed", *per_seed[0]["rows"][0]])
+        w.writeheader()
+        for r in per_seed:
+            w.writerows({"seed": r["setup"]["seed"], **row} for row in r["rows"])
+        w.writerows({"seed": "mean", **{k: v for k, v in row.items() if k != "seeds"}} for row in summary)
+    first = per_seed[0]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    for n, c in first["curves"].items():
+        axes[0].plot(c["steps"], c["val_loss"], label=n)
+    axes[0].axhline(first["targets"]["final"], color="k", ls=":", lw=1, label="top-2 final")
+    axes[0].set(xlabel="step", ylabel="validation loss", yscale="log",
+                title=f"Quality over training (seed {first['setup']['seed']})")
+    axes[0].legend(fontsize=7)
+    sweep = [r for r in summary if r["variant"].startswith("adaptive T=") and "+" not in r["variant"]]
+    ts = [float(r["variant"].split("=")[1]) for r in sweep]
+    axes[1].plot(ts, [r["two_expert_share"] for r in sweep], "o-", label="share on two experts")
+    axes[1].plot(ts, [r["flop_ratio"] for r in sweep], "s-", label="expert FLOPs / top-2")
+    axes[1].plot(ts, [r["step_time_ratio"] for r in sweep], "^-", label="step time / top-2")
+    axes[1].axhspan(0.11, 0.26, color="tab:green", alpha=0.15, label="paper: 11-26% on two")
+    axes[1].set(xlabel="threshold T", title=f"Threshold sweep (mean of {len(per_seed)} seeds)")
+    axes[1].legend(fontsize=7)
+    flops = [d["flop_ratio"] for d in first["dispatch"]]
+    times = [statistics.fmean(r["dispatch"][i]["time_ratio"] for r in per_seed) for i in range(len(flops))]
+    axes[2].plot(flops, times, "o-", label="measured (experts, fwd+bwd)")
+    axes[2].plot([0.5, 1], [0.5, 1], "k--", lw=1, label="time = FLOPs")
+    axes[2].plot([0.5, 0.6, 0.75, 0.9], [0.67, 0.76, 0.92, 0.97], "x:", label="paper, Table 1 (GPU)")
+    axes[2].set(xlabel="expert FLOPs / top-2", ylabel="time / top-2", title="Experts: time vs FLOPs")
+    axes[2].legend(fontsize=7)
+    fig.savefig(out / "adaptive.png", dpi=110)
+    plt.close(fig)
+    return [out / "results.json", out / "results.csv", out / "adaptive.png"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adaptive", help="adaptive gating vs top-2, threshold sweep, curriculum")
+    bigger = {"steps": 600}  # the notebook's Setup, trained three times as long, on three seeds
+    for field, value in asdict(Setup()).items():
+        if field not in ("device", "seed"):
+            p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=bigger.get(field, value))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--timing-repeats", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--out", type=Path, default=Path("runs/adaptive"), help="folder for the table and plots (runs/ is git-ignored)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {k: getattr(args, k) for k in asdict(Setup()) if k != "seed"}
+    per_seed = []
+    for seed in args.seeds:
+        print(f"seed {seed}: training {len(args.thresholds) + 2} variants", flush=True)
+        per_seed.append(compare(Setup(**fields, seed=seed), args.thresholds, args.timing_repeats,
+                                progress=not args.no_progress))
+    print(f"means over seeds {args.seeds}:")
+    print(f"{'variant':<28} {'val loss':>8} {'on two':>7} {'FLOPs':>6} {'time':>6} {'steps to top-2 loss':>20}")
+    for r in summarize(per_seed):
+        print(f"{r['variant']:<28} {r['final_val_loss']:>8.3f} {r['two_expert_share']:>7.1%} "
+              f"{r['flop_ratio']:>6.2f} {r['step_time_ratio']:>6.2f} {r['steps_to_top2_final_loss']!s:>20}")
+    for path in write_results(per_seed, args.out):
+        print(f"wrote {path}")
+    return per_seed

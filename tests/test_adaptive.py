@@ -1,0 +1,212 @@
+"""Adaptive gating (Li et al., EMNLP 2023): the rule, its balance loss, its cost, its command."""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from minimoe.dispatch import combine
+from minimoe.experiments import adaptive as ex
+from minimoe.experts import Experts
+from minimoe.layer import MoE, MoEConfig
+from minimoe.losses import load_balance_loss, z_loss
+from minimoe.routing import adaptive, top_k
+
+
+def logits_of(rows):
+    """Logits whose softmax is each row of ``rows`` (probabilities)."""
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+# ---- the rule, by hand ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "probs, threshold, chosen",
+    [
+        ([0.40, 0.31, 0.20, 0.09], 0.1, {0, 1}),  # gap 0.09: just inside
+        ([0.40, 0.29, 0.20, 0.11], 0.1, {0}),  # gap 0.11: just outside
+        ([0.10, 0.30, 0.25, 0.35], 0.1, {3, 1}),  # gap 0.05, top-1 is expert 3
+        ([0.10, 0.30, 0.25, 0.35], 0.04, {3}),  # the same token with a tighter threshold
+        ([0.25, 0.25, 0.25, 0.25], 0.1, None),  # a tie: gap 0, two experts (which two: topk's)
+    ],
+)
+def test_gap_just_inside_and_just_outside(probs, threshold, chosen):
+    r = adaptive(logits_of([probs]), threshold)
+    if chosen is None:
+        assert r.experts_per_token.item() == 2
+        return
+    assert {e for e in range(4) if r.mask[0, e]} == chosen
+    # weights are the softmax values on S (Eq. 3), not renormalized by default
+    expected = [probs[e] if e in chosen else 0.0 for e in range(4)]
+    assert r.weights[0].tolist() == pytest.approx(expected, abs=1e-6)
+    renorm = adaptive(logits_of([probs]), threshold, renormalize=True)
+    assert renorm.weights[0].tolist() == pytest.approx([w / sum(expected) for w in expected], abs=1e-6)
+
+
+def test_raw_and_normalized_gaps_decide_differently():
+    # p1 - p2 = 0.08 <= 0.1, but (p1 - p2) / (p1 + p2) = 0.08 / 0.52 = 0.154 > 0.1
+    logits = logits_of([[0.30, 0.22, 0.18, 0.16, 0.14]])
+    assert adaptive(logits, 0.1, gap="raw").experts_per_token.item() == 2
+    assert adaptive(logits, 0.1, gap="normalized").experts_per_token.item() == 1
+    assert adaptive(logits, 0.16, gap="normalized").experts_per_token.item() == 2  # 0.154 <= 0.16
+    # where p1 + p2 = 1 the two gaps are the same number
+    both = logits_of([[0.55, 0.45, 0.0 + 1e-12]])
+    assert adaptive(both, 0.1, gap="raw").experts_per_token.item() == 2
+    assert adaptive(both, 0.1, gap="normalized").experts_per_token.item() == 2
+
+
+def test_default_gap_is_raw_and_documented():
+    assert inspect.signature(adaptive).parameters["gap"].default == "raw"
+    doc = adaptive.__doc__
+    assert '``gap="raw"`` (default)' in doc and "normalized" in doc
+
+
+@pytest.mark.parametrize("num_experts", [1, 2, 3, 8])
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("gap", ["raw", "normalized"])
+def test_one_or_two_experts_always(num_experts, threshold, gap):
+    g = torch.Generator().manual_seed(num_experts)
+    logits = 3 * torch.randn(256, num_experts, generator=g)
+    logits[:8] = 0.0  # exact ties too
+    r = adaptive(logits, threshold, gap=gap)
+    assert set(r.experts_per_token.unique().tolist()) <= ({1} if num_experts == 1 else {1, 2})
+    assert torch.equal((r.probs * r.mask).amax(1), r.probs.amax(1))  # a top-1 expert always kept
+    assert torch.equal(r.weights, r.probs * r.mask)
+
+
+@pytest.mark.parametrize("gap", ["raw", "normalized"])
+def test_threshold_0_is_top_1_and_1_is_top_2(gap):
+    logits = 2 * torch.randn(512, 8, generator=torch.Generator().manual_seed(3))
+    logits[:4] = 0.0  # a tie has gap 0: still top-1 at threshold 0
+    assert torch.equal(adaptive(logits, 0.0, gap=gap).mask, top_k(logits, 1).mask)
+    assert torch.equal(adaptive(logits, 1.0, gap=gap).mask, top_k(logits, 2).mask)
+
+
+def test_two_expert_share_grows_with_threshold():
+    logits = 2 * torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+    shares = [adaptive(logits, t).experts_per_token.float().mean().item() - 1 for t in (0, 0.05, 0.1, 0.2, 0.3, 1)]
+    assert shares == sorted(shares) and shares[0] == 0 and shares[-1] == 1
+
+
+@pytest.mark.parametrize("threshold", [-0.01, 1.01, float("nan"), True, "0.1"])
+def test_threshold_outside_0_1_is_a_clear_error(threshold):
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        adaptive(torch.zeros(2, 4), threshold)
+
+
+# ---- the balance loss over top-1 decisions ---------------------------------------------------
+
+
+def test_balance_loss_counts_top_1_decisions_by_hand():
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]])
+    # first choices 0, 0, 1, 0: f = (0.75, 0.25); Q = (0.6, 0.4); L = 2 (0.45 + 0.10) = 1.1
+    assert load_balance_loss(probs, count="first").item() == pytest.approx(1.1)
+    # counting every selected expert instead (here: both, for every token) gives 2 (0.6 + 0.4) = 2
+    assert load_balance_loss(probs, torch.ones(4, 2, dtype=torch.bool), count="selected").item() == pytest.approx(2.0)
+
+
+def test_adaptive_layer_uses_top_1_balance_with_coefficient_0_01():
+    torch.manual_seed(0)
+    config = MoEConfig(d_model=8, d_hidden=8, num_experts=4, router="adaptive", adaptive_threshold=0.3)
+    assert config.balance_counts == "first" and config.balance_coef == 0.01
+    layer = MoE(config)
+    out = layer(torch.randn(64, 8, generator=torch.Generator().manual_seed(1)))
+    r = out.routing
+    assert 0 < (r.experts_per_token == 2).float().mean() < 1  # some tokens on two experts
+    f = torch.bincount(r.probs.argmax(1), minlength=4).float() / 64  # top-1 decisions only
+    by_hand = 4 * (f * r.probs.mean(0)).sum()
+    torch.testing.assert_close(out.losses["load_balance"], by_hand)
+    assert out.losses["load_balance"].item() != pytest.approx(load_balance_loss(r.probs, r.mask, "selected").item())
+    torch.testing.assert_close(out.aux_loss, 0.01 * by_hand + 1e-3 * z_loss(r.logits))
+
+
+# ---- fewer pairs, less work ------------------------------------------------------------------
+
+
+class CountingExperts(Experts):
+    """Experts that count the token rows they are given (grouped, or one expert at a time)."""
+
+    rows = 0
+    inside = False  # a grouped pass that calls expert() must not count twice
+
+    def grouped(self, x, counts):
+        CountingExperts.rows += x.shape[0]
+        CountingExperts.inside = True
+        try:
+            return super().grouped(x, counts)
+        finally:
+            CountingExperts.inside = False
+
+    def expert(self, e, x):
+        if not CountingExperts.inside:
+            CountingExperts.rows += x.shape[0]
+        return super().expert(e, x)
+
+
+@pytest.mark.parametrize("path", ["sorted", "loop"])
+def test_dispatch_computes_only_the_routed_pairs(path):
+    torch.manual_seed(0)
+    experts = CountingExperts(num_experts=8, d_model=8, d_hidden=8)
+    x = torch.randn(100, 8)
+    top2 = top_k(torch.randn(100, 8), 2)
+    one = top2.mask & ~(top2.mask & (top2.probs < top2.probs.amax(1, keepdim=True)))  # top-1 only
+    mixed = torch.where(torch.arange(100)[:, None] < 20, top2.mask, one)  # 80% of tokens on one
+    counts = {}
+    for name, mask in {"top-2": top2.mask, "80% top-1": mixed}.items():
+        CountingExperts.rows = 0
+        combine(x, top2.probs * mask, mask, experts, path=path)
+        counts[name] = CountingExperts.rows
+    assert counts == {"top-2": 200, "80% top-1": 120}  # 0.6 of the expert FLOPs
+
+
+def test_time_dispatch_flop_ratios():
+    rows = ex.time_dispatch((0.0, 0.2, 0.5), tokens=40, d_model=4, d_hidden=4, num_experts=4, repeats=1)
+    assert [r["two_expert_share"] for r in rows] == [0.0, 0.2, 0.5, 1.0]
+    assert [r["flop_ratio"] for r in rows] == [0.5, 0.6, 0.75, 1.0]
+    assert rows[-1]["time_ratio"] == 1.0 and all(r["seconds"] > 0 for r in rows)
+
+
+# ---- the chapter's experiment pieces ---------------------------------------------------------
+
+TINY = ex.Setup(n_train=64, n_val=32, max_len=3, d_model=16, d_hidden=16, num_experts=4,
+                batch_size=16, steps=8, eval_every=4)
+
+
+def test_token_kinds_cover_prompt_answer_end():
+    data, _ = ex.make_data(TINY)
+    kind = ex.token_kind(data)
+    assert torch.equal(kind == ex.TOKEN_KINDS.index("answer"), data.answer_mask)
+    assert set(kind.unique().tolist()) == {0, 1, 2}
+    assert (kind[:, 0] == ex.TOKEN_KINDS.index("prompt")).all()  # the task token
+
+
+def test_train_variant_report_and_threshold_twin():
+    data, val = ex.make_data(TINY)
+    run = ex.train_variant(TINY, data, val, "adaptive", threshold=0.2)
+    assert run.eval_steps == [4, 8] and math.isfinite(run.final_loss)
+    assert run.steps_to(float("inf")) == 4 and run.steps_to(-1.0) is None
+    report = ex.routing_report(run.model, val)
+    assert 0 <= report["two_expert_share"] <= 1 and len(report["per_layer"]) == TINY.n_layers
+    assert set(report["by_task"]) <= {0, 1, 2, 3} and set(report["by_kind"]) <= {0, 1, 2}
+    top1, top2 = ex.with_threshold(run.model, 0.0), ex.with_threshold(run.model, 1.0)
+    assert run.model.config.moe.adaptive_threshold == 0.2  # the original is untouched
+    assert ex.routing_report(top1, val)["two_expert_share"] == 0.0
+    assert ex.routing_report(top2, val)["two_expert_share"] == 1.0
+    times = ex.time_train_steps({"a": run.model, "b": top1}, {"idx": data.inputs[:4], "targets": data.targets[:4]}, repeats=1)
+    assert set(times) == {"a", "b"} and min(times.values()) > 0
+
+
+def test_command_writes_table_and_plot(tmp_path):
+    from minimoe.__main__ import main
+
+    main(["adaptive", "--steps", "4", "--n-train", "32", "--n-val", "16", "--max-len", "2",
+          "--d-model", "16", "--d-hidden", "16", "--num-experts", "4", "--batch-size", "16",
+          "--eval-every", "2", "--thresholds", "0.1", "0.3", "--timing-repeats", "1",
+          "--seeds", "0", "1", "--no-progress", "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "adaptive.png"}
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    variants = ["top-2", "adaptive T=0.1", "adaptive T=0.3", "adaptive T=0.1 + curriculum"]
+    assert len(lines) == 1 + 3 * len(variants)  # two seeds, then the means
+    assert [line.split(",")[1] for line in lines[-4:]] == variants
