@@ -8,12 +8,27 @@ and up projections of SwiGLU stacked, ``down`` (E, d, h). Expert e computes
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS = ("swiglu", "gelu")
+_GROUPED_MM_FAILED: list[str] = []  # once it fails, stop trying
+
+
+def _grouped_mm_usable(x: Tensor, d_model: int, d_hidden: int) -> bool:
+    """Feature detection for the grouped GEMM kernel (bf16 on CUDA, sm80+, aligned sizes)."""
+    return (
+        hasattr(F, "grouped_mm")
+        and not _GROUPED_MM_FAILED
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 8
+        and d_model % 8 == 0
+        and d_hidden % 8 == 0
+    )
 
 
 class Experts(nn.Module):
@@ -52,12 +67,28 @@ class Experts(nn.Module):
         return self._ffn(x, self.gate_up[e], self.down[e])
 
     def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
-        """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d)."""
+        """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d).
+
+        On CUDA in bfloat16, with a torch that has ``F.grouped_mm``, all experts run in two
+        grouped GEMMs; elsewhere (and if that kernel refuses the shapes) one matmul per expert.
+        """
+        if _grouped_mm_usable(x, self.d_model, self.d_hidden):
+            try:
+                return self._grouped_mm(x, counts)
+            except RuntimeError as err:  # kernel constraints differ between torch releases
+                _GROUPED_MM_FAILED.append(str(err))
+                warnings.warn(f"F.grouped_mm failed, using the per-expert loop: {err}", stacklevel=2)
         # unbind once: indexing gate_up[e] per expert would make backward build E full-size
         # zero gradients, one per expert
         weights = zip(self.gate_up.unbind(0), self.down.unbind(0), strict=True)
         outs = [self._ffn(xe, w1, w2) for xe, (w1, w2) in zip(x.split(counts), weights) if xe.shape[0]]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+
+    def _grouped_mm(self, x: Tensor, counts: list[int]) -> Tensor:
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # end of each group
+        gate_up = self.gate_up.to(x.dtype).transpose(-2, -1)  # (E, d, 2h)
+        down = self.down.to(x.dtype).transpose(-2, -1)  # (E, h, d)
+        return F.grouped_mm(self._act(F.grouped_mm(x, gate_up, offs=offs)), down, offs=offs)
 
     def dense(self, x: Tensor) -> Tensor:
         """Every expert on every token: (T, d) -> (T, E, d). For teaching and tests."""

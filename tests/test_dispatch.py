@@ -153,3 +153,18 @@ def test_combine_unknown_path_raises():
     experts = Experts(num_experts=E, d_model=D, d_hidden=5)
     with pytest.raises(ValueError, match="'gather'"):
         combine(torch.randn(T, D), torch.zeros(T, E), torch.zeros(T, E, dtype=torch.bool), experts, path="gather")
+
+
+@pytest.mark.gpu
+def test_grouped_mm_path_matches_the_loop_in_bfloat16():
+    from minimoe import experts as experts_module
+
+    torch.manual_seed(0)
+    ex = Experts(num_experts=4, d_model=64, d_hidden=128).cuda()
+    x = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
+    counts = [100, 0, 150, 50]
+    assert experts_module._grouped_mm_usable(x, 64, 128), "this GPU should take the grouped path"
+    grouped = ex.grouped(x, counts)
+    assert not experts_module._GROUPED_MM_FAILED, experts_module._GROUPED_MM_FAILED
+    loop = torch.cat([ex.expert(e, xe.float()) for e, xe in enumerate(x.split(counts)) if len(xe)])
+    torch.testing.assert_close(grouped.float(), loop, atol=5e-2, rtol=5e-2)
