@@ -6,7 +6,12 @@ import argparse
 import importlib
 
 # one module per command, each with add_parser(subparsers); imported on start
-COMMANDS = ["minimoe.experiments.train_cli"]
+COMMANDS = [
+    "minimoe.experiments.train_cli",
+    "minimoe.experiments.adaptive",
+    "minimoe.experiments.topp",
+    "minimoe.experiments.gw",
+]
 
 
 def main(argv: list[str] | None = None) -> None:

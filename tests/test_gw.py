@@ -1,0 +1,184 @@
+"""GW-MoE: gw_broadcast on hand-worked examples, the broadcast layer against a dense oracle,
+the fine-tuning recipe, and the chapter 3 experiment on a tiny scale."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from minimoe.experiments import gw as gwx
+from minimoe.layer import MoE, MoEConfig
+from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.routing import gw_broadcast, normalized_entropy, top_k
+from minimoe.train import TrainConfig, train
+from minimoe.uncertainty import GWFineTuning
+
+# Three tokens over E = 4 experts, worked by hand:
+#   token 0: uniform P = (.25, .25, .25, .25), normalized entropy 1
+#   token 1: logits (10, 1, 0, 0), P ~ one-hot on expert 0, normalized entropy 0.0016
+#   token 2: P = (.4, .3, .2, .1), H = 1.2799 nats, normalized 1.2799 / ln 4 = 0.9233
+P2 = [0.4, 0.3, 0.2, 0.1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def logits():
+    return torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 1.0, 0.0, 0.0], [math.log(p) for p in P2]])
+
+
+def test_hand_worked_normalized_entropy():
+    h = normalized_entropy(top_k(logits()).probs)
+    torch.testing.assert_close(h, torch.tensor([1.0, 0.0016, 0.9233]), atol=1e-4, rtol=0)
+
+
+def test_uncertain_tokens_go_to_every_expert_with_weights_p():
+    r = gw_broadcast(top_k(logits(), k=2), threshold=0.9)
+    assert r.broadcast.tolist() == [True, False, True]
+    assert r.mask[0].all() and r.mask[2].all()
+    torch.testing.assert_close(r.weights[0], torch.full((4,), 0.25))
+    torch.testing.assert_close(r.weights[2], torch.tensor(P2))
+    torch.testing.assert_close(r.weights.sum(1), torch.ones(3))
+
+
+def test_certain_tokens_keep_the_base_routing():
+    base = top_k(logits(), k=2)
+    r = gw_broadcast(base, threshold=0.9)
+    assert torch.equal(r.mask[1], base.mask[1]) and torch.equal(r.weights[1], base.weights[1])
+    # top-2 of token 1: experts 0 and 1
+    assert r.mask[1].tolist() == [True, True, False, False]
+
+
+def test_threshold_between_tokens_2_and_0_broadcasts_only_token_0():
+    r = gw_broadcast(top_k(logits(), k=1), threshold=0.95)
+    assert r.broadcast.tolist() == [True, False, False]
+    assert r.experts_per_token.tolist() == [4, 1, 1]
+
+
+def test_eval_is_the_base_routing():
+    base = top_k(logits(), k=2)
+    r = gw_broadcast(base, threshold=0.0, training=False)
+    assert r is base and torch.equal(r.mask, base.mask)
+
+
+def test_slot_cap_keeps_the_first_uncertain_tokens_of_each_sequence():
+    # two sequences of 3 tokens: (uniform, certain, uncertain) each; cap 1 -> only token 0 of each
+    two = torch.cat([logits(), logits()])
+    r = gw_broadcast(top_k(two, k=1), threshold=0.9, max_slots=1, seq_len=3)
+    assert r.broadcast.tolist() == [True, False, False, True, False, False]
+    r = gw_broadcast(top_k(two, k=1), threshold=0.9, max_slots=2, seq_len=3)
+    assert r.broadcast.tolist() == [True, False, True, True, False, True]
+    r = gw_broadcast(top_k(two, k=1), threshold=0.9, max_slots=3)  # one sequence of 6
+    assert r.broadcast.tolist() == [True, False, True, True, False, False]
+
+
+def test_broadcast_layer_output_is_the_dense_mixture_for_uncertain_tokens():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=16, num_experts=4, k=2))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    p = torch.softmax(x @ moe.gate.weight.detach().T, dim=-1)  # (T, E)
+    moe.config.gw_threshold = normalized_entropy(p).median().item()  # half the tokens uncertain
+    moe.train()
+    out = moe(x)
+    dense = (p[:, :, None] * moe.experts.dense(x)).sum(1)  # sum_e p_e Expert_e(x)
+    b = out.routing.broadcast
+    assert 0 < b.sum() < len(b), "the test needs both kinds of tokens"
+    torch.testing.assert_close(out.output[b], dense[b])
+    sparse = top_k(x @ moe.gate.weight.detach().T, 2)  # certain tokens: plain top-2
+    kept = (sparse.weights[:, :, None] * moe.experts.dense(x)).sum(1)
+    torch.testing.assert_close(out.output[~b], kept[~b])
+    assert out.stats.broadcast_ratio.item() == pytest.approx(b.float().mean().item())
+    moe.eval()
+    assert moe(x).stats.broadcast_ratio.item() == 0 and moe(x).stats.experts_per_token.item() == 2
+
+
+# ---- the fine-tuning recipe -------------------------------------------------------------
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return TinyTransformer(ModelConfig(n_layers=2, n_heads=2, block_size=16,
+                                       moe=MoEConfig(d_model=16, d_hidden=16, num_experts=4)))
+
+
+def test_recipe_sets_every_layer_and_turns_z_loss_off():
+    model = GWFineTuning(0.5, max_slots=3).apply(tiny_model())
+    for layer in model.moe_layers():
+        c = layer.config
+        assert (c.gw_threshold, c.gw_max_slots, c.z_coef) == (0.5, 3, 0.0)
+    keep = GWFineTuning(None, z_loss=True).apply(tiny_model())
+    assert all(m.config.gw_threshold is None and m.config.z_coef == 1e-3 for m in keep.moe_layers())
+    with pytest.raises(ValueError, match="measure"):
+        GWFineTuning(0.5, measure="gini")
+
+
+def test_frozen_router_does_not_move_and_broadcast_is_reported():
+    model = GWFineTuning(0.0).apply(tiny_model())
+    before = [m.gate.weight.detach().clone() for m in model.moe_layers()]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 256, (4, 16), generator=g)
+    seen = []
+    train(model, lambda g: {"idx": idx, "targets": idx}, TrainConfig(steps=3, freeze_router=True, progress=False),
+          callback=lambda step, m, out: seen.append([layer.stats.broadcast_ratio.item() for layer in out.layers]))
+    assert all(torch.equal(b, m.gate.weight) for b, m in zip(before, model.moe_layers()))
+    assert seen == [[1.0, 1.0]] * 3
+
+
+# ---- the chapter 3 experiment, tiny -------------------------------------------------------
+
+
+def test_split_plays_holds_out_one_whole_play():
+    text = "A\n\nby William Shakespeare\n\nfirst\n\n\n\nB\n\nby William Shakespeare\n\nsecond\n"
+    others, play = gwx.split_plays(text, held_out="B")
+    assert play.startswith("B\n\nby") and "second" in play and "first" not in play
+    assert others + play == text
+    with pytest.raises(ValueError, match="C"):
+        gwx.split_plays(text, held_out="C")
+
+
+def test_compare_runs_every_recipe_and_inference_cost_is_equal():
+    model = tiny_model()
+    _, corpus = gwx.corpora()
+    rows = gwx.compare(model, corpus, seeds=[0, 1], threshold=0.5, max_windows=4,
+                       steps=2, batch_size=2, block_size=16)
+    assert [(r["run"], r["seed"]) for r in rows] == [("pretrained", -1)] + [
+        (n, s) for s in (0, 1) for n in ("plain", "gw_uncertain", "gw_all")]
+    summary = gwx.summarize(rows)
+    assert set(summary) == {"pretrained", "plain", "gw_uncertain", "gw_all"}
+    assert all(0 <= r["acc_uncertain"] <= 1 and r["loss_all"] > 0 for r in rows)
+    assert len({r["eval_flops_per_token"] for r in rows}) == 1  # every run: top-2 at evaluation
+    assert gwx.paired_gain(rows, "gw_all").shape == (2,)
+    assert [r["broadcast_ratio"] for r in rows[1:4]][::2] == [[0.0, 0.0], [1.0, 1.0]]  # plain, gw_all
+    assert all(0 <= b <= 1 for b in rows[2]["broadcast_ratio"])
+    tuned = {n: gwx.finetune(model, rec, corpus, steps=1, batch_size=2, block_size=16)[0]
+             for n, rec in gwx.recipes(0.5).items()}
+    cost = gwx.inference_cost(tuned, gwx.eval_batch(corpus, 16, max_windows=2), repeats=1)
+    flops = {c["flops_per_token"] for c in cost.values()}
+    assert len(flops) == 1  # top-2 at evaluation whatever the fine-tuning did
+
+
+def test_command_writes_table_and_plot(tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    from minimoe.train import save_checkpoint
+
+    save_checkpoint(tiny_model(), ckpt)
+    parser = argparse.ArgumentParser()
+    gwx.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["gw", "--checkpoint", str(ckpt), "--seeds", "1", "--steps", "1",
+                              "--batch-size", "2", "--block-size", "16", "--out", str(tmp_path),
+                              "--no-progress", "--device", "cpu", "--train-router", "--z-loss"])
+    rows = args.func(args)
+    assert len(rows) == 4
+    assert {p.name for p in tmp_path.iterdir()} >= {"results.json", "results.csv", "summary.json", "gw_metrics.png"}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][1]["run"] == "plain" and saved["config"]["steps"] == 1
+    assert saved["config"]["train_router"] and saved["config"]["z_loss"]
+    assert gwx.recipes(0.5, freeze_router=False, z_loss=True)["gw_all"] == GWFineTuning(0.0, freeze_router=False, z_loss=True)
