@@ -11,6 +11,7 @@ COMMANDS = [
     "minimoe.experiments.adaptive",
     "minimoe.experiments.topp",
     "minimoe.experiments.gw",
+    "minimoe.experiments.compare",
 ]
 
 
