@@ -26,6 +26,7 @@ from minimoe.analysis import RoutingRecorder, experts_per_token_by_group
 from minimoe.curriculum import CurriculumSampler
 from minimoe.data import EOS_ID, PAD_ID, VOCAB, MultiTaskData, make_multitask, seq_len
 from minimoe.dispatch import combine
+from minimoe.experiments.common import add_experiment_args, set_threads
 from minimoe.experts import Experts
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
@@ -356,16 +357,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     p.add_argument("--timing-repeats", type=int, default=20)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", type=Path, default=Path("runs/adaptive"), help="folder for the table and plots (runs/ is git-ignored)")
-    p.add_argument("--no-progress", action="store_true")
+    add_experiment_args(p, out="runs/adaptive")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     fields = {k: getattr(args, k) for k in asdict(Setup()) if k != "seed"}
     per_seed = []
     for seed in args.seeds:

@@ -78,6 +78,20 @@ def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
     g.add_argument("--no-progress", action="store_true")
 
 
+def add_experiment_args(p: argparse.ArgumentParser, out: str) -> None:
+    """--device, --threads, --out and --no-progress, shared by every experiment command."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (tiny models: 1 is fastest)")
+    p.add_argument("--out", type=Path, default=Path(out), help="folder for the table and plots (runs/ is git-ignored)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply --threads, if given."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))

@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from torch import nn
 
 from minimoe.data import DEFAULT_TEXT, ByteCorpus, byte_corpus, load_text
-from minimoe.experiments.common import lm_batches, write_json
+from minimoe.experiments.common import add_experiment_args, lm_batches, set_threads, write_json
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.train import (
@@ -253,16 +253,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--z-loss", action="store_true", help="keep the router z-loss (the released code turns it off)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="score only the first N held-out windows (default: all)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (tiny models: 1 is fastest)")
-    p.add_argument("--out", type=Path, default=Path("runs/gw"), help="folder for the table and plots (runs/ is git-ignored)")
-    p.add_argument("--no-progress", action="store_true")
+    add_experiment_args(p, out="runs/gw")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.pretrain or args.pretrain_only:
         model, _ = pretrain(args.pretrain_steps, device=args.device, progress=not args.no_progress)
         path = args.save_pretrained or args.out / "pretrained.pt"

@@ -23,7 +23,12 @@ from torch import Tensor, nn
 
 from minimoe.analysis import ExpertsPerTokenTracker, RoutingRecorder, experts_per_token_by_group
 from minimoe.data import PAD_ID, TASKS, VOCAB, MultiTaskData, make_multitask, seq_len
-from minimoe.experiments.common import multitask_batches, write_json
+from minimoe.experiments.common import (
+    add_experiment_args,
+    multitask_batches,
+    set_threads,
+    write_json,
+)
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.train import History, TrainConfig, seed_everything, train
@@ -283,25 +288,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if f.name not in ("seed", "device"):
             p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                            default=getattr(defaults, f.name), help="default: %(default)s")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds of top-2, top-p and top-p with each --betas")
     p.add_argument("--ps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
                    help="p values of the sweep (first seed only)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 1e-3, 1e-2],
                    help="dynamic-loss coefficients to compare with the paper's 1e-4, at p=0.4")
-    p.add_argument("--out", type=Path, default=Path("topp_results"))
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
-    p.add_argument("--progress", action="store_true")
+    add_experiment_args(p, out="runs/topp")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     setup = TopPSetup(**{f.name: getattr(args, f.name) for f in fields(TopPSetup) if f.name != "seed"},
                       seed=args.seeds[0])
     results = compare(setup, variants(args.ps, args.betas), args.seeds, seeded=2 + len(args.betas),
-                      progress=args.progress)
+                      progress=not args.no_progress)
     rows = table(results)
     write_json(args.out / "results.json", results)
     with open(args.out / "results.csv", "w", newline="") as f:
