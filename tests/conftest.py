@@ -1,7 +1,10 @@
-"""Shared test setup: tests marked ``@pytest.mark.gpu`` are skipped without CUDA."""
+"""Shared test setup: one torch thread; tests marked ``@pytest.mark.gpu`` are skipped without CUDA."""
 
 import pytest
 import torch
+
+# The test models are tiny: one thread is fastest, and immune to a busy second core
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
