@@ -1,0 +1,458 @@
+"""Benchmark the minimoe MoE layer against a dense SwiGLU FFN with the same active parameters.
+
+Everything below is measured in one run, on one set of weights:
+
+1. Dispatch paths. The MoE layer (E=8 SwiGLU experts, d_model=256, d_hidden=512, top-2,
+   dropless) with ``dispatch="loop"`` and ``dispatch="sorted"``, next to a dense SwiGLU FFN of
+   hidden width k * d_hidden = 1024 (the same active parameters per token; its weights are
+   experts 0 and 1 side by side, so dense(x) == expert_0(x) + expert_1(x)).
+2. Dynamic routing. Top-p (p=0.4) and adaptive gating (threshold 0.1) against top-2, all on the
+   sorted path, next to their expert-FLOP ratio (kept pairs * Experts.flops_per_assignment()).
+   The router weights are scaled once so that ~80% of the tokens get one expert under
+   adaptive gating (the share is measured and printed); every routed variant uses that router.
+3. Memory: the bytes autograd saves for backward (activations, parameters excluded) on any
+   device, and torch.cuda.max_memory_allocated per step on CUDA.
+
+Timing: warm-up rounds, then the median of N rounds; in each round every variant runs once,
+in alternating order (ABC.., ..CBA) so that drift and background load hit all of them alike.
+``fwd+bwd`` is one training step of the layer (forward, loss, backward; gradients reset to
+None between steps, outside the timer); ``fwd`` is an inference forward under torch.no_grad().
+
+    python benchmarks/moe_layer.py            # full run (~1-3 minutes on 2 CPU cores)
+    python benchmarks/moe_layer.py --quick    # smoke run, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minimoe.layer import MoE, MoEConfig
+from minimoe.routing import adaptive
+
+try:
+    import resource  # POSIX only: the background-load measurement is skipped elsewhere
+except ImportError:
+    resource = None
+
+D_MODEL, D_HIDDEN, NUM_EXPERTS, K = 256, 512, 8, 2
+TOP_P, ADAPTIVE_THRESHOLD = 0.4, 0.1
+TARGET_SORTED = 1.3  # sorted fwd+bwd <= 1.3x dense at T >= 2048 on CPU
+TARGET_ADAPTIVE = 1.15  # adaptive time ratio within 1.15x of its FLOP ratio (either side)
+
+BUSY_SHARE = 0.05  # warn when other processes used more than this share of the CPU
+
+FULL_TOKENS = (512, 2048, 8192)
+FULL_REPEATS = {512: 30, 2048: 20, 8192: 10}
+QUICK_TOKENS = (512, 2048)
+QUICK_REPEATS = 3
+
+
+class DenseSwiGLU(nn.Module):
+    """down(silu(gate x) * up x), hidden width ``d_hidden``, no biases (as the experts)."""
+
+    def __init__(self, gate_up: Tensor, down: Tensor):
+        super().__init__()
+        self.gate_up = nn.Parameter(gate_up)  # (2h, d): gate rows, then up rows
+        self.down = nn.Parameter(down)  # (d, h)
+
+    @classmethod
+    def from_experts(cls, experts, which: range) -> DenseSwiGLU:
+        """The FFN whose hidden units are those of experts ``which``: sum of their outputs."""
+        h = experts.d_hidden
+        gates = [experts.gate_up[e, :h] for e in which]
+        ups = [experts.gate_up[e, h:] for e in which]
+        downs = [experts.down[e] for e in which]
+        return cls(torch.cat(gates + ups).detach().clone(), torch.cat(downs, 1).detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+# ---- machine and timing helpers ------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device: torch.device) -> str:
+    parts = [
+        f"cpu: {cpu_name()} ({os.cpu_count()} cores visible, "
+        f"torch threads {torch.get_num_threads()})",
+        f"{platform.system()} {platform.machine()}, python {platform.python_version()}",
+        f"torch {torch.__version__}",
+    ]
+    if device.type == "cuda":
+        parts.append(f"device: {torch.cuda.get_device_name(device)}")
+    else:
+        parts.append("device: cpu")
+    return "; ".join(parts)
+
+
+def load_avg() -> str:
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+class BackgroundCPU:
+    """Share of the machine's CPU time used by processes other than this one (Linux only).
+
+    Busy jiffies of the whole machine from /proc/stat minus this process's own CPU time,
+    over the wall time times the core count: 0% on an idle machine.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        if resource is None:
+            return None
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        machine = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal, no guest
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), machine, own.ru_utime + own.ru_stime
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        wall, machine, own = (e - s for e, s in zip(end, self.start))
+        return max(0.0, (machine - own) / (wall * (os.cpu_count() or 1)))
+
+
+def pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_rounds(fns: dict[str, Callable[[], None]], warmup: int, repeats: int,
+               device: torch.device, before: Callable[[], None] | None = None):
+    """Median seconds per call of each fn (and IQR / median); one call of each per round,
+    the order alternating between rounds."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            if before is not None:
+                before()
+            sync(device)
+            t0 = time.perf_counter()
+            fns[n]()
+            sync(device)
+            if r >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    medians = {n: statistics.median(v) for n, v in times.items()}
+    spread = {n: iqr(v) / medians[n] if len(v) > 1 else 0.0 for n, v in times.items()}
+    return medians, spread
+
+
+def iqr(values: list[float]) -> float:
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def saved_activation_bytes(step: Callable[[], None], params: list[Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# ---- the models ----------------------------------------------------------------------------
+
+
+def calibrate_router_scale(model: MoE, x: Tensor, share: float) -> float:
+    """Scale s of the router weights so that adaptive gating sends ``share`` of x to 1 expert.
+
+    Scaling W_r by s scales the logits by s and sharpens the softmax (as training does): the
+    top-1/top-2 gap grows, so the one-expert share grows with s. Bisection in log space.
+    """
+    with torch.no_grad():
+        logits, _ = model.router_logits(x)
+
+    def one_expert_share(s: float) -> float:
+        mask = adaptive(logits * s, ADAPTIVE_THRESHOLD).mask
+        return (mask.sum(1) == 1).float().mean().item()
+
+    lo, hi = 1e-2, 1e3
+    for _ in range(40):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if one_expert_share(mid) < share else (lo, mid)
+    return (lo * hi) ** 0.5
+
+
+def build(device: torch.device, seed: int, one_expert_share: float):
+    torch.manual_seed(seed)
+    config = MoEConfig(
+        d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=NUM_EXPERTS, router="top_k", k=K,
+        activation="swiglu", capacity_factor=None, dispatch="sorted",
+        top_p=TOP_P, adaptive_threshold=ADAPTIVE_THRESHOLD,
+    )
+    base = MoE(config).to(device)
+    calib = torch.randn(8192, D_MODEL, generator=torch.Generator().manual_seed(seed + 1))
+    scale = calibrate_router_scale(base, calib.to(device), one_expert_share)
+    with torch.no_grad():
+        base.gate.weight.mul_(scale)
+    variants = {
+        "top2-loop": replace(config, dispatch="loop"),
+        "top2-sorted": config,
+        f"top-p {TOP_P}": replace(config, router="top_p"),
+        "adaptive": replace(config, router="adaptive"),
+    }
+    models: dict[str, nn.Module] = {}
+    for name, cfg in variants.items():
+        m = MoE(cfg).to(device)
+        m.load_state_dict(base.state_dict())  # the same weights for every variant
+        models[name] = m
+    dense = DenseSwiGLU.from_experts(base.experts, range(K)).to(device)
+    models = {"dense": dense, **models}
+    return models, scale
+
+
+def check_equivalence(models: dict[str, nn.Module], device: torch.device) -> tuple[float, float]:
+    """max |sorted - loop| of the MoE and max |dense - (expert_0 + expert_1)|."""
+    x = torch.randn(256, D_MODEL, device=device)
+    with torch.no_grad():
+        sorted_out = models["top2-sorted"](x).output
+        loop_out = models["top2-loop"](x).output
+        experts = models["top2-sorted"].experts
+        pair = sum(experts.expert(e, x) for e in range(K))
+        dense_out = models["dense"](x)
+    return (sorted_out - loop_out).abs().max().item(), (dense_out - pair).abs().max().item()
+
+
+# ---- one token count -------------------------------------------------------------------------
+
+
+def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int,
+                 device: torch.device, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed + T)
+    x = torch.randn(T, D_MODEL, generator=gen).to(device).requires_grad_(True)
+    grad_out = torch.randn(T, D_MODEL, generator=gen).to(device)
+    params = [p for m in models.values() for p in m.parameters()]
+
+    def train_step(model: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            out = model(x)
+            if isinstance(out, Tensor):
+                loss = (out * grad_out).sum()
+            else:  # MoEOutput: the task loss plus the layer's auxiliary loss
+                loss = (out.output * grad_out).sum() + out.aux_loss
+            loss.backward()
+        return step
+
+    def infer(model: nn.Module) -> Callable[[], None]:
+        def fwd() -> None:
+            with torch.no_grad():
+                model(x)
+        return fwd
+
+    def reset_grads() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    train = {n: train_step(m) for n, m in models.items()}
+    background = BackgroundCPU()
+    fwd_bwd, spread_fb = run_rounds(train, warmup, repeats, device, before=reset_grads)
+    fwd, spread_f = run_rounds({n: infer(m) for n, m in models.items()}, warmup, repeats, device)
+    spread = max(max(spread_fb.values()), max(spread_f.values()))
+    others = background.share()
+
+    stats, saved, peak = {}, {}, {}
+    for n, m in models.items():
+        reset_grads()
+        saved[n] = saved_activation_bytes(train[n], params)
+        reset_grads()
+        peak[n] = cuda_peak_bytes(train[n], device) if device.type == "cuda" else None
+        if isinstance(m, MoE):
+            with torch.no_grad():
+                out = m(x)
+            stats[n] = {
+                "experts_per_token": out.stats.experts_per_token.item(),
+                "one_expert": (out.routing.mask.sum(1) == 1).float().mean().item(),
+                "flops": out.stats.flops.item(),
+            }
+    reset_grads()
+    return {"fwd_bwd": fwd_bwd, "fwd": fwd, "stats": stats, "saved": saved, "peak": peak,
+            "spread": spread, "others": others}
+
+
+# ---- printing --------------------------------------------------------------------------------
+
+
+def mib(n: int | None) -> str:
+    return "n/a (CPU)" if n is None else f"{n / 2**20:.1f}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def print_tables(results: dict[int, dict], device: torch.device) -> None:
+    on_cpu = device.type == "cpu"
+    print("\n#### 1. Dispatch paths vs dense SwiGLU (hidden 1024), top-2, "
+          "median ms (ratio to dense)")
+    print(f"target: sorted fwd+bwd <= {TARGET_SORTED}x dense at T >= 2048 on CPU\n")
+    print("| T | step | dense ms | top2-loop ms (x dense) | top2-sorted ms (x dense) | target |")
+    print("|---:|---|---:|---:|---:|---|")
+    for T, r in results.items():
+        for mode, label in (("fwd_bwd", "fwd+bwd"), ("fwd", "fwd")):
+            t = r[mode]
+            d, lo, so = t["dense"], t["top2-loop"], t["top2-sorted"]
+            target = "-"
+            if mode == "fwd_bwd" and T >= 2048:
+                target = (f"{verdict(so / d <= TARGET_SORTED)} (<= {TARGET_SORTED}x)"
+                          if on_cpu else "- (CPU target)")
+            print(f"| {T} | {label} | {d * 1e3:.1f} | {lo * 1e3:.1f} ({lo / d:.2f}x) "
+                  f"| {so * 1e3:.1f} ({so / d:.2f}x) | {target} |")
+
+    print("\nnoise: largest IQR/median over the variants: "
+          + ", ".join(f"{r['spread']:.0%} (T={T})" for T, r in results.items()))
+    print("CPU used by other processes while timing: "
+          + ", ".join(f"{pct(r['others'])} (T={T})" for T, r in results.items()))
+
+    print("\n#### 2. Dynamic routing vs top-2 (sorted path): time ratio next to expert-FLOP ratio")
+    print(f"target: adaptive fwd+bwd time ratio / FLOP ratio within {TARGET_ADAPTIVE}x "
+          f"(between {1 / TARGET_ADAPTIVE:.2f} and {TARGET_ADAPTIVE:.2f})\n")
+    print("| T | router | experts/token | 1-expert share | FLOP ratio | fwd+bwd ms (time ratio) "
+          "| fwd ms (time ratio) | time/FLOP (fwd+bwd) | target |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    for T, r in results.items():
+        base_flops = r["stats"]["top2-sorted"]["flops"]
+        fb0, f0 = r["fwd_bwd"]["top2-sorted"], r["fwd"]["top2-sorted"]
+        for n in ("top2-sorted", f"top-p {TOP_P}", "adaptive"):
+            s = r["stats"][n]
+            flop_ratio = s["flops"] / base_flops
+            fb, f = r["fwd_bwd"][n], r["fwd"][n]
+            quotient = (fb / fb0) / flop_ratio
+            target = "-"
+            if n == "adaptive":
+                ok = 1 / TARGET_ADAPTIVE <= quotient <= TARGET_ADAPTIVE
+                target = verdict(ok)
+            print(f"| {T} | {n} | {s['experts_per_token']:.3f} | {s['one_expert']:.1%} "
+                  f"| {flop_ratio:.3f} | {fb * 1e3:.1f} ({fb / fb0:.3f}) "
+                  f"| {f * 1e3:.1f} ({f / f0:.3f}) "
+                  f"| {quotient:.2f} | {target} |")
+
+    print("\n#### 3. Memory of one fwd+bwd step, MiB")
+    print("saved = activations autograd keeps for backward (distinct storages, parameters "
+          "excluded); peak = torch.cuda.max_memory_allocated above the resting allocation\n")
+    names = list(next(iter(results.values()))["saved"])
+    print("| T | " + " | ".join(f"{n} saved / peak" for n in names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    for T, r in results.items():
+        cells = [f"{mib(r['saved'][n])} / {mib(r['peak'][n])}" for n in names]
+        print(f"| {T} | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small T, 3 repeats")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--tokens", type=int, nargs="+",
+                        help="token counts T (default 512 2048 8192)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per T (default by T)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed rounds (default 2; quick 1)")
+    parser.add_argument("--one-expert-share", type=float, default=0.8,
+                        help="calibrate the router so adaptive sends this share to one expert")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False")
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    tokens = tuple(args.tokens) if args.tokens else (QUICK_TOKENS if args.quick else FULL_TOKENS)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+
+    def repeats_for(T: int) -> int:
+        if args.repeats:
+            return args.repeats
+        return QUICK_REPEATS if args.quick else FULL_REPEATS.get(T, 10)
+
+    start = time.perf_counter()
+    print("# minimoe MoE layer benchmark" + (" (--quick)" if args.quick else ""))
+    print(machine_line(device))
+    print(f"load average at start (1/5/15 min): {load_avg()}")
+    models, scale = build(device, args.seed, args.one_expert_share)
+    err_dispatch, err_dense = check_equivalence(models, device)
+    print(f"E={NUM_EXPERTS}, k={K}, d_model={D_MODEL}, d_hidden={D_HIDDEN} per expert, SwiGLU, "
+          f"dropless, float32; dense hidden {K * D_HIDDEN}")
+    print(f"router weights scaled by {scale:.3f} (adaptive threshold {ADAPTIVE_THRESHOLD} -> "
+          f"{args.one_expert_share:.0%} one-expert tokens on a calibration batch); top-p p={TOP_P}")
+    print(f"checks: max|sorted - loop| = {err_dispatch:.2e}, "
+          f"max|dense - (expert0 + expert1)| = {err_dense:.2e}")
+    print(f"timing: {warmup} warm-up + median of "
+          + ", ".join(f"{repeats_for(T)} (T={T})" for T in tokens) + " interleaved rounds")
+
+    results = {}
+    for T in tokens:
+        t0 = time.perf_counter()
+        results[T] = bench_tokens(models, T, warmup, repeats_for(T), device, args.seed)
+        print(f"  T={T}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print_tables(results, device)
+    busiest = max((r["others"] or 0.0) for r in results.values())
+    if busiest > BUSY_SHARE:
+        print(f"\nWARNING: other processes used up to {busiest:.0%} of the CPU while timing. "
+              "The MoE layer (many small ops, each a parallel region) suffers more from "
+              "competing threads than the dense FFN: rerun on an idle machine.")
+    wall = time.perf_counter() - start
+    print(f"\nload average at end: {load_avg()}; total wall time {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
