@@ -22,15 +22,6 @@ from minimoe.uncertainty import GWFineTuning
 P2 = [0.4, 0.3, 0.2, 0.1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def logits():
     return torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 1.0, 0.0, 0.0], [math.log(p) for p in P2]])
 

@@ -18,15 +18,6 @@ from minimoe.widgets import top_p_explorer
 RULES = ["paper", "code"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is much faster (and a busy machine's extra threads only spin)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kept(logits, p, rule="paper", **kw):
     return top_p(torch.tensor(logits, dtype=torch.float32), p, rule=rule, **kw).mask.tolist()
 

@@ -26,14 +26,6 @@ from minimoe.uncertainty import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def routing_of(probs):
     """A top-1 Routing whose softmax is exactly ``probs`` (T, E)."""
     return top_k(torch.as_tensor(probs, dtype=torch.float32).log(), k=1)
