@@ -22,13 +22,13 @@ lab: setup
 
 test: setup
 	$(PY) -m pytest -q tests/
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
 
 test-lib: setup
 	$(PY) -m pytest -q tests/
 
 test-notebooks: setup
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
 
 # Re-execute every notebook in place, top to bottom in a fresh kernel (outputs are committed).
 notebooks: setup
