@@ -4,6 +4,8 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Jupyter refuses to run as root unless told (containers, some cloud machines)
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: setup lab test test-lib test-notebooks notebooks lint bench clean
 
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 lab: setup
-	$(VENV)/bin/jupyter lab index.md notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) index.md
 
 test: setup
 	$(PY) -m pytest -q tests/
