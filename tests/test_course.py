@@ -1,0 +1,38 @@
+"""What the course promises about its notebooks, checked without running them (nbval runs them)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def test_every_chapter_of_the_map_exists():
+    linked = re.findall(r"\]\((notebooks/[^)]+\.ipynb)\)", (ROOT / "index.md").read_text())
+    assert [ROOT / p for p in linked] == NOTEBOOKS, "index.md and notebooks/ disagree"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_promises(path: Path):
+    cells = _cells(path)
+    text = "".join("".join(c["source"]) for c in cells)
+    badge = re.search(r"colab\.research\.google\.com/github/[^)]*/notebooks/([^)]+\.ipynb)", text)
+    assert badge and badge.group(1) == path.name, "the Colab badge must point at this notebook"
+    assert 'if "google.colab" in sys.modules:' in text, "no Colab set-up cell"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code]
+    assert counts == list(range(1, len(code) + 1)), "not executed top to bottom in one kernel"
+    assert not any(o["output_type"] == "error" for c in code for o in c["outputs"])
+    assert sum("assert " in "".join(c["source"]) for c in code) >= 5, "claims must be asserts"
+    solutions = [c for c in code if c["metadata"].get("jupyter", {}).get("source_hidden")]
+    assert len(solutions) >= 2, "exercises need collapsed solution cells"
+    assert not re.search(r"/(work|tmp|root|home)/", text), "machine path in the notebook"
