@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from minimoe.dispatch import apply_capacity, expert_capacity
 from minimoe.layer import MoE, MoEOutput
-from minimoe.routing import Routing, normalized_entropy, top_gap, top_k
+from minimoe.routing import Routing, is_uncertain, normalized_entropy, top_gap, top_k
 
 
 def _cpu(routing: Routing) -> Routing:
@@ -111,7 +111,7 @@ class UncertaintySummary:
 def uncertainty_summary(routing: Routing, threshold: float = 0.5) -> UncertaintySummary:
     """Per-token normalized entropy, top-1/top-2 gap, and which tokens are uncertain."""
     h = normalized_entropy(routing.probs)
-    return UncertaintySummary(h, top_gap(routing.probs), h >= threshold)
+    return UncertaintySummary(h, top_gap(routing.probs), is_uncertain(routing.probs, threshold))
 
 
 def expert_for_cluster(routing: Routing, cluster: Tensor, num_clusters: int | None = None) -> Tensor:

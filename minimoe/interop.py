@@ -44,6 +44,15 @@ def _mixtral() -> tuple[Any, Any]:
     return MixtralConfig, MixtralSparseMoeBlock
 
 
+def _pairs(moe: MoE, block: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(minimoe parameter, Mixtral parameter) with the same layout, as in the table above."""
+    return [
+        (moe.gate.weight, block.gate.weight),
+        (moe.experts.gate_up, block.experts.gate_up_proj),
+        (moe.experts.down, block.experts.down_proj),
+    ]
+
+
 def _copy(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
     with torch.no_grad():
         for dst, src in pairs:
@@ -68,11 +77,7 @@ def from_mixtral(block: nn.Module) -> MoE:
     w = block.experts.gate_up_proj
     moe = MoE(config).to(device=w.device, dtype=w.dtype)
     moe.gate.to(block.gate.weight.dtype)
-    _copy([
-        (moe.gate.weight, block.gate.weight),
-        (moe.experts.gate_up, block.experts.gate_up_proj),
-        (moe.experts.down, block.experts.down_proj),
-    ])
+    _copy(_pairs(moe, block))
     return moe
 
 
@@ -102,9 +107,5 @@ def to_mixtral(moe: MoE, config: Any | None = None) -> nn.Module:
     w = moe.experts.gate_up
     block = block_cls(config).to(device=w.device, dtype=w.dtype)  # uninitialised until _copy
     block.gate.to(moe.gate.weight.dtype)
-    _copy([
-        (block.gate.weight, moe.gate.weight),
-        (block.experts.gate_up_proj, moe.experts.gate_up),
-        (block.experts.down_proj, moe.experts.down),
-    ])
+    _copy([(hf, ours) for ours, hf in _pairs(moe, block)])
     return block

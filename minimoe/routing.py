@@ -25,6 +25,7 @@ __all__ = [
     "adaptive",
     "entropy",
     "gw_broadcast",
+    "is_uncertain",
     "noisy_top_k",
     "normalized_entropy",
     "top_gap",
@@ -261,6 +262,15 @@ def uncertainty(probs: Tensor, measure: str = "normalized_entropy") -> Tensor:
     return UNCERTAINTY[measure](probs)
 
 
+def is_uncertain(probs: Tensor, threshold: float, measure: str = "normalized_entropy") -> Tensor:
+    """(T,) bool: uncertainty(probs, measure) >= threshold, GW-MoE's rule for broadcasting.
+
+    float32 rounding puts a uniform router's entropy a hair below ln E: the 1e-6 allowance
+    keeps perfectly uncertain tokens uncertain at the maximum threshold.
+    """
+    return uncertainty(probs, measure) >= threshold - 1e-6
+
+
 def gw_broadcast(
     routing: Routing,
     threshold: float,
@@ -296,9 +306,7 @@ def gw_broadcast(
         raise ValueError(f"seq_len={seq_len} does not divide the number of tokens {num_tokens}")
     if not training:
         return routing
-    # float32 rounding puts a uniform router's entropy a hair below ln E: allow 1e-6 so the
-    # maximum threshold still selects perfectly uncertain tokens
-    chosen = uncertainty(routing.probs, measure) >= threshold - 1e-6  # (T,)
+    chosen = is_uncertain(routing.probs, threshold, measure)  # (T,)
     if max_slots is not None and num_tokens:
         per_seq = chosen.view(-1, seq_len or num_tokens)  # (B, L)
         chosen = (per_seq & (per_seq.cumsum(dim=1) <= max_slots)).view(-1)  # first tokens first

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from minimoe.analysis import RoutingRecorder, first_choice
 from minimoe.layer import MoE
-from minimoe.routing import UNCERTAINTY, Routing, entropy, normalized_entropy, top_gap, uncertainty
+from minimoe.routing import UNCERTAINTY, Routing, entropy, normalized_entropy, top_gap
+from minimoe.routing import is_uncertain as routing_is_uncertain
 
 Batch = dict[str, Tensor]
 
@@ -35,9 +36,8 @@ Batch = dict[str, Tensor]
 
 
 def is_uncertain(routing: Routing, threshold: float, measure: str = "normalized_entropy") -> Tensor:
-    """(T,) bool: uncertainty >= threshold, GW-MoE's rule (the same test as ``gw_broadcast``,
-    with its 1e-6 allowance for float32 rounding of a uniform router's entropy)."""
-    return uncertainty(routing.probs, measure) >= threshold - 1e-6
+    """(T,) bool: the tokens ``gw_broadcast`` would broadcast (``routing.is_uncertain``)."""
+    return routing_is_uncertain(routing.probs, threshold, measure)
 
 
 def uncertain_share(routing: Routing, threshold: float, measure: str = "normalized_entropy") -> float:
