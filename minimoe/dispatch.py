@@ -80,8 +80,9 @@ def sort_by_expert(mask: Tensor) -> SortedPairs:
 def combine_sorted(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike) -> Tensor:
     """y_t = sum_{e: mask[t, e]} weights[t, e] * Expert_e(x_t), via sort-gather-scatter."""
     pairs = sort_by_expert(mask)
-    expert_out = experts.grouped(x[pairs.token], pairs.counts)  # (N, d) gather, run
-    gate = weights[pairs.token, pairs.expert].to(expert_out.dtype)[:, None]  # (N, 1)
+    # index_select, not x[token]: its backward is an index_add, not a slower accumulating index_put
+    expert_out = experts.grouped(x.index_select(0, pairs.token), pairs.counts)  # (N, d) gather, run
+    gate = weights.t()[mask.t()].to(expert_out.dtype)[:, None]  # (N, 1), the pairs' expert-major order
     return torch.zeros_like(x).index_add_(0, pairs.token, expert_out * gate)  # scatter-add
 
 

@@ -161,8 +161,8 @@ class MoE(nn.Module):
                 seq_len=seq_len, training=self.training,
             )
         mask, weights = routing.mask, routing.weights
-        capacity = expert_capacity(int(mask.sum()), c.num_experts, c.capacity_factor)
-        if capacity is not None:
+        if c.capacity_factor is not None:  # int(mask.sum()) waits for the GPU: only when needed
+            capacity = expert_capacity(int(mask.sum()), c.num_experts, c.capacity_factor)
             mask = apply_capacity(routing.mask, routing.probs, capacity)
             weights = weights * mask
         out = combine(tokens, weights, mask, self.experts, path=c.dispatch)
