@@ -15,13 +15,16 @@ Everything below is measured in one run, on one set of weights:
    adaptive gating (the share is measured and printed); every routed variant uses that router.
 3. Memory: the bytes autograd saves for backward (activations, parameters excluded) on any
    device, and torch.cuda.max_memory_allocated per step on CUDA.
+4. Rows per expert: one expert's fwd+bwd time per row on 32 to 2048 rows, against the cost per
+   row at 2048 rows (a routed layer gives each expert ~T * k / E rows).
 
 Timing: warm-up rounds, then the median of N rounds; in each round every variant runs once,
-in alternating order (ABC.., ..CBA) so that drift and background load hit all of them alike.
+in alternating order (ABC.., ..CBA) so that drift and background load hit all of them alike;
+ratios are medians of the per-round ratios of two variants timed in the same round.
 ``fwd+bwd`` is one training step of the layer (forward, loss, backward; gradients reset to
 None between steps, outside the timer); ``fwd`` is an inference forward under torch.no_grad().
 
-    python benchmarks/moe_layer.py            # full run (~3 minutes on 2 idle CPU cores)
+    python benchmarks/moe_layer.py            # full run (~2.5 minutes on 2 idle CPU cores)
     python benchmarks/moe_layer.py --experts 8   # E=8 only
     python benchmarks/moe_layer.py --quick    # smoke run (E=8, T=512 and 2048), a few seconds
 """
@@ -465,6 +468,42 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
         print(f"| {T} | " + " | ".join(cells) + " |")
 
 
+ROWS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+def print_rows_table(experts, warmup: int, repeats: int, device: torch.device) -> None:
+    """One expert's fwd+bwd time per row against the number of rows it gets.
+
+    The expert matmuls of a routed layer run on T * (experts per token) / E rows per expert;
+    a matmul on few rows costs more per row, which a FLOP count does not see.
+    """
+    xs = {n: torch.randn(n, D_MODEL, device=device, requires_grad=True) for n in ROWS}
+    # expert 0's weights on their own: experts.expert(0, x) would also pay, in backward, for a
+    # zero gradient of the whole (E, 2h, d) stack, a cost that does not depend on the rows
+    weights = [w[0].detach().clone().requires_grad_() for w in (experts.gate_up, experts.down)]
+
+    def step(n: int) -> Callable[[], None]:
+        def run() -> None:
+            experts._ffn(xs[n], *weights).sum().backward()
+        return run
+
+    def reset() -> None:
+        for t in (*weights, *xs.values()):
+            t.grad = None
+
+    _, medians, _ = run_rounds({str(n): step(n) for n in ROWS}, warmup, repeats, device, reset)
+    base = medians[str(ROWS[-1])] / ROWS[-1]
+    print(f"\n#### 4. One expert (d_model={D_MODEL}, d_hidden={D_HIDDEN}, SwiGLU) fwd+bwd: time per "
+          f"row vs rows, median of {repeats} rounds")
+    print("(a layer with T tokens, E experts and k experts per token gives each expert ~T*k/E "
+          "rows)\n")
+    print("| rows | us per row | x the cost per row at " + f"{ROWS[-1]} rows |")
+    print("|---:|---:|---:|")
+    for n in ROWS:
+        per_row = medians[str(n)] / n
+        print(f"| {n} | {per_row * 1e6:.2f} | {per_row / base:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small T, 3 repeats")
@@ -541,6 +580,9 @@ def main(argv: list[str] | None = None) -> None:
             results[T] = bench_tokens(timed, T, warmup_for(E), repeats_for(E, T), device, args.seed)
             print(f"  E={E} T={T}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         print_tables(results, device, E)
+        if E == experts[0]:  # the experts have the same size for every E
+            print_rows_table(models["top2-sorted"].experts, warmup_for(E), 10 if args.quick else 30,
+                             device)
         busiest = max(busiest, *((r["others"] or 0.0) for r in results.values()))
     if busiest > BUSY_SHARE:
         print(f"\nWARNING: other processes used up to {busiest:.0%} of the CPU while timing. "
