@@ -40,7 +40,7 @@ notebooks: setup
 	done
 
 lint: setup
-	$(VENV)/bin/ruff check minimoe tests benchmarks
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) benchmarks/moe_layer.py

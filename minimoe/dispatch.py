@@ -12,6 +12,10 @@ Capacity: ``capacity = ceil(capacity_factor * T * k / E)`` slots per expert, whe
 is the number of (token, expert) pairs. Pairs past an expert's capacity are dropped: that
 expert's output for the token is 0 (the residual stream carries the token) and the drop is
 counted. ``capacity_factor=None`` is dropless.
+
+Dtypes: the output has the input's dtype. Under ``torch.autocast`` the experts compute in the
+autocast dtype (bfloat16, say) and their outputs are summed in the input's dtype, so a float32
+residual stream stays float32 (as Hugging Face's Mixtral block does).
 """
 
 from __future__ import annotations
@@ -82,8 +86,9 @@ def combine_sorted(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLik
     pairs = sort_by_expert(mask)
     # index_select, not x[token]: its backward is an index_add, not a slower accumulating index_put
     expert_out = experts.grouped(x.index_select(0, pairs.token), pairs.counts)  # (N, d) gather, run
-    gate = weights.t()[mask.t()].to(expert_out.dtype)[:, None]  # (N, 1), the pairs' expert-major order
-    return torch.zeros_like(x).index_add_(0, pairs.token, expert_out * gate)  # scatter-add
+    gate = weights.t()[mask.t()].to(x.dtype)[:, None]  # (N, 1), the pairs' expert-major order
+    # sum in x's dtype: under autocast the experts return bfloat16, the float32 stream stays float32
+    return torch.zeros_like(x).index_add_(0, pairs.token, expert_out.to(x.dtype) * gate)
 
 
 def combine_loop(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike) -> Tensor:
@@ -93,7 +98,7 @@ def combine_loop(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike)
         token = mask[:, e].nonzero().squeeze(1)  # (n_e,) tokens sent to expert e
         if token.numel():
             gate = weights[token, e].to(x.dtype)[:, None]  # (n_e, 1)
-            out.index_add_(0, token, experts.expert(e, x[token]) * gate)
+            out.index_add_(0, token, experts.expert(e, x[token]).to(x.dtype) * gate)
     return out
 
 

@@ -18,13 +18,20 @@ ACTIVATIONS = ("swiglu", "gelu")
 _GROUPED_MM_FAILED: list[str] = []  # once it fails, stop trying
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype when autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _grouped_mm_usable(x: Tensor, d_model: int, d_hidden: int) -> bool:
     """Feature detection for the grouped GEMM kernel (bf16 on CUDA, sm80+, aligned sizes)."""
     return (
         hasattr(F, "grouped_mm")
         and not _GROUPED_MM_FAILED
         and x.is_cuda
-        and x.dtype == torch.bfloat16
+        and compute_dtype(x) == torch.bfloat16
         and torch.cuda.get_device_capability(x.device)[0] >= 8
         and d_model % 8 == 0
         and d_hidden % 8 == 0
@@ -69,8 +76,9 @@ class Experts(nn.Module):
     def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
         """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d).
 
-        On CUDA in bfloat16, with a torch that has ``F.grouped_mm``, all experts run in two
-        grouped GEMMs; elsewhere (and if that kernel refuses the shapes) one matmul per expert.
+        On CUDA in bfloat16 (bfloat16 inputs, or bfloat16 autocast), with a torch that has
+        ``F.grouped_mm``, all experts run in two grouped GEMMs; elsewhere (and if that kernel
+        refuses the shapes) one matmul per expert.
         """
         if _grouped_mm_usable(x, self.d_model, self.d_hidden):
             try:
@@ -86,6 +94,7 @@ class Experts(nn.Module):
 
     def _grouped_mm(self, x: Tensor, counts: list[int]) -> Tensor:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # end of each group
+        x = x.to(torch.bfloat16)  # autocast does not cover grouped_mm: cast by hand
         gate_up = self.gate_up.to(x.dtype).transpose(-2, -1)  # (E, d, 2h)
         down = self.down.to(x.dtype).transpose(-2, -1)  # (E, h, d)
         return F.grouped_mm(self._act(F.grouped_mm(x, gate_up, offs=offs)), down, offs=offs)

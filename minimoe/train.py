@@ -41,7 +41,15 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only at the end (if an evaluate function is given)
     freeze_router: bool = False  # GW-MoE fine-tuning keeps the router fixed
+    autocast: str | None = None  # mixed precision: "bfloat16" (CPU or CUDA) | "float16" (CUDA)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}")
+
+
+AUTOCAST = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -89,16 +97,25 @@ def train(
     history = History()
     model.train()
     device = next(model.parameters()).device
+    dtype = AUTOCAST[config.autocast]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError(f"autocast='float16' needs a CUDA model, got device {device}; use 'bfloat16'")
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's exponent range
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False)
     for step in bar:
         batch = {k: v.to(device) for k, v in get_batch(generator).items()}
-        out = model(**batch)
-        loss = out.loss + out.aux_loss
+        # the routers turn autocast off for themselves: router logits stay float32
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(**batch)
+            loss = out.loss + out.aux_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if config.grad_clip:
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
 
         history.loss.append(out.loss.item())
         history.aux_loss.append(out.aux_loss.item())

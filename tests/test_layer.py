@@ -263,3 +263,27 @@ def test_cuda_matches_cpu(name):
     out = moe.to("cuda")(x.to("cuda")).output
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "loop"])
+def test_autocast_experts_in_bfloat16_router_and_output_in_float32(dispatch):
+    moe, x = layer(dispatch=dispatch), tokens(4, 16)
+    expected = moe(x).output
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+    assert out.routing.logits.dtype == torch.float32 and out.routing.probs.dtype == torch.float32
+    assert out.output.dtype == torch.float32, "the output keeps the input's dtype"
+    torch.testing.assert_close(out.output, expected, atol=5e-2, rtol=5e-2)  # bfloat16 experts
+    (out.output.sum() + out.aux_loss).backward()
+    assert x.grad.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in moe.parameters())
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "loop"])
+def test_bfloat16_weights_and_inputs(dispatch):
+    moe, x = layer(dispatch=dispatch), tokens(4, 16)
+    expected = moe(x).output
+    out = moe.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out.output.dtype == torch.bfloat16 and out.routing.logits.dtype == torch.float32
+    torch.testing.assert_close(out.output.float(), expected, atol=5e-2, rtol=5e-2)

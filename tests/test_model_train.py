@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,52 @@ def test_cli_train_writes_summary(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["experts_per_token"]) == 2 and summary["dropped_pairs_in_training"] >= 0
     assert (tmp_path / "model.pt").exists()
+
+
+# ---- mixed precision ----------------------------------------------------------------------
+
+
+def test_bfloat16_autocast_trains_on_cpu_with_a_float32_router(corpus):
+    model = _tiny()
+    seen = []
+
+    def callback(step, model, out):
+        seen.append({m.routing.logits.dtype for m in out.layers})
+
+    hist = train(model, lm_batches(corpus, 8, 32),
+                 TrainConfig(steps=40, lr=1e-2, autocast="bfloat16", progress=False), callback=callback)
+    assert seen[0] == {torch.float32}, "router logits must stay float32 under autocast"
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "weights stay float32"
+    assert sum(hist.loss[-5:]) / 5 < hist.loss[0] - 1.0
+
+
+@pytest.mark.parametrize("value", ["bf16", "float64", torch.bfloat16])
+def test_unknown_autocast_dtype_is_refused(value):
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(autocast=value)
+
+
+def test_cli_train_with_bfloat16_autocast(tmp_path, capsys):
+    cli(["train", "--steps", "3", "--batch-size", "4", "--block-size", "16", "--d-model", "32",
+         "--experts", "4", "--autocast", "bfloat16", "--no-progress", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["autocast"] == "bfloat16" and np.isfinite(summary["val_loss"])
+
+
+def test_cli_refuses_float16_with_expert_parallel():
+    with pytest.raises(ValueError, match="float16"):
+        cli(["train", "--steps", "1", "--expert-parallel", "--autocast", "float16", "--no-progress"])
+
+
+def test_float16_autocast_needs_cuda(corpus):
+    with pytest.raises(ValueError, match="float16.*cpu"):
+        train(_tiny(), lm_batches(corpus, 4, 32), TrainConfig(steps=1, autocast="float16", progress=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_autocast_trains_on_cuda(corpus, dtype):
+    model = _tiny().to("cuda")
+    hist = train(model, lm_batches(corpus, 8, 32),
+                 TrainConfig(steps=40, lr=1e-2, autocast=dtype, progress=False))
+    assert sum(hist.loss[-5:]) / 5 < hist.loss[0] - 1.0

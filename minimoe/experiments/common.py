@@ -74,6 +74,8 @@ def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                   help="mixed precision (float16: CUDA only); routers stay float32")
     g.add_argument("--out", type=Path, default=None, help="folder for results (JSON, plots, checkpoint)")
     g.add_argument("--no-progress", action="store_true")
 

@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.expert_parallel and args.autocast == "float16":
+        # gradient_sync clips the global norm in its own hook, before a GradScaler could unscale
+        raise ValueError("--autocast float16 does not combine with --expert-parallel; use bfloat16")
     if args.expert_parallel and not dist.is_initialized():  # under torchrun: join its group
         args.device = parallel.init_distributed(args.device)
         try:
@@ -65,7 +68,7 @@ def main(args: argparse.Namespace) -> dict:
     config = ModelConfig(vocab_size=vocab, block_size=block, n_layers=args.layers, n_heads=args.heads,
                          moe=moe_config_from_args(args), moe_every=args.moe_every)
     model = TinyTransformer(config).to(args.device)
-    train_config = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed,
+    train_config = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, autocast=args.autocast,
                                progress=not args.no_progress and rank == 0)
     if args.expert_parallel:
         model, history, ep_summary = train_expert_parallel(model, get_batch, probe, train_config)
@@ -83,6 +86,7 @@ def main(args: argparse.Namespace) -> dict:
         "experts_per_token": [round(experts_per_token(r), 3) for r in layers],
         "load_per_expert": [[round(v, 3) for v in load_per_expert(r).tolist()] for r in layers],
         "dropped_pairs_in_training": int(sum(history.dropped_pairs)),
+        "autocast": args.autocast,  # None: float32 throughout
     }
     print(f"train loss {summary['train_loss']:.3f}  val loss {summary['val_loss']:.3f}")
     for i, (ept, load) in enumerate(zip(summary["experts_per_token"], summary["load_per_expert"])):
