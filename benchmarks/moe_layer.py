@@ -324,7 +324,9 @@ def check_equivalence(models: dict[str, nn.Module],
 
 
 def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int,
-                 device: torch.device, seed: int) -> dict:
+                 device: torch.device, seed: int, autocast: torch.dtype | None = None) -> dict:
+    """Time every model on T tokens; under ``autocast`` (bfloat16, say) when given."""
+    amp = {"device_type": device.type, "dtype": autocast, "enabled": autocast is not None}
     gen = torch.Generator().manual_seed(seed + T)
     x = torch.randn(T, D_MODEL, generator=gen).to(device).requires_grad_(True)
     grad_out = torch.randn(T, D_MODEL, generator=gen).to(device)
@@ -332,17 +334,18 @@ def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int
 
     def train_step(model: nn.Module) -> Callable[[], None]:
         def step() -> None:
-            out = model(x)
-            if isinstance(out, Tensor):
-                loss = (out * grad_out).sum()
-            else:  # MoEOutput: the task loss plus the layer's auxiliary loss
-                loss = (out.output * grad_out).sum() + out.aux_loss
+            with torch.autocast(**amp):
+                out = model(x)
+                if isinstance(out, Tensor):
+                    loss = (out.float() * grad_out).sum()
+                else:  # MoEOutput: the task loss plus the layer's auxiliary loss
+                    loss = (out.output.float() * grad_out).sum() + out.aux_loss
             loss.backward()
         return step
 
     def infer(model: nn.Module) -> Callable[[], None]:
         def fwd() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(**amp):
                 model(x)
         return fwd
 
@@ -522,7 +525,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="numbers of experts E (default 8 64; quick 8); d_hidden per expert "
                              "fixed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                        help="time every variant under torch.autocast in this dtype (weights and "
+                             "inputs stay float32; minimoe's router stays float32); on CUDA, "
+                             "bfloat16 is what runs minimoe's experts as grouped GEMMs")
     args = parser.parse_args(argv)
+    autocast = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.autocast]
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
@@ -554,7 +562,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n### E={E}\n")
         print("```text")
         print(f"E={E}, k={K}, d_model={D_MODEL}, d_hidden={D_HIDDEN} per expert, SwiGLU, "
-              f"dropless, float32; dense hidden {K * D_HIDDEN}")
+              f"dropless, float32 weights, "
+              f"{'autocast ' + args.autocast if autocast else 'float32 compute'}; "
+              f"dense hidden {K * D_HIDDEN}")
         print(f"router weights scaled by {scale:.3f} (adaptive threshold {ADAPTIVE_THRESHOLD} -> "
               f"{args.one_expert_share:.0%} one-expert tokens on a calibration batch); "
               f"top-p p={TOP_P}")
@@ -577,7 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for T in tokens:
             t0 = time.perf_counter()
-            results[T] = bench_tokens(timed, T, warmup_for(E), repeats_for(E, T), device, args.seed)
+            results[T] = bench_tokens(timed, T, warmup_for(E), repeats_for(E, T), device, args.seed,
+                                      autocast)
             print(f"  E={E} T={T}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         print_tables(results, device, E)
         if E == experts[0]:  # the experts have the same size for every E

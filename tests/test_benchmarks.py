@@ -45,11 +45,12 @@ def test_dense_ffn_equals_the_sum_of_two_experts(moe_layer):
     torch.testing.assert_close(dense(x), experts.expert(0, x) + experts.expert(1, x))
 
 
-def test_moe_layer_benchmark_prints_every_table(moe_layer, capsys):
+@pytest.mark.parametrize("autocast", [[], ["--autocast", "bfloat16"]], ids=["float32", "bfloat16"])
+def test_moe_layer_benchmark_prints_every_table(moe_layer, capsys, autocast):
     torch_threads = torch.get_num_threads()
     try:
         moe_layer.main(["--tokens", "64", "--experts", "4", "--repeats", "1", "--warmup", "0",
-                        "--threads", "1", "--quick"])
+                        "--threads", "1", "--quick", *autocast])
     finally:
         torch.set_num_threads(torch_threads)
     out = capsys.readouterr().out
