@@ -287,3 +287,25 @@ def test_bfloat16_weights_and_inputs(dispatch):
     out = moe.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.output.dtype == torch.bfloat16 and out.routing.logits.dtype == torch.float32
     torch.testing.assert_close(out.output.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_runs_the_experts_as_grouped_gemms(monkeypatch):
+    import torch.nn.functional as F
+
+    from minimoe.experts import Experts
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    calls = []
+    original = Experts._grouped_mm
+    monkeypatch.setattr(Experts, "_grouped_mm", lambda self, x, counts: calls.append(1) or original(self, x, counts))
+    moe = layer(d_model=64, d_hidden=128)  # sizes divisible by 8: the kernel's alignment
+    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(1))
+    expected = moe(x).output
+    moe, x = moe.to("cuda"), x.to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = moe(x)
+    assert calls, "bf16 autocast on CUDA should take the grouped_mm path"
+    assert out.output.dtype == torch.float32 and out.routing.logits.dtype == torch.float32
+    torch.testing.assert_close(out.output.cpu(), expected, atol=5e-2, rtol=5e-2)
