@@ -1,7 +1,8 @@
 """Chapter 4: top-2 vs top-p routing on the graded multi-task data (``python -m minimoe topp``).
 
 One run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort < add: the task
-index is the difficulty level) and measures on a fixed probe of fresh samples: experts per
+index is the difficulty level) and measures on a fixed probe from another seed (not deduplicated: about a quarter of
+the copy, reverse and sort probes also occur in training, see chapter 4): experts per
 token per layer and per task over training (``ExpertsPerTokenTracker``), and quality per task
 (teacher-forced argmax: token accuracy and exact match of whole answers). Padding positions
 carry no loss and are left out of every routing statistic.
@@ -50,7 +51,7 @@ class TopPSetup:
     lr: float = 3e-3
     seed: int = 0
     n_train: int = 8192
-    n_probe: int = 512  # fresh samples (seed + 1) for every measurement
+    n_probe: int = 512  # probe samples from seed + 1 (some repeat training samples), every measurement
     track_every: int = 50
     device: str = "cpu"
 
