@@ -1,10 +1,11 @@
 """Chapter 4: top-2 vs top-p routing on the graded multi-task data (``python -m minimoe topp``).
 
 One run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort < add: the task
-index is the difficulty level) and measures on a fixed probe from another seed (not deduplicated: about a quarter of
-the copy, reverse and sort probes also occur in training, see chapter 4): experts per
-token per layer and per task over training (``ExpertsPerTokenTracker``), and quality per task
-(teacher-forced argmax: token accuracy and exact match of whole answers). Padding positions
+index is the difficulty level) and measures on a fixed probe from another seed (not
+deduplicated: about a quarter of the copy, reverse and sort probes also occur in training, see
+chapter 4): experts per token per layer and per task over training
+(``ExpertsPerTokenTracker``), and quality per task (teacher-forced argmax: token accuracy and
+exact match of whole answers). Padding positions
 carry no loss and are left out of every routing statistic.
 """
 
