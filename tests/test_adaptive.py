@@ -195,7 +195,8 @@ def test_train_variant_report_and_threshold_twin():
     assert ex.routing_report(top1, val)["two_expert_share"] == 0.0
     assert ex.routing_report(top2, val)["two_expert_share"] == 1.0
     times = ex.time_train_steps({"a": run.model, "b": top1}, {"idx": data.inputs[:4], "targets": data.targets[:4]}, repeats=1)
-    assert set(times) == {"a", "b"} and min(times.values()) > 0
+    assert set(times.rounds) == {"a", "b"} and min(times["a"], times["b"]) > 0
+    assert times.ratio("a", "a") == 1.0
 
 
 def test_command_writes_table_and_plot(tmp_path):

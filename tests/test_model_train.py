@@ -185,3 +185,14 @@ def test_autocast_trains_on_cuda(corpus, dtype):
     hist = train(model, lm_batches(corpus, 8, 32),
                  TrainConfig(steps=40, lr=1e-2, autocast=dtype, progress=False))
     assert sum(hist.loss[-5:]) / 5 < hist.loss[0] - 1.0
+
+
+def test_paired_timing_ratio_is_the_median_of_per_round_ratios():
+    from minimoe.experiments.common import Timings, interleaved
+
+    t = Timings({"a": [2.0, 4.0, 30.0], "b": [1.0, 1.0, 10.0]})
+    assert t["a"] == 4.0 and t.ratio("a", "b") == 3.0  # per round 2, 4, 3; medians would say 4
+    calls = []
+    timed = interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=1)
+    assert calls == ["x", "y", "y", "x", "x", "y", "y", "x"]  # alternating order, warm-up untimed
+    assert all(len(v) == 3 for v in timed.rounds.values())

@@ -26,7 +26,7 @@ from minimoe.analysis import RoutingRecorder, experts_per_token_by_group
 from minimoe.curriculum import CurriculumSampler
 from minimoe.data import EOS_ID, PAD_ID, VOCAB, MultiTaskData, make_multitask, seq_len
 from minimoe.dispatch import combine
-from minimoe.experiments.common import add_experiment_args, set_threads
+from minimoe.experiments.common import Timings, add_experiment_args, interleaved, set_threads
 from minimoe.experts import Experts
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
@@ -161,30 +161,15 @@ def with_threshold(model: TinyTransformer, threshold: float) -> TinyTransformer:
     return twin
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
-                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median seconds per call of each fn; every round calls each once, order alternating."""
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for r in range(warmup + repeats):
-        for n in names if r % 2 == 0 else names[::-1]:
-            sync()
-            start = time.perf_counter()
-            fns[n]()
-            sync()
-            if r >= warmup:
-                times[n].append(time.perf_counter() - start)
-    return {n: statistics.median(v) for n, v in times.items()}
-
-
 def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def time_train_steps(models: dict[str, nn.Module], batch: dict[str, Tensor],
-                     repeats: int = 20) -> dict[str, float]:
-    """Median seconds of one training step (forward, backward, AdamW update) per model, on one
-    batch, interleaved. The update runs at lr 0: all the arithmetic, none of the change."""
+                     repeats: int = 20) -> Timings:
+    """Seconds of one training step (forward, backward, AdamW update) per model, on one batch,
+    interleaved: ``[name]`` the median, ``.ratio(name, reference)`` the paired ratio. The
+    update runs at lr 0: all the arithmetic, none of the change."""
     device = next(next(iter(models.values())).parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
 
@@ -211,7 +196,8 @@ def time_dispatch(two_shares: Sequence[float] = (0.0, 0.2, 0.5, 0.8, 1.0), token
                   seed: int = 0, device: str = "cpu") -> list[dict[str, float]]:
     """The experts alone, forward + backward through the sorted dispatch path, for routings
     where ``share`` of the tokens keep their top-2 expert and the rest only their top-1.
-    Returns per share: pairs and time relative to top-2 (share 1), interleaved medians."""
+    Returns per share: pairs and time relative to top-2 (share 1): the median over
+    interleaved rounds of the two times' ratio in the same round."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     experts = Experts(num_experts=num_experts, d_model=d_model, d_hidden=d_hidden).to(device)
@@ -234,7 +220,7 @@ def time_dispatch(two_shares: Sequence[float] = (0.0, 0.2, 0.5, 0.8, 1.0), token
 
     times = interleaved({s: step(m) for s, m in masks.items()}, repeats, sync=_sync(torch.device(device)))
     return [{"two_expert_share": s, "flop_ratio": int(masks[s].sum()) / (2 * tokens),
-             "time_ratio": times[s] / times[1.0], "seconds": times[s]} for s in shares]
+             "time_ratio": times.ratio(s, 1.0), "seconds": times[s]} for s in shares]
 
 
 # ---- the comparison, at any scale (the command) -----------------------------------------------
@@ -265,14 +251,14 @@ def compare(setup: Setup, thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
             "loss_vs_top2": round(r.final_loss - top2.final_loss, 4),
             "two_expert_share": round(reports[n]["two_expert_share"], 4),
             "flop_ratio": round(reports[n]["flops"] / reports["top-2"]["flops"], 4),
-            "step_time_ratio": round(step_time[n] / step_time["top-2"], 4),
+            "step_time_ratio": round(step_time.ratio(n, "top-2"), 4),
             "steps_to_top2_final_loss": r.steps_to(targets["final"]),
             "steps_to_top2_half_loss": r.steps_to(targets["half"]),
             "ranking_share_of_time": round(r.sampler.ranking_seconds / r.seconds, 4),
         })
     return {
         "setup": asdict(setup), "rows": rows, "targets": targets,
-        "step_seconds": step_time,
+        "step_seconds": {n: step_time[n] for n in models},
         "curves": {n: {"steps": r.eval_steps, "val_loss": r.eval_loss} for n, r in runs.items()},
         "routing": {n: {k: v for k, v in rep.items() if k != "flops"} for n, rep in reports.items()},
         "dispatch": time_dispatch(d_model=setup.d_model, d_hidden=setup.d_hidden,

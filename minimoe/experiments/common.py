@@ -1,10 +1,13 @@
-"""Pieces every experiment needs: batch samplers, model construction, argument parsing."""
+"""Pieces every experiment needs: batch samplers, model construction, argument parsing, timing."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,3 +100,42 @@ def set_threads(args: argparse.Namespace) -> None:
 def write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    """Seconds of every timed call, per name, one call of each name per round.
+
+    ``timings[name]`` is the median; ``ratio(name, reference)`` the median over rounds of
+    time(name) / time(reference) measured in the same round (paired: a slow round slows both,
+    so the ratio is steadier than the ratio of two medians).
+    """
+
+    rounds: dict[str, list[float]]
+
+    def __getitem__(self, name: str) -> float:
+        return statistics.median(self.rounds[name])
+
+    def ratio(self, name: str, reference: str) -> float:
+        pairs = zip(self.rounds[name], self.rounds[reference], strict=True)
+        return statistics.median(t / t_ref for t, t_ref in pairs)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
+                sync: Callable[[], None] = lambda: None) -> Timings:
+    """Time each fn ``repeats`` times; every round calls each once, the order alternating
+    between rounds (ABC, CBA, ...) so that drift and background load hit all alike."""
+    rounds: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(warmup + repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            sync()
+            start = time.perf_counter()
+            fns[n]()
+            sync()
+            if r >= warmup:
+                rounds[n].append(time.perf_counter() - start)
+    return Timings(rounds)

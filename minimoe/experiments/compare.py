@@ -10,7 +10,8 @@ evaluation), so dropped tokens are measured; top-2, top-p and adaptive also run 
 ``finetune_steps`` steps of GW fine-tuning (chapter 3's recipe: uncertain tokens broadcast,
 router frozen, z-loss off, a fresh optimizer) on the same batches that top-2 sees in its last
 steps; "top-2 + plain FT" is the same with no broadcast, so GW is compared with both.
-Wall-clock is measured with the runs interleaved (median of rounds) and given relative to top-2.
+Wall-clock is measured with the runs interleaved and given relative to top-2 (the median over
+rounds of the two step times' ratio in the same round).
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from torch import Tensor, nn
 from minimoe.analysis import RoutingRecorder, load_imbalance
 from minimoe.data import BYTE_VOCAB_SIZE, ByteCorpus, byte_corpus
 from minimoe.experiments.adaptive import time_train_steps
-from minimoe.experiments.common import add_experiment_args, lm_batches, set_threads, write_json
+from minimoe.experiments.common import (
+    Timings,
+    add_experiment_args,
+    lm_batches,
+    set_threads,
+    write_json,
+)
 from minimoe.experiments.gw import eval_batch, inference_cost, recipes
 from minimoe.experiments.topp import load_results
 from minimoe.layer import MoEConfig
@@ -252,13 +259,13 @@ def run_seed(setup: Setup, names: list[str] | None = None, timing_repeats: int =
     return {"setup": asdict(setup), "rows": rows, "curves": {n: r.curve for n, r in runs.items()}}
 
 
-def row(setup: Setup, runs: dict[str, Run], name: str, step: dict[str, float], infer: dict[str, dict]) -> dict:
+def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dict[str, dict]) -> dict:
     """One run's table row. ``step_ratio``: a training step of the final model, relative to
     top-2's; the ``train_*`` columns average over all ``steps`` steps of the recipe: for a
     fine-tuned run, top-2's first steps and then its own (``broadcast_share``: its own)."""
     run, ref = runs[name], runs[REFERENCE]
     train_steps = ref.record.steps[: run.first_step] + run.record.steps
-    step_ratio = step[name] / step[REFERENCE]
+    step_ratio = step.ratio(name, REFERENCE)
     final = run.history.final_eval
     seconds = {n: v["seconds_per_token"] for n, v in infer.items()}
     return {
