@@ -254,7 +254,7 @@ def run_seed(setup: Setup, names: list[str] | None = None, timing_repeats: int =
     models = {n: r.model for n, r in runs.items()}
     timing_batch = BatchStream(corpus, setup)(None)
     step = time_train_steps(models, timing_batch, repeats=timing_repeats)
-    infer = inference_cost(models, timing_batch, repeats=timing_repeats)
+    infer = inference_cost(models, timing_batch, repeats=timing_repeats, reference=REFERENCE)
     rows = [row(setup, runs, n, step, infer) for n in runs]
     return {"setup": asdict(setup), "rows": rows, "curves": {n: r.curve for n, r in runs.items()}}
 
@@ -267,7 +267,6 @@ def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dic
     train_steps = ref.record.steps[: run.first_step] + run.record.steps
     step_ratio = step.ratio(name, REFERENCE)
     final = run.history.final_eval
-    seconds = {n: v["seconds_per_token"] for n, v in infer.items()}
     return {
         "run": name, "seed": setup.seed, "loss": round(final["loss"], 5), "accuracy": round(final["accuracy"], 5),
         "loss_vs_top2": round(final["loss"] - ref.history.final_eval["loss"], 5),
@@ -279,7 +278,7 @@ def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dic
                                    / ref.record.mean("flops_per_token"), 4),
         "step_ratio": round(step_ratio, 4),
         "train_step_ratio": round((run.first_step + (setup.steps - run.first_step) * step_ratio) / setup.steps, 4),
-        "inference_ratio": round(seconds[name] / seconds[REFERENCE], 4),
+        "inference_ratio": round(infer[name]["time_ratio"], 4),
         "load_imbalance": round(final["load_imbalance"], 4),
         "dropped_tokens": round(final["dropped_tokens"], 5), "dropped_pairs": round(final["dropped_pairs"], 5),
         "train_dropped_tokens": round(statistics.fmean(s["dropped_tokens"] for s in train_steps), 5),

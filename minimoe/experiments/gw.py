@@ -24,7 +24,13 @@ from matplotlib.axes import Axes
 from torch import nn
 
 from minimoe.data import DEFAULT_TEXT, ByteCorpus, byte_corpus, load_text
-from minimoe.experiments.common import add_experiment_args, lm_batches, set_threads, write_json
+from minimoe.experiments.common import (
+    add_experiment_args,
+    interleaved,
+    lm_batches,
+    set_threads,
+    write_json,
+)
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.train import (
@@ -209,25 +215,33 @@ def paired_gain(rows: list[dict], run: str, baseline: str = "plain", metric: str
 
 
 @torch.no_grad()
-def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5) -> dict[str, dict[str, float]]:
+def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5,
+                   reference: str | None = None) -> dict[str, dict[str, float]]:
     """Evaluation FLOPs per token (from the layers' stats) and seconds per token (median of
-    ``repeats`` timed passes, the models interleaved so load on the machine hits all alike)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+    ``repeats`` rounds, the models interleaved so load on the machine hits all alike); with
+    ``reference``, also ``time_ratio``: the median over rounds of each model's time over the
+    reference's in the same round."""
     flops: dict[str, float] = {}
     tokens = batch["idx"].numel()
-    for _ in range(repeats):
-        for name, m in models.items():
-            m.eval()
-            idx = batch["idx"].to(next(m.parameters()).device)
-            sync = torch.cuda.synchronize if idx.is_cuda else (lambda: None)
-            sync()
-            start = time.perf_counter()
+
+    def run(name: str, m: nn.Module):
+        idx = batch["idx"].to(next(m.parameters()).device)
+
+        def forward() -> None:
             out = m(idx=idx)
-            sync()
-            times[name].append(time.perf_counter() - start)
             flops[name] = sum(layer.stats.flops.item() for layer in out.layers) / tokens
-    return {name: {"flops_per_token": flops[name], "seconds_per_token": float(np.median(times[name])) / tokens}
-            for name in models}
+        return forward
+
+    for m in models.values():
+        m.eval()
+    cuda = any(next(m.parameters()).is_cuda for m in models.values())
+    times = interleaved({n: run(n, m) for n, m in models.items()}, repeats,
+                        sync=torch.cuda.synchronize if cuda else (lambda: None))
+    cost = {n: {"flops_per_token": flops[n], "seconds_per_token": times[n] / tokens} for n in models}
+    if reference is not None:
+        for n in models:
+            cost[n]["time_ratio"] = times.ratio(n, reference)
+    return cost
 
 
 # ---- command line -----------------------------------------------------------------------
