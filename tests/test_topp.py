@@ -1,5 +1,6 @@
 """Top-P routing (Huang et al. 2024): the rule, its losses in the layer, and chapter 4's experiment."""
 
+import json
 import math
 import re
 
@@ -278,7 +279,22 @@ def test_command_writes_table_and_plots(tmp_path):
     names = {p.name for p in tmp_path.iterdir()}
     assert {"results.json", "results.csv", "trajectory.png", "by_task_layer.png", "p_sweep.png"} <= names
     rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("run,seed,p,beta,experts_per_token") and len(rows) == 1 + 4
+    assert rows[0].startswith("run,seed,p,beta,experts_per_token") and len(rows) == 1 + 5  # z=0 too
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["runs"]["top-p z=0"][0]["moe"]["z_coef"] == 0.0
+
+    # --only adds runs to the results already there, the others untouched
+    tiny = ["topp", "--n-layers", "2", "--d-model", "16", "--d-hidden", "16", "--num-experts", "4",
+            "--steps", "2", "--batch-size", "4", "--n-train", "32", "--n-probe", "8", "--track-every", "1",
+            "--seeds", "0", "--out", str(tmp_path)]
+    main([*tiny, "--z-coefs", "0.01", "--only", "top-p z=0.01"])
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert list(merged["runs"]) == [*first["runs"], "top-p z=0.01"]
+    assert merged["runs"]["top-2"] == first["runs"]["top-2"]
+    with pytest.raises(ValueError, match="unknown run names"):
+        main([*tiny, "--only", "top-p z=0.5"])
+    with pytest.raises(ValueError, match="setup differs"):
+        main([*tiny, "--steps", "3", "--only", "top-2"])
 
 
 # ---- the explorer ------------------------------------------------------------------------

@@ -57,11 +57,13 @@ class TopPSetup:
     device: str = "cpu"
 
 
-def variants(ps: list[float], betas: list[float]) -> dict[str, dict]:
+def variants(ps: list[float], betas: list[float], z_coefs: list[float] = ()) -> dict[str, dict]:
     """Named MoEConfig overrides: top-2, top-p at the paper's p=0.4 and beta (the layer's
-    default for top_p), the same with other betas, and the paper's defaults at other p."""
+    default for top_p), the same with other betas, the same with other router z-loss
+    coefficients (the paper has no z-loss; ours is 1e-3), and the paper's defaults at other p."""
     runs = {"top-2": {"router": "top_k", "k": 2}, "top-p": {"router": "top_p", "top_p": 0.4}}
     runs |= {f"top-p beta={b:g}": {"router": "top_p", "top_p": 0.4, "dynamic_coef": b} for b in betas}
+    runs |= {f"top-p z={z:g}": {"router": "top_p", "top_p": 0.4, "z_coef": z} for z in z_coefs}
     runs |= {f"top-p p={p:g}": {"router": "top_p", "top_p": p} for p in ps if p != 0.4}
     return runs
 
@@ -296,6 +298,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="p values of the sweep (first seed only)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 1e-3, 1e-2],
                    help="dynamic-loss coefficients to compare with the paper's 1e-4, at p=0.4")
+    p.add_argument("--z-coefs", type=float, nargs="*", default=[0.0],
+                   help="router z-loss coefficients to compare with ours (1e-3), at p=0.4 and beta=1e-4")
+    p.add_argument("--only", nargs="+", metavar="RUN",
+                   help="run only these named runs (e.g. 'top-p z=0') and merge them into the "
+                        "results.json already in --out, keeping its other runs")
     add_experiment_args(p, out="runs/topp")
     p.set_defaults(func=main)
 
@@ -304,8 +311,21 @@ def main(args: argparse.Namespace) -> dict:
     set_threads(args)
     setup = TopPSetup(**{f.name: getattr(args, f.name) for f in fields(TopPSetup) if f.name != "seed"},
                       seed=args.seeds[0])
-    results = compare(setup, variants(args.ps, args.betas), args.seeds, seeded=2 + len(args.betas),
+    runs = variants(args.ps, args.betas, args.z_coefs)
+    seeded = [name for name in runs if not name.startswith("top-p p=")]  # every seed
+    if args.only:
+        unknown = sorted(set(args.only) - set(runs))
+        if unknown:
+            raise ValueError(f"unknown run names {unknown}; choose from {list(runs)}")
+        runs = {name: moe for name, moe in runs.items() if name in args.only}  # seeded runs first
+    results = compare(setup, runs, args.seeds, seeded=sum(name in seeded for name in runs),
                       progress=not args.no_progress)
+    if args.only:  # merge: the new runs next to the cached ones, whose setup must be the same
+        cached = load_results(args.out / "results.json")
+        if cached["setup"] | {"seed": setup.seed} != results["setup"]:
+            raise ValueError(f"--only: the setup differs from {args.out / 'results.json'}'s: "
+                             f"{cached['setup']} vs {results['setup']}")
+        results = {"setup": cached["setup"], "runs": cached["runs"] | results["runs"]}
     rows = table(results)
     write_json(args.out / "results.json", results)
     with open(args.out / "results.csv", "w", newline="") as f:
