@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimoe.experiments.common import Timings, interleaved
 from minimoe.layer import MoE, MoEConfig
 from minimoe.routing import adaptive
 
@@ -180,34 +181,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_rounds(fns: dict[str, Callable[[], None]], warmup: int, repeats: int,
-               device: torch.device, before: Callable[[], None] | None = None):
-    """Seconds per call of each fn, one list per fn (one call of each per round, the order
-    alternating between rounds), their medians and IQR / median."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
-        for n in names if r % 2 == 0 else names[::-1]:
-            if before is not None:
-                before()
-            sync(device)
-            t0 = time.perf_counter()
-            fns[n]()
-            sync(device)
-            if r >= warmup:
-                times[n].append(time.perf_counter() - t0)
-    medians = {n: statistics.median(v) for n, v in times.items()}
-    spread = {n: iqr(v) / medians[n] if len(v) > 1 else 0.0 for n, v in times.items()}
-    return times, medians, spread
+def timed(fns: dict[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device,
+          before: Callable[[], None] | None = None) -> Timings:
+    """``experiments.common.interleaved`` with this device's synchronisation."""
+    return interleaved(fns, repeats, warmup, sync=lambda: sync(device), before=before)
 
 
-def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over rounds of time(a) / time(b) measured in the same round.
-
-    Paired: drift and background load that slow one round slow both variants alike, so the
-    ratio is steadier than the ratio of the two medians.
-    """
-    return statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
+def spread(t: Timings) -> float:
+    """The largest IQR / median over the timed variants."""
+    return max(iqr(v) / t[n] if len(v) > 1 else 0.0 for n, v in t.rounds.items())
 
 
 def iqr(values: list[float]) -> float:
@@ -356,10 +338,8 @@ def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int
 
     train = {n: train_step(m) for n, m in models.items()}
     background = BackgroundCPU()
-    times_fb, fwd_bwd, spread_fb = run_rounds(train, warmup, repeats, device, before=reset_grads)
-    times_f, fwd, spread_f = run_rounds({n: infer(m) for n, m in models.items()}, warmup, repeats,
-                                        device)
-    spread = max(max(spread_fb.values()), max(spread_f.values()))
+    fwd_bwd = timed(train, warmup, repeats, device, before=reset_grads)
+    fwd = timed({n: infer(m) for n, m in models.items()}, warmup, repeats, device)
     others = background.share()
 
     stats, saved, peak = {}, {}, {}
@@ -377,9 +357,8 @@ def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int
                 "flops": out.stats.flops.item(),
             }
     reset_grads()
-    return {"fwd_bwd": fwd_bwd, "fwd": fwd, "times": {"fwd_bwd": times_fb, "fwd": times_f},
-            "stats": stats, "saved": saved, "peak": peak,
-            "spread": spread, "others": others}
+    return {"fwd_bwd": fwd_bwd, "fwd": fwd, "stats": stats, "saved": saved, "peak": peak,
+            "spread": max(spread(fwd_bwd), spread(fwd)), "others": others}
 
 
 # ---- printing --------------------------------------------------------------------------------
@@ -395,7 +374,7 @@ def verdict(ok: bool) -> str:
 
 def print_tables(results: dict[int, dict], device: torch.device, num_experts: int) -> None:
     on_cpu = device.type == "cpu"
-    has_hf = HF in next(iter(results.values()))["fwd"]
+    has_hf = HF in next(iter(results.values()))["fwd"].rounds
     print(f"\n#### 1. Dispatch paths vs dense SwiGLU (hidden 1024), E={num_experts}, top-2, "
           "median ms (x dense: median of the per-round ratios)")
     print(f"target (issue 2): sorted fwd+bwd <= {TARGET_SORTED}x dense at T >= 2048 on CPU")
@@ -413,10 +392,11 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
     print("|---:|---|---:|---:|---:|" + hf_rule + "---|---|")
     for T, r in results.items():
         for mode, label in (("fwd_bwd", "fwd+bwd"), ("fwd", "fwd")):
-            t, times = r[mode], r["times"][mode]
-            d, lo, so = t["dense"], t.get("top2-loop"), t["top2-sorted"]
-            so_d = ratio(times, "top2-sorted", "dense")
-            loop = "not timed" if lo is None else f"{lo * 1e3:.1f} ({ratio(times, 'top2-loop', 'dense'):.2f}x)"
+            t = r[mode]
+            d, so, so_d = t["dense"], t["top2-sorted"], t.ratio("top2-sorted", "dense")
+            loop = "not timed"
+            if "top2-loop" in t.rounds:
+                loop = f"{t['top2-loop'] * 1e3:.1f} ({t.ratio('top2-loop', 'dense'):.2f}x)"
             target, target_e8 = "-", "-"
             if mode == "fwd_bwd" and T >= 2048:
                 target = verdict(so_d <= TARGET_SORTED) if on_cpu else "- (CPU target)"
@@ -424,8 +404,8 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
                     target_e8 = verdict(so_d <= TARGET_SORTED_E8) if on_cpu else "- (CPU target)"
             hf = ""
             if has_hf:
-                h, so_h = t[HF], ratio(times, "top2-sorted", HF)
-                hf = (f" {h * 1e3:.1f} ({ratio(times, HF, 'dense'):.2f}x) "
+                h, so_h = t[HF], t.ratio("top2-sorted", HF)
+                hf = (f" {h * 1e3:.1f} ({t.ratio(HF, 'dense'):.2f}x) "
                       f"| {verdict(so_h <= 1)} ({so_h:.2f}x HF) |")
             print(f"| {T} | {label} | {d * 1e3:.1f} | {loop} "
                   f"| {so * 1e3:.1f} ({so_d:.2f}x) |{hf} {target} | {target_e8} |")
@@ -448,8 +428,8 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
             s = r["stats"][n]
             flop_ratio = s["flops"] / base_flops
             fb, f = r["fwd_bwd"][n], r["fwd"][n]
-            fb_ratio = ratio(r["times"]["fwd_bwd"], n, "top2-sorted")
-            f_ratio = ratio(r["times"]["fwd"], n, "top2-sorted")
+            fb_ratio = r["fwd_bwd"].ratio(n, "top2-sorted")
+            f_ratio = r["fwd"].ratio(n, "top2-sorted")
             quotient = fb_ratio / flop_ratio
             target = "-"
             if n == "adaptive":
@@ -494,7 +474,7 @@ def print_rows_table(experts, warmup: int, repeats: int, device: torch.device) -
         for t in (*weights, *xs.values()):
             t.grad = None
 
-    _, medians, _ = run_rounds({str(n): step(n) for n in ROWS}, warmup, repeats, device, reset)
+    medians = timed({str(n): step(n) for n in ROWS}, warmup, repeats, device, reset)
     base = medians[str(ROWS[-1])] / ROWS[-1]
     print(f"\n#### 4. One expert (d_model={D_MODEL}, d_hidden={D_HIDDEN}, SwiGLU) fwd+bwd: time per "
           f"row vs rows, median of {repeats} rounds")

@@ -32,7 +32,7 @@ def moe_layer():
 def test_paired_ratio_is_the_median_of_per_round_ratios(moe_layer):
     times = {"a": [2.0, 4.0, 30.0], "b": [1.0, 1.0, 10.0]}
     # per round 2, 4, 3 -> median 3; the ratio of the medians would say 4 / 1 = 4
-    assert moe_layer.ratio(times, "a", "b") == 3.0
+    assert moe_layer.Timings(times).ratio("a", "b") == 3.0
 
 
 def test_dense_ffn_equals_the_sum_of_two_experts(moe_layer):

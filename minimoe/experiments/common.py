@@ -125,13 +125,17 @@ class Timings:
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
-                sync: Callable[[], None] = lambda: None) -> Timings:
+                sync: Callable[[], None] = lambda: None,
+                before: Callable[[], None] | None = None) -> Timings:
     """Time each fn ``repeats`` times; every round calls each once, the order alternating
-    between rounds (ABC, CBA, ...) so that drift and background load hit all alike."""
+    between rounds (ABC, CBA, ...) so that drift and background load hit all alike.
+    ``before()`` runs before every call, outside the timer (to reset gradients, say)."""
     rounds: dict[str, list[float]] = {n: [] for n in fns}
     names = list(fns)
     for r in range(warmup + repeats):
         for n in names if r % 2 == 0 else names[::-1]:
+            if before is not None:
+                before()
             sync()
             start = time.perf_counter()
             fns[n]()
