@@ -173,3 +173,8 @@ def test_command_writes_table_and_plot(tmp_path):
     assert saved["rows"][1]["run"] == "plain" and saved["config"]["steps"] == 1
     assert saved["config"]["train_router"] and saved["config"]["z_loss"]
     assert gwx.recipes(0.5, freeze_router=False, z_loss=True)["gw_all"] == GWFineTuning(0.0, freeze_router=False, z_loss=True)
+
+
+def test_inference_cost_refuses_an_unknown_reference():
+    with pytest.raises(ValueError, match="'top-9'"):
+        gwx.inference_cost({}, {"idx": torch.zeros(1, 4, dtype=torch.long)}, reference="top-9")

@@ -196,3 +196,5 @@ def test_paired_timing_ratio_is_the_median_of_per_round_ratios():
     timed = interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=1)
     assert calls == ["x", "y", "y", "x", "x", "y", "y", "x"]  # alternating order, warm-up untimed
     assert all(len(v) == 3 for v in timed.rounds.values())
+    with pytest.raises(ValueError, match="'z'"):
+        t.ratio("a", "z")

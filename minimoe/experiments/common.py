@@ -120,6 +120,9 @@ class Timings:
         return statistics.median(self.rounds[name])
 
     def ratio(self, name: str, reference: str) -> float:
+        for n in (name, reference):
+            if n not in self.rounds:
+                raise ValueError(f"no timings for {n!r}; timed: {list(self.rounds)}")
         pairs = zip(self.rounds[name], self.rounds[reference], strict=True)
         return statistics.median(t / t_ref for t, t_ref in pairs)
 

@@ -221,6 +221,8 @@ def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5,
     ``repeats`` rounds, the models interleaved so load on the machine hits all alike); with
     ``reference``, also ``time_ratio``: the median over rounds of each model's time over the
     reference's in the same round."""
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
     flops: dict[str, float] = {}
     tokens = batch["idx"].numel()
 
