@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimoe.experiments.common import Timings, interleaved
+from minimoe.experiments.common import Timings, interleaved, synchronize
 from minimoe.layer import MoE, MoEConfig
 from minimoe.routing import adaptive
 
@@ -176,17 +176,6 @@ def pct(share: float | None) -> str:
     return "n/a" if share is None else f"{share:.0%}"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fns: dict[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device,
-          before: Callable[[], None] | None = None) -> Timings:
-    """``experiments.common.interleaved`` with this device's synchronisation."""
-    return interleaved(fns, repeats, warmup, sync=lambda: sync(device), before=before)
-
-
 def spread(t: Timings) -> float:
     """The largest IQR / median over the timed variants."""
     return max(iqr(v) / t[n] if len(v) > 1 else 0.0 for n, v in t.rounds.items())
@@ -214,11 +203,11 @@ def saved_activation_bytes(step: Callable[[], None], params: list[Tensor]) -> in
 
 
 def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    sync(device)
+    synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     step()
-    sync(device)
+    synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
 
 
@@ -338,8 +327,8 @@ def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int
 
     train = {n: train_step(m) for n, m in models.items()}
     background = BackgroundCPU()
-    fwd_bwd = timed(train, warmup, repeats, device, before=reset_grads)
-    fwd = timed({n: infer(m) for n, m in models.items()}, warmup, repeats, device)
+    fwd_bwd = interleaved(train, repeats, warmup, device, before=reset_grads)
+    fwd = interleaved({n: infer(m) for n, m in models.items()}, repeats, warmup, device)
     others = background.share()
 
     stats, saved, peak = {}, {}, {}
@@ -474,7 +463,7 @@ def print_rows_table(experts, warmup: int, repeats: int, device: torch.device) -
         for t in (*weights, *xs.values()):
             t.grad = None
 
-    medians = timed({str(n): step(n) for n in ROWS}, warmup, repeats, device, reset)
+    medians = interleaved({str(n): step(n) for n in ROWS}, repeats, warmup, device, before=reset)
     base = medians[str(ROWS[-1])] / ROWS[-1]
     print(f"\n#### 4. One expert (d_model={D_MODEL}, d_hidden={D_HIDDEN}, SwiGLU) fwd+bwd: time per "
           f"row vs rows, median of {repeats} rounds")

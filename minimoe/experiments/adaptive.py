@@ -5,7 +5,8 @@ Every run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort 
 task index is the difficulty) in epochs of a ``CurriculumSampler``: shuffled, or in the
 curriculum's order. Validation loss (answer tokens) is taken every ``eval_every`` steps.
 Routing statistics leave padding out. Wall-clock comparisons are interleaved: each round
-runs every variant once, in alternating order, and the median over rounds is kept.
+runs every variant once, in alternating order; a time ratio is the median over rounds of the
+two variants' ratio in the same round (``experiments.common.interleaved``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -161,10 +163,6 @@ def with_threshold(model: TinyTransformer, threshold: float) -> TinyTransformer:
     return twin
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
 def time_train_steps(models: dict[str, nn.Module], batch: dict[str, Tensor],
                      repeats: int = 20) -> Timings:
     """Seconds of one training step (forward, backward, AdamW update) per model, on one batch,
@@ -185,7 +183,7 @@ def time_train_steps(models: dict[str, nn.Module], batch: dict[str, Tensor],
 
     for m in models.values():
         m.train()
-    result = interleaved({n: step(m) for n, m in models.items()}, repeats, sync=_sync(device))
+    result = interleaved({n: step(m) for n, m in models.items()}, repeats, device=device)
     for m in models.values():
         m.eval()
     return result
@@ -218,7 +216,7 @@ def time_dispatch(two_shares: Sequence[float] = (0.0, 0.2, 0.5, 0.8, 1.0), token
                 p.grad = None
         return run
 
-    times = interleaved({s: step(m) for s, m in masks.items()}, repeats, sync=_sync(torch.device(device)))
+    times = interleaved({s: step(m) for s, m in masks.items()}, repeats, device=device)
     return [{"two_expert_share": s, "flop_ratio": int(masks[s].sum()) / (2 * tokens),
              "time_ratio": times.ratio(s, 1.0), "seconds": times[s]} for s in shares]
 
@@ -272,8 +270,6 @@ CACHED = Path(__file__).resolve().parents[2] / "data" / "adaptive" / "results.js
 
 def load_cached(path: str | Path | None = None) -> dict:
     """The shipped results of the bigger run (data/adaptive/; see data/README.md)."""
-    import json
-
     return json.loads(Path(path or CACHED).read_text())
 
 
@@ -291,8 +287,6 @@ def summarize(per_seed: list[dict]) -> list[dict]:
 def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     """results.json (every seed), results.csv (one row per variant and seed, then the means
     over seeds) and adaptive.png (first seed's curves; sweep and dispatch: means)."""
-    import json
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

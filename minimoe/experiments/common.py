@@ -127,11 +127,18 @@ class Timings:
         return statistics.median(t / t_ref for t, t_ref in pairs)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously); nothing to do on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
-                sync: Callable[[], None] = lambda: None,
+                device: torch.device | str = "cpu",
                 before: Callable[[], None] | None = None) -> Timings:
-    """Time each fn ``repeats`` times; every round calls each once, the order alternating
-    between rounds (ABC, CBA, ...) so that drift and background load hit all alike.
+    """Time each fn ``repeats`` times on ``device``; every round calls each once, the order
+    alternating between rounds (ABC, CBA, ...) so that drift and background load hit all alike.
     ``before()`` runs before every call, outside the timer (to reset gradients, say)."""
     rounds: dict[str, list[float]] = {n: [] for n in fns}
     names = list(fns)
@@ -139,10 +146,10 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
         for n in names if r % 2 == 0 else names[::-1]:
             if before is not None:
                 before()
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             fns[n]()
-            sync()
+            synchronize(device)
             if r >= warmup:
                 rounds[n].append(time.perf_counter() - start)
     return Timings(rounds)

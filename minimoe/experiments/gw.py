@@ -236,9 +236,8 @@ def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5,
 
     for m in models.values():
         m.eval()
-    cuda = any(next(m.parameters()).is_cuda for m in models.values())
-    times = interleaved({n: run(n, m) for n, m in models.items()}, repeats,
-                        sync=torch.cuda.synchronize if cuda else (lambda: None))
+    device = next(next(iter(models.values())).parameters()).device if models else "cpu"
+    times = interleaved({n: run(n, m) for n, m in models.items()}, repeats, device=device)
     cost = {n: {"flops_per_token": flops[n], "seconds_per_token": times[n] / tokens} for n in models}
     if reference is not None:
         for n in models:
