@@ -6,13 +6,41 @@ seed and uses a local `torch.Generator`, never the global RNG.
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from numbers import Integral, Real
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+
+def _require_int(name: str, value: object) -> None:
+    """TypeError naming `name` unless `value` is an int (a bool or a float such as 2.0 is not)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {name}={value!r}")
+
+
+def _require_finite(name: str, value: object) -> None:
+    """TypeError unless `value` is a real number; ValueError if it is nan or infinite."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, got {name}={value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {name}={value!r}")
+
+
+def _require_ids(name: str, ids: object, high: int) -> None:
+    """An integer tensor with every value in [0, high); indexing would wrap negative ids."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= high)]
+    if bad.numel():
+        raise ValueError(f"{name} must be in [0, {high}), got {bad[0].item()}")
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. Toy mixture-of-experts regression (chapters 1-3)
@@ -44,10 +72,15 @@ class ToyTask:
 
     def target(self, x: Tensor, cluster: Tensor) -> Tensor:
         """Noise-free target of each row of `x` (N, dim) under the function of `cluster` (N,)."""
+        _require_ids("cluster", cluster, self.centers.shape[0])
+        if x.dim() != 2 or x.shape[1] != self.centers.shape[1] or cluster.shape != x.shape[:1]:
+            raise ValueError(f"need x (N, {self.centers.shape[1]}) and cluster (N,), got x "
+                             f"{tuple(x.shape)} and cluster {tuple(cluster.shape)}")
         return _toy_target(x, cluster, self.w_in, self.w_out)
 
     def split(self, frac: float) -> tuple[ToyTask, ToyTask]:
         """The first `frac` of the samples and the rest (samples are already in random order)."""
+        _require_finite("frac", frac)
         k = round(frac * len(self))
         if not 0 < k < len(self):
             raise ValueError(f"frac={frac} leaves an empty part of {len(self)} samples")
@@ -91,6 +124,13 @@ def make_toy_task(
     Independent random A_c, B_c make the functions clearly different: the wrong expert's error is
     of the order of the targets' own variance. `noise` adds Gaussian noise of that std to y.
     """
+    ints = {"n": n, "num_clusters": num_clusters, "dim": dim, "out_dim": out_dim, "seed": seed}
+    for name, value in ints.items():
+        _require_int(name, value)
+    if sample_seed is not None:
+        _require_int("sample_seed", sample_seed)
+    _require_finite("spread", spread)
+    _require_finite("noise", noise)
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     if num_clusters < 2:
@@ -154,6 +194,9 @@ class MultiTaskData:
 
 def seq_len(max_len: int) -> int:
     """L for operands of at most `max_len` digits: the longest sample (add) minus the shift."""
+    _require_int("max_len", max_len)
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got max_len={max_len}")
     return 3 * max_len + 4  # <add> a + b = (max_len+1 digits) <eos>, one fewer after shifting
 
 
@@ -177,6 +220,10 @@ def make_multitask(
 ) -> MultiTaskData:
     """`n` samples in random order, an equal share per task (to within one), lengths uniform in
     [min_len, max_len]. L = seq_len(max_len), so calls with the same max_len stack."""
+    for name, value in (("n", n), ("min_len", min_len), ("max_len", max_len), ("seed", seed)):
+        _require_int(name, value)
+    if isinstance(tasks, str):  # would be read letter by letter
+        raise TypeError(f"tasks must be a sequence of task names, got the str {tasks!r}")
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     if not 1 <= min_len <= max_len:
@@ -210,7 +257,15 @@ def make_multitask(
 
 def decode(ids: Tensor | Sequence[int]) -> str:
     """Token ids to text, run together: '<add>12+34=046<eos>'. Drops <pad> and IGNORE_INDEX."""
-    ids = ids.tolist() if isinstance(ids, Tensor) else ids
+    if isinstance(ids, Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"ids must be 1-D (one sequence), got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, Integral):
+            raise TypeError(f"ids must be ints, got {i!r}")
+        if i != IGNORE_INDEX and not 0 <= i < len(VOCAB):  # VOCAB[-1] would wrap to <pad>
+            raise ValueError(f"ids holds {i}: not a token id in [0, {len(VOCAB)}) nor IGNORE_INDEX")
     return "".join(VOCAB[i] for i in ids if i not in (PAD_ID, IGNORE_INDEX))
 
 
@@ -237,6 +292,7 @@ _BYTE_KIND = _byte_kind_table()
 
 def byte_kind(ids: Tensor) -> Tensor:
     """Kind of each byte id, same shape, long index into BYTE_KINDS."""
+    _require_ids("ids", ids, BYTE_VOCAB_SIZE)
     return _BYTE_KIND[ids.long()]
 
 
@@ -265,8 +321,14 @@ class ByteCorpus:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         data = self.train if split == "train" else self.val
+        _require_int("batch_size", batch_size)
+        _require_int("block_size", block_size)
+        if not isinstance(generator, torch.Generator):  # None would draw from the global RNG
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if len(data) < 2:
+            raise ValueError(f"the {split} split holds {len(data)} bytes: too few for a window")
         if not 0 < block_size < len(data):
             raise ValueError(f"block_size={block_size} must be in [1, {len(data) - 1}] for {split}")
         starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
@@ -279,6 +341,9 @@ def byte_corpus(text: str | None = None, val_frac: float = 0.1) -> ByteCorpus:
 
     A contiguous split, not a random one, so no validation window overlaps a training window.
     """
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"text must be a str (None: the default corpus), got {type(text).__name__}")
+    _require_finite("val_frac", val_frac)
     if not 0 < val_frac < 1:
         raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
     raw = (load_text() if text is None else text).encode("utf-8")

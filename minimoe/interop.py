@@ -9,7 +9,7 @@ transformers (>= 5, the ``bench`` extra) is imported only inside the functions. 
     d_model, d_hidden             hidden_size, intermediate_size
     num_experts, k                num_local_experts, num_experts_per_tok
     activation="swiglu"           hidden_act="silu"
-    router="top_k", renormalize   softmax (float32) -> top-k -> divide by the top-k sum
+    TopK(k, renormalize=True)     softmax (float32) -> top-k -> divide by the top-k sum
 
 Both compute y = sum_{i in S} g_i down_i(silu(gate_i x) * up_i x), so in float32 the outputs
 agree to rounding. In lower precision they differ slightly: HF takes the router matmul in
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from minimoe.layer import MoE, MoEConfig
+from minimoe.routing import TopK
 
 _HINT = "install the bench extra: pip install -e '.[bench]'"
 
@@ -71,8 +72,8 @@ def from_mixtral(block: nn.Module) -> MoE:
         raise ValueError(f"minimoe has no router jitter; the block has jitter_noise={block.jitter_noise}")
     E, two_h, d = block.experts.gate_up_proj.shape  # (E, 2h, d)
     config = MoEConfig(
-        d_model=d, d_hidden=two_h // 2, num_experts=E, router="top_k", k=block.top_k,
-        renormalize=True, activation="swiglu",
+        d_model=d, d_hidden=two_h // 2, num_experts=E, router=TopK(k=block.top_k, renormalize=True),
+        activation="swiglu",
     )
     w = block.experts.gate_up_proj
     moe = MoE(config).to(device=w.device, dtype=w.dtype)
@@ -87,17 +88,17 @@ def to_mixtral(moe: MoE, config: Any | None = None) -> nn.Module:
     Raises ValueError when the MoE routes or computes in a way Mixtral cannot express.
     """
     c = moe.config
+    if type(c.router) is not TopK or not c.router.renormalize:
+        raise ValueError(f"Mixtral cannot express router={c.router!r} (it needs TopK(k, renormalize=True))")
     for name, value, mixtral in (
-        ("router", c.router, "top_k"), ("renormalize", c.renormalize, True),
         ("activation", c.activation, "swiglu"), ("capacity_factor", c.capacity_factor, None),
-        ("gw_threshold", c.gw_threshold, None),
     ):
         if value != mixtral:
             raise ValueError(f"Mixtral cannot express {name}={value!r} (it needs {name}={mixtral!r})")
     config_cls, block_cls = _mixtral()
     fields = {
         "hidden_size": c.d_model, "intermediate_size": c.d_hidden, "num_local_experts": c.num_experts,
-        "num_experts_per_tok": c.k, "hidden_act": "silu", "router_jitter_noise": 0.0,
+        "num_experts_per_tok": c.router.k, "hidden_act": "silu", "router_jitter_noise": 0.0,
     }
     if config is None:
         config = config_cls(**fields, experts_implementation="eager")

@@ -1,7 +1,8 @@
 """The MoE layer: router -> routing function -> capacity -> dispatch/experts/combine.
 
-Follow one token: ``MoE.forward`` computes its router logits (float32), ``route`` turns
-them into a Routing (minimoe/routing.py), ``apply_capacity`` drops pairs over an expert's
+Follow one token: ``MoE.forward`` computes its router logits (float32), ``MoE.route`` asks the
+config's router (a spec of minimoe/routing.py, or any object with its call signature) for a
+Routing, ``kept_pairs`` drops pairs over an expert's
 capacity (minimoe/dispatch.py), ``combine`` runs the experts (minimoe/experts.py) and adds
 their outputs with the combine weights. The layer returns the output beside the routing,
 the auxiliary losses and the statistics: nothing is stored on the module, so re-running a
@@ -10,7 +11,7 @@ cell never double-counts a loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -21,86 +22,100 @@ from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_cap
 from minimoe.experts import ACTIVATIONS, Experts
 from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
 from minimoe.routing import (
-    ROUTERS,
-    UNCERTAINTY,
+    Router,
     Routing,
-    adaptive,
-    gw_broadcast,
-    noisy_top_k,
-    top_k,
-    top_p,
+    TopK,
+    check_choice,
+    check_experts,
+    check_float,
+    check_int,
+    router_columns,
+    router_from_dict,
+    router_to_dict,
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
-    """Everything one MoE layer needs. Defaults: Mixtral-style top-2 over 8 SwiGLU experts."""
+    """Everything one MoE layer needs. Defaults: Mixtral-style top-2 over 8 SwiGLU experts.
+
+    Frozen: change it with ``dataclasses.replace(config, router=TopP(p=0.3))``, which checks
+    the new one again. The loss coefficients are the course's defaults (alpha = 1e-2 and the
+    ST-MoE z-loss 1e-3 for every router); how L_b counts and beta of L_d come from the router
+    unless set here. ``with_paper_losses()`` gives the router's paper's own coefficients.
+    """
 
     d_model: int = 64
     d_hidden: int = 128  # width of each expert
     num_experts: int = 8
-    router: str = "top_k"  # top_k | noisy_top_k | top_p | adaptive
-    k: int = 2  # top_k, noisy_top_k
-    renormalize: bool = True  # top_k: Mixtral renormalizes over S; Switch (k=1) does not
-    top_p: float = 0.4  # top_p threshold on the cumulative probability
-    top_p_rule: str = "paper"  # "paper" (cumsum >= p) | "code" (official release: > p)
-    max_experts: int | None = None  # top_p: optional cap on experts per token
-    adaptive_threshold: float = 0.1  # adaptive: two experts when the top-1/top-2 gap <= this
-    adaptive_gap: str = "raw"  # adaptive: "raw" p1 - p2 | "normalized" (p1 - p2) / (p1 + p2)
-    gw_threshold: float | None = None  # GW-MoE: broadcast uncertain tokens in training
-    gw_measure: str = "normalized_entropy"  # or "entropy" (nats), as the released code
-    gw_max_slots: int | None = None  # GW-MoE: at most this many broadcast tokens per sequence
+    router: Router = TopK()  # any object called as router(logits, *, training, seq_len)
     capacity_factor: float | None = None  # None = dropless
     dispatch: str = "sorted"  # "sorted" (sort-gather-scatter) | "loop" (reference)
     activation: str = "swiglu"  # "swiglu" | "gelu"
     balance_coef: float = 1e-2  # alpha of the load-balance loss
-    balance_count: str = "auto"  # "first" (Switch) | "selected" (Top-P) | "auto": selected for top_p
     z_coef: float = 1e-3  # ST-MoE router z-loss
-    dynamic_coef: float | None = None  # beta of the Top-P dynamic (entropy) loss; None: 1e-4 for top_p (the paper), 0 otherwise
+    balance_count: str | None = None  # "first" (Switch) | "selected" (Top-P); None: the router's
+    dynamic_coef: float | None = None  # beta of the dynamic (entropy) loss; None: the router's
 
     def __post_init__(self) -> None:
-        if self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; choose from {sorted(ROUTERS)}")
-        if self.dispatch not in DISPATCH_PATHS:
-            raise ValueError(f"unknown dispatch path {self.dispatch!r}; choose from {DISPATCH_PATHS}")
-        if self.router in ("top_k", "noisy_top_k") and not 1 <= self.k <= self.num_experts:
-            raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got k={self.k}")
-        if self.balance_count not in ("auto", "first", "selected"):
-            raise ValueError(f"balance_count must be auto, first or selected, got {self.balance_count!r}")
-        if self.dynamic_coef is not None and not self.dynamic_coef >= 0:
-            raise ValueError(f"dynamic_coef must be >= 0 or None, got dynamic_coef={self.dynamic_coef!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown expert activation {self.activation!r}; choose from {ACTIVATIONS}")
-        if self.top_p_rule not in ("paper", "code"):
-            raise ValueError(f"top_p_rule must be 'paper' or 'code', got {self.top_p_rule!r}")
-        if self.adaptive_gap not in ("raw", "normalized"):
-            raise ValueError(f"adaptive_gap must be 'raw' or 'normalized', got {self.adaptive_gap!r}")
-        if self.gw_measure not in UNCERTAINTY:
-            raise ValueError(f"unknown gw_measure {self.gw_measure!r}; choose from {sorted(UNCERTAINTY)}")
+        for name in ("d_model", "d_hidden", "num_experts"):
+            check_int(name, getattr(self, name), 1)
+        if isinstance(self.router, (str, type)) or not callable(self.router):
+            raise TypeError(f"router must be a router object such as TopK(k=2) or TopP(p=0.4) "
+                            f"(names are for the command line: routing.router_from_name), got {self.router!r}")
+        check_experts(self.router, self.num_experts)
+        check_int("router_columns", router_columns(self.router, self.num_experts), self.num_experts)
+        check_choice("dispatch", self.dispatch, DISPATCH_PATHS)
+        check_choice("activation", self.activation, ACTIVATIONS)
         expert_capacity(1, 1, self.capacity_factor)  # validates capacity_factor
+        check_float("balance_coef", self.balance_coef, 0.0)
+        check_float("z_coef", self.z_coef, 0.0)
+        if self.balance_count is not None:
+            check_choice("balance_count", self.balance_count, ("first", "selected"))
+        if self.dynamic_coef is not None:
+            check_float("dynamic_coef", self.dynamic_coef, 0.0)
 
     @property
     def balance_counts(self) -> str:
-        if self.balance_count != "auto":
-            return self.balance_count
-        return "selected" if self.router == "top_p" else "first"
+        """How L_b counts: ``balance_count``, or the router's (Top-P: selected; else first)."""
+        return self.balance_count or getattr(self.router, "balance_count", "first")
 
     @property
     def dynamic_beta(self) -> float:
-        """beta of L_d: ``dynamic_coef``, or by default the Top-P paper's 1e-4 for top_p and 0 otherwise."""
+        """beta of L_d: ``dynamic_coef``, or the router's (Top-P: the paper's 1e-4; else 0)."""
         if self.dynamic_coef is not None:
             return self.dynamic_coef
-        return 1e-4 if self.router == "top_p" else 0.0
+        return getattr(self.router, "dynamic_coef", 0.0)
+
+    def with_paper_losses(self) -> MoEConfig:
+        """This config with the router's paper's loss coefficients (``router.paper_losses``)."""
+        paper = getattr(self.router, "paper_losses", None)
+        if paper is None:
+            raise ValueError(f"router {self.router!r} carries no paper_losses")
+        return replace(self, **paper)
+
+    def to_dict(self) -> dict:
+        """Plain data (the router by name), for checkpoints and result files."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"router": router_to_dict(self.router)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MoEConfig:
+        router = data.get("router", {"name": "top_k"})
+        return cls(**(data | {"router": router_from_dict(router) if isinstance(router, dict) else router}))
 
 
 class MoEStats(NamedTuple):
-    """Routing statistics of one forward pass (detached tensors; .item() when printing)."""
+    """Routing statistics of one forward pass (detached tensors; .item() when printing).
 
-    experts_per_token: Tensor  # () mean number of experts a token is sent to
+    Counts only: everything derived (loads, imbalance, uncertainty) is in ``minimoe.analysis``.
+    """
+
+    experts_per_token: Tensor  # () mean number of experts a token is sent to, before capacity
     tokens_per_expert: Tensor  # (E,) tokens routed to each expert, before capacity
     dropped_pairs: Tensor  # () (token, expert) pairs over capacity
     dropped_tokens: Tensor  # () tokens that lost every expert (carried by the residual only)
-    broadcast_ratio: Tensor  # () share of tokens GW-broadcast to all experts (the code's gw_ratio)
+    uncertain_ratio: Tensor  # () share of tokens over the GW threshold (the released code's gw_ratio)
+    broadcast_ratio: Tensor  # () share of tokens broadcast to all experts, after the slot cap
     flops: Tensor  # () expert FLOPs of this pass (matmuls, kept pairs)
 
 
@@ -112,60 +127,116 @@ class MoEOutput(NamedTuple):
     stats: MoEStats
 
 
-def route(config: MoEConfig, logits: Tensor, noise_logits: Tensor | None, training: bool) -> Routing:
-    """The routing function named by ``config.router`` (add a new router here and in ROUTERS)."""
-    c = config
-    if c.router == "top_k":
-        return top_k(logits, c.k, renormalize=c.renormalize)
-    if c.router == "noisy_top_k":
-        return noisy_top_k(logits, noise_logits, c.k, training=training)
-    if c.router == "top_p":
-        return top_p(logits, c.top_p, rule=c.top_p_rule, max_experts=c.max_experts)
-    return adaptive(logits, c.adaptive_threshold, gap=c.adaptive_gap)
+def kept_pairs(routing: Routing, capacity_factor: float | None) -> Tensor:
+    """(T, E) bool: the pairs that find a slot. Capacity is counted on the base routing's pairs;
+    pairs of GW-broadcast tokens are never dropped (int(...) waits for the GPU: only with a capacity)."""
+    if capacity_factor is None:
+        return routing.mask
+    base = routing.base_mask if routing.base_mask is not None else routing.mask
+    capacity = expert_capacity(int(base.sum()), routing.num_experts, capacity_factor)
+    if routing.broadcast is None:
+        return apply_capacity(routing.mask, routing.probs, capacity)
+    bcast = routing.broadcast[:, None]  # (T, 1)
+    return apply_capacity(routing.mask & ~bcast, routing.probs, capacity) | (routing.mask & bcast)
 
 
 class MoE(nn.Module):
-    """A sparse Mixture-of-Experts FFN over inputs of shape (..., d_model)."""
+    """A sparse Mixture-of-Experts FFN over inputs of shape (..., d_model).
+
+    Parameters: ``gate`` (the router W_r, float32), ``gate_extra`` (more router outputs if the
+    router reads them: noisy top-k's noise logits), ``experts``; buffers in ``router_state``
+    for a router with state (see ``minimoe.routing``).
+    """
 
     def __init__(self, config: MoEConfig):
         super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
         self.config = config
         E, d = config.num_experts, config.d_model
         self.gate = nn.Linear(d, E, bias=False)  # the router W_r, kept in float32
-        self.noise = nn.Linear(d, E, bias=False) if config.router == "noisy_top_k" else None
-        if self.noise is not None:
-            nn.init.zeros_(self.noise.weight)  # start with softplus(0) = 0.69 noise scale
+        extra = router_columns(config.router, E) - E
+        self.gate_extra = nn.Linear(d, extra, bias=False) if extra else None
+        if self.gate_extra is not None:
+            nn.init.zeros_(self.gate_extra.weight)  # noisy top-k: softplus(0) = 0.69 noise scale
+        self.router_state = nn.Module()
+        self._init_router_state()
         self.experts = Experts(
             num_experts=E, d_model=d, d_hidden=config.d_hidden, activation=config.activation
         )
 
-    def router_logits(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(T, d) -> (T, E) float32 logits (and the noise logits of noisy top-k)."""
+    def _init_router_state(self, keep_matching: bool = False) -> None:
+        """Buffers from the router's ``init_state``; ``keep_matching`` keeps current values when
+        the names and shapes are the same (a router swapped for a variant of itself)."""
+        init = getattr(self.config.router, "init_state", None)
+        state = init(self.config.num_experts) if init is not None else {}
+        if not all(isinstance(v, Tensor) for v in state.values()):
+            raise TypeError(f"init_state of {self.config.router!r} must return a dict of tensors")
+        current = dict(self.router_state.named_buffers())
+        if keep_matching and {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in current.items()}:
+            return
+        for name in current:
+            delattr(self.router_state, name)
+        for name, value in state.items():
+            self.router_state.register_buffer(name, value.to(self.gate.weight.device))
+
+    @property
+    def stateful(self) -> bool:
+        return hasattr(self.config.router, "update_state")
+
+    def replace_config(self, **changes) -> MoE:
+        """Give this layer ``dataclasses.replace(config, **changes)`` (a new router, say).
+
+        Refused if the parameters' shapes would change; a router with other state gets fresh
+        state. Returns the layer.
+        """
+        new = replace(self.config, **changes)
+        for name in ("d_model", "d_hidden", "num_experts", "activation"):
+            if getattr(new, name) != getattr(self.config, name):
+                raise ValueError(f"replace_config cannot change {name} of a built layer "
+                                 f"({getattr(self.config, name)!r} -> {getattr(new, name)!r}): build a new MoE")
+        E = new.num_experts
+        if router_columns(new.router, E) != router_columns(self.config.router, E):
+            raise ValueError(f"router {new.router!r} reads {router_columns(new.router, E)} router outputs, "
+                             f"this layer has {router_columns(self.config.router, E)}: build a new MoE")
+        self.config = new
+        self._init_router_state(keep_matching=True)
+        return self
+
+    def router_logits(self, tokens: Tensor) -> Tensor:
+        """(T, d) -> (T, C) float32 router outputs (C = E, or more if the router reads more)."""
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             x = tokens.float()
-            logits = F.linear(x, self.gate.weight.float())
-            noise = F.linear(x, self.noise.weight.float()) if self.noise is not None else None
-        return logits, noise
+            logits = F.linear(x, self.gate.weight.float())  # (T, E)
+            if self.gate_extra is not None:
+                logits = torch.cat([logits, F.linear(x, self.gate_extra.weight.float())], dim=1)
+        return logits
+
+    def route(self, tokens: Tensor, seq_len: int | None = None) -> Routing:
+        """The router's decision for (T, d) tokens."""
+        router = self.config.router
+        state = dict(self.router_state.named_buffers())
+        kwargs = {"state": state} if state else {}
+        routing = router(self.router_logits(tokens), training=self.training, seq_len=seq_len, **kwargs)
+        if not isinstance(routing, Routing):
+            raise TypeError(f"router {router!r} returned {type(routing).__name__}, not a Routing")
+        if routing.mask.shape != (tokens.shape[0], self.config.num_experts):
+            raise ValueError(f"router {router!r} returned a mask of shape {tuple(routing.mask.shape)}, "
+                             f"expected ({tokens.shape[0]}, {self.config.num_experts})")
+        return routing
 
     def forward(self, x: Tensor) -> MoEOutput:
         c = self.config
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"MoE expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.dim() < 1 or x.shape[-1] != c.d_model:
             raise ValueError(f"MoE expects inputs of shape (..., d_model={c.d_model}), got {tuple(x.shape)}")
         tokens = x.reshape(-1, c.d_model)  # (T, d)
-        logits, noise_logits = self.router_logits(tokens)
-        routing = route(c, logits, noise_logits, self.training)
-        if c.gw_threshold is not None:
-            seq_len = x.shape[-2] if x.dim() >= 3 else None  # (B, L, d): caps per sequence
-            routing = gw_broadcast(
-                routing, c.gw_threshold, measure=c.gw_measure, max_slots=c.gw_max_slots,
-                seq_len=seq_len, training=self.training,
-            )
-        mask, weights = routing.mask, routing.weights
-        if c.capacity_factor is not None:  # int(mask.sum()) waits for the GPU: only when needed
-            capacity = expert_capacity(int(mask.sum()), c.num_experts, c.capacity_factor)
-            mask = apply_capacity(routing.mask, routing.probs, capacity)
-            weights = weights * mask
-        out = combine(tokens, weights, mask, self.experts, path=c.dispatch)
+        seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None  # (B, L, d): per sequence (GW cap)
+        routing = self.route(tokens, seq_len)
+        kept = kept_pairs(routing, c.capacity_factor)
+        weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
+        out = combine(tokens, weights, kept, self.experts, path=c.dispatch)
 
         losses = {
             "load_balance": load_balance_loss(routing.probs, routing.mask, count=c.balance_counts),
@@ -175,19 +246,35 @@ class MoE(nn.Module):
         aux = c.balance_coef * losses["load_balance"] + c.z_coef * losses["z_loss"]
         if c.dynamic_beta:
             aux = aux + c.dynamic_beta * losses["dynamic"]
-        return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, mask))
+        return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))
+
+    @torch.no_grad()
+    def update_router_state(self, stats: MoEStats) -> None:
+        """After an optimizer step: let a stateful router update its buffers from the step's
+        statistics (the training loop calls this; ``ExpertParallelMoE`` sums counts first)."""
+        if self.stateful:
+            self.config.router.update_state(dict(self.router_state.named_buffers()), stats)
 
     def _stats(self, routing: Routing, kept: Tensor) -> MoEStats:
         with torch.no_grad():
             T = routing.num_tokens
             routed = routing.mask
-            dropped = routed & ~kept
-            bcast = routing.broadcast
+            zero = routed.new_zeros((), dtype=torch.float)
+
+            def share(flags: Tensor | None) -> Tensor:
+                return flags.float().mean() if flags is not None and T else zero
+
             return MoEStats(
-                experts_per_token=routed.sum(1).float().mean() if T else routed.new_zeros((), dtype=torch.float),
+                experts_per_token=routed.sum(1).float().mean() if T else zero,
                 tokens_per_expert=routed.sum(0),
-                dropped_pairs=dropped.sum(),
+                dropped_pairs=(routed & ~kept).sum(),
                 dropped_tokens=(routed.any(1) & ~kept.any(1)).sum(),
-                broadcast_ratio=bcast.float().mean() if bcast is not None and T else routed.new_zeros((), dtype=torch.float),
+                uncertain_ratio=share(routing.uncertain),
+                broadcast_ratio=share(routing.broadcast),
                 flops=kept.sum() * self.experts.flops_per_assignment(),
             )
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of ``model``, bottom to top (the one place this is computed)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from minimoe.routing import entropy
+from minimoe.routing import _entropy, first_choice
 
 BALANCE_COUNTS = ("first", "selected")
 
@@ -28,7 +28,7 @@ def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "f
     if num_tokens == 0:
         return probs.new_zeros(())
     if count == "first":
-        first = probs.argmax(dim=1)  # (T,)
+        first = first_choice(probs)  # (T,) the library's one first-choice rule
         f = torch.bincount(first, minlength=num_experts).to(probs.dtype) / num_tokens  # (E,)
     else:
         if mask is None:
@@ -52,4 +52,4 @@ def dynamic_loss(probs: Tensor) -> Tensor:
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    return entropy(probs).mean()
+    return _entropy(probs).mean()

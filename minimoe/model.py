@@ -10,39 +10,55 @@ trains a byte-level language model to a visibly falling loss in about a minute o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimoe.layer import MoE, MoEConfig, MoEOutput
+from minimoe.layer import MoE, MoEConfig, MoEOutput, moe_layers
+from minimoe.routing import Router, check_float, check_int
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
+    """The tiny transformer's shape; frozen (change it with ``dataclasses.replace``)."""
+
     vocab_size: int = 256  # bytes
     block_size: int = 64  # longest sequence
     n_layers: int = 2
     n_heads: int = 4
     moe: MoEConfig = field(default_factory=MoEConfig)  # d_model lives here
     moe_every: int = 1  # MoE in every layer (1) or every other layer (2); dense FFN elsewhere
+    dense_hidden: int | None = None  # width of the dense FFNs; None: d_hidden * the router's k (2 without one)
     num_classes: int = 0  # > 0 adds a sequence-classification head
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # rebuilt from a checkpoint
-            self.moe = MoEConfig(**self.moe)
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        if not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"moe must be a MoEConfig, got moe={self.moe!r}")
         for name in ("vocab_size", "block_size", "n_layers", "n_heads", "moe_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+            check_int(name, getattr(self, name), 1)
+        if self.dense_hidden is not None:
+            check_int("dense_hidden", self.dense_hidden, 1)
+        check_int("num_classes", self.num_classes, 0)
+        check_float("dropout", self.dropout, 0.0, 1.0)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
     @property
     def d_model(self) -> int:
         return self.moe.d_model
+
+    @property
+    def dense_width(self) -> int:
+        """Width of a dense FFN layer: as many hidden units as the router's k experts."""
+        if self.dense_hidden is not None:
+            return self.dense_hidden
+        return self.moe.d_hidden * getattr(self.moe.router, "k", 2)
 
     @classmethod
     def tiny(cls, **moe_overrides) -> ModelConfig:
@@ -51,7 +67,8 @@ class ModelConfig:
         return cls(n_layers=2, n_heads=4, block_size=64, moe=MoEConfig(**moe))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data for checkpoints (the router by name)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"moe": self.moe.to_dict()}
 
 
 class ModelOutput(NamedTuple):
@@ -83,7 +100,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
         moe = config.moe
-        self.ffn = MoE(moe) if use_moe else FFN(d, moe.d_hidden * max(1, moe.k))
+        self.ffn = MoE(moe) if use_moe else FFN(d, config.dense_width)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput | None]:
         B, L, d = x.shape
@@ -120,7 +137,15 @@ class TinyTransformer(nn.Module):
         """idx (B, L) token ids; targets (B, L) next tokens (-100 = ignore); labels (B,) classes."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, length), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         B, L = idx.shape
+        if B == 0 or L == 0:
+            raise ValueError(f"idx is an empty batch of shape {tuple(idx.shape)}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         if L > self.config.block_size:
             raise ValueError(f"sequence length {L} exceeds block_size={self.config.block_size}")
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(L, device=idx.device))  # (B, L, d)
@@ -143,9 +168,6 @@ class TinyTransformer(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits, loss, aux, layers)
 
-    def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
-
 
 class MoERegressor(nn.Module):
     """The toy task's model: one MoE layer on the raw input, then a shared linear read-out.
@@ -167,5 +189,20 @@ class MoERegressor(nn.Module):
         loss = F.mse_loss(pred, y) if y is not None else None
         return ModelOutput(pred, loss, moe_out.aux_loss, [moe_out])
 
-    def moe_layers(self) -> list[MoE]:
-        return [self.moe]
+
+def set_router(model: nn.Module, router: Router, **changes) -> nn.Module:
+    """Give every MoE layer of ``model`` this router (and other MoEConfig ``changes``), in place.
+
+    Each layer gets a new frozen config (``MoE.replace_config``); the model's own config follows,
+    so a checkpoint saves what the layers run. Returns the model.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layer")
+    for layer in layers:
+        layer.replace_config(router=router, **changes)
+    if isinstance(model, TinyTransformer):
+        model.config = replace(model.config, moe=layers[0].config)
+    elif isinstance(model, MoERegressor):
+        model.config = layers[0].config
+    return model

@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 
 import torch
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from minimoe.experts import Experts
-from minimoe.layer import MoE, MoEConfig
+from minimoe.layer import MoE, MoEConfig, MoEStats
 
 __all__ = [
     "AllToAll", "Exchange", "ExpertParallelMoE", "ShardedExperts", "clip_grad_norm_",
@@ -194,7 +194,7 @@ class ShardedExperts(nn.Module):
 
 def _check_same_config(config: MoEConfig, group: Group) -> None:
     configs: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(configs, asdict(config), group=group)
+    dist.all_gather_object(configs, {f.name: repr(getattr(config, f.name)) for f in fields(config)}, group=group)
     differ = sorted({k for c in configs for k in c if c[k] != configs[0][k]})
     if differ:
         ranks = "; ".join(f"rank {r}: " + ", ".join(f"{k}={c[k]!r}" for k in differ)
@@ -220,6 +220,20 @@ class ExpertParallelMoE(MoE):
         self.experts = ShardedExperts(num_experts=config.num_experts, d_model=config.d_model,
                                       d_hidden=config.d_hidden, activation=config.activation, group=group)
         _broadcast_from_first(self.replicated_parameters(), group)
+
+    @torch.no_grad()
+    def update_router_state(self, stats: MoEStats) -> None:
+        """The router's state update from every rank's statistics (counts summed, shares averaged
+        over the equal shards), so that all ranks' states stay equal to the single-process one."""
+        if not self.stateful:
+            return
+        world = dist.get_world_size(self.group)
+        merged = {}
+        for name, value in stats._asdict().items():
+            total = value.clone()
+            dist.all_reduce(total, group=self.group)
+            merged[name] = total / world if total.is_floating_point() else total
+        super().update_router_state(MoEStats(**merged))
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """The router's parameters, identical on every rank."""

@@ -1,33 +1,65 @@
 """Routing: from router logits to one decision object.
 
 Every routing method is a small pure function ``logits (T, E) -> Routing`` (or
-``Routing -> Routing`` for GW broadcast). A Routing says, for each token, which experts it
-goes to (``mask``) and with which combine weights (``weights``), next to the full softmax
-(``probs``) that losses and uncertainty measures need. Dispatch knows nothing of how the
-decision was made; this file knows nothing of dispatch.
+``Routing -> Routing`` for GW broadcast), and a frozen *router spec* (``TopK(k=2)``,
+``TopP(p=0.4)``, ...) that holds the method's settings, checks them once, carries its paper's
+loss recipe and is what a layer is configured with. A Routing says, for each token, which
+experts it goes to (``mask``) and with which combine weights (``weights``), next to the full
+softmax (``probs``) that losses and uncertainty measures need. Dispatch knows nothing of how
+the decision was made; this file knows nothing of dispatch.
 
 Notation (see PAPERS.md): T tokens, E experts, P = softmax(logits) in float32, S the
 set of experts a token is sent to, y = sum_{i in S} g_i * Expert_i(x).
+
+**The router interface.** Any object ``router`` with
+
+    router(logits, *, training: bool, seq_len: int | None = None) -> Routing
+
+is a router: ``MoEConfig(router=router)`` trains it, no library edit needed. ``seq_len`` is
+the length of the sequences the T tokens were flattened from (None: one sequence). Optional:
+
+- ``balance_count`` ("first" | "selected") and ``dynamic_coef`` (beta of L_d): how the layer's
+  load-balance loss counts and the default weight of the dynamic loss (defaults "first", 0);
+- ``router_columns(num_experts) -> int``: router outputs it reads (default E; noisy top-k
+  reads E more, the noise logits, which come last and start at zero);
+- ``check_experts(num_experts)``: refuse settings that do not fit E (raise ValueError);
+- **state not trained by gradient** (a bias, a running count): ``init_state(num_experts)``
+  returns named tensors that the layer keeps as buffers (saved with the model, moved with
+  it); the router is then called with ``state=`` those buffers, and
+  ``update_state(state, stats)`` is called by the training loop after each optimizer step
+  with that step's ``MoEStats`` (under expert parallelism their counts are summed over the
+  processes first). It is never called inside ``forward``: re-running a cell changes nothing.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "Routing",
     "ROUTERS",
+    "Adaptive",
+    "GWBroadcast",
+    "NoisyTopK",
+    "Router",
+    "Routing",
+    "TopK",
+    "TopP",
     "adaptive",
     "entropy",
+    "first_choice",
     "gw_broadcast",
     "is_uncertain",
     "noisy_top_k",
     "normalized_entropy",
+    "router_from_dict",
+    "router_from_name",
+    "router_to_dict",
     "top_gap",
     "top_k",
     "top_p",
@@ -43,7 +75,9 @@ class Routing:
     probs:   (T, E) softmax(logits), float32; the full distribution, before any selection.
     mask:    (T, E) bool, True where the token is sent to the expert (the set S).
     weights: (T, E) combine weights g, exactly 0 outside ``mask``.
-    broadcast: (T,) bool, tokens sent to every expert by GW broadcast (all False otherwise).
+    broadcast: (T,) bool, tokens sent to every expert by GW broadcast (None without it).
+    uncertain: (T,) bool, tokens over the GW threshold, before the per-sequence slot cap.
+    base_mask: (T, E) bool, the mask before GW broadcast (capacity is counted on its pairs).
     """
 
     logits: Tensor
@@ -51,6 +85,8 @@ class Routing:
     mask: Tensor
     weights: Tensor
     broadcast: Tensor | None = None
+    uncertain: Tensor | None = None
+    base_mask: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +106,34 @@ class Routing:
         """(E,) how many tokens each expert receives."""
         return self.mask.sum(dim=0)
 
+    def to(self, device: torch.device | str) -> Routing:
+        """A detached copy on ``device`` (the recorder keeps CPU copies)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Routing(**{k: None if v is None else v.detach().to(device) for k, v in moved.items()})
+
+    @staticmethod
+    def cat(parts: list[Routing]) -> Routing:
+        """Several decisions over the same experts as one, token after token."""
+        if not parts:
+            raise ValueError("no routing to concatenate (was the model run inside the recorder?)")
+        out = {}
+        for f in fields(Routing):
+            values = [getattr(r, f.name) for r in parts]
+            if all(v is None for v in values):
+                out[f.name] = None
+            elif f.name == "base_mask":
+                out[f.name] = torch.cat([r.base_mask if r.base_mask is not None else r.mask for r in parts])
+            elif f.name in ("broadcast", "uncertain"):
+                out[f.name] = torch.cat([v if v is not None else torch.zeros(r.num_tokens, dtype=torch.bool,
+                                                                             device=r.mask.device)
+                                         for v, r in zip(values, parts)])
+            else:
+                out[f.name] = torch.cat(values)
+        return Routing(**out)
+
+
+# ---- checks shared by the functions and the specs -----------------------------------------
+
 
 def check_logits(logits: Tensor) -> Tensor:
     """Validate router logits and return them as float32 (the router runs in float32)."""
@@ -87,11 +151,75 @@ def check_logits(logits: Tensor) -> Tensor:
     return logits.float()
 
 
-def _check_k(k: int, num_experts: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {k!r}")
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"k must be in [1, num_experts={num_experts}], got k={k}")
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high], or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}, got {name}={value!r}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] ((low, high] if ``low_open``), else an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {name}={value!r}")
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {name}={value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {name}={value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
+    return value
+
+
+def _check_probs(probs: Tensor, name: str = "probs") -> None:
+    """Refuse what is not a probability distribution per row (logits passed by mistake, say)."""
+    if not isinstance(probs, Tensor) or not probs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(probs).__name__}")
+    if probs.dim() < 1 or probs.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., experts), got shape {tuple(probs.shape)}")
+    if probs.numel() == 0:
+        return
+    sums = probs.sum(dim=-1)
+    if (probs < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+        raise ValueError(f"{name} must be probabilities (>= 0, rows summing to 1), got rows summing to "
+                         f"{sums.flatten()[0].item():.4g} with min {probs.min().item():.4g}: logits? "
+                         "take their softmax first")
+
+
+# ---- first choice and selection: one rule for ties everywhere -----------------------------
+
+
+def first_choice(probs: Tensor) -> Tensor:
+    """(...,) the expert with the largest probability; exact ties go to the lowest index.
+
+    The one first-choice rule of the library: routing, the Switch balance loss and the
+    analysis all use it (``torch.argmax`` returns the first maximal index).
+    """
+    return probs.argmax(dim=-1)
+
+
+def _order(scores: Tensor) -> Tensor:
+    """(T, E) expert indices by descending score; exact ties in index order (same rule as argmax)."""
+    return scores.sort(dim=1, descending=True, stable=True).indices
+
+
+def _mask_of_top(scores: Tensor, k: int) -> Tensor:
+    """(T, E) bool mask of the k largest scores per row (exact ties: lowest index first)."""
+    idx = _order(scores)[:, :k]  # (T, k)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
 
 
 def _from_mask(logits: Tensor, probs: Tensor, mask: Tensor, renormalize: bool) -> Routing:
@@ -102,10 +230,7 @@ def _from_mask(logits: Tensor, probs: Tensor, mask: Tensor, renormalize: bool) -
     return Routing(logits=logits, probs=probs, mask=mask, weights=weights)
 
 
-def _mask_of_top(scores: Tensor, k: int) -> Tensor:
-    """(T, E) bool mask of the k largest scores per row (exact ties: whichever torch.topk returns)."""
-    idx = scores.topk(k, dim=1).indices  # (T, k)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+# ---- the routing functions (what the notebooks build; the specs call them) ----------------
 
 
 def top_k(logits: Tensor, k: int = 2, renormalize: bool = True) -> Routing:
@@ -118,7 +243,8 @@ def top_k(logits: Tensor, k: int = 2, renormalize: bool = True) -> Routing:
     top-1 a constant weight of 1 and no gradient.
     """
     logits = check_logits(logits)
-    _check_k(k, logits.shape[1])
+    check_int("k", k, 1, logits.shape[1])
+    check_bool("renormalize", renormalize)
     probs = logits.softmax(dim=-1)  # (T, E)
     return _from_mask(logits, probs, _mask_of_top(probs, k), renormalize)
 
@@ -143,7 +269,8 @@ def noisy_top_k(
         raise ValueError(
             f"noise_logits shape {tuple(noise_logits.shape)} != logits shape {tuple(logits.shape)}"
         )
-    _check_k(k, logits.shape[1])
+    check_int("k", k, 1, logits.shape[1])
+    check_bool("training", training)
     noisy = logits
     if training:
         eps = torch.randn(logits.shape, generator=generator, device=logits.device)
@@ -169,15 +296,11 @@ def top_p(
     g_i = P_i, not renormalized; the same rule in training and inference.
     """
     logits = check_logits(logits)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p p must be in (0, 1], got p={p!r}")
-    if rule not in ("paper", "code"):
-        raise ValueError(f"top_p rule must be 'paper' or 'code', got rule={rule!r}")
+    check_float("p", p, 0.0, 1.0, low_open=True)
+    check_choice("rule", rule, ("paper", "code"))
+    if max_experts is not None:
+        check_int("max_experts", max_experts, 1)
     num_experts = logits.shape[1]
-    if max_experts is not None and (
-        isinstance(max_experts, bool) or not isinstance(max_experts, int) or max_experts < 1
-    ):
-        raise ValueError(f"max_experts must be an int >= 1 or None, got max_experts={max_experts!r}")
     probs = logits.softmax(dim=-1)  # (T, E)
     sorted_p, order = probs.sort(dim=1, descending=True, stable=True)  # (T, E)
     cum = sorted_p.cumsum(dim=1)  # (T, E)
@@ -200,52 +323,59 @@ def adaptive(
     """Adaptive gating (Li et al., EMNLP 2023): each token uses one or two experts.
 
     Let i, j be the top-1 and top-2 experts. If the gap between their probabilities is
-    within ``threshold`` the token goes to both, otherwise to i alone.
+    within ``threshold`` (gap <= threshold) the token goes to both, otherwise to i alone.
     ``gap="raw"`` (default): R_i - R_j on the softmax values, the rule as written, on the
     same probabilities that are the weights (Eq. 3); softmax is the normalization, and no
     step the paper leaves undefined is added. ``gap="normalized"``: (R_i - R_j) / (R_i + R_j),
     our reading of "normalizes the expert probability": scale-free, and never smaller than
     the raw gap (R_i + R_j <= 1), so at the same T it sends at most as many tokens to two
-    experts (as many when R_i + R_j = 1).
+    experts (as many when R_i + R_j = 1). Threshold 0 is exact top-1.
     Weights are the softmax values (Eq. 3); ``renormalize=True`` rescales them over S.
     """
     logits = check_logits(logits)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"adaptive threshold must be in [0, 1], got threshold={threshold!r}")
-    if gap not in ("raw", "normalized"):
-        raise ValueError(f"adaptive gap must be 'raw' or 'normalized', got gap={gap!r}")
-    num_experts = logits.shape[1]
+    check_float("threshold", threshold, 0.0, 1.0)
+    check_choice("gap", gap, ("raw", "normalized"))
+    check_bool("renormalize", renormalize)
     probs = logits.softmax(dim=-1)  # (T, E)
-    k = min(2, num_experts)
-    top = probs.topk(k, dim=1)  # values (T, k), indices (T, k)
-    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top.indices[:, :1], True)
-    if k == 2:
-        p1, p2 = top.values[:, 0], top.values[:, 1]
+    order = _order(probs)[:, :2]  # (T, 2) or (T, 1) with one expert
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order[:, :1], True)
+    if order.shape[1] == 2:
+        p1, p2 = probs.gather(1, order).unbind(dim=1)  # (T,) each
         diff = p1 - p2 if gap == "raw" else (p1 - p2) / (p1 + p2)
-        # threshold 0 is exact top-1; threshold 1 always sends to both (diff <= 1)
+        # threshold 0 is exact top-1 (a tie of p1 = p2 included); threshold 1 always sends to both
         two = (diff <= threshold) if threshold > 0 else torch.zeros_like(diff, dtype=torch.bool)
-        mask.scatter_(1, top.indices[:, 1:], two[:, None])
+        mask.scatter_(1, order[:, 1:], two[:, None])
     return _from_mask(logits, probs, mask, renormalize)
 
 
 # ---- uncertainty measures -------------------------------------------------------------
 
 
-def entropy(probs: Tensor) -> Tensor:
-    """H(P) = -sum_i P_i log P_i in nats, per row: (..., E) -> (...). 0 <= H <= ln E."""
+def _entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """H(P) = -sum_i P_i log P_i in nats, per row: (..., E) -> (...). 0 <= H <= ln E.
+
+    ``probs`` must be probabilities (rows summing to 1): logits are refused, not misread.
+    """
+    _check_probs(probs)
+    return _entropy(probs)
 
 
 def normalized_entropy(probs: Tensor) -> Tensor:
     """H(P) / ln E in [0, 1]: 0 for a one-hot router, 1 for a uniform one."""
+    _check_probs(probs)
     num_experts = probs.shape[-1]
     if num_experts < 2:
         return torch.zeros(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
-    return entropy(probs) / math.log(num_experts)
+    return _entropy(probs) / math.log(num_experts)
 
 
 def top_gap(probs: Tensor) -> Tensor:
     """p1 - p2, the margin between the two most likely experts: (..., E) -> (...)."""
+    _check_probs(probs)
     if probs.shape[-1] < 2:
         return torch.ones(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
     top2 = probs.topk(2, dim=-1).values
@@ -255,11 +385,26 @@ def top_gap(probs: Tensor) -> Tensor:
 UNCERTAINTY = {"entropy": entropy, "normalized_entropy": normalized_entropy}
 
 
+def _uncertainty(probs: Tensor, measure: str) -> Tensor:
+    """``uncertainty`` without the input check (inside the layer: no device sync)."""
+    h = _entropy(probs)
+    return h if measure == "entropy" or probs.shape[-1] < 2 else h / math.log(probs.shape[-1])
+
+
 def uncertainty(probs: Tensor, measure: str = "normalized_entropy") -> Tensor:
     """Per-token uncertainty by name: ``entropy`` (nats, in [0, ln E]) or ``normalized_entropy``."""
-    if measure not in UNCERTAINTY:
-        raise ValueError(f"unknown uncertainty measure {measure!r}; choose from {sorted(UNCERTAINTY)}")
+    check_choice("measure", measure, tuple(UNCERTAINTY))
     return UNCERTAINTY[measure](probs)
+
+
+def check_threshold(threshold: Any, measure: str, num_experts: int | None) -> float:
+    """A GW threshold in [0, max of ``measure``] (ln E nats for ``entropy``, 1 when normalized)."""
+    check_choice("measure", measure, tuple(UNCERTAINTY))
+    if measure == "normalized_entropy":
+        upper = 1.0
+    else:
+        upper = math.log(num_experts) if num_experts is not None else math.inf
+    return check_float("threshold", threshold, 0.0, upper)
 
 
 def is_uncertain(probs: Tensor, threshold: float, measure: str = "normalized_entropy") -> Tensor:
@@ -268,6 +413,7 @@ def is_uncertain(probs: Tensor, threshold: float, measure: str = "normalized_ent
     float32 rounding puts a uniform router's entropy a hair below ln E: the 1e-6 allowance
     keeps perfectly uncertain tokens uncertain at the maximum threshold.
     """
+    check_threshold(threshold, measure, probs.shape[-1])
     return uncertainty(probs, measure) >= threshold - 1e-6
 
 
@@ -292,28 +438,250 @@ def gw_broadcast(
     ``max_slots`` caps broadcast tokens per sequence, first tokens first, as the official
     code does; it needs the layout: tokens are rows of a (batch, seq_len) grid flattened
     row-major, so pass ``seq_len`` (the MoE layer does this for 3-D inputs). Without
-    ``seq_len`` the whole batch counts as one sequence.
+    ``seq_len`` the whole batch counts as one sequence. The result keeps both sets:
+    ``uncertain`` before the cap (the released code's ``gw_ratio`` is its share) and
+    ``broadcast`` after it; ``base_mask`` is the base routing's mask.
     """
-    if measure not in UNCERTAINTY:
-        raise ValueError(f"unknown uncertainty measure {measure!r}; choose from {sorted(UNCERTAINTY)}")
-    upper = math.log(routing.num_experts) if measure == "entropy" else 1.0
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= upper:
-        raise ValueError(f"gw threshold for {measure} must be in [0, {upper:.4g}], got threshold={threshold!r}")
-    if max_slots is not None and (isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 0):
-        raise ValueError(f"max_slots must be a non-negative int or None, got max_slots={max_slots!r}")
+    check_threshold(threshold, measure, routing.num_experts)
+    if max_slots is not None:
+        check_int("max_slots", max_slots, 0)
+    check_bool("training", training)
     num_tokens = routing.num_tokens
-    if seq_len is not None and num_tokens and (seq_len < 1 or num_tokens % seq_len):
-        raise ValueError(f"seq_len={seq_len} does not divide the number of tokens {num_tokens}")
+    if seq_len is not None:
+        check_int("seq_len", seq_len, 1)
+        if num_tokens % seq_len:
+            raise ValueError(f"seq_len={seq_len} does not divide the number of tokens {num_tokens}")
     if not training:
         return routing
-    chosen = is_uncertain(routing.probs, threshold, measure)  # (T,)
+    uncertain = _uncertainty(routing.probs, measure) >= threshold - 1e-6  # (T,) is_uncertain
+    chosen = uncertain
     if max_slots is not None and num_tokens:
-        per_seq = chosen.view(-1, seq_len or num_tokens)  # (B, L)
+        per_seq = uncertain.view(-1, seq_len or num_tokens)  # (B, L)
         chosen = (per_seq & (per_seq.cumsum(dim=1) <= max_slots)).view(-1)  # first tokens first
     mask = routing.mask | chosen[:, None]
     weights = torch.where(chosen[:, None], routing.probs, routing.weights)
-    return replace(routing, mask=mask, weights=weights, broadcast=chosen)
+    return replace(routing, mask=mask, weights=weights, broadcast=chosen, uncertain=uncertain,
+                   base_mask=routing.mask)
 
 
-# name -> function, for configs and the command line
-ROUTERS = {"top_k": top_k, "noisy_top_k": noisy_top_k, "top_p": top_p, "adaptive": adaptive}
+# ---- router specs: one frozen object per method ---------------------------------------------
+
+
+@runtime_checkable
+class Router(Protocol):
+    """What a layer asks of a router (see the module docstring for the optional hooks)."""
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing: ...
+
+
+def _check_recipe(spec: Any) -> None:
+    check_choice("balance_count", spec.balance_count, ("first", "selected"))
+    check_float("dynamic_coef", spec.dynamic_coef, 0.0)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Top-K (Mixtral: ``renormalize=True``; Switch: ``k=1, renormalize=False``): ``top_k``.
+
+    Paper recipe: Switch balance loss on first choices, alpha = 1e-2; no z-loss (ST-MoE added it).
+    """
+
+    k: int = 2
+    renormalize: bool = True
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "top_k"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_bool("renormalize", self.renormalize)
+        _check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        return top_k(logits, self.k, renormalize=self.renormalize)
+
+
+@dataclass(frozen=True)
+class NoisyTopK:
+    """Noisy top-k gating (Shazeer et al. 2017): ``noisy_top_k``, noise only in training.
+
+    Reads 2E router columns: the E logits, then E noise logits (their weights start at zero,
+    a noise scale of softplus(0) = 0.69). The paper balances with importance and load losses;
+    here the Switch loss (alpha = 1e-2) stands in for them.
+    """
+
+    k: int = 2
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "noisy_top_k"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        _check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+
+    def router_columns(self, num_experts: int) -> int:
+        return 2 * num_experts
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        clean, noise = logits.chunk(2, dim=1)  # (T, E) each
+        return noisy_top_k(clean, noise, self.k, training=training)
+
+
+@dataclass(frozen=True)
+class TopP:
+    """Top-P dynamic routing (Huang et al. 2024): ``top_p``, the same rule in training and eval.
+
+    Paper recipe: L = L_task + 1e-2 L_b + 1e-4 L_d, L_b counting every selected expert
+    (``balance_count="selected"``), L_d the router entropy (beta = ``dynamic_coef``); no z-loss.
+    """
+
+    p: float = 0.4
+    rule: str = "paper"  # "paper" (cumsum >= p) | "code" (official release: > p)
+    max_experts: int | None = None  # our addition: cap on experts per token
+    balance_count: str = "selected"
+    dynamic_coef: float = 1e-4
+    name: ClassVar[str] = "top_p"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_float("p", self.p, 0.0, 1.0, low_open=True)
+        check_choice("rule", self.rule, ("paper", "code"))
+        if self.max_experts is not None:
+            check_int("max_experts", self.max_experts, 1)
+        _check_recipe(self)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        return top_p(logits, self.p, rule=self.rule, max_experts=self.max_experts)
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Adaptive gating (Li et al., EMNLP 2023): ``adaptive``, one or two experts per token.
+
+    Paper recipe: balance loss on the top-1 decisions (``balance_count="first"``), 1e-2; no
+    capacity limit; no z-loss.
+    """
+
+    threshold: float = 0.1
+    gap: str = "raw"  # "raw" p1 - p2 | "normalized" (p1 - p2) / (p1 + p2)
+    renormalize: bool = False
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "adaptive"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_float("threshold", self.threshold, 0.0, 1.0)
+        check_choice("gap", self.gap, ("raw", "normalized"))
+        check_bool("renormalize", self.renormalize)
+        _check_recipe(self)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        return adaptive(logits, self.threshold, gap=self.gap, renormalize=self.renormalize)
+
+
+@dataclass(frozen=True)
+class GWBroadcast:
+    """GW-MoE (Wu et al. 2024): ``base`` routing, uncertain tokens broadcast in training only.
+
+    The loss recipe (how L_b counts, beta) is the base router's. The released code fine-tunes
+    with the router frozen, z-loss 0 and the aux loss at 1e-3 (``paper_losses``); freezing is
+    the trainer's switch (``TrainConfig.freeze_router``).
+    """
+
+    base: Router = TopK()
+    threshold: float = 0.75
+    measure: str = "normalized_entropy"  # or "entropy" (nats), as the released code
+    max_slots: int | None = None  # broadcast tokens per sequence, first tokens first
+    name: ClassVar[str] = "gw"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-3, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        if not callable(self.base) or isinstance(self.base, type):
+            raise TypeError(f"base must be a router instance (e.g. TopK(k=2)), got base={self.base!r}")
+        if isinstance(self.base, GWBroadcast):
+            raise TypeError("base must not itself be a GWBroadcast")
+        check_threshold(self.threshold, self.measure, None)
+        if self.max_slots is not None:
+            check_int("max_slots", self.max_slots, 0)
+
+    @property
+    def balance_count(self) -> str:
+        return getattr(self.base, "balance_count", "first")
+
+    @property
+    def dynamic_coef(self) -> float:
+        return getattr(self.base, "dynamic_coef", 0.0)
+
+    def router_columns(self, num_experts: int) -> int:
+        return router_columns(self.base, num_experts)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_threshold(self.threshold, self.measure, num_experts)
+        check_experts(self.base, num_experts)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        base = self.base(logits, training=training, seq_len=seq_len)
+        return gw_broadcast(base, self.threshold, measure=self.measure, max_slots=self.max_slots,
+                            seq_len=seq_len, training=training)
+
+
+def router_columns(router: Router, num_experts: int) -> int:
+    """How many router outputs ``router`` reads (E unless it says otherwise)."""
+    hook = getattr(router, "router_columns", None)
+    return num_experts if hook is None else hook(num_experts)
+
+
+def check_experts(router: Router, num_experts: int) -> None:
+    """Let the router refuse settings that do not fit ``num_experts`` (its optional hook)."""
+    hook = getattr(router, "check_experts", None)
+    if hook is not None:
+        hook(num_experts)
+
+
+# ---- names: only for the command line, configs on disk and cached results -------------------
+
+ROUTERS: dict[str, type] = {cls.name: cls for cls in (TopK, NoisyTopK, TopP, Adaptive, GWBroadcast)}
+
+
+def router_from_name(name: str, **settings: Any) -> Router:
+    """``router_from_name("top_p", p=0.4)`` -> ``TopP(p=0.4)``; unknown names list the choices."""
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose from {sorted(ROUTERS)}")
+    cls = ROUTERS[name]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"router {name!r} has no setting {unknown}; its settings: {sorted(known)}")
+    return cls(**settings)
+
+
+def router_to_dict(router: Router) -> dict[str, Any]:
+    """A registered spec as plain data: ``{"name": "top_p", "p": 0.4, ...}`` (nested for GW)."""
+    cls = type(router)
+    if ROUTERS.get(getattr(cls, "name", None)) is not cls:
+        raise TypeError(f"only the registered routers {sorted(ROUTERS)} can be written as data, "
+                        f"got {cls.__name__}: keep its code beside the saved weights")
+    out: dict[str, Any] = {"name": cls.name}
+    for f in fields(router):
+        value = getattr(router, f.name)
+        out[f.name] = router_to_dict(value) if f.name == "base" else value
+    return out
+
+
+def router_from_dict(data: dict[str, Any]) -> Router:
+    """Inverse of ``router_to_dict``."""
+    if not isinstance(data, dict) or "name" not in data:
+        raise ValueError(f"a router as data is a dict with a 'name', got {data!r}")
+    settings = {k: v for k, v in data.items() if k != "name"}
+    if "base" in settings:
+        settings["base"] = router_from_dict(settings["base"])
+    return router_from_name(data["name"], **settings)

@@ -8,9 +8,16 @@ for the toy regressor), and the model returns a ``ModelOutput``. The loss optimi
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
+import os
+import pickle
 import random
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from minimoe.layer import MoE, MoEConfig
+from minimoe.layer import MoEConfig, moe_layers
 from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
 
 Batch = dict[str, torch.Tensor]
@@ -32,7 +39,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     lr: float = 3e-3
@@ -45,6 +52,22 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("steps", "seed", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TypeError(f"{name} must be an int, got {name}={value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={value!r}")
+        if self.seed >= 2**32:  # numpy's seed range
+            raise ValueError(f"seed must be < 2**32, got seed={self.seed!r}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"{name} must be a number, got {name}={value!r}")
+            # grad_clip < 0 would flip the gradients (ascent); 0 means no clipping
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                bound = "> 0" if name == "lr" else ">= 0"
+                raise ValueError(f"{name} must be finite and {bound}, got {name}={value!r}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}")
 
@@ -68,11 +91,10 @@ class History:
 
 
 def routers(model: nn.Module) -> list[nn.Module]:
-    """Every MoE router's parameters (gate and noise) as modules."""
+    """Every MoE router's parameters (``gate`` and ``gate_extra``) as modules."""
     found = []
-    for m in model.modules():
-        if isinstance(m, MoE):
-            found += [m.gate] + ([m.noise] if m.noise is not None else [])
+    for m in moe_layers(model):
+        found += [m.gate] + ([m.gate_extra] if m.gate_extra is not None else [])
     return found
 
 
@@ -87,8 +109,6 @@ def train(
 
     ``callback(step, model, output)`` runs after every step (e.g. to record statistics).
     """
-    if config.steps < 0:
-        raise ValueError(f"steps must be >= 0, got steps={config.steps}")
     generator = seed_everything(config.seed)
     for r in routers(model):
         r.requires_grad_(not config.freeze_router)
@@ -109,6 +129,12 @@ def train(
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(**batch)
             loss = out.loss + out.aux_loss
+        if not torch.isfinite(loss):  # one device sync; backward would spread it to every weight
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {step} (lr={config.lr}; task loss "
+                f"{out.loss.item()}, aux loss {out.aux_loss.item()}): lower the learning rate, "
+                "or check the batch"
+            )
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.grad_clip:
@@ -116,6 +142,9 @@ def train(
             nn.utils.clip_grad_norm_(params, config.grad_clip)
         scaler.step(opt)
         scaler.update()
+        # stateful routers (a balancing bias, say) update from this step's statistics, here only
+        for layer, layer_out in zip(moe_layers(model), out.layers, strict=True):
+            layer.update_router_state(layer_out.stats)
 
         history.loss.append(out.loss.item())
         history.aux_loss.append(out.aux_loss.item())
@@ -128,6 +157,12 @@ def train(
             model.train()
         if step % 10 == 0 or step == config.steps:
             bar.set_postfix(loss=f"{np.mean(history.loss[-10:]):.3f}")
+    # a finite loss can still give non-finite gradients (overflow in backward): no NaN model out
+    if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        raise FloatingPointError(
+            f"parameters are not finite after step {config.steps} (lr={config.lr}): "
+            "lower the learning rate"
+        )
     if evaluate is not None and (not history.evals or history.evals[-1][0] != config.steps):
         history.evals.append((config.steps, evaluate(model)))
     model.eval()
@@ -150,8 +185,58 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
 # ---- checkpoints -------------------------------------------------------------------------
 
 
+CHECKPOINT_FORMAT = 1  # {"format", "sha256", "payload"}: the torch.save bytes of the checkpoint
+
+
+def _write_checkpoint(path: Path, ckpt: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)  # fails here, before any file is touched, on an unpicklable extra
+    raw = buffer.getvalue()
+    wrapped = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(raw).hexdigest(),
+               "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # same folder, so os.replace is an atomic rename; a kill mid-save leaves only this file
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(wrapped, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict:
+    def load(raw: bytes, location, problem: str):
+        try:
+            return torch.load(io.BytesIO(raw), map_location=location, weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError) as err:
+            raise ValueError(f"checkpoint {path} {problem}: {err}") from err
+
+    unreadable = "cannot be read (corrupt or truncated, or not a weights_only checkpoint)"
+    data = path.read_bytes()  # a missing file is a FileNotFoundError, not a corrupt one
+    ckpt = load(data, "cpu", unreadable)
+    if not isinstance(ckpt, dict) or not ("format" in ckpt or "kind" in ckpt):
+        raise ValueError(f"{path} is not a minimoe checkpoint (no 'format' or 'kind' entry)")
+    if "format" not in ckpt:  # saved before checksums: nothing to verify
+        return ckpt if str(map_location) == "cpu" else load(data, map_location, unreadable)
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {ckpt['format']!r}; this minimoe reads "
+                         f"format {CHECKPOINT_FORMAT}")
+    raw = ckpt["payload"].numpy().tobytes()
+    if hashlib.sha256(raw).hexdigest() != ckpt["sha256"]:
+        raise ValueError(f"checkpoint {path} is corrupt: its sha256 checksum does not match")
+    return load(raw, map_location, "passed its checksum but weights_only loading failed")
+
+
 def save_checkpoint(model: TinyTransformer | MoERegressor, path: str | Path, **extra) -> None:
-    """Save the config and weights (loadable with ``weights_only=True``)."""
+    """Save the config and weights (loadable with ``weights_only=True``), with a checksum.
+
+    The file is written next to ``path`` and renamed over it: a failed save leaves ``path``
+    as it was.
+    """
     if isinstance(model, TinyTransformer):
         kind, config = "transformer", model.config.to_dict()
     elif isinstance(model, MoERegressor):
@@ -160,13 +245,17 @@ def save_checkpoint(model: TinyTransformer | MoERegressor, path: str | Path, **e
                   "moe": vars(model.config).copy()}
     else:
         raise TypeError(f"cannot checkpoint a {type(model).__name__}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": kind, "config": config, "state_dict": model.state_dict(), "extra": extra}, path)
+    _write_checkpoint(Path(path), {"kind": kind, "config": config, "state_dict": model.state_dict(),
+                                   "extra": extra})
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by ``save_checkpoint``; the file is read with weights_only=True."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    """Rebuild a model saved by ``save_checkpoint``; the file is read with weights_only=True.
+
+    Raises ValueError if the file is corrupt or truncated. Files saved before checksums existed
+    (such as the shipped data/gw_pretrained.pt) still load, unverified.
+    """
+    ckpt = _read_checkpoint(Path(path), map_location)
     if ckpt["kind"] == "transformer":
         model: nn.Module = TinyTransformer(ModelConfig(**ckpt["config"]))
     else:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from minimoe.analysis import RoutingRecorder, first_choice
-from minimoe.layer import MoE
-from minimoe.routing import UNCERTAINTY, Routing, entropy, normalized_entropy, top_gap
+from minimoe.layer import moe_layers
+from minimoe.model import set_router
+from minimoe.routing import GWBroadcast, Routing, check_int, check_threshold, entropy, normalized_entropy, top_gap
 from minimoe.routing import is_uncertain as routing_is_uncertain
 
 Batch = dict[str, Tensor]
@@ -92,10 +93,6 @@ def record_routing(model: nn.Module, batch: Batch) -> tuple[object, list[Routing
     finally:
         model.train(was_training)
     return out, [rec.routing(i) for i in range(len(rec))]
-
-
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def _rms(t: Tensor, dim: int | None = None) -> Tensor:
@@ -243,14 +240,21 @@ class GWFineTuning:
     z_loss: bool = False
 
     def __post_init__(self) -> None:
-        if self.measure not in UNCERTAINTY:
-            raise ValueError(f"unknown uncertainty measure {self.measure!r}; choose from {sorted(UNCERTAINTY)}")
+        if self.threshold is not None:
+            check_threshold(self.threshold, self.measure, None)
+        else:
+            check_threshold(0.0, self.measure, None)  # the measure is checked either way
+        if self.max_slots is not None:
+            check_int("max_slots", self.max_slots, 0)
+        for name in ("freeze_router", "z_loss"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Set every MoE layer's GW options (and z-loss) in place; returns the model."""
-        configs = {id(m.config): m.config for m in moe_layers(model)}.values()  # shared configs once
-        for c in configs:
-            c.gw_threshold, c.gw_measure, c.gw_max_slots = self.threshold, self.measure, self.max_slots
-            if not self.z_loss:
-                c.z_coef = 0.0
-        return model
+        """Give every MoE layer a new config with GW broadcast around its base router (and the
+        z-loss off unless kept); returns the model. Layers are never edited in place."""
+        base = moe_layers(model)[0].config.router
+        base = base.base if isinstance(base, GWBroadcast) else base
+        router = base if self.threshold is None else GWBroadcast(
+            base, threshold=self.threshold, measure=self.measure, max_slots=self.max_slots)
+        return set_router(model, router, **({} if self.z_loss else {"z_coef": 0.0}))

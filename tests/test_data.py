@@ -170,3 +170,68 @@ def test_byte_kind():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _corpus():
+    return D.byte_corpus("abcdefghij" * 10)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: D.make_toy_task(n=2.0), TypeError, "n must be an int, got n=2.0"),
+        (lambda: D.make_toy_task(num_clusters=True), TypeError, "num_clusters=True"),
+        (lambda: D.make_toy_task(dim=4.0), TypeError, "dim=4.0"),
+        (lambda: D.make_toy_task(seed=0.5), TypeError, "seed=0.5"),
+        (lambda: D.make_toy_task(sample_seed="1"), TypeError, "sample_seed='1'"),
+        (lambda: D.make_toy_task(spread=float("nan")), ValueError, "spread=nan"),
+        (lambda: D.make_toy_task(noise=float("nan")), ValueError, "noise=nan"),
+        (lambda: D.make_toy_task(n=10).split(float("nan")), ValueError, "frac=nan"),
+        (lambda: D.make_multitask(n=8.0), TypeError, "n=8.0"),
+        (lambda: D.make_multitask(max_len=6.5), TypeError, "max_len=6.5"),
+        (lambda: D.make_multitask(tasks="copy"), TypeError, "tasks.*'copy'"),
+        (lambda: D.seq_len(0), ValueError, "max_len must be >= 1, got max_len=0"),
+        (lambda: D.seq_len(2.0), TypeError, "max_len=2.0"),
+        (lambda: _corpus().batch("train", 2.0, 4, torch.Generator()), TypeError, "batch_size=2.0"),
+        (lambda: _corpus().batch("train", 0, 4, torch.Generator()), ValueError, "batch_size.*got 0"),
+        (lambda: _corpus().batch("train", 2, 0, torch.Generator()), ValueError, "block_size=0"),
+        (lambda: _corpus().batch("train", 2, 4.0, torch.Generator()), TypeError, "block_size=4.0"),
+        (lambda: _corpus().batch("train", 2, 4, None), TypeError, "generator.*NoneType"),
+        (lambda: D.ByteCorpus(torch.arange(9), torch.arange(1)).batch("val", 1, 1, torch.Generator()),
+         ValueError, "val split holds 1 bytes"),
+        (lambda: D.byte_corpus(b"abcdef"), TypeError, "text must be a str.*bytes"),
+        (lambda: D.byte_corpus("abcdef", val_frac=float("nan")), ValueError, "val_frac=nan"),
+    ],
+)
+def test_bad_types_and_sizes(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_negative_and_out_of_vocabulary_ids_do_not_wrap():
+    assert D.decode([1, D.IGNORE_INDEX, D.PAD_ID, 2]) == "12"
+    with pytest.raises(ValueError, match="ids holds -1"):
+        D.decode([1, -1])  # VOCAB[-1] is <pad>: silently dropped before
+    with pytest.raises(ValueError, match=f"ids holds {len(D.VOCAB)}"):
+        D.decode(torch.tensor([len(D.VOCAB)]))
+    with pytest.raises(TypeError, match="ids must be ints, got 1.0"):
+        D.decode(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"1-D.*\(2, 3\)"):
+        D.decode(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 256\), got -1"):
+        D.byte_kind(torch.tensor([65, -1]))  # would be byte 255's kind
+    with pytest.raises(ValueError, match="got 256"):
+        D.byte_kind(torch.tensor([256]))
+    with pytest.raises(TypeError, match="float32"):
+        D.byte_kind(torch.tensor([65.7]))
+    assert D.byte_kind(torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def test_toy_target_checks_clusters():
+    t = D.make_toy_task(n=10, num_clusters=3, dim=4)
+    with pytest.raises(ValueError, match=r"cluster must be in \[0, 3\), got -1"):
+        t.target(t.x[:2], torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="got 3"):
+        t.target(t.x[:1], torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"x \(2, 4\) and cluster \(3,\)"):
+        t.target(t.x[:2], torch.tensor([0, 1, 2]))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minimoe import MoE, MoEConfig, interop
+from minimoe.routing import GWBroadcast, TopK, TopP
 
 SKIP = "the Mixtral parity tests need transformers>=5: install the bench extra: pip install -e '.[bench]'"
 
@@ -31,7 +32,7 @@ def block():
 
 def test_outputs_and_router_logits_agree(block):
     moe = interop.from_mixtral(block)
-    assert (moe.config.k, moe.config.d_hidden, moe.config.num_experts) == (2, 64, 8)
+    assert (moe.config.router, moe.config.d_hidden, moe.config.num_experts) == (TopK(k=2), 64, 8)
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))  # (B, L, d)
     moe.eval(), block.eval()
     with torch.no_grad():
@@ -47,9 +48,9 @@ def test_round_trips_keep_weights(block):
     back = interop.to_mixtral(interop.from_mixtral(block))
     for name, p in block.state_dict().items():
         assert torch.equal(back.state_dict()[name], p), name
-    moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, k=1))
+    moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, router=TopK(k=1)))
     again = interop.from_mixtral(interop.to_mixtral(moe))
-    assert again.config.k == 1
+    assert again.config.router == TopK(k=1)
     for name, p in moe.state_dict().items():
         assert torch.equal(again.state_dict()[name], p), name
 
@@ -68,12 +69,12 @@ def test_gradients_agree(block):
 
 
 @pytest.mark.parametrize("change", [
-    {"router": "top_p"}, {"renormalize": False}, {"activation": "gelu"},
-    {"capacity_factor": 1.25}, {"gw_threshold": 0.5},
+    {"router": TopP()}, {"router": TopK(renormalize=False)}, {"activation": "gelu"},
+    {"capacity_factor": 1.25}, {"router": GWBroadcast(TopK(), threshold=0.5)},
 ])
 def test_inexpressible_moe_raises(change):
     name = next(iter(change))
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name):  # router=... or activation=... or capacity_factor=...
         interop.to_mixtral(MoE(MoEConfig(d_model=8, d_hidden=16, num_experts=4, **change)))
 
 
@@ -81,7 +82,7 @@ def test_inexpressible_block_or_config_raises(block):
     block.jitter_noise = 0.01  # training-time input noise: no minimoe counterpart
     with pytest.raises(ValueError, match="jitter"):
         interop.from_mixtral(block)
-    moe = MoE(MoEConfig(d_model=32, d_hidden=64, num_experts=8, k=1))
+    moe = MoE(MoEConfig(d_model=32, d_hidden=64, num_experts=8, router=TopK(k=1)))
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         interop.to_mixtral(moe, block.experts.config)  # a top-2 config for a top-1 MoE
 

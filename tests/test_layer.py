@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minimoe.layer import MoE, MoEConfig
+from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
 from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
 
 D, H, E = 8, 16, 4
@@ -37,11 +38,11 @@ def mixture(moe, x, weights):
 
 ROUTER_CONFIGS = {
     "top_k": {},
-    "switch": {"k": 1, "renormalize": False},
-    "noisy_top_k": {"router": "noisy_top_k"},
-    "top_p": {"router": "top_p"},
-    "adaptive": {"router": "adaptive"},
-    "gw": {"gw_threshold": 0.5, "gw_max_slots": 2},
+    "switch": {"router": TopK(k=1, renormalize=False)},
+    "noisy_top_k": {"router": NoisyTopK()},
+    "top_p": {"router": TopP()},
+    "adaptive": {"router": Adaptive()},
+    "gw": {"router": GWBroadcast(TopK(), threshold=0.5, max_slots=2)},
     "capacity_loop": {"capacity_factor": 1.0, "dispatch": "loop"},
 }
 
@@ -111,7 +112,7 @@ def test_z_loss_and_dynamic_loss_by_hand():
         ({"dynamic_coef": 1e-4}, 1, 1e-4),
         # top_p at p = 0.4 over P = 1/4 keeps 2 experts; L_b counts the selected set, so
         # L_b = E * sum_i f_i / E = 2; beta defaults to the paper's 1e-4
-        ({"router": "top_p"}, 2, 1e-4),
+        ({"router": TopP()}, 2, 1e-4),
     ],
 )
 def test_layer_aux_loss_by_hand(overrides, balance, beta):
@@ -165,7 +166,7 @@ def forced_layer(**overrides):
     ],
 )
 def test_dropped_pairs_for_forced_routing(k, capacity_factor, dropped_pairs, dropped_tokens):
-    moe, x = forced_layer(k=k, capacity_factor=capacity_factor)
+    moe, x = forced_layer(router=TopK(k=k), capacity_factor=capacity_factor)
     out = moe(x)
     stats = out.stats
     assert stats.dropped_pairs.item() == dropped_pairs
@@ -181,7 +182,7 @@ def test_dropped_pairs_for_forced_routing(k, capacity_factor, dropped_pairs, dro
 
 @pytest.mark.parametrize("k, renormalize", [(1, False), (1, True), (2, True), (2, False)])
 def test_layer_output_is_the_dense_mixture_of_top_k(k, renormalize):
-    moe, x = layer(k=k, renormalize=renormalize), tokens(10)
+    moe, x = layer(router=TopK(k=k, renormalize=renormalize)), tokens(10)
     p = router_probs(moe, x)
     top = p.topk(k, dim=1)
     g = top.values / top.values.sum(1, keepdim=True) if renormalize else top.values  # Switch: P_max
@@ -192,7 +193,7 @@ def test_layer_output_is_the_dense_mixture_of_top_k(k, renormalize):
 
 
 def test_gw_training_is_the_dense_mixture_and_eval_is_top_k():
-    moe, x = layer(gw_threshold=0.0), tokens(10)
+    moe, x = layer(router=GWBroadcast(TopK(k=2), threshold=0.0)), tokens(10)
     p = router_probs(moe, x)
     moe.train()
     out = moe(x)
@@ -208,7 +209,7 @@ def test_gw_training_is_the_dense_mixture_and_eval_is_top_k():
 
 
 def test_gw_max_slots_counts_per_sequence():
-    moe = layer(gw_threshold=0.0, gw_max_slots=2)
+    moe = layer(router=GWBroadcast(TopK(k=2), threshold=0.0, max_slots=2))
     out = moe(tokens(3, 5))
     assert out.routing.broadcast.view(3, 5).tolist() == [[True, True, False, False, False]] * 3
 
@@ -235,10 +236,9 @@ def test_same_seed_same_output(name):
 @pytest.mark.parametrize(
     "overrides, text",
     [
-        ({"router": "switch"}, "'switch'"),
+        ({"router": TopK(k=5)}, "k=5"),
         ({"dispatch": "scatter"}, "'scatter'"),
         ({"activation": "relu"}, "'relu'"),
-        ({"k": 5}, "k=5"),
         ({"capacity_factor": 0}, "capacity_factor=0"),
     ],
 )

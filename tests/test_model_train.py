@@ -198,3 +198,142 @@ def test_paired_timing_ratio_is_the_median_of_per_round_ratios():
     assert all(len(v) == 3 for v in timed.rounds.values())
     with pytest.raises(ValueError, match="'z'"):
         t.ratio("a", "z")
+
+
+# ---- argument checks, non-finite losses, safe checkpoints --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"steps": -1}, ValueError, "steps must be >= 0, got steps=-1"),
+        ({"steps": 2.0}, TypeError, "steps must be an int, got steps=2.0"),
+        ({"steps": True}, TypeError, "steps=True"),
+        ({"lr": 0.0}, ValueError, "lr must be finite and > 0, got lr=0.0"),
+        ({"lr": float("nan")}, ValueError, "lr=nan"),
+        ({"lr": "0.1"}, TypeError, "lr='0.1'"),
+        ({"weight_decay": -0.1}, ValueError, "weight_decay=-0.1"),
+        ({"weight_decay": float("inf")}, ValueError, "weight_decay=inf"),
+        ({"grad_clip": -1.0}, ValueError, "grad_clip must be finite and >= 0, got grad_clip=-1.0"),
+        ({"grad_clip": float("inf")}, ValueError, "grad_clip=inf"),
+        ({"seed": 1.5}, TypeError, "seed=1.5"),
+        ({"seed": -1}, ValueError, "seed=-1"),
+        ({"eval_every": False}, TypeError, "eval_every=False"),
+        ({"eval_every": -5}, ValueError, "eval_every=-5"),
+    ],
+)
+def test_train_config_refuses_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_is_frozen():
+    import dataclasses
+
+    config = TrainConfig(steps=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 5
+    assert dataclasses.replace(config, grad_clip=0.0).grad_clip == 0.0
+
+
+def _toy_batches_with_nan_at(call: int):
+    task = make_toy_task(256, seed=0)
+    batches, calls = toy_batches(task, 32), [0]
+
+    def get_batch(g):
+        calls[0] += 1
+        batch = batches(g)
+        if calls[0] == call:
+            batch["y"] = torch.full_like(batch["y"], float("nan"))
+        return batch
+
+    return get_batch
+
+
+@pytest.mark.parametrize("steps", [5, 3])  # the bad batch in the middle, and at the last step
+def test_nan_task_loss_stops_training(steps):
+    model = MoERegressor(16, 8, MoEConfig(d_model=16, d_hidden=32, num_experts=4))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3 \(lr=0.003"):
+        train(model, _toy_batches_with_nan_at(3), TrainConfig(steps=steps, progress=False))
+
+
+class _InfAuxLoss(torch.nn.Module):
+    """A finite task loss, and an aux loss that is inf at the second call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.calls = torch.nn.Parameter(torch.ones(4)), 0
+
+    def forward(self, x):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        aux = torch.tensor(float("inf") if self.calls == 2 else 0.0)
+        return SimpleNamespace(loss=(self.w * x).pow(2).mean(), aux_loss=aux, layers=[])
+
+
+def test_inf_aux_loss_stops_training():
+    with pytest.raises(FloatingPointError, match=r"loss is inf at step 2 \(lr=0.01.*aux loss inf"):
+        train(_InfAuxLoss(), lambda g: {"x": torch.randn(8, 4, generator=g)},
+              TrainConfig(steps=4, lr=0.01, progress=False))
+
+
+def _saved_regressor(path):
+    model = MoERegressor(16, 8, MoEConfig(d_model=16, num_experts=4)).eval()
+    save_checkpoint(model, path)
+    return model
+
+
+def test_checkpoint_with_a_flipped_byte_is_refused(tmp_path):
+    path = tmp_path / "toy.pt"
+    _saved_regressor(path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{path}.*corrupt"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "toy.pt"
+    _saved_regressor(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{path} cannot be read \\(corrupt or truncated"):
+        load_checkpoint(path)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "toy.pt"
+    model = _saved_regressor(path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # an extra that cannot be pickled
+        save_checkpoint(model, path, callback=lambda: None)
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if not isinstance(f, __import__("io").BytesIO):  # the write to disk: cut it short
+            f.seek(10)
+            f.truncate()
+            raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["toy.pt"]  # no temporary file left
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(path)(x).logits, model(x).logits)
+
+
+def test_checkpoint_without_checksum_still_loads(tmp_path):
+    path = tmp_path / "toy.pt"
+    model = _saved_regressor(path)
+    # the format before checksums (data/gw_pretrained.pt): the checkpoint dict torch.saved directly
+    payload = torch.load(path, weights_only=True)["payload"]
+    (tmp_path / "old.pt").write_bytes(payload.numpy().tobytes())
+    assert "kind" in torch.load(tmp_path / "old.pt", weights_only=True)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "old.pt")(x).logits, model(x).logits)

@@ -8,7 +8,7 @@ import torch
 from minimoe.analysis import expert_for_cluster
 from minimoe.layer import MoEConfig
 from minimoe.model import MoERegressor
-from minimoe.routing import Routing, gw_broadcast, top_k
+from minimoe.routing import Routing, TopK, gw_broadcast, top_k
 from minimoe.uncertainty import (
     binned_rate,
     changed,
@@ -95,7 +95,7 @@ def test_binned_rate_equal_count_bins():
 
 def toy_model():
     torch.manual_seed(0)
-    return MoERegressor(8, 2, MoEConfig(d_model=8, d_hidden=8, num_experts=4, k=2))
+    return MoERegressor(8, 2, MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=TopK(k=2)))
 
 
 def test_record_routing_restores_mode_and_matches_the_layer():
