@@ -35,14 +35,11 @@ import torch.distributed as dist
 
 from minimoe.layer import MoE, MoEConfig
 from minimoe.parallel import ExpertParallelMoE, launch
+from minimoe.routing import Adaptive, Router, TopK, TopP
 
 D_MODEL, D_HIDDEN, NUM_EXPERTS, WORLD = 128, 256, 8, 2
 ROUTER_SCALE = 4.0
-ROUTERS = {
-    "top-2": dict(router="top_k", k=2),
-    "top-p 0.4": dict(router="top_p", top_p=0.4),
-    "adaptive 0.1": dict(router="adaptive", adaptive_threshold=0.1),
-}
+ROUTERS = {"top-2": TopK(k=2), "top-p 0.4": TopP(p=0.4), "adaptive 0.1": Adaptive(threshold=0.1)}
 VARIANTS = ("1 proc x 1 thread", "1 proc x 2 threads", "2 procs x 1 thread")
 
 
@@ -68,11 +65,11 @@ def timed(fn, everyone: bool) -> float:
     return seconds
 
 
-def bench_router(overrides: dict, tokens: int, warmup: int, repeats: int, variants: tuple[str, ...]) -> dict:
+def bench_router(router: Router, tokens: int, warmup: int, repeats: int, variants: tuple[str, ...]) -> dict:
     """Runs on both ranks; rank 0's result holds the times."""
     rank = dist.get_rank()
     torch.manual_seed(0)
-    moe = MoE(MoEConfig(d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=NUM_EXPERTS, **overrides))
+    moe = MoE(MoEConfig(d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=NUM_EXPERTS, router=router))
     with torch.no_grad():
         moe.gate.weight.mul_(ROUTER_SCALE)
     ep = ExpertParallelMoE.from_moe(moe)
@@ -112,8 +109,7 @@ def bench_router(overrides: dict, tokens: int, warmup: int, repeats: int, varian
 
 
 def worker(tokens: int, warmup: int, repeats: int, variants: tuple[str, ...]) -> dict:
-    return {name: bench_router(overrides, tokens, warmup, repeats, variants)
-            for name, overrides in ROUTERS.items()}
+    return {name: bench_router(router, tokens, warmup, repeats, variants) for name, router in ROUTERS.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

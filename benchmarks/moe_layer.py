@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimoe.experiments.common import Timings, interleaved, synchronize
+from course.common import Timings, interleaved, synchronize
 from minimoe.layer import MoE, MoEConfig
-from minimoe.routing import adaptive
+from minimoe.routing import Adaptive, TopK, TopP, adaptive
 
 try:
     from minimoe.interop import to_mixtral
@@ -221,7 +221,7 @@ def calibrate_router_scale(model: MoE, x: Tensor, share: float) -> float:
     top-1/top-2 gap grows, so the one-expert share grows with s. Bisection in log space.
     """
     with torch.no_grad():
-        logits, _ = model.router_logits(x)
+        logits = model.router_logits(x)  # (T, E)
 
     def one_expert_share(s: float) -> float:
         mask = adaptive(logits * s, ADAPTIVE_THRESHOLD).mask
@@ -248,9 +248,8 @@ class HFBlock(nn.Module):
 def build(device: torch.device, seed: int, one_expert_share: float, num_experts: int):
     torch.manual_seed(seed)
     config = MoEConfig(
-        d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=num_experts, router="top_k", k=K,
+        d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=num_experts, router=TopK(k=K),
         activation="swiglu", capacity_factor=None, dispatch="sorted",
-        top_p=TOP_P, adaptive_threshold=ADAPTIVE_THRESHOLD,
     )
     base = MoE(config).to(device)
     calib = torch.randn(8192, D_MODEL, generator=torch.Generator().manual_seed(seed + 1))
@@ -260,8 +259,8 @@ def build(device: torch.device, seed: int, one_expert_share: float, num_experts:
     variants = {
         "top2-loop": replace(config, dispatch="loop"),
         "top2-sorted": config,
-        f"top-p {TOP_P}": replace(config, router="top_p"),
-        "adaptive": replace(config, router="adaptive"),
+        f"top-p {TOP_P}": replace(config, router=TopP(p=TOP_P)),
+        "adaptive": replace(config, router=Adaptive(threshold=ADAPTIVE_THRESHOLD)),
     }
     models: dict[str, nn.Module] = {}
     for name, cfg in variants.items():

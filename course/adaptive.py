@@ -1,60 +1,63 @@
 """Chapter 5: adaptive gating vs top-2, the threshold sweep and the curriculum
-(``python -m minimoe adaptive``).
+(``python -m course adaptive``).
 
 Every run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort < add: the
 task index is the difficulty) in epochs of a ``CurriculumSampler``: shuffled, or in the
 curriculum's order. Validation loss (answer tokens) is taken every ``eval_every`` steps.
 Routing statistics leave padding out. Wall-clock comparisons are interleaved: each round
 runs every variant once, in alternating order; a time ratio is the median over rounds of the
-two variants' ratio in the same round (``experiments.common.interleaved``).
+two variants' ratio in the same round (``course.common.interleaved``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from course import common
+from course.common import (
+    Timings,
+    add_experiment_args,
+    add_setup_args,
+    interleaved,
+    load_json,
+    seed_means,
+    set_threads,
+    setup_from_args,
+    write_seed_results,
+)
 from minimoe.analysis import RoutingRecorder, experts_per_token_by_group
+from minimoe.cli import non_negative, non_negative_int, positive_int
 from minimoe.curriculum import CurriculumSampler
-from minimoe.data import EOS_ID, PAD_ID, VOCAB, MultiTaskData, make_multitask, seq_len
+from minimoe.data import EOS_ID, PAD_ID, VOCAB, Batch, MultiTaskData, make_multitask, seq_len
 from minimoe.dispatch import combine
-from minimoe.experiments.common import Timings, add_experiment_args, interleaved, set_threads
 from minimoe.experts import Experts
-from minimoe.layer import MoEConfig
-from minimoe.model import ModelConfig, TinyTransformer
-from minimoe.routing import top_k
+from minimoe.layer import moe_layers
+from minimoe.model import TinyTransformer, set_router
+from minimoe.routing import Adaptive, Router, TopK, top_k
 from minimoe.train import History, TrainConfig, mean_loss, train
 
 TOKEN_KINDS = ("prompt", "answer", "end")  # end: <eos> and <pad> inputs, nothing left to say
 
 
 @dataclass
-class Setup:
+class Setup(common.Setup):
     """The scale of one comparison (the notebook's defaults run in seconds on one CPU core)."""
 
+    steps: int = 200
+    lr: float = 5e-3
     n_train: int = 2048
     n_val: int = 512
     max_len: int = 4  # longest operand: sequences of seq_len(4) = 16 tokens
-    n_layers: int = 2
-    d_model: int = 64
-    d_hidden: int = 128
-    num_experts: int = 8
-    batch_size: int = 32
-    steps: int = 200
-    lr: float = 5e-3
     eval_every: int = 10
-    seed: int = 0
-    device: str = "cpu"
 
 
 def make_data(setup: Setup) -> tuple[MultiTaskData, MultiTaskData]:
@@ -63,14 +66,11 @@ def make_data(setup: Setup) -> tuple[MultiTaskData, MultiTaskData]:
             make_multitask(setup.n_val, max_len=setup.max_len, seed=setup.seed + 1000))
 
 
-def build_model(setup: Setup, router: str = "adaptive", threshold: float = 0.1, gap: str = "raw") -> TinyTransformer:
-    """The chapter's model; the balance loss counts top-1 decisions (``balance_count="first"``)."""
+def build_model(setup: Setup, router: Router = Adaptive()) -> TinyTransformer:
+    """The chapter's model from the setup's seed; both routers' balance loss counts top-1
+    decisions (``balance_count="first"``, alpha = 1e-2)."""
     torch.manual_seed(setup.seed)
-    moe = MoEConfig(d_model=setup.d_model, d_hidden=setup.d_hidden, num_experts=setup.num_experts,
-                    router=router, k=2, adaptive_threshold=threshold, adaptive_gap=gap,
-                    balance_count="first", balance_coef=1e-2)
-    config = ModelConfig(vocab_size=len(VOCAB), block_size=seq_len(setup.max_len),
-                         n_layers=setup.n_layers, n_heads=4, moe=moe)
+    config = setup.model_config(len(VOCAB), seq_len(setup.max_len), router=router)
     return TinyTransformer(config).to(setup.device)
 
 
@@ -115,10 +115,9 @@ class Run:
 
 
 def train_variant(setup: Setup, data: MultiTaskData, val: MultiTaskData, name: str,
-                  router: str = "adaptive", threshold: float = 0.1, curriculum: bool = False,
-                  gap: str = "raw", progress: bool = False) -> Run:
+                  router: Router = Adaptive(), curriculum: bool = False, progress: bool = False) -> Run:
     """Train one variant from the setup's seed; every variant sees the same initial weights."""
-    model = build_model(setup, router, threshold, gap)
+    model = build_model(setup, router)
     samples = {"idx": data.inputs, "targets": data.targets}
     sampler = CurriculumSampler(model, samples, setup.batch_size, curriculum=curriculum,
                                 valid=data.inputs != PAD_ID)
@@ -158,12 +157,11 @@ def routing_report(model: nn.Module, val: MultiTaskData) -> dict:
 
 def with_threshold(model: TinyTransformer, threshold: float) -> TinyTransformer:
     """A copy of an adaptive model that routes with another threshold (0: top-1, 1: top-2)."""
-    twin = copy.deepcopy(model)
-    twin.config.moe.adaptive_threshold = threshold  # one MoEConfig, shared by every layer
-    return twin
+    router = moe_layers(model)[0].config.router
+    return set_router(copy.deepcopy(model), replace(router, threshold=threshold))
 
 
-def time_train_steps(models: dict[str, nn.Module], batch: dict[str, Tensor],
+def time_train_steps(models: dict[str, nn.Module], batch: Batch,
                      repeats: int = 20) -> Timings:
     """Seconds of one training step (forward, backward, AdamW update) per model, on one batch,
     interleaved: ``[name]`` the median, ``.ratio(name, reference)`` the paired ratio. The
@@ -228,12 +226,13 @@ def compare(setup: Setup, thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
             timing_repeats: int = 20, progress: bool = False) -> dict:
     """Top-2, adaptive at each threshold, and adaptive (T = 0.1) with the curriculum."""
     data, val = make_data(setup)
-    runs = {"top-2": train_variant(setup, data, val, "top-2", router="top_k", progress=progress)}
+    runs = {"top-2": train_variant(setup, data, val, "top-2", router=TopK(k=2), progress=progress)}
     for t in thresholds:
-        runs[f"adaptive T={t}"] = train_variant(setup, data, val, f"adaptive T={t}", threshold=t,
+        runs[f"adaptive T={t}"] = train_variant(setup, data, val, f"adaptive T={t}", Adaptive(threshold=t),
                                                 progress=progress)
     runs["adaptive T=0.1 + curriculum"] = train_variant(
-        setup, data, val, "adaptive T=0.1 + curriculum", threshold=0.1, curriculum=True, progress=progress)
+        setup, data, val, "adaptive T=0.1 + curriculum", Adaptive(threshold=0.1), curriculum=True,
+        progress=progress)
     batch = {"idx": data.inputs[: setup.batch_size], "targets": data.targets[: setup.batch_size]}
     models = {n: r.model for n, r in runs.items()}
     if "adaptive T=0.1" in runs:  # the same weights routed top-1: what the experts cost at most
@@ -265,23 +264,14 @@ def compare(setup: Setup, thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
     }
 
 
-CACHED = Path(__file__).resolve().parents[2] / "data" / "adaptive" / "results.json"
-
-
 def load_cached(path: str | Path | None = None) -> dict:
-    """The shipped results of the bigger run (data/adaptive/; see data/README.md)."""
-    return json.loads(Path(path or CACHED).read_text())
+    """Results of the command; by default the shipped bigger run (data/adaptive/; see data/README.md)."""
+    return load_json(path, "adaptive/results.json")
 
 
 def summarize(per_seed: list[dict]) -> list[dict]:
     """Per variant, the mean over seeds of every numeric column (None where any seed is None)."""
-    summary = []
-    for i, row in enumerate(per_seed[0]["rows"]):
-        same = [r["rows"][i] for r in per_seed]
-        mean = {k: (None if any(s[k] is None for s in same) else round(statistics.fmean(s[k] for s in same), 4))
-                for k in row if k != "variant"}
-        summary.append({"variant": row["variant"], "seeds": len(same), **mean})
-    return summary
+    return seed_means([r for s in per_seed for r in s["rows"]], "variant", digits=4)
 
 
 def write_results(per_seed: list[dict], out: Path) -> list[Path]:
@@ -291,15 +281,8 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(per_seed)
-    (out / "results.json").write_text(json.dumps({"summary": summary, "per_seed": per_seed}, indent=1))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["seed", *per_seed[0]["rows"][0]])
-        w.writeheader()
-        for r in per_seed:
-            w.writerows({"seed": r["setup"]["seed"], **row} for row in r["rows"])
-        w.writerows({"seed": "mean", **{k: v for k, v in row.items() if k != "seeds"}} for row in summary)
+    paths = write_seed_results(out, per_seed, summary)
     first = per_seed[0]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     for n, c in first["curves"].items():
@@ -325,29 +308,25 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     axes[2].legend(fontsize=7)
     fig.savefig(out / "adaptive.png", dpi=110)
     plt.close(fig)
-    return [out / "results.json", out / "results.csv", out / "adaptive.png"]
+    return [*paths, out / "adaptive.png"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adaptive", help="adaptive gating vs top-2, threshold sweep, curriculum")
-    bigger = {"steps": 600}  # the notebook's Setup, trained three times as long, on three seeds
-    for field, value in asdict(Setup()).items():
-        if field not in ("device", "seed"):
-            p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=bigger.get(field, value))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
-    p.add_argument("--timing-repeats", type=int, default=20)
+    add_setup_args(p, Setup(steps=600))  # the notebook's Setup, trained three times as long, on three seeds
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--thresholds", type=non_negative, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--timing-repeats", type=positive_int, default=20)
     add_experiment_args(p, out="runs/adaptive")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     set_threads(args)
-    fields = {k: getattr(args, k) for k in asdict(Setup()) if k != "seed"}
     per_seed = []
     for seed in args.seeds:
         print(f"seed {seed}: training {len(args.thresholds) + 2} variants", flush=True)
-        per_seed.append(compare(Setup(**fields, seed=seed), args.thresholds, args.timing_repeats,
+        per_seed.append(compare(setup_from_args(Setup, args, seed), args.thresholds, args.timing_repeats,
                                 progress=not args.no_progress))
     print(f"means over seeds {args.seeds}:")
     print(f"{'variant':<28} {'val loss':>8} {'on two':>7} {'FLOPs':>6} {'time':>6} {'steps to top-2 loss':>20}")

@@ -1,92 +1,106 @@
-"""Pieces every experiment needs: batch samplers, model construction, argument parsing, timing."""
+"""What the chapters' experiments share: the set-up, cached results, tables over seeds, timing.
+
+The library's own command line (``minimoe.cli``) holds the checked argparse types and the
+router flags; batch samplers live in ``minimoe.data``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from minimoe.data import ByteCorpus, MultiTaskData, ToyTask
+from minimoe.cli import (
+    ROUTER_FLAGS,
+    non_negative,
+    non_negative_int,
+    positive,
+    router_from_flags,
+    write_json,
+)
 from minimoe.layer import MoEConfig
-from minimoe.routing import ROUTERS
+from minimoe.model import ModelConfig
 
-Batch = dict[str, torch.Tensor]
-
-
-def lm_batches(corpus: ByteCorpus, batch_size: int, block_size: int, split: str = "train") -> Callable[[torch.Generator], Batch]:
-    """Random windows of the byte corpus as {idx, targets}."""
-    def get(g: torch.Generator) -> Batch:
-        idx, targets = corpus.batch(split, batch_size, block_size, g)
-        return {"idx": idx, "targets": targets}
-    return get
+DATA = Path(__file__).resolve().parent.parent / "data"  # the repository's data/: cached results
 
 
-def multitask_batches(data: MultiTaskData, batch_size: int) -> Callable[[torch.Generator], Batch]:
-    """Random samples of the graded token tasks as {idx, targets} (loss on answers only)."""
-    def get(g: torch.Generator) -> Batch:
-        i = torch.randint(0, len(data), (batch_size,), generator=g)
-        return {"idx": data.inputs[i], "targets": data.targets[i]}
-    return get
+def cached(name: str) -> Path:
+    """``data/<name>``, a cached result of a bigger run that a chapter reads (see data/README.md)."""
+    path = DATA / name
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}: clone the repository: data/ ships with it; "
+                                f"data/README.md gives the command that regenerates {name}")
+    return path
 
 
-def toy_batches(task: ToyTask, batch_size: int) -> Callable[[torch.Generator], Batch]:
-    """Random samples of the toy regression task as {x, y}."""
-    def get(g: torch.Generator) -> Batch:
-        i = torch.randint(0, len(task), (batch_size,), generator=g)
-        return {"x": task.x[i], "y": task.y[i]}
-    return get
+def load_json(path: str | Path | None, name: str) -> dict:
+    """The JSON file at ``path``; by default the cached ``data/<name>``."""
+    return json.loads((cached(name) if path is None else Path(path)).read_text())
 
 
-def add_moe_args(p: argparse.ArgumentParser) -> None:
-    """Router and layer options, named as MoEConfig's fields."""
-    g = p.add_argument_group("MoE layer")
-    g.add_argument("--router", default="top_k", choices=sorted(ROUTERS))
-    g.add_argument("--k", type=int, default=2)
-    g.add_argument("--top-p", type=float, default=0.4)
-    g.add_argument("--adaptive-threshold", type=float, default=0.1)
-    g.add_argument("--experts", type=int, default=8, help="number of experts")
-    g.add_argument("--d-model", type=int, default=64)
-    g.add_argument("--d-hidden", type=int, default=128, help="width of each expert")
-    g.add_argument("--capacity-factor", type=float, default=None, help="omit for dropless")
-    g.add_argument("--balance-coef", type=float, default=1e-2)
-    g.add_argument("--z-coef", type=float, default=1e-3)
-    g.add_argument("--dynamic-coef", type=float, default=None, help="default: 1e-4 for top_p, else 0")
-    g.add_argument("--dispatch", default="sorted", choices=["sorted", "loop"])
+# ---- the set-up ----------------------------------------------------------------------------
 
 
-def moe_config_from_args(args: argparse.Namespace, **overrides) -> MoEConfig:
-    fields = dict(
-        d_model=args.d_model, d_hidden=args.d_hidden, num_experts=args.experts, router=args.router,
-        k=args.k, top_p=args.top_p, adaptive_threshold=args.adaptive_threshold,
-        capacity_factor=args.capacity_factor, balance_coef=args.balance_coef, z_coef=args.z_coef,
-        dynamic_coef=args.dynamic_coef, dispatch=args.dispatch,
-    )
-    return MoEConfig(**(fields | overrides))
+@dataclass
+class Setup:
+    """What every run of one comparison shares: the tiny transformer's size and the training run.
+    Each chapter's Setup adds its own fields and defaults."""
+
+    n_layers: int = 2
+    d_model: int = 64
+    d_hidden: int = 128  # width of each expert
+    num_experts: int = 8
+    batch_size: int = 32
+    steps: int = 600
+    lr: float = 3e-3
+    seed: int = 0
+    device: str = "cpu"
+
+    def model_config(self, vocab_size: int, block_size: int, **moe: Any) -> ModelConfig:
+        """A TinyTransformer with 4 heads; ``moe``: MoEConfig fields (``router=TopP(p=0.4)``, ...)."""
+        layer = MoEConfig(**(dict(d_model=self.d_model, d_hidden=self.d_hidden,
+                                  num_experts=self.num_experts) | moe))
+        return ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layers=self.n_layers,
+                           n_heads=4, moe=layer)
 
 
-def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--steps", type=int, default=steps)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
-                   help="mixed precision (float16: CUDA only); routers stay float32")
-    g.add_argument("--out", type=Path, default=None, help="folder for results (JSON, plots, checkpoint)")
-    g.add_argument("--no-progress", action="store_true")
+def moe_changes(named: dict[str, Any]) -> dict[str, Any]:
+    """MoEConfig fields from a run as results.json names it: the router by name, its settings
+    by their command-line names (``{"router": "top_p", "top_p": 0.4, "z_coef": 0}`` ->
+    ``{"router": TopP(p=0.4), "z_coef": 0}``; see ``minimoe.cli.router_from_flags``)."""
+    flags = {k: v for k, v in named.items() if k in ROUTER_FLAGS}
+    rest = {k: v for k, v in named.items() if k not in ROUTER_FLAGS and k != "router"}
+    return {"router": router_from_flags(named.get("router", "top_k"), **flags)} | rest
+
+
+def add_setup_args(p: argparse.ArgumentParser, defaults: Setup) -> None:
+    """A flag per field of ``defaults`` but seed and device (the commands take ``--seeds`` and
+    ``--device``), its value the default; numbers out of range are refused by argparse."""
+    for f in fields(defaults):
+        if f.name not in ("seed", "device"):
+            value = getattr(defaults, f.name)
+            check = positive if f.name == "lr" else non_negative if isinstance(value, float) else non_negative_int
+            p.add_argument("--" + f.name.replace("_", "-"), type=check, default=value, help="default: %(default)s")
+
+
+def setup_from_args(cls: type[Setup], args: argparse.Namespace, seed: int) -> Setup:
+    """The Setup of ``add_setup_args``'s (and ``--device``'s) options, for one seed."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed)
 
 
 def add_experiment_args(p: argparse.ArgumentParser, out: str) -> None:
     """--device, --threads, --out and --no-progress, shared by every experiment command."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (tiny models: 1 is fastest)")
+    p.add_argument("--threads", type=non_negative_int, default=None,
+                   help="torch CPU threads (tiny models: 1 is fastest)")
     p.add_argument("--out", type=Path, default=Path(out), help="folder for the table and plots (runs/ is git-ignored)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -97,9 +111,48 @@ def set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def write_json(path: Path, obj: object) -> None:
+# ---- tables over seeds ---------------------------------------------------------------------
+
+
+def seed_means(rows: list[dict], by: str, columns: Sequence[str] | None = None,
+               std: Sequence[str] = (), digits: int | None = None) -> list[dict]:
+    """Per value of ``row[by]`` (in order of appearance), over its rows (one per seed): ``seeds``
+    (how many), the mean of each of ``columns`` (default: every column of the first row but
+    ``by`` and ``seed``; None where a row has None) and ``<column>_std`` for each of ``std``
+    (the sample standard deviation, 0 for one row); rounded to ``digits`` if given."""
+    columns = columns or [c for c in rows[0] if c not in (by, "seed")]
+    fit = (lambda v: v) if digits is None else (lambda v: round(v, digits))
+    out = []
+    for name in dict.fromkeys(r[by] for r in rows):
+        same = [r for r in rows if r[by] == name]
+        row = {by: name, "seeds": len(same)}
+        for c in columns:
+            values = [r[c] for r in same]
+            row[c] = None if None in values else fit(statistics.fmean(values))
+        for c in std:
+            row[f"{c}_std"] = fit(statistics.stdev(r[c] for r in same)) if len(same) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: Sequence[str] | None = None) -> Path:
+    """``rows`` as CSV; columns ``fieldnames`` (default: every key, in order of appearance)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fieldnames or dict.fromkeys(k for r in rows for k in r)),
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_seed_results(out: Path, per_seed: list[dict], summary: list[dict]) -> list[Path]:
+    """results.json (``{summary, per_seed}``) and results.csv: every seed's rows, then the
+    summary's with seed ``mean`` (each seed's ``setup`` gives a row its seed if it has none)."""
+    write_json(out / "results.json", {"summary": summary, "per_seed": per_seed})
+    rows = [r if "seed" in r else {"seed": s["setup"]["seed"], **r} for s in per_seed for r in s["rows"]]
+    means = [{**r, "seed": "mean"} for r in summary]
+    return [out / "results.json", write_csv(out / "results.csv", rows + means, fieldnames=list(rows[0]))]
 
 
 # ---- timing ---------------------------------------------------------------------------------

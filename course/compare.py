@@ -1,8 +1,8 @@
 """Chapter 6: which router? Every router of the course on one model, one data set, one seed set
-(``python -m minimoe compare``).
+(``python -m course compare``).
 
-The model is a tiny byte-level MoE language model, the data set data/shakespeare.txt (the last
-10% held out, ``byte_corpus``). For every seed all runs start from the same weights and see the
+The model is a tiny byte-level MoE language model, the data set the course's text (``load_text()``,
+the last 10% held out, ``byte_corpus``). For every seed all runs start from the same weights and see the
 same batches in the same order; only the routing changes. Every layer has a capacity factor
 (1.25 by default: capacity = ceil(1.25 * routed pairs / E) per batch, in training and in
 evaluation), so dropped tokens are measured; top-2, top-p and adaptive also run dropless
@@ -18,87 +18,76 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.axes import Axes
-from torch import Tensor, nn
+from torch import nn
 
-from minimoe.analysis import RoutingRecorder, load_imbalance
-from minimoe.data import BYTE_VOCAB_SIZE, ByteCorpus, byte_corpus
-from minimoe.experiments.adaptive import time_train_steps
-from minimoe.experiments.common import (
+from course import common
+from course.adaptive import time_train_steps
+from course.common import (
     Timings,
     add_experiment_args,
-    lm_batches,
+    add_setup_args,
+    load_json,
+    seed_means,
     set_threads,
-    write_json,
+    setup_from_args,
+    write_seed_results,
 )
-from minimoe.experiments.gw import eval_batch, inference_cost, recipes
-from minimoe.experiments.topp import load_results
-from minimoe.layer import MoEConfig
-from minimoe.model import ModelConfig, TinyTransformer
+from course.gw import eval_batch, inference_cost, recipes
+from minimoe.analysis import RoutingRecorder, load_imbalance
+from minimoe.cli import non_negative_int, positive_int
+from minimoe.data import BYTE_VOCAB_SIZE, Batch, ByteCorpus, byte_corpus, lm_batches
+from minimoe.model import TinyTransformer
+from minimoe.routing import Adaptive, NoisyTopK, TopK, TopP
 from minimoe.train import History, TrainConfig, train
 from minimoe.uncertainty import GWFineTuning
 
-Batch = dict[str, Tensor]
-CACHED = Path(__file__).resolve().parents[2] / "data" / "compare" / "results.json"
 REFERENCE = "top-2"  # ratios are to this run
 
-# the runs trained from scratch: name -> MoEConfig overrides (each router with its paper's losses)
+# the runs trained from scratch: name -> MoEConfig fields
 ROUTERS: dict[str, dict] = {
-    "top-1": {"router": "top_k", "k": 1, "renormalize": False},  # Switch: g = P_max
-    "top-2": {"router": "top_k", "k": 2},  # Mixtral: g renormalized over the two
-    "noisy top-2": {"router": "noisy_top_k", "k": 2},
-    "top-p": {"router": "top_p", "top_p": 0.4},  # p and beta = 1e-4: the paper's
-    "adaptive": {"router": "adaptive", "adaptive_threshold": 0.1},
+    "top-1": {"router": TopK(k=1, renormalize=False)},  # Switch: g = P_max
+    "top-2": {"router": TopK(k=2)},  # Mixtral: g renormalized over the two
+    "noisy top-2": {"router": NoisyTopK(k=2)},
+    "top-p": {"router": TopP(p=0.4)},  # p and beta = 1e-4: the paper's
+    "adaptive": {"router": Adaptive(threshold=0.1)},
 }
 ROUTERS |= {f"{n} dropless": ROUTERS[n] | {"capacity_factor": None} for n in ("top-2", "top-p", "adaptive")}
 FINETUNED = {"top-2 + GW": "gw_uncertain", "top-2 + plain FT": "plain"}  # names in gw.recipes()
 
 
 @dataclass
-class Setup:
+class Setup(common.Setup):
     """The scale of one comparison (the defaults: the chapter's, under a minute per run on one core)."""
 
-    n_layers: int = 2
-    d_model: int = 64
-    d_hidden: int = 128  # width of each expert
-    num_experts: int = 8
     block_size: int = 32
-    batch_size: int = 32
-    steps: int = 600
     finetune_steps: int = 200  # the last steps of "top-2 + GW" and "top-2 + plain FT"
-    lr: float = 3e-3
     capacity_factor: float = 1.25
     gw_threshold: float = 0.75  # normalized entropy, chapter 3's
     eval_every: int = 50
     eval_windows: int = 512  # held-out windows of block_size bytes, scored in batches of batch_size
-    seed: int = 0
-    device: str = "cpu"
-
-
-def model_config(setup: Setup, **moe) -> ModelConfig:
-    """The tiny byte-level transformer; ``moe`` overrides MoEConfig fields (router, k, ...)."""
-    layer = dict(d_model=setup.d_model, d_hidden=setup.d_hidden, num_experts=setup.num_experts,
-                 capacity_factor=setup.capacity_factor) | moe
-    return ModelConfig(vocab_size=BYTE_VOCAB_SIZE, block_size=setup.block_size, n_layers=setup.n_layers,
-                       n_heads=4, moe=MoEConfig(**layer))
 
 
 def build_model(setup: Setup, **moe) -> TinyTransformer:
     """A model with the seed's initial weights, the same for every router (noisy top-k's extra
-    noise projection starts at zero, as the layer initializes it)."""
+    noise projection, ``gate_extra``, starts at zero, as the layer initializes it); ``moe``:
+    MoEConfig fields (a run of ``ROUTERS``), the capacity factor the setup's unless given."""
+
+    def config(**moe):
+        return setup.model_config(BYTE_VOCAB_SIZE, setup.block_size, **({"capacity_factor": setup.capacity_factor} | moe))
+
     torch.manual_seed(setup.seed)
-    init = TinyTransformer(model_config(setup)).state_dict()
-    model = TinyTransformer(model_config(setup, **moe))
+    init = TinyTransformer(config()).state_dict()
+    model = TinyTransformer(config(**moe))
     missing, unexpected = model.load_state_dict(init, strict=False)
-    assert not unexpected and all(k.endswith("noise.weight") for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.endswith("gate_extra.weight") for k in missing), (missing, unexpected)
     return model.to(setup.device)
 
 
@@ -127,19 +116,22 @@ def eval_batches(corpus: ByteCorpus, setup: Setup) -> list[Batch]:
 
 
 def _layer_sums(out) -> dict[str, float]:
-    """Per forward pass, summed over MoE layers: routed pairs, dropped tokens and pairs, FLOPs."""
+    """Per forward pass, summed over MoE layers: routed pairs, dropped tokens and pairs, tokens
+    over the GW threshold and tokens GW broadcast (after its slot cap), FLOPs."""
     tokens = out.layers[0].routing.num_tokens
     return {"pairs": sum(m.stats.experts_per_token.item() * tokens for m in out.layers),
             "dropped_tokens": sum(m.stats.dropped_tokens.item() for m in out.layers),
             "dropped_pairs": sum(m.stats.dropped_pairs.item() for m in out.layers),
+            "uncertain": sum(m.stats.uncertain_ratio.item() * tokens for m in out.layers),
             "broadcast": sum(m.stats.broadcast_ratio.item() * tokens for m in out.layers),
             "flops": sum(m.stats.flops.item() for m in out.layers)}
 
 
 def _rates(sums: dict[str, float], tokens: int, layers: int) -> dict[str, float]:
-    """Totals -> per token: experts per token, dropped and GW-broadcast tokens per (token,
-    layer), dropped pairs per routed pair, expert FLOPs per token (all layers)."""
+    """Totals -> per token: experts per token, dropped, GW-uncertain and GW-broadcast tokens per
+    (token, layer), dropped pairs per routed pair, expert FLOPs per token (all layers)."""
     return {"experts_per_token": sums["pairs"] / (tokens * layers),
+            "uncertain": sums["uncertain"] / (tokens * layers),
             "broadcast": sums["broadcast"] / (tokens * layers),
             "flops_per_token": sums["flops"] / tokens,
             "dropped_tokens": sums["dropped_tokens"] / (tokens * layers),
@@ -262,7 +254,8 @@ def run_seed(setup: Setup, names: list[str] | None = None, timing_repeats: int =
 def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dict[str, dict]) -> dict:
     """One run's table row. ``step_ratio``: a training step of the final model, relative to
     top-2's; the ``train_*`` columns average over all ``steps`` steps of the recipe: for a
-    fine-tuned run, top-2's first steps and then its own (``broadcast_share``: its own)."""
+    fine-tuned run, top-2's first steps and then its own (``uncertain_share``, the share of tokens
+    over the GW threshold, and ``broadcast_share``, the share broadcast after the slot cap: its own)."""
     run, ref = runs[name], runs[REFERENCE]
     train_steps = ref.record.steps[: run.first_step] + run.record.steps
     step_ratio = step.ratio(name, REFERENCE)
@@ -282,6 +275,7 @@ def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dic
         "load_imbalance": round(final["load_imbalance"], 4),
         "dropped_tokens": round(final["dropped_tokens"], 5), "dropped_pairs": round(final["dropped_pairs"], 5),
         "train_dropped_tokens": round(statistics.fmean(s["dropped_tokens"] for s in train_steps), 5),
+        "uncertain_share": round(run.record.mean("uncertain"), 4),
         "broadcast_share": round(run.record.mean("broadcast"), 4),
         "train_seconds": round(run.seconds, 2),
     }
@@ -291,21 +285,15 @@ def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dic
 
 COLUMNS = ("loss", "loss_vs_top2", "accuracy", "experts_per_token", "flops_per_token", "flops_ratio",
            "train_experts_per_token", "train_flops_ratio", "step_ratio", "train_step_ratio", "inference_ratio",
-           "load_imbalance", "dropped_tokens", "dropped_pairs", "train_dropped_tokens", "broadcast_share")
+           "load_imbalance", "dropped_tokens", "dropped_pairs", "train_dropped_tokens", "uncertain_share",
+           "broadcast_share")
 
 
 def summarize(per_seed: list[dict]) -> list[dict]:
     """Per run: the mean over seeds of every column, and the standard deviation over seeds of
     ``loss`` and of the paired ``loss_vs_top2`` (``*_std``, 0 for one seed)."""
-    out = []
-    for name in dict.fromkeys(r["run"] for s in per_seed for r in s["rows"]):
-        rows = [r for s in per_seed for r in s["rows"] if r["run"] == name]
-        summary = {"run": name, "seeds": len(rows)}
-        summary |= {c: round(statistics.fmean(r[c] for r in rows), 5) for c in COLUMNS}
-        for c in ("loss", "loss_vs_top2"):
-            summary[f"{c}_std"] = round(statistics.stdev(r[c] for r in rows), 5) if len(rows) > 1 else 0.0
-        out.append(summary)
-    return out
+    rows = [r for s in per_seed for r in s["rows"]]
+    return seed_means(rows, "run", COLUMNS, std=("loss", "loss_vs_top2"), digits=5)
 
 
 def pareto_front(costs: list[float], losses: list[float]) -> list[bool]:
@@ -337,26 +325,19 @@ def plot_pareto(summary: list[dict], cost: str = "flops_ratio", ax: Axes | None 
 
 def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     """results.json ({summary, per_seed}), results.csv (rows per seed, then means), pareto.png."""
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(per_seed)
-    write_json(out / "results.json", {"summary": summary, "per_seed": per_seed})
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(per_seed[0]["rows"][0]), extrasaction="ignore")
-        w.writeheader()
-        for s in per_seed:
-            w.writerows(s["rows"])
-        w.writerows({**r, "seed": "mean"} for r in summary)
+    paths = write_seed_results(out, per_seed, summary)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
     plot_pareto(summary, "flops_ratio", axes[0])
     plot_pareto(summary, "train_step_ratio", axes[1])
     fig.savefig(out / "pareto.png", dpi=110)
     plt.close(fig)
-    return [out / "results.json", out / "results.csv", out / "pareto.png"]
+    return [*paths, out / "pareto.png"]
 
 
-def load_cached(path: str | Path = CACHED) -> dict:
-    """The shipped results (data/compare/; data/README.md gives the command that writes them)."""
-    return load_results(path)
+def load_cached(path: str | Path | None = None) -> dict:
+    """Results of the command; by default the shipped ones (data/compare/; see data/README.md)."""
+    return load_json(path, "compare/results.json")
 
 
 def print_table(summary: list[dict]) -> None:
@@ -375,25 +356,20 @@ def print_table(summary: list[dict]) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="every router on one model and data set: table (JSON, CSV) and Pareto plot")
-    bigger = Setup(n_layers=4, d_model=128, d_hidden=256, block_size=64, batch_size=64, steps=3000,
-                   finetune_steps=1000, eval_windows=2048, eval_every=100)
-    for f in fields(Setup):
-        if f.name not in ("seed", "device"):
-            value = getattr(bigger, f.name)
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value, help="default: %(default)s")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_setup_args(p, Setup(n_layers=4, d_model=128, d_hidden=256, block_size=64, batch_size=64, steps=3000,
+                            finetune_steps=1000, eval_windows=2048, eval_every=100))
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", nargs="+", default=[*ROUTERS, *FINETUNED], choices=[*ROUTERS, *FINETUNED],
                    metavar="RUN", help="default: all of " + ", ".join(repr(n) for n in [*ROUTERS, *FINETUNED]))
-    p.add_argument("--timing-repeats", type=int, default=20)
+    p.add_argument("--timing-repeats", type=positive_int, default=20)
     add_experiment_args(p, "runs/compare")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     set_threads(args)
-    values = {f.name: getattr(args, f.name) for f in fields(Setup) if f.name != "seed"}
-    per_seed = [run_seed(Setup(**values, seed=seed), args.runs, args.timing_repeats, progress=not args.no_progress)
-                for seed in args.seeds]
+    per_seed = [run_seed(setup_from_args(Setup, args, seed), args.runs, args.timing_repeats,
+                         progress=not args.no_progress) for seed in args.seeds]
     print_table(summarize(per_seed))
     for path in write_results(per_seed, args.out):
         print(f"wrote {path}")

@@ -1,7 +1,7 @@
-"""GW-MoE fine-tuning, plain vs GW from one checkpoint (chapter 3; ``python -m minimoe gw``).
+"""GW-MoE fine-tuning, plain vs GW from one checkpoint (chapter 3; ``python -m course gw``).
 
 The set-up: a tiny byte-level MoE language model is pretrained on seven of the eight plays in
-data/shakespeare.txt; the downstream task is next-byte prediction on the eighth, The Tempest,
+the course's text (``load_text()``); the downstream task is next-byte prediction on the eighth, The Tempest,
 which it has never seen (new characters, names and words). Every run starts
 from the same checkpoint; runs differ only in the fine-tuning recipe (``GWFineTuning``) and
 the seed. The metric is the per-byte cross-entropy (and accuracy) on a held-out part of the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import time
 from pathlib import Path
 
@@ -23,16 +22,20 @@ import torch.nn.functional as F
 from matplotlib.axes import Axes
 from torch import nn
 
-from minimoe.data import DEFAULT_TEXT, ByteCorpus, byte_corpus, load_text
-from minimoe.experiments.common import (
+from course.common import (
     add_experiment_args,
+    cached,
     interleaved,
-    lm_batches,
+    load_json,
+    seed_means,
     set_threads,
-    write_json,
+    write_csv,
 )
+from minimoe.cli import non_negative, non_negative_int, positive, positive_int, write_json
+from minimoe.data import Batch, ByteCorpus, byte_corpus, lm_batches, load_text
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.routing import TopK
 from minimoe.train import (
     History,
     TrainConfig,
@@ -43,9 +46,8 @@ from minimoe.train import (
 )
 from minimoe.uncertainty import GWFineTuning, record_routing, uncertain_in_any_layer
 
-Batch = dict[str, torch.Tensor]
-
-CHECKPOINT = DEFAULT_TEXT.parent / "gw_pretrained.pt"  # shipped; see data/README.md
+CHECKPOINT = "gw_pretrained.pt"  # in data/ (``common.cached``); see data/README.md
+RESULTS = "gw_results.json"  # the bigger run of ``compare``, in data/
 HELD_OUT = "THE TEMPEST"  # the downstream play; the pretraining text is the other seven
 THRESHOLD = 0.75  # normalized entropy; the released code uses 1.6 nats (0.77 of ln 8) on GLUE, 1.8 (0.87) for generation
 PRETRAIN_STEPS = 2000
@@ -55,7 +57,7 @@ METRICS = ("loss_all", "loss_uncertain", "acc_all", "acc_uncertain")
 def model_config() -> ModelConfig:
     """2 layers, d_model 64, 8 experts of width 64, top-2 (about 0.27 M parameters)."""
     return ModelConfig(n_layers=2, n_heads=4, block_size=64,
-                       moe=MoEConfig(d_model=64, d_hidden=64, num_experts=8, k=2))
+                       moe=MoEConfig(d_model=64, d_hidden=64, num_experts=8, router=TopK(k=2)))
 
 
 def recipes(threshold: float = THRESHOLD, freeze_router: bool = True, z_loss: bool = False) -> dict[str, GWFineTuning]:
@@ -115,29 +117,34 @@ def pretrain(steps: int = PRETRAIN_STEPS, batch_size: int = 32, lr: float = 3e-3
     return model.cpu(), history
 
 
-def load_pretrained(path: str | Path = CHECKPOINT) -> TinyTransformer:
-    """The shipped pretrained model (or another checkpoint saved by ``pretrain``), in eval mode."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; make it with "
-                                "`python -m minimoe gw --pretrain-only --save-pretrained data/gw_pretrained.pt`")
-    return load_checkpoint(path)
+def load_pretrained(path: str | Path | None = None) -> TinyTransformer:
+    """The shipped pretrained model (data/gw_pretrained.pt), or another checkpoint saved by
+    ``pretrain``, in eval mode."""
+    return load_checkpoint(cached(CHECKPOINT) if path is None else path)
+
+
+def load_cached(path: str | Path | None = None) -> dict:
+    """Results of the command (``{config, rows}``); by default the shipped data/gw_results.json."""
+    return load_json(path, RESULTS)
 
 
 def finetune(pretrained: nn.Module, recipe: GWFineTuning, corpus: ByteCorpus, *, steps: int = 100,
              batch_size: int = 16, block_size: int = 32, lr: float = 1e-3, seed: int = 0,
-             device: str = "cpu", progress: bool = False) -> tuple[nn.Module, History, list[float]]:
+             device: str = "cpu", progress: bool = False) -> tuple[nn.Module, History, dict[str, list[float]]]:
     """A fine-tuned copy of ``pretrained`` (left untouched) under ``recipe``, its History, and
-    the share of tokens broadcast per MoE layer, averaged over the steps (the code's gw_ratio)."""
+    per MoE layer, averaged over the steps, the shares of tokens ``uncertain_ratio`` (over the
+    threshold: the released code's gw_ratio) and ``broadcast_ratio`` (after the slot cap)."""
     model = recipe.apply(copy.deepcopy(pretrained)).to(device)
-    ratios: list[list[float]] = []
+    ratios: dict[str, list[list[float]]] = {"uncertain_ratio": [], "broadcast_ratio": []}
 
     def record(step: int, m: nn.Module, out) -> None:
-        ratios.append([layer.stats.broadcast_ratio.item() for layer in out.layers])
+        for name, per_step in ratios.items():
+            per_step.append([getattr(layer.stats, name).item() for layer in out.layers])
 
     history = train(model, lm_batches(corpus, batch_size, block_size),
                     TrainConfig(steps=steps, lr=lr, seed=seed, freeze_router=recipe.freeze_router,
                                 progress=progress), callback=record)
-    return model, history, np.mean(ratios, axis=0).tolist() if ratios else []
+    return model, history, {k: np.mean(v, axis=0).tolist() if v else [] for k, v in ratios.items()}
 
 
 # ---- evaluation -------------------------------------------------------------------------
@@ -189,23 +196,20 @@ def compare(pretrained: nn.Module, corpus: ByteCorpus, seeds: list[int],
     for seed in seeds:
         for name, recipe in runs.items():  # interleaved, so machine load hits every run alike
             start = time.perf_counter()
-            model, history, ratio = finetune(pretrained, recipe, corpus, seed=seed, block_size=block_size,
-                                             **finetune_kw)
+            model, history, ratios = finetune(pretrained, recipe, corpus, seed=seed, block_size=block_size,
+                                              **finetune_kw)
             seconds = time.perf_counter() - start
             rows.append({"run": name, "seed": seed, "train_seconds": seconds,
                          "final_train_loss": float(np.mean(history.loss[-10:])),
-                         "broadcast_ratio": [round(r, 4) for r in ratio],
+                         **{k: [round(r, 4) for r in v] for k, v in ratios.items()},
                          **evaluate(model.cpu(), batch, uncertain)})
     return rows
 
 
 def summarize(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, tuple[float, float]]]:
     """run -> metric -> (mean, standard deviation over seeds; 0 for a single run)."""
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for name in dict.fromkeys(r["run"] for r in rows):
-        vals = {m: np.array([r[m] for r in rows if r["run"] == name]) for m in metrics}
-        out[name] = {m: (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) for m, v in vals.items()}
-    return out
+    means = seed_means(rows, "run", metrics, std=metrics)
+    return {r["run"]: {m: (r[m], r[f"{m}_std"]) for m in metrics} for r in means}
 
 
 def paired_gain(rows: list[dict], run: str, baseline: str = "plain", metric: str = "loss_all") -> np.ndarray:
@@ -250,23 +254,23 @@ def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5,
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gw", help="GW-MoE: plain vs GW fine-tuning from one pretrained checkpoint")
-    p.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
+    p.add_argument("--checkpoint", type=Path, default=None,
                    help="pretrained model to fine-tune (default: the shipped data/gw_pretrained.pt)")
     p.add_argument("--pretrain", action="store_true", help="pretrain from scratch instead of loading --checkpoint")
     p.add_argument("--pretrain-only", action="store_true", help="pretrain, save the model, and stop")
-    p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
+    p.add_argument("--pretrain-steps", type=non_negative_int, default=PRETRAIN_STEPS)
     p.add_argument("--save-pretrained", type=Path, default=None,
                    help="where to save the pretrained model (default: OUT/pretrained.pt)")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threshold", type=float, default=THRESHOLD, help="normalized entropy threshold")
+    p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0 to N - 1")
+    p.add_argument("--steps", type=non_negative_int, default=300, help="fine-tuning steps per run")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--block-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive, default=1e-3)
+    p.add_argument("--threshold", type=non_negative, default=THRESHOLD, help="normalized entropy threshold")
     p.add_argument("--train-router", action="store_true",
                    help="let the router learn during fine-tuning (the released code freezes it)")
     p.add_argument("--z-loss", action="store_true", help="keep the router z-loss (the released code turns it off)")
-    p.add_argument("--eval-windows", type=int, default=None,
+    p.add_argument("--eval-windows", type=positive_int, default=None,
                    help="score only the first N held-out windows (default: all)")
     add_experiment_args(p, out="runs/gw")
     p.set_defaults(func=main)
@@ -290,6 +294,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                    block_size=args.block_size, lr=args.lr, device=args.device, progress=not args.no_progress)
     skip = ("func", "command", "out", "no_progress")  # how to run, not what was run
     config = {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
+    config["checkpoint"] = Path(args.checkpoint or CHECKPOINT).name
     write_results(rows, args.out, config)
     return rows
 
@@ -300,10 +305,7 @@ def write_results(rows: list[dict], out: Path, config: dict | None = None) -> No
     summary = summarize(rows)
     write_json(out / "results.json", {"config": config or {}, "rows": rows})
     write_json(out / "summary.json", summary)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), layout="constrained")
     plot_comparison(summary, ax=axes[0])
     plot_gains(rows, ax=axes[1])

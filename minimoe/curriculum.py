@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimoe.analysis import RoutingRecorder
-
-Batch = dict[str, Tensor]
+from minimoe.data import Batch
 
 
 @torch.no_grad()

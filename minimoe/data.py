@@ -6,9 +6,10 @@ seed and uses a local `torch.Generator`, never the global RNG.
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
 from pathlib import Path
@@ -21,6 +22,13 @@ def _require_int(name: str, value: object) -> None:
     """TypeError naming `name` unless `value` is an int (a bool or a float such as 2.0 is not)."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {name}={value!r}")
+
+
+def _require_positive(name: str, value: object) -> None:
+    """An int >= 1: a size such as batch_size (0 would make empty batches)."""
+    _require_int(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
 def _require_finite(name: str, value: object) -> None:
@@ -74,8 +82,10 @@ class ToyTask:
         """Noise-free target of each row of `x` (N, dim) under the function of `cluster` (N,)."""
         _require_ids("cluster", cluster, self.centers.shape[0])
         if x.dim() != 2 or x.shape[1] != self.centers.shape[1] or cluster.shape != x.shape[:1]:
-            raise ValueError(f"need x (N, {self.centers.shape[1]}) and cluster (N,), got x "
-                             f"{tuple(x.shape)} and cluster {tuple(cluster.shape)}")
+            raise ValueError(
+                f"need x (N, {self.centers.shape[1]}) and cluster (N,), got x "
+                f"{tuple(x.shape)} and cluster {tuple(cluster.shape)}"
+            )
         return _toy_target(x, cluster, self.w_in, self.w_out)
 
     def split(self, frac: float) -> tuple[ToyTask, ToyTask]:
@@ -276,7 +286,7 @@ def decode(ids: Tensor | Sequence[int]) -> str:
 BYTE_VOCAB_SIZE = 256
 # "other" holds digits, control bytes and every non-ASCII byte.
 BYTE_KINDS = ("letter", "whitespace", "punctuation", "other")
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt"
+CORPUS = "corpus/shakespeare.txt"  # package data of minimoe: eight plays, see data/README.md
 
 
 def _byte_kind_table() -> Tensor:
@@ -297,12 +307,13 @@ def byte_kind(ids: Tensor) -> Tensor:
 
 
 def load_text(path: str | Path | None = None) -> str:
-    """Read a UTF-8 text file; by default the repository's data/shakespeare.txt."""
-    path = Path(path) if path is not None else DEFAULT_TEXT
+    """Read a UTF-8 text file; by default the corpus installed with the package (``CORPUS``)."""
+    if path is None:
+        return importlib.resources.files("minimoe").joinpath(CORPUS).read_text(encoding="utf-8")
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no text file at {path}; the default corpus ships in the repository's data/ folder "
-            "(see data/README.md to regenerate it), or pass a path"
+            f"no text file at {path}; pass a UTF-8 text file, or no path for the default corpus"
         )
     return path.read_text(encoding="utf-8")
 
@@ -352,3 +363,46 @@ def byte_corpus(text: str | None = None, val_frac: float = 0.1) -> ByteCorpus:
         raise ValueError(f"val_frac={val_frac} leaves an empty split of {len(raw)} bytes")
     ids = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()  # (N,)
     return ByteCorpus(ids[:cut], ids[cut:])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Batch samplers: ``get_batch(generator) -> Batch``, what the trainer calls every step
+# ---------------------------------------------------------------------------------------------
+
+Batch = dict[str, Tensor]  # the model's keyword arguments: {idx, targets} or {x, y}
+
+
+def lm_batches(
+    corpus: ByteCorpus, batch_size: int, block_size: int, split: str = "train"
+) -> Callable[[torch.Generator], Batch]:
+    """Random windows of the byte corpus as {idx, targets}."""
+    _require_positive("batch_size", batch_size)  # here, not at the first step
+    _require_positive("block_size", block_size)
+
+    def get(g: torch.Generator) -> Batch:
+        idx, targets = corpus.batch(split, batch_size, block_size, g)
+        return {"idx": idx, "targets": targets}
+
+    return get
+
+
+def multitask_batches(data: MultiTaskData, batch_size: int) -> Callable[[torch.Generator], Batch]:
+    """Random samples of the graded token tasks as {idx, targets} (loss on answers only)."""
+    _require_positive("batch_size", batch_size)
+
+    def get(g: torch.Generator) -> Batch:
+        i = torch.randint(0, len(data), (batch_size,), generator=g)
+        return {"idx": data.inputs[i], "targets": data.targets[i]}
+
+    return get
+
+
+def toy_batches(task: ToyTask, batch_size: int) -> Callable[[torch.Generator], Batch]:
+    """Random samples of the toy regression task as {x, y}."""
+    _require_positive("batch_size", batch_size)
+
+    def get(g: torch.Generator) -> Batch:
+        i = torch.randint(0, len(task), (batch_size,), generator=g)
+        return {"x": task.x[i], "y": task.y[i]}
+
+    return get

@@ -36,10 +36,19 @@ class ExpertsLike(Protocol):
 
 def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float | None) -> int | None:
     """Slots per expert: ceil(capacity_factor * num_pairs / E), num_pairs = T * k; None if dropless."""
+    for name, value, low in (("num_pairs", num_pairs, 0), ("num_experts", num_experts, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {name}={value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {name}={value}")
     if capacity_factor is None:
         return None
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 or None, got capacity_factor={capacity_factor!r}")
+    # inf would make ceil() raise OverflowError; nan fails the > 0 test
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not (
+        0 < capacity_factor < math.inf
+    ):
+        raise ValueError(f"capacity_factor must be finite and > 0, or None, got "
+                         f"capacity_factor={capacity_factor!r}")
     return math.ceil(capacity_factor * num_pairs / num_experts)
 
 

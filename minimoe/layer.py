@@ -22,6 +22,7 @@ from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_cap
 from minimoe.experts import ACTIVATIONS, Experts
 from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
 from minimoe.routing import (
+    ROUTERS,
     Router,
     Routing,
     TopK,
@@ -100,8 +101,31 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MoEConfig:
-        router = data.get("router", {"name": "top_k"})
-        return cls(**(data | {"router": router_from_dict(router) if isinstance(router, dict) else router}))
+        """Inverse of ``to_dict``; also reads configs saved before router specs (router by name)."""
+        data = dict(data)
+        router = data.pop("router", {"name": "top_k"})
+        if isinstance(router, str):
+            router = _legacy_router(router, data)
+        return cls(**data, router=router_from_dict(router) if isinstance(router, dict) else router)
+
+
+# old flat config field -> the router spec's setting (configs saved before router specs)
+_LEGACY = {"k": "k", "renormalize": "renormalize", "top_p": "p", "top_p_rule": "rule",
+           "max_experts": "max_experts", "adaptive_threshold": "threshold", "adaptive_gap": "gap"}
+
+
+def _legacy_router(name: str, data: dict) -> dict:
+    """The router of an old flat config (``router="top_p", top_p=0.4, gw_threshold=...``), as data;
+    pops the old fields from ``data``."""
+    old = {key: data.pop(key) for key in [*_LEGACY, "gw_threshold", "gw_measure", "gw_max_slots"] if key in data}
+    if data.get("balance_count") == "auto":
+        data["balance_count"] = None
+    fields_of = {f.name for f in fields(ROUTERS[name])}
+    router = {"name": name} | {_LEGACY[k]: v for k, v in old.items() if _LEGACY.get(k) in fields_of}
+    if old.get("gw_threshold") is not None:
+        router = {"name": "gw", "base": router, "threshold": old["gw_threshold"],
+                  "measure": old.get("gw_measure", "normalized_entropy"), "max_slots": old.get("gw_max_slots")}
+    return router
 
 
 class MoEStats(NamedTuple):
@@ -164,6 +188,7 @@ class MoE(nn.Module):
         self.experts = Experts(
             num_experts=E, d_model=d, d_hidden=config.d_hidden, activation=config.activation
         )
+        self._register_load_state_dict_pre_hook(_rename_noise)
 
     def _init_router_state(self, keep_matching: bool = False) -> None:
         """Buffers from the router's ``init_state``; ``keep_matching`` keeps current values when
@@ -273,6 +298,12 @@ class MoE(nn.Module):
                 broadcast_ratio=share(routing.broadcast),
                 flops=kept.sum() * self.experts.flops_per_assignment(),
             )
+
+
+def _rename_noise(state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints saved before router specs call noisy top-k's weights ``noise``."""
+    if prefix + "noise.weight" in state_dict:
+        state_dict[prefix + "gate_extra.weight"] = state_dict.pop(prefix + "noise.weight")
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import socket
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -43,6 +45,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from minimoe.data import Batch
 from minimoe.experts import Experts
 from minimoe.layer import MoE, MoEConfig, MoEStats
 
@@ -52,7 +55,6 @@ __all__ = [
     "max_difference", "pairs_to_ranks", "shard_batch", "shard_batches", "sync_gradients",
 ]
 
-Batch = dict[str, Tensor]
 Group = dist.ProcessGroup | None  # None: the default group, every rank
 
 
@@ -436,37 +438,96 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float,
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     try:
-        results.put((rank, fn(*args)))
+        results.put((rank, None, fn(*args)))
+    except Exception as err:  # to launch, which picks the failing rank's error among all ranks'
+        results.put((rank, _failure(err), None))
     finally:
         dist.destroy_process_group()
+
+
+# a rank whose peer failed sees the broken connection: the peer's error is the one to report
+_COMMUNICATION_ERRORS = getattr(dist, "DistError", ())  # gloo raises plain RuntimeErrors too
+_COMMUNICATION_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def _failure(err: Exception) -> dict:
+    """A worker's exception as plain data: its class (if it pickles), message and traceback."""
+    try:
+        cls = pickle.dumps(type(err))  # by reference: a class defined inside a function fails
+    except Exception:
+        cls = None
+    communication = isinstance(err, _COMMUNICATION_ERRORS) or any(
+        m in str(err) for m in _COMMUNICATION_MESSAGES)
+    return {"cls": cls, "name": type(err).__qualname__, "message": str(err),
+            "traceback": traceback.format_exc(), "communication": communication}
+
+
+class _RemoteTraceback(Exception):
+    """A worker's traceback, as text: the ``__cause__`` of the error that ``launch`` raises."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _rank_error(failures: dict[int, dict], world_size: int) -> Exception:
+    """The first failure that is not a broken connection (else the first), as an exception of
+    its own class whose message names the rank."""
+    rank, failure = next(((r, f) for r, f in failures.items() if not f["communication"]),
+                         next(iter(failures.items())))
+    message = f"rank {rank} of {world_size} failed: {failure['message']}"
+    try:
+        err = pickle.loads(failure["cls"])(message)
+    except Exception:  # no class, or one that is not built from a message
+        err = None
+    if not isinstance(err, Exception):
+        err = RuntimeError(f"rank {rank} of {world_size} raised {failure['name']}: "
+                           f"{failure['message']}")
+    err.__cause__ = _RemoteTraceback(f"rank {rank}:\n{failure['traceback']}")
+    return err
+
+
+FAILURE_GRACE_S = 5.0  # after a rank fails, how long launch waits for the others to report
 
 
 def launch(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 60.0,
            backend: str = "gloo") -> list:
     """Run ``fn(*args)`` in ``world_size`` fresh processes joined on 127.0.0.1; return each rank's
     result. A watchdog kills them all after ``timeout`` seconds, so a hung collective fails
-    instead of blocking; a worker's exception is raised here with its traceback."""
+    instead of blocking. If a worker raises, its exception is raised here: the same class, the
+    message prefixed with the rank, the worker's traceback as ``__cause__`` (not the broken
+    connections that the other ranks then see)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # free now; the workers bind it a moment later
     results = mp.get_context("spawn").SimpleQueue()
     procs = mp.start_processes(_worker, args=(world_size, port, backend, timeout, results, fn, args),
                                nprocs=world_size, join=False, start_method="spawn")
-    deadline, got = time.monotonic() + timeout, {}
+    deadline, got, failures = time.monotonic() + timeout, {}, {}  # failures in order of arrival
+
+    def receive() -> None:
+        while not results.empty():
+            rank, failure, value = results.get()
+            if failure is None:
+                got[rank] = value
+            else:
+                failures[rank] = failure
+
     try:
         while True:
-            while not results.empty():
-                rank, value = results.get()
-                got[rank] = value
+            receive()
             if procs.join(timeout=0.2):
                 break
+            if failures:  # the other ranks may wait on the failed one: give them a moment only
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
             if time.monotonic() > deadline:
+                if failures:
+                    break
                 raise TimeoutError(f"{world_size} workers still running after {timeout:.0f} s: killed")
     finally:
         for p in procs.processes:
             if p.is_alive():
                 p.kill()
-    while not results.empty():
-        rank, value = results.get()
-        got[rank] = value
+    receive()
+    if failures:
+        raise _rank_error(failures, world_size)
     return [got.get(r) for r in range(world_size)]

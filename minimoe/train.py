@@ -25,10 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minimoe.data import Batch
 from minimoe.layer import MoEConfig, moe_layers
 from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
-
-Batch = dict[str, torch.Tensor]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -208,11 +207,15 @@ def _write_checkpoint(path: Path, ckpt: dict) -> None:
         raise
 
 
+# what torch.load raises on a damaged file (a truncated zip: OSError from its reader)
+_UNREADABLE = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError)
+
+
 def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict:
     def load(raw: bytes, location, problem: str):
         try:
             return torch.load(io.BytesIO(raw), map_location=location, weights_only=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError) as err:
+        except _UNREADABLE as err:
             raise ValueError(f"checkpoint {path} {problem}: {err}") from err
 
     unreadable = "cannot be read (corrupt or truncated, or not a weights_only checkpoint)"
@@ -242,7 +245,7 @@ def save_checkpoint(model: TinyTransformer | MoERegressor, path: str | Path, **e
     elif isinstance(model, MoERegressor):
         kind = "regressor"
         config = {"in_dim": model.head.in_features, "out_dim": model.head.out_features,
-                  "moe": vars(model.config).copy()}
+                  "moe": model.config.to_dict()}
     else:
         raise TypeError(f"cannot checkpoint a {type(model).__name__}")
     _write_checkpoint(Path(path), {"kind": kind, "config": config, "state_dict": model.state_dict(),
@@ -260,6 +263,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         model: nn.Module = TinyTransformer(ModelConfig(**ckpt["config"]))
     else:
         c = ckpt["config"]
-        model = MoERegressor(c["in_dim"], c["out_dim"], MoEConfig(**c["moe"]))
+        model = MoERegressor(c["in_dim"], c["out_dim"], MoEConfig.from_dict(c["moe"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()

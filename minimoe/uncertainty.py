@@ -25,13 +25,19 @@ import torch
 from torch import Tensor, nn
 
 from minimoe.analysis import RoutingRecorder, first_choice
+from minimoe.data import Batch
 from minimoe.layer import moe_layers
 from minimoe.model import set_router
-from minimoe.routing import GWBroadcast, Routing, check_int, check_threshold, entropy, normalized_entropy, top_gap
+from minimoe.routing import (
+    GWBroadcast,
+    Routing,
+    check_int,
+    check_threshold,
+    entropy,
+    normalized_entropy,
+    top_gap,
+)
 from minimoe.routing import is_uncertain as routing_is_uncertain
-
-Batch = dict[str, Tensor]
-
 
 # ---- per-token measures ---------------------------------------------------------------
 

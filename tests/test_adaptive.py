@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
+from course import adaptive as ex
 from minimoe.dispatch import combine
-from minimoe.experiments import adaptive as ex
 from minimoe.experts import Experts
 from minimoe.layer import MoE, MoEConfig
 from minimoe.losses import load_balance_loss, z_loss
-from minimoe.routing import adaptive, top_k
+from minimoe.routing import Adaptive, adaptive, top_k
 
 
 def logits_of(rows):
@@ -90,9 +90,15 @@ def test_two_expert_share_grows_with_threshold():
     assert shares == sorted(shares) and shares[0] == 0 and shares[-1] == 1
 
 
-@pytest.mark.parametrize("threshold", [-0.01, 1.01, float("nan"), True, "0.1"])
+@pytest.mark.parametrize("threshold", [-0.01, 1.01, float("nan")])
 def test_threshold_outside_0_1_is_a_clear_error(threshold):
-    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"threshold must be a finite number in \[0, 1\]"):
+        adaptive(torch.zeros(2, 4), threshold)
+
+
+@pytest.mark.parametrize("threshold", [True, "0.1"])
+def test_threshold_that_is_not_a_number_is_a_clear_error(threshold):
+    with pytest.raises(TypeError, match=r"threshold must be a number"):
         adaptive(torch.zeros(2, 4), threshold)
 
 
@@ -109,7 +115,7 @@ def test_balance_loss_counts_top_1_decisions_by_hand():
 
 def test_adaptive_layer_uses_top_1_balance_with_coefficient_0_01():
     torch.manual_seed(0)
-    config = MoEConfig(d_model=8, d_hidden=8, num_experts=4, router="adaptive", adaptive_threshold=0.3)
+    config = MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=Adaptive(threshold=0.3))
     assert config.balance_counts == "first" and config.balance_coef == 0.01
     layer = MoE(config)
     out = layer(torch.randn(64, 8, generator=torch.Generator().manual_seed(1)))
@@ -184,14 +190,15 @@ def test_token_kinds_cover_prompt_answer_end():
 
 def test_train_variant_report_and_threshold_twin():
     data, val = ex.make_data(TINY)
-    run = ex.train_variant(TINY, data, val, "adaptive", threshold=0.2)
+    run = ex.train_variant(TINY, data, val, "adaptive", Adaptive(threshold=0.2))
     assert run.eval_steps == [4, 8] and math.isfinite(run.final_loss)
     assert run.steps_to(float("inf")) == 4 and run.steps_to(-1.0) is None
     report = ex.routing_report(run.model, val)
     assert 0 <= report["two_expert_share"] <= 1 and len(report["per_layer"]) == TINY.n_layers
     assert set(report["by_task"]) <= {0, 1, 2, 3} and set(report["by_kind"]) <= {0, 1, 2}
     top1, top2 = ex.with_threshold(run.model, 0.0), ex.with_threshold(run.model, 1.0)
-    assert run.model.config.moe.adaptive_threshold == 0.2  # the original is untouched
+    assert run.model.config.moe.router == Adaptive(threshold=0.2)  # the original is untouched
+    assert top1.config.moe.router == Adaptive(threshold=0.0)
     assert ex.routing_report(top1, val)["two_expert_share"] == 0.0
     assert ex.routing_report(top2, val)["two_expert_share"] == 1.0
     times = ex.time_train_steps({"a": run.model, "b": top1}, {"idx": data.inputs[:4], "targets": data.targets[:4]}, repeats=1)
@@ -200,7 +207,7 @@ def test_train_variant_report_and_threshold_twin():
 
 
 def test_command_writes_table_and_plot(tmp_path):
-    from minimoe.__main__ import main
+    from course.__main__ import main
 
     main(["adaptive", "--steps", "4", "--n-train", "32", "--n-val", "16", "--max-len", "2",
           "--d-model", "16", "--d-hidden", "16", "--num-experts", "4", "--batch-size", "16",

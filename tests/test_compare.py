@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from minimoe.__main__ import main as cli
+from course import compare as cx
+from course.__main__ import main as cli
 from minimoe.data import byte_corpus
-from minimoe.experiments import compare as cx
+from minimoe.layer import moe_layers
+from minimoe.routing import GWBroadcast
 from minimoe.train import TrainConfig, train
 
 TINY = dict(n_layers=1, d_model=16, d_hidden=16, num_experts=4, block_size=8, batch_size=4,
@@ -40,7 +42,7 @@ def test_every_router_starts_from_the_same_weights():
     for name, moe in cx.ROUTERS.items():
         model = cx.build_model(setup, **moe)
         for key, p in model.named_parameters():
-            if key.endswith("noise.weight"):
+            if key.endswith("gate_extra.weight"):
                 assert name == "noisy top-2" and not p.any()  # softplus(0) noise scale to start
             else:
                 assert torch.equal(p, ref[key]), (name, key)
@@ -64,7 +66,7 @@ def test_evaluate_counts_flops_drops_and_experts_by_hand(corpus):
         model = cx.build_model(setup, **cx.ROUTERS[name])
         m = cx.evaluate(model, batches)
         assert m["experts_per_token"] == experts
-        per_pair = model.moe_layers()[0].experts.flops_per_assignment()
+        per_pair = moe_layers(model)[0].experts.flops_per_assignment()
         kept = experts * (1 - m["dropped_pairs"])  # pairs per token and layer that found a slot
         assert m["flops_per_token"] == pytest.approx(kept * per_pair * setup.n_layers)
         assert 1.0 <= m["load_imbalance"] <= setup.num_experts
@@ -85,8 +87,10 @@ def test_fine_tuning_starts_from_top2_at_the_right_step_on_its_batches(corpus, s
           TrainConfig(steps=setup.steps - setup.finetune_steps, lr=setup.lr, seed=setup.seed, progress=False))
     assert all(torch.equal(a, b) for a, b in zip(snapshot.parameters(), short.parameters()))
     gw = cx.finetune_top2(setup, top2, "top-2 + GW", batches)
-    assert gw.model.config.moe.gw_threshold == setup.gw_threshold and gw.model.config.moe.z_coef == 0
-    assert not any(p.requires_grad for p in gw.model.moe_layers()[0].gate.parameters())  # frozen router
+    router = gw.model.config.moe.router
+    assert isinstance(router, GWBroadcast) and router.threshold == setup.gw_threshold
+    assert gw.model.config.moe.z_coef == 0
+    assert not any(p.requires_grad for p in moe_layers(gw.model)[0].gate.parameters())  # frozen router
     assert gw.curve["steps"][-1] == setup.steps and len(gw.record.steps) == setup.finetune_steps
     assert seed_result["curves"]["top-2 + GW"]["steps"][0] > setup.steps - setup.finetune_steps
 
@@ -98,6 +102,7 @@ def test_broadcasting_every_token_costs_all_experts_in_training_only(corpus):
     first = setup.steps - setup.finetune_steps
     expected = (first * 2 + setup.finetune_steps * setup.num_experts) / setup.steps
     assert gw["train_experts_per_token"] == pytest.approx(expected, abs=1e-4)
+    assert gw["uncertain_share"] == gw["broadcast_share"] == 1.0  # no slot cap
     assert gw["experts_per_token"] == 2.0  # inference is plain top-2
 
 

@@ -36,3 +36,34 @@ def test_notebook_promises(path: Path):
     solutions = [c for c in code if c["metadata"].get("jupyter", {}).get("source_hidden")]
     assert len(solutions) >= 2, "exercises need collapsed solution cells"
     assert not re.search(r"/(work|tmp|root|home)/", text), "machine path in the notebook"
+
+
+# ---- the course package beside the library ------------------------------------------------
+
+
+def test_the_library_knows_nothing_of_the_course():
+    for path in (ROOT / "minimoe").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) course\b", text, re.M), f"{path.name} imports the course"
+        assert "__file__" not in text, f"{path.name} reads a path of the repository"
+
+
+def test_a_missing_cached_result_says_where_to_get_it(monkeypatch, tmp_path):
+    from course import common, topp
+
+    assert common.cached("topp/results.json") == ROOT / "data" / "topp" / "results.json"
+    monkeypatch.setattr(common, "DATA", tmp_path)  # an installed course, without the repository
+    with pytest.raises(FileNotFoundError, match="clone the repository.*regenerates topp/results.json"):
+        topp.load_results()
+
+
+def test_seed_means_by_hand():
+    from course.common import seed_means
+
+    rows = [{"run": "a", "seed": 0, "loss": 1.0, "steps": None}, {"run": "b", "seed": 0, "loss": 5.0, "steps": 3},
+            {"run": "a", "seed": 1, "loss": 2.0, "steps": 4}]
+    assert seed_means(rows, "run", std=["loss"]) == [
+        {"run": "a", "seeds": 2, "loss": 1.5, "steps": None, "loss_std": pytest.approx(0.5**0.5)},
+        {"run": "b", "seeds": 1, "loss": 5.0, "steps": 3, "loss_std": 0.0},
+    ]
+    assert seed_means(rows, "run", ["loss"], digits=0)[0] == {"run": "a", "seeds": 2, "loss": 2.0}

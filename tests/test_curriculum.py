@@ -7,7 +7,8 @@ from minimoe.analysis import RoutingRecorder
 from minimoe.curriculum import CurriculumSampler, curriculum_order, two_expert_share
 from minimoe.data import PAD_ID, VOCAB, make_multitask, seq_len
 from minimoe.layer import MoEConfig
-from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.model import ModelConfig, TinyTransformer, set_router
+from minimoe.routing import Adaptive
 from minimoe.train import TrainConfig, train
 
 # ---- the order, on constructed shares --------------------------------------------------------
@@ -52,7 +53,7 @@ def test_order_rejects_bad_shapes(bad):
 
 def tiny_model(threshold=0.1, seed=0):
     torch.manual_seed(seed)
-    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, router="adaptive", adaptive_threshold=threshold)
+    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, router=Adaptive(threshold=threshold))
     return TinyTransformer(ModelConfig(vocab_size=len(VOCAB), block_size=seq_len(3), n_layers=2, n_heads=2, moe=moe))
 
 
@@ -119,8 +120,7 @@ def test_curriculum_epoch_follows_the_order_and_is_recomputed():
     assert torch.equal(sampler.order, expected)
     assert torch.equal(torch.cat([b["idx"] for b in batches]), DATA.inputs[expected])
     assert torch.equal(batches[0]["targets"], DATA.targets[expected[:8]])
-    with torch.no_grad():  # the model changes: the next epoch's order follows it
-        model.config.moe.adaptive_threshold = 0.2
+    set_router(model, Adaptive(threshold=0.2))  # the model changes: the next epoch's order follows it
     sampler(g)
     assert sampler.epochs == 2 and len(sampler.mean_shares) == 2 and sampler.ranking_seconds > 0
     assert torch.equal(sampler.order, curriculum_order(two_expert_share(model, DATA.inputs, valid)))

@@ -193,12 +193,21 @@ def _corpus():
         (lambda: D.seq_len(0), ValueError, "max_len must be >= 1, got max_len=0"),
         (lambda: D.seq_len(2.0), TypeError, "max_len=2.0"),
         (lambda: _corpus().batch("train", 2.0, 4, torch.Generator()), TypeError, "batch_size=2.0"),
-        (lambda: _corpus().batch("train", 0, 4, torch.Generator()), ValueError, "batch_size.*got 0"),
+        (
+            lambda: _corpus().batch("train", 0, 4, torch.Generator()),
+            ValueError,
+            "batch_size.*got 0",
+        ),
         (lambda: _corpus().batch("train", 2, 0, torch.Generator()), ValueError, "block_size=0"),
         (lambda: _corpus().batch("train", 2, 4.0, torch.Generator()), TypeError, "block_size=4.0"),
         (lambda: _corpus().batch("train", 2, 4, None), TypeError, "generator.*NoneType"),
-        (lambda: D.ByteCorpus(torch.arange(9), torch.arange(1)).batch("val", 1, 1, torch.Generator()),
-         ValueError, "val split holds 1 bytes"),
+        (
+            lambda: D.ByteCorpus(torch.arange(9), torch.arange(1)).batch(
+                "val", 1, 1, torch.Generator()
+            ),
+            ValueError,
+            "val split holds 1 bytes",
+        ),
         (lambda: D.byte_corpus(b"abcdef"), TypeError, "text must be a str.*bytes"),
         (lambda: D.byte_corpus("abcdef", val_frac=float("nan")), ValueError, "val_frac=nan"),
     ],
@@ -235,3 +244,14 @@ def test_toy_target_checks_clusters():
         t.target(t.x[:1], torch.tensor([3]))
     with pytest.raises(ValueError, match=r"x \(2, 4\) and cluster \(3,\)"):
         t.target(t.x[:2], torch.tensor([0, 1, 2]))
+
+
+def test_batch_samplers_refuse_empty_and_float_batches():
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got batch_size=0"):
+        D.toy_batches(D.make_toy_task(n=10), 0)
+    with pytest.raises(TypeError, match="batch_size=2.0"):
+        D.multitask_batches(D.make_multitask(n=8), 2.0)
+    with pytest.raises(ValueError, match="block_size=0"):
+        D.lm_batches(_corpus(), 4, 0)
+    batch = D.lm_batches(_corpus(), 3, 5)(torch.Generator().manual_seed(0))
+    assert batch["idx"].shape == batch["targets"].shape == (3, 5)

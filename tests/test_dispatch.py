@@ -210,3 +210,24 @@ def test_grouped_mm_formulation_matches_the_per_expert_path_with_gradients():
     for name, g, r in zip(["x", "gate_up", "down"], grads, ref_grads):
         torch.testing.assert_close(g.float(), r, atol=0.1, rtol=5e-2, msg=lambda m, name=name: f"grad {name}: {m}")
     assert grads[1][1].abs().sum() == 0 and grads[2][1].abs().sum() == 0, "expert 1 had no rows"
+
+
+@pytest.mark.parametrize("capacity_factor", [float("inf"), float("nan"), "1.0", True])
+def test_expert_capacity_rejects_non_finite_and_non_numbers(capacity_factor):
+    with pytest.raises(ValueError, match=re.escape(f"capacity_factor={capacity_factor!r}")):
+        expert_capacity(20, 4, capacity_factor)
+
+
+@pytest.mark.parametrize(
+    "num_pairs, num_experts, error, match",
+    [
+        (-1, 4, ValueError, "num_pairs must be >= 0, got num_pairs=-1"),
+        (20.0, 4, TypeError, "num_pairs must be an int, got num_pairs=20.0"),
+        (20, 0, ValueError, "num_experts must be >= 1, got num_experts=0"),
+        (20, 4.0, TypeError, "num_experts=4.0"),
+        (20, True, TypeError, "num_experts=True"),
+    ],
+)
+def test_expert_capacity_checks_its_counts(num_pairs, num_experts, error, match):
+    with pytest.raises(error, match=match):
+        expert_capacity(num_pairs, num_experts, 1.0)

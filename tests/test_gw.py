@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from minimoe.experiments import gw as gwx
-from minimoe.layer import MoE, MoEConfig
+from course import gw as gwx
+from minimoe.layer import MoE, MoEConfig, moe_layers
 from minimoe.model import ModelConfig, TinyTransformer
-from minimoe.routing import gw_broadcast, normalized_entropy, top_k
+from minimoe.routing import GWBroadcast, TopK, gw_broadcast, normalized_entropy, top_k
 from minimoe.train import TrainConfig, train
 from minimoe.uncertainty import GWFineTuning
 
@@ -73,10 +73,11 @@ def test_slot_cap_keeps_the_first_uncertain_tokens_of_each_sequence():
 
 def test_broadcast_layer_output_is_the_dense_mixture_for_uncertain_tokens():
     torch.manual_seed(0)
-    moe = MoE(MoEConfig(d_model=8, d_hidden=16, num_experts=4, k=2))
+    moe = MoE(MoEConfig(d_model=8, d_hidden=16, num_experts=4, router=TopK(k=2)))
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     p = torch.softmax(x @ moe.gate.weight.detach().T, dim=-1)  # (T, E)
-    moe.config.gw_threshold = normalized_entropy(p).median().item()  # half the tokens uncertain
+    median = normalized_entropy(p).median().item()  # half the tokens uncertain
+    moe.replace_config(router=GWBroadcast(TopK(k=2), threshold=median))
     moe.train()
     out = moe(x)
     dense = (p[:, :, None] * moe.experts.dense(x)).sum(1)  # sum_e p_e Expert_e(x)
@@ -87,6 +88,7 @@ def test_broadcast_layer_output_is_the_dense_mixture_for_uncertain_tokens():
     kept = (sparse.weights[:, :, None] * moe.experts.dense(x)).sum(1)
     torch.testing.assert_close(out.output[~b], kept[~b])
     assert out.stats.broadcast_ratio.item() == pytest.approx(b.float().mean().item())
+    assert out.stats.uncertain_ratio.item() == out.stats.broadcast_ratio.item()  # no slot cap
     moe.eval()
     assert moe(x).stats.broadcast_ratio.item() == 0 and moe(x).stats.experts_per_token.item() == 2
 
@@ -102,24 +104,24 @@ def tiny_model():
 
 def test_recipe_sets_every_layer_and_turns_z_loss_off():
     model = GWFineTuning(0.5, max_slots=3).apply(tiny_model())
-    for layer in model.moe_layers():
+    for layer in moe_layers(model):
         c = layer.config
-        assert (c.gw_threshold, c.gw_max_slots, c.z_coef) == (0.5, 3, 0.0)
+        assert c.router == GWBroadcast(TopK(k=2), threshold=0.5, max_slots=3) and c.z_coef == 0.0
     keep = GWFineTuning(None, z_loss=True).apply(tiny_model())
-    assert all(m.config.gw_threshold is None and m.config.z_coef == 1e-3 for m in keep.moe_layers())
+    assert all(m.config.router == TopK(k=2) and m.config.z_coef == 1e-3 for m in moe_layers(keep))
     with pytest.raises(ValueError, match="measure"):
         GWFineTuning(0.5, measure="gini")
 
 
 def test_frozen_router_does_not_move_and_broadcast_is_reported():
     model = GWFineTuning(0.0).apply(tiny_model())
-    before = [m.gate.weight.detach().clone() for m in model.moe_layers()]
+    before = [m.gate.weight.detach().clone() for m in moe_layers(model)]
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 256, (4, 16), generator=g)
     seen = []
     train(model, lambda g: {"idx": idx, "targets": idx}, TrainConfig(steps=3, freeze_router=True, progress=False),
           callback=lambda step, m, out: seen.append([layer.stats.broadcast_ratio.item() for layer in out.layers]))
-    assert all(torch.equal(b, m.gate.weight) for b, m in zip(before, model.moe_layers()))
+    assert all(torch.equal(b, m.gate.weight) for b, m in zip(before, moe_layers(model)))
     assert seen == [[1.0, 1.0]] * 3
 
 
@@ -149,6 +151,7 @@ def test_compare_runs_every_recipe_and_inference_cost_is_equal():
     assert gwx.paired_gain(rows, "gw_all").shape == (2,)
     assert [r["broadcast_ratio"] for r in rows[1:4]][::2] == [[0.0, 0.0], [1.0, 1.0]]  # plain, gw_all
     assert all(0 <= b <= 1 for b in rows[2]["broadcast_ratio"])
+    assert all(r["uncertain_ratio"] == r["broadcast_ratio"] for r in rows[1:])  # no slot cap
     tuned = {n: gwx.finetune(model, rec, corpus, steps=1, batch_size=2, block_size=16)[0]
              for n, rec in gwx.recipes(0.5).items()}
     cost = gwx.inference_cost(tuned, gwx.eval_batch(corpus, 16, max_windows=2), repeats=1)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from minimoe.layer import MoE, MoEConfig
-from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
 from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
+from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
 
 D, H, E = 8, 16, 4
 
@@ -178,6 +178,24 @@ def test_dropped_pairs_for_forced_routing(k, capacity_factor, dropped_pairs, dro
     lost = 8 - dropped_tokens
     assert not out.output[lost:].any()  # dropped tokens get 0: the residual carries them
     assert out.output[:lost].abs().sum(dim=1).gt(0).all()
+
+
+def test_top_2_tight_capacity_drops_second_choices_before_whole_tokens():
+    # even tokens have logits (10, 5, 0, 0), odd ones (5, 10, 0, 0); capacity ceil(0.75 * 16 / 4) = 3
+    moe = layer(router=TopK(k=2), capacity_factor=0.75)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[:2, 0] = torch.tensor([10.0, 5.0])  # feature 0 is 1 on even tokens
+        moe.gate.weight[:2, 1] = torch.tensor([5.0, 10.0])  # feature 1 is 1 on odd tokens
+    x = torch.zeros(8, D)
+    x[0::2, 0], x[1::2, 1] = 1.0, 1.0
+    out = moe(x)
+    first = out.routing.probs.argmax(1)
+    assert first.tolist() == [0, 1] * 4
+    # each expert keeps the first choices of its first 3 tokens; tokens 6 and 7 lose both experts
+    assert out.stats.dropped_pairs.item() == 16 - 6
+    assert out.stats.dropped_tokens.item() == 2
+    assert not out.output[6:].any() and out.output[:6].abs().sum(1).gt(0).all()
 
 
 @pytest.mark.parametrize("k, renormalize", [(1, False), (1, True), (2, True), (2, False)])

@@ -11,10 +11,10 @@ import torch
 
 from minimoe import analysis, plots
 from minimoe.__main__ import main as cli
-from minimoe.data import byte_corpus, make_toy_task
-from minimoe.experiments.common import lm_batches, toy_batches
-from minimoe.layer import MoE, MoEConfig
+from minimoe.data import byte_corpus, lm_batches, make_toy_task, toy_batches
+from minimoe.layer import MoE, MoEConfig, moe_layers
 from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
+from minimoe.routing import TopP
 from minimoe.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 matplotlib.use("Agg")
@@ -45,7 +45,7 @@ def test_same_seed_same_numbers(corpus):
 def test_shapes_heads_and_every_other_layer():
     cfg = ModelConfig(n_layers=4, moe_every=2, num_classes=3, block_size=16, moe=MoEConfig(d_model=32, d_hidden=32))
     model = TinyTransformer(cfg)
-    assert len(model.moe_layers()) == 2
+    assert len(moe_layers(model)) == 2
     idx = torch.randint(0, 256, (2, 16))
     out = model(idx, labels=torch.tensor([0, 2]))
     assert out.logits.shape == (2, 3) and out.loss.item() > 0 and len(out.layers) == 2
@@ -67,19 +67,19 @@ def test_recorder_sees_every_token_and_changes_nothing():
         after = model(idx).logits
     assert torch.equal(before, during) and torch.equal(before, after)
     assert len(rec) == 2 and rec.routing(1).num_tokens == 96
-    assert not any(m._forward_hooks for m in model.moe_layers())  # hooks removed on exit
+    assert not any(m._forward_hooks for m in moe_layers(model))  # hooks removed on exit
     with pytest.raises(ValueError, match="no MoE layer"):
         analysis.RoutingRecorder(torch.nn.Linear(2, 2))
 
 
 def test_checkpoint_roundtrip(tmp_path):
-    model = _tiny(router="top_p").eval()
+    model = _tiny(router=TopP()).eval()
     save_checkpoint(model, tmp_path / "m.pt")
     loaded = load_checkpoint(tmp_path / "m.pt")
     idx = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         assert torch.equal(model(idx).logits, loaded(idx).logits)
-    assert loaded.config.moe.router == "top_p"
+    assert loaded.config.moe.router == TopP()
 
     toy = MoERegressor(16, 8, MoEConfig(d_model=16, num_experts=4)).eval()
     save_checkpoint(toy, tmp_path / "toy.pt")
@@ -108,7 +108,7 @@ def test_capacity_report_counts_drops():
 
 
 def test_experts_per_token_tracker_by_group(corpus):
-    model = _tiny(router="top_p", top_p=0.5)
+    model = _tiny(router=TopP(p=0.5))
     probe = lm_batches(corpus, 2, 32)(torch.Generator().manual_seed(0))
     groups = torch.arange(64) % 2
     tracker = analysis.ExpertsPerTokenTracker(probe, every=2, groups=groups)
@@ -188,7 +188,7 @@ def test_autocast_trains_on_cuda(corpus, dtype):
 
 
 def test_paired_timing_ratio_is_the_median_of_per_round_ratios():
-    from minimoe.experiments.common import Timings, interleaved
+    from course.common import Timings, interleaved
 
     t = Timings({"a": [2.0, 4.0, 30.0], "b": [1.0, 1.0, 10.0]})
     assert t["a"] == 4.0 and t.ratio("a", "b") == 3.0  # per round 2, 4, 3; medians would say 4
@@ -274,8 +274,11 @@ class _InfAuxLoss(torch.nn.Module):
 
 def test_inf_aux_loss_stops_training():
     with pytest.raises(FloatingPointError, match=r"loss is inf at step 2 \(lr=0.01.*aux loss inf"):
-        train(_InfAuxLoss(), lambda g: {"x": torch.randn(8, 4, generator=g)},
-              TrainConfig(steps=4, lr=0.01, progress=False))
+        train(
+            _InfAuxLoss(),
+            lambda g: {"x": torch.randn(8, 4, generator=g)},
+            TrainConfig(steps=4, lr=0.01, progress=False),
+        )
 
 
 def _saved_regressor(path):
@@ -302,17 +305,24 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+class _Unpicklable:
+    def __reduce__(self):
+        raise TypeError("cannot pickle this extra")
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import io
+
     path = tmp_path / "toy.pt"
     model = _saved_regressor(path)
     before = path.read_bytes()
-    with pytest.raises(Exception):  # an extra that cannot be pickled
-        save_checkpoint(model, path, callback=lambda: None)
+    with pytest.raises(TypeError, match="cannot pickle this extra"):
+        save_checkpoint(model, path, note=_Unpicklable())
     real_save = torch.save
 
     def save_half_then_fail(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
-        if not isinstance(f, __import__("io").BytesIO):  # the write to disk: cut it short
+        if not isinstance(f, io.BytesIO):  # the write to disk: cut it short
             f.seek(10)
             f.truncate()
             raise OSError("disk full")

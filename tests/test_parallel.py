@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from minimoe.experiments import train_cli
+from minimoe import cli as train_cli
 from minimoe.layer import MoE, MoEConfig
 from minimoe.parallel import (
     Exchange,
@@ -23,23 +23,24 @@ from minimoe.parallel import (
     pairs_to_ranks,
     shard_batch,
 )
+from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
 from minimoe.train import load_checkpoint
 
 ATOL = 1e-5
 # name -> (MoEConfig overrides, how the case runs)
 CASES = {
     "top_k": ({}, {}),
-    "switch_top_1": ({"k": 1, "renormalize": False}, {}),
-    "top_p": ({"router": "top_p", "top_p": 0.5}, {}),
-    "adaptive": ({"router": "adaptive", "adaptive_threshold": 0.2}, {}),
-    "gw_broadcast": ({"k": 1, "gw_threshold": 0.8, "gw_max_slots": 2}, {}),
-    "noisy_top_k_eval": ({"router": "noisy_top_k"}, {"train": False}),
+    "switch_top_1": ({"router": TopK(k=1, renormalize=False)}, {}),
+    "top_p": ({"router": TopP(p=0.5)}, {}),
+    "adaptive": ({"router": Adaptive(threshold=0.2)}, {}),
+    "gw_broadcast": ({"router": GWBroadcast(TopK(k=1), threshold=0.8, max_slots=2)}, {}),
+    "noisy_top_k_eval": ({"router": NoisyTopK()}, {"train": False}),
     "gelu_experts": ({"activation": "gelu", "dispatch": "loop"}, {}),
     "idle_rank": ({}, {"zero_gate": True}),  # ties: every token picks experts 0 and 1, on rank 0
     "idle_rank_input_without_grad": ({}, {"zero_gate": True, "input_grad": False}),
     # per rank by design: each rank's capacity and noise come from its own tokens
     "capacity_per_rank": ({"capacity_factor": 1.0}, {"per_shard": True}),
-    "noisy_top_k_train": ({"router": "noisy_top_k"}, {"per_shard": True}),
+    "noisy_top_k_train": ({"router": NoisyTopK()}, {"per_shard": True}),
 }
 TRAIN_ARGS = ["--steps", "5", "--batch-size", "4", "--block-size", "16", "--layers", "1",
               "--heads", "2", "--d-model", "32", "--d-hidden", "32", "--experts", "4",
@@ -121,8 +122,8 @@ def _all_checks(out_dir: str) -> dict:
     rank = dist.get_rank()
     results = {name: _compare(overrides, **how) for name, (overrides, how) in CASES.items()}
     results["errors"] = {
-        "indivisible": _error(lambda: ExpertParallelMoE(MoEConfig(num_experts=3, k=2))),
-        "mismatch": _error(lambda: ExpertParallelMoE(MoEConfig(router="top_p", top_p=0.3 + 0.1 * rank))),
+        "indivisible": _error(lambda: ExpertParallelMoE(MoEConfig(num_experts=3, router=TopK(k=2)))),
+        "mismatch": _error(lambda: ExpertParallelMoE(MoEConfig(router=TopP(p=0.3 + 0.1 * rank)))),
         "batch": _error(lambda: shard_batch({"idx": torch.zeros(3, 4)})),
     }
     torch.manual_seed(rank)  # different weights on each rank: make_expert_parallel takes rank 0's
@@ -151,7 +152,7 @@ def test_clear_errors_on_every_rank(two_ranks):
     for results in two_ranks[0]:
         errors = results["errors"]
         assert "num_experts=3 is not divisible by the world size 2" in errors["indivisible"]
-        assert "differs across ranks in ['top_p']" in errors["mismatch"]
+        assert "differs across ranks in ['router']" in errors["mismatch"]
         assert "not divisible by the world size 2" in errors["batch"]
         assert results["same_router"] == 0.0
 
@@ -223,3 +224,15 @@ def test_nccl_equals_single_process():
     world = min(2, torch.cuda.device_count())
     for results in launch(_nccl_check, world_size=world, timeout=120, backend="nccl"):
         assert results["output"] <= ATOL
+
+
+def _fail_on_rank_1() -> None:
+    if dist.get_rank() == 1:
+        raise ValueError("boom")
+    dist.barrier()  # rank 0 waits for rank 1, whose exit breaks the connection
+
+
+def test_failing_rank_error_reaches_the_caller():
+    with pytest.raises(ValueError, match=r"rank 1 .*boom") as info:
+        launch(_fail_on_rank_1, world_size=2, timeout=30)
+    assert "_fail_on_rank_1" in str(info.value.__cause__)  # the worker's traceback

@@ -302,3 +302,49 @@ def test_uncertain_ratio_is_before_the_slot_cap_and_broadcast_ratio_after():
     assert stats.uncertain_ratio.item() == 1.0  # the released code's gw_ratio
     assert stats.broadcast_ratio.item() == pytest.approx(1 / 5)  # one slot per 5-token sequence
     assert math.isclose(MoE(MoEConfig(d_model=4)).eval()(torch.randn(3, 4)).stats.uncertain_ratio.item(), 0)
+
+
+# ---- second, independent checks of rules a single test used to pin ----------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_adaptive_two_experts_exactly_when_the_gap_is_at_most_the_threshold(seed):
+    lg = logits(T=1, E=6, seed=seed, scale=1.0)
+    p1, p2 = lg.softmax(-1).topk(2).values[0]
+    gap = (p1 - p2).item()  # the float the rule compares
+    if not 0 < gap < 1:
+        return
+    assert routing.adaptive(lg, threshold=gap).mask.sum().item() == 2  # gap <= T: both
+    below = torch.nextafter(p1 - p2, torch.zeros(())).item()  # the next float32 down
+    assert routing.adaptive(lg, threshold=below).mask.sum().item() == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6))
+def test_capacity_priority_first_choices_then_earlier_tokens(seed, capacity):
+    r = routing.top_k(logits(T=24, E=4, seed=seed), 2)
+    kept = apply_capacity(r.mask, r.probs, capacity)
+    order = r.probs.argsort(dim=1, descending=True, stable=True)
+    first = torch.zeros_like(r.mask).scatter_(1, order[:, :1], True)
+    for e in range(4):
+        firsts, seconds = r.mask[:, e] & first[:, e], r.mask[:, e] & ~first[:, e]
+        kept_first, kept_second = kept[:, e] & firsts, kept[:, e] & seconds
+        assert kept[:, e].sum() == min(capacity, int(r.mask[:, e].sum()))
+        if kept_second.any():  # a second choice got a slot only after every first choice did
+            assert torch.equal(kept_first, firsts)
+        for chosen, kept_rank in ((firsts, kept_first), (seconds, kept_second)):
+            idx = chosen.nonzero().squeeze(1)
+            n = int(kept_rank.sum())
+            assert kept_rank[idx[:n]].all() and not kept_rank[idx[n:]].any()  # earlier tokens first
+
+
+def test_noise_only_in_training_in_the_layer():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=8, router=NoisyTopK(k=2)))
+    x = torch.randn(64, 8)
+    moe.eval()
+    clean = routing.top_k(moe.router_logits(x)[:, :8], 2).mask
+    assert all(torch.equal(moe(x).routing.mask, clean) for _ in range(3))
+    moe.train()
+    assert any(not torch.equal(moe(x).routing.mask, clean) for _ in range(3))

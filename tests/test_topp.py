@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from course import topp
 from minimoe.data import TASKS
-from minimoe.experiments import topp
 from minimoe.layer import MoE, MoEConfig
 from minimoe.losses import dynamic_loss, load_balance_loss
-from minimoe.routing import top_p
+from minimoe.routing import Adaptive, TopK, TopP, top_p
 from minimoe.widgets import top_p_explorer
 
 RULES = ["paper", "code"]
@@ -70,7 +70,7 @@ def test_max_experts_caps_and_keeps_the_most_likely():
     ],
 )
 def test_bad_arguments_raise_naming_the_value(kwargs, text):
-    with pytest.raises(ValueError, match=re.escape(text)):
+    with pytest.raises((TypeError, ValueError), match=re.escape(text)):  # TypeError: not an int
         top_p(torch.zeros(2, 4), **kwargs)
 
 
@@ -154,7 +154,7 @@ def test_dynamic_loss_is_the_mean_router_entropy():
 
 def small_layer(seed=0, **overrides):
     torch.manual_seed(seed)
-    return MoE(MoEConfig(**{"d_model": 8, "d_hidden": 16, "num_experts": 4, "router": "top_p"} | overrides))
+    return MoE(MoEConfig(**{"d_model": 8, "d_hidden": 16, "num_experts": 4, "router": TopP()} | overrides))
 
 
 def test_layer_reports_each_loss_and_adds_the_papers_coefficients():
@@ -177,7 +177,7 @@ def test_selected_balance_loss_grows_with_experts_per_token():
         assert load_balance_loss(probs, mask, count="selected").item() == pytest.approx(n)
 
 
-@pytest.mark.parametrize("router, beta", [("top_p", 1e-4), ("top_k", 0.0), ("adaptive", 0.0)])
+@pytest.mark.parametrize("router, beta", [(TopP(), 1e-4), (TopK(), 0.0), (Adaptive(), 0.0)])
 def test_default_dynamic_coefficient_follows_the_paper(router, beta):
     assert MoEConfig(router=router).dynamic_beta == beta
     assert MoEConfig(router=router, dynamic_coef=0.5).dynamic_beta == 0.5
@@ -233,7 +233,7 @@ def test_real_token_mean_weights_groups_by_their_tokens():
 
 
 def test_run_measures_routing_and_quality():
-    r = topp.run(TINY, router="top_p", top_p=0.4)
+    r = topp.run(TINY, router="top_p", top_p=0.4)  # a run as results.json names it
     assert r["dynamic_beta"] == 1e-4 and len(r["loss"]) == TINY.steps
     assert r["trajectory"]["steps"] == [0, 3, 6]
     routing = r["routing"]
@@ -271,7 +271,7 @@ def test_task_quality_of_a_perfect_predictor():
 
 
 def test_command_writes_table_and_plots(tmp_path):
-    from minimoe.__main__ import main
+    from course.__main__ import main
 
     main(["topp", "--n-layers", "2", "--d-model", "16", "--d-hidden", "16", "--num-experts", "4",
           "--steps", "2", "--batch-size", "4", "--n-train", "32", "--n-probe", "8", "--track-every", "1",

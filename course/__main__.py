@@ -1,0 +1,15 @@
+"""The chapters' experiments: ``python -m course adaptive|topp|gw|compare --help``."""
+
+from __future__ import annotations
+
+from minimoe.cli import run_commands
+
+COMMANDS = ["course.gw", "course.topp", "course.adaptive", "course.compare"]  # chapter order
+
+
+def main(argv: list[str] | None = None) -> object:
+    return run_commands("python -m course", __doc__, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    main()

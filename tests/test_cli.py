@@ -1,0 +1,109 @@
+"""The command line: router flags become specs, and bad options are refused naming the flag."""
+
+import argparse
+
+import pytest
+
+from course.__main__ import main as course_main
+from minimoe import cli
+from minimoe.__main__ import main
+from minimoe.routing import ROUTERS, Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
+
+TINY = ["--layers", "1", "--heads", "2", "--d-model", "16", "--d-hidden", "16", "--experts", "4",
+        "--block-size", "16", "--batch-size", "4", "--steps", "2", "--no-progress", "--device", "cpu"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    return parser.parse_args(["train", *argv])
+
+
+def refused(argv: list[str], capsys, run=main) -> str:
+    """The error message of a command line that must be refused (argparse: exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, spec",
+    [
+        ([], TopK()),
+        (["--k", "1", "--no-renormalize"], TopK(k=1, renormalize=False)),
+        (["--router", "noisy_top_k", "--k", "3"], NoisyTopK(k=3)),
+        (["--router", "top_p", "--top-p", "0.3", "--top-p-rule", "code", "--max-experts", "2"],
+         TopP(p=0.3, rule="code", max_experts=2)),
+        (["--router", "adaptive", "--adaptive-threshold", "0.2", "--adaptive-gap", "normalized"],
+         Adaptive(threshold=0.2, gap="normalized")),
+        (["--router", "gw"], GWBroadcast()),
+        (["--router", "gw", "--k", "1", "--gw-threshold", "1.6", "--gw-measure", "entropy", "--gw-max-slots", "3"],
+         GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy", max_slots=3)),
+    ],
+)
+def test_router_flags_build_the_spec(flags, spec):
+    config = cli.moe_config_from_args(parse(flags))
+    assert config.router == spec and config.num_experts == 8
+
+
+def test_every_registered_router_is_a_choice(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ROUTERS)
+
+
+@pytest.mark.parametrize(
+    "flags, flag, router",
+    [
+        (["--top-p", "0.3"], "--top-p", "top_k"),  # the default router
+        (["--router", "top_p", "--k", "2"], "--k", "top_p"),
+        (["--router", "top_k", "--adaptive-threshold", "0.2"], "--adaptive-threshold", "top_k"),
+        (["--router", "adaptive", "--gw-threshold", "0.5"], "--gw-threshold", "adaptive"),
+        (["--router", "noisy_top_k", "--renormalize"], "--renormalize", "noisy_top_k"),
+        (["--router", "gw", "--max-experts", "2"], "--max-experts", "gw"),
+    ],
+)
+def test_a_flag_of_another_router_is_refused(flags, flag, router, capsys):
+    err = refused(["train", *flags, *TINY], capsys)
+    assert f"{flag} does not apply to --router {router}" in err
+
+
+@pytest.mark.parametrize(
+    "flags, text",
+    [
+        (["--router", "top_p", "--top-p", "1.5"], "--top-p 1.5: p must be"),
+        (["--router", "adaptive", "--adaptive-threshold", "2"], "--adaptive-threshold 2.0: threshold must be"),
+        (["--router", "gw", "--gw-threshold", "1.2"], "--gw-threshold 1.2: threshold must be"),
+        (["--k", "5"], "k=5"),  # more experts per token than the 4 experts
+    ],
+)
+def test_a_value_the_router_refuses_names_the_flag(flags, text, capsys):
+    assert text in refused(["train", *TINY, *flags], capsys)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--balance-coef", "nan"), ("--balance-coef", "-0.1"), ("--z-coef", "-1"), ("--z-coef", "inf"),
+        ("--dynamic-coef", "nan"), ("--dynamic-coef", "-1e-4"), ("--lr", "nan"), ("--lr", "0"),
+        ("--lr", "-3e-3"), ("--capacity-factor", "0"), ("--capacity-factor", "nan"), ("--top-p", "-0.4"),
+        ("--k", "0"), ("--k", "1.5"), ("--experts", "-1"), ("--steps", "-3"), ("--batch-size", "0"),
+        ("--adaptive-threshold", "nan"), ("--gw-max-slots", "-1"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_by_argparse(flag, value, capsys):
+    err = refused(["train", *TINY, f"{flag}={value}"], capsys)  # "=": argparse reads -1e-4 as a flag
+    assert f"argument {flag}: must be" in err and repr(value) in err
+
+
+@pytest.mark.parametrize("command", ["topp", "adaptive", "compare", "gw"])
+def test_the_course_commands_check_their_numbers_too(command, capsys):
+    assert "argument --lr: must be a number > 0, got 'nan'" in refused([command, "--lr", "nan"], capsys, course_main)
+
+
+def test_gw_router_trains_from_the_command_line(capsys):
+    summary = main(["train", *TINY, "--router", "gw", "--gw-threshold", "0.5"])
+    assert len(summary["experts_per_token"]) == 1
+    assert "train loss" in capsys.readouterr().out

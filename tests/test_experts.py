@@ -1,0 +1,59 @@
+"""The expert FFNs against hand-written formulas on the same weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minimoe.experts import Experts
+
+TOL = 1e-10  # float64: only rounding separates the same formula
+
+
+def _experts(activation: str) -> Experts:
+    torch.manual_seed(0)
+    experts = Experts(num_experts=3, d_model=8, d_hidden=16, activation=activation).double()
+    with torch.no_grad():
+        experts.gate_up.mul_(4.0)  # pre-activations of a few units: where GELU's forms differ
+    return experts
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_gelu_expert_is_the_exact_erf_gelu_mlp():
+    experts = _experts("gelu")
+    x = torch.randn(10, 8, dtype=torch.float64)
+    counts = [4, 0, 6]
+    start = 0
+    for e, n in enumerate(counts):
+        w_in, w_out = experts.gate_up[e].detach().T, experts.down[e].detach().T  # (d, h), (h, d)
+        h = x[start : start + n] @ w_in
+        exact = (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ w_out
+        tanh = (0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))) @ w_out
+        if n:
+            assert _max_diff(experts.expert(e, x[start : start + n]), exact) < TOL
+            assert _max_diff(tanh, exact) > 100 * TOL  # the tolerance tells the two GELUs apart
+        start += n
+    grouped = experts.grouped(x, counts)
+    dense = experts.dense(x)  # (T, E, d) every expert on every token
+    assert _max_diff(grouped[:4], dense[:4, 0]) < TOL and _max_diff(grouped[4:], dense[4:, 2]) < TOL
+
+
+def test_swiglu_expert_is_silu_gate_times_up_then_down():
+    experts = _experts("swiglu")
+    x = torch.randn(7, 8, dtype=torch.float64)
+    for e in range(experts.num_experts):
+        gate_up = experts.gate_up[e].detach()  # (2h, d): the gate's rows, then the up rows
+        w_g, w_u, w_d = gate_up[:16].T, gate_up[16:].T, experts.down[e].detach().T
+        g, u = x @ w_g, x @ w_u
+        silu = g / (1 + torch.exp(-g))
+        by_hand = (silu * u) @ w_d
+        assert _max_diff(experts.expert(e, x), by_hand) < TOL
+        swapped = ((u / (1 + torch.exp(-u))) * g) @ w_d  # gate and up the other way round
+        assert _max_diff(swapped, by_hand) > 100 * TOL
+    grouped = experts.grouped(x, [2, 5, 0])
+    dense = experts.dense(x)
+    assert _max_diff(grouped[:2], dense[:2, 0]) < TOL and _max_diff(grouped[2:], dense[2:, 1]) < TOL
