@@ -45,6 +45,7 @@ from minimoe.model import TinyTransformer, set_router
 from minimoe.routing import Adaptive, Router, TopK, top_k
 from minimoe.train import History, TrainConfig, mean_loss, train
 
+ADAPTIVE = Adaptive(threshold=0.1)  # the chapter's router: the paper's threshold, raw gap
 TOKEN_KINDS = ("prompt", "answer", "end")  # end: <eos> and <pad> inputs, nothing left to say
 
 
@@ -62,11 +63,13 @@ class Setup(common.Setup):
 
 def make_data(setup: Setup) -> tuple[MultiTaskData, MultiTaskData]:
     """Training and validation samples (disjoint seeds)."""
-    return (make_multitask(setup.n_train, max_len=setup.max_len, seed=setup.seed),
-            make_multitask(setup.n_val, max_len=setup.max_len, seed=setup.seed + 1000))
+    return (
+        make_multitask(setup.n_train, max_len=setup.max_len, seed=setup.seed),
+        make_multitask(setup.n_val, max_len=setup.max_len, seed=setup.seed + 1000),
+    )
 
 
-def build_model(setup: Setup, router: Router = Adaptive()) -> TinyTransformer:
+def build_model(setup: Setup, router: Router = ADAPTIVE) -> TinyTransformer:
     """The chapter's model from the setup's seed; both routers' balance loss counts top-1
     decisions (``balance_count="first"``, alpha = 1e-2)."""
     torch.manual_seed(setup.seed)
@@ -114,16 +117,29 @@ class Run:
         return next((s for s, v in zip(self.eval_steps, self.eval_loss) if v <= target), None)
 
 
-def train_variant(setup: Setup, data: MultiTaskData, val: MultiTaskData, name: str,
-                  router: Router = Adaptive(), curriculum: bool = False, progress: bool = False) -> Run:
+def train_variant(
+    setup: Setup,
+    data: MultiTaskData,
+    val: MultiTaskData,
+    name: str,
+    router: Router = ADAPTIVE,
+    curriculum: bool = False,
+    progress: bool = False,
+) -> Run:
     """Train one variant from the setup's seed; every variant sees the same initial weights."""
     model = build_model(setup, router)
     samples = {"idx": data.inputs, "targets": data.targets}
-    sampler = CurriculumSampler(model, samples, setup.batch_size, curriculum=curriculum,
-                                valid=data.inputs != PAD_ID)
+    sampler = CurriculumSampler(
+        model, samples, setup.batch_size, curriculum=curriculum, valid=data.inputs != PAD_ID
+    )
     val_batch = [{"idx": val.inputs, "targets": val.targets}]
-    config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed,
-                         eval_every=setup.eval_every, progress=progress)
+    config = TrainConfig(
+        steps=setup.steps,
+        lr=setup.lr,
+        seed=setup.seed,
+        eval_every=setup.eval_every,
+        progress=progress,
+    )
     start = time.perf_counter()
     history = train(model, sampler, config, evaluate=lambda m: mean_loss(m, val_batch))
     return Run(name, model, history, sampler, time.perf_counter() - start)
@@ -161,8 +177,7 @@ def with_threshold(model: TinyTransformer, threshold: float) -> TinyTransformer:
     return set_router(copy.deepcopy(model), replace(router, threshold=threshold))
 
 
-def time_train_steps(models: dict[str, nn.Module], batch: Batch,
-                     repeats: int = 20) -> Timings:
+def time_train_steps(models: dict[str, nn.Module], batch: Batch, repeats: int = 20) -> Timings:
     """Seconds of one training step (forward, backward, AdamW update) per model, on one batch,
     interleaved: ``[name]`` the median, ``.ratio(name, reference)`` the paired ratio. The
     update runs at lr 0: all the arithmetic, none of the change."""
@@ -177,6 +192,7 @@ def time_train_steps(models: dict[str, nn.Module], batch: Batch,
             (out.loss + out.aux_loss).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return run
 
     for m in models.values():
@@ -187,9 +203,16 @@ def time_train_steps(models: dict[str, nn.Module], batch: Batch,
     return result
 
 
-def time_dispatch(two_shares: Sequence[float] = (0.0, 0.2, 0.5, 0.8, 1.0), tokens: int = 2048,
-                  d_model: int = 64, d_hidden: int = 128, num_experts: int = 8, repeats: int = 15,
-                  seed: int = 0, device: str = "cpu") -> list[dict[str, float]]:
+def time_dispatch(
+    two_shares: Sequence[float] = (0.0, 0.2, 0.5, 0.8, 1.0),
+    tokens: int = 2048,
+    d_model: int = 64,
+    d_hidden: int = 128,
+    num_experts: int = 8,
+    repeats: int = 15,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict[str, float]]:
     """The experts alone, forward + backward through the sorted dispatch path, for routings
     where ``share`` of the tokens keep their top-2 expert and the rest only their top-1.
     Returns per share: pairs and time relative to top-2 (share 1): the median over
@@ -212,27 +235,46 @@ def time_dispatch(two_shares: Sequence[float] = (0.0, 0.2, 0.5, 0.8, 1.0), token
             x.grad = None
             for p in experts.parameters():
                 p.grad = None
+
         return run
 
     times = interleaved({s: step(m) for s, m in masks.items()}, repeats, device=device)
-    return [{"two_expert_share": s, "flop_ratio": int(masks[s].sum()) / (2 * tokens),
-             "time_ratio": times.ratio(s, 1.0), "seconds": times[s]} for s in shares]
+    return [
+        {
+            "two_expert_share": s,
+            "flop_ratio": int(masks[s].sum()) / (2 * tokens),
+            "time_ratio": times.ratio(s, 1.0),
+            "seconds": times[s],
+        }
+        for s in shares
+    ]
 
 
 # ---- the comparison, at any scale (the command) -----------------------------------------------
 
 
-def compare(setup: Setup, thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
-            timing_repeats: int = 20, progress: bool = False) -> dict:
+def compare(
+    setup: Setup,
+    thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
+    timing_repeats: int = 20,
+    progress: bool = False,
+) -> dict:
     """Top-2, adaptive at each threshold, and adaptive (T = 0.1) with the curriculum."""
     data, val = make_data(setup)
     runs = {"top-2": train_variant(setup, data, val, "top-2", router=TopK(k=2), progress=progress)}
     for t in thresholds:
-        runs[f"adaptive T={t}"] = train_variant(setup, data, val, f"adaptive T={t}", Adaptive(threshold=t),
-                                                progress=progress)
+        runs[f"adaptive T={t}"] = train_variant(
+            setup, data, val, f"adaptive T={t}", Adaptive(threshold=t), progress=progress
+        )
     runs["adaptive T=0.1 + curriculum"] = train_variant(
-        setup, data, val, "adaptive T=0.1 + curriculum", Adaptive(threshold=0.1), curriculum=True,
-        progress=progress)
+        setup,
+        data,
+        val,
+        "adaptive T=0.1 + curriculum",
+        Adaptive(threshold=0.1),
+        curriculum=True,
+        progress=progress,
+    )
     batch = {"idx": data.inputs[: setup.batch_size], "targets": data.targets[: setup.batch_size]}
     models = {n: r.model for n, r in runs.items()}
     if "adaptive T=0.1" in runs:  # the same weights routed top-1: what the experts cost at most
@@ -243,24 +285,35 @@ def compare(setup: Setup, thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
     targets = {"final": top2.final_loss, "half": top2.loss_at(setup.steps // 2)}
     rows = []
     for n, r in runs.items():
-        rows.append({
-            "variant": n, "final_val_loss": round(r.final_loss, 4),
-            "loss_vs_top2": round(r.final_loss - top2.final_loss, 4),
-            "two_expert_share": round(reports[n]["two_expert_share"], 4),
-            "flop_ratio": round(reports[n]["flops"] / reports["top-2"]["flops"], 4),
-            "step_time_ratio": round(step_time.ratio(n, "top-2"), 4),
-            "steps_to_top2_final_loss": r.steps_to(targets["final"]),
-            "steps_to_top2_half_loss": r.steps_to(targets["half"]),
-            "ranking_share_of_time": round(r.sampler.ranking_seconds / r.seconds, 4),
-        })
+        rows.append(
+            {
+                "variant": n,
+                "final_val_loss": round(r.final_loss, 4),
+                "loss_vs_top2": round(r.final_loss - top2.final_loss, 4),
+                "two_expert_share": round(reports[n]["two_expert_share"], 4),
+                "flop_ratio": round(reports[n]["flops"] / reports["top-2"]["flops"], 4),
+                "step_time_ratio": round(step_time.ratio(n, "top-2"), 4),
+                "steps_to_top2_final_loss": r.steps_to(targets["final"]),
+                "steps_to_top2_half_loss": r.steps_to(targets["half"]),
+                "ranking_share_of_time": round(r.sampler.ranking_seconds / r.seconds, 4),
+            }
+        )
     return {
-        "setup": asdict(setup), "rows": rows, "targets": targets,
+        "setup": asdict(setup),
+        "rows": rows,
+        "targets": targets,
         "step_seconds": {n: step_time[n] for n in models},
         "curves": {n: {"steps": r.eval_steps, "val_loss": r.eval_loss} for n, r in runs.items()},
-        "routing": {n: {k: v for k, v in rep.items() if k != "flops"} for n, rep in reports.items()},
-        "dispatch": time_dispatch(d_model=setup.d_model, d_hidden=setup.d_hidden,
-                                  num_experts=setup.num_experts, device=setup.device,
-                                  repeats=timing_repeats),
+        "routing": {
+            n: {k: v for k, v in rep.items() if k != "flops"} for n, rep in reports.items()
+        },
+        "dispatch": time_dispatch(
+            d_model=setup.d_model,
+            d_hidden=setup.d_hidden,
+            num_experts=setup.num_experts,
+            device=setup.device,
+            repeats=timing_repeats,
+        ),
     }
 
 
@@ -278,6 +331,7 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     """results.json (every seed), results.csv (one row per variant and seed, then the means
     over seeds) and adaptive.png (first seed's curves; sweep and dispatch: means)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -288,10 +342,16 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     for n, c in first["curves"].items():
         axes[0].plot(c["steps"], c["val_loss"], label=n)
     axes[0].axhline(first["targets"]["final"], color="k", ls=":", lw=1, label="top-2 final")
-    axes[0].set(xlabel="step", ylabel="validation loss", yscale="log",
-                title=f"Quality over training (seed {first['setup']['seed']})")
+    axes[0].set(
+        xlabel="step",
+        ylabel="validation loss",
+        yscale="log",
+        title=f"Quality over training (seed {first['setup']['seed']})",
+    )
     axes[0].legend(fontsize=7)
-    sweep = [r for r in summary if r["variant"].startswith("adaptive T=") and "+" not in r["variant"]]
+    sweep = [
+        r for r in summary if r["variant"].startswith("adaptive T=") and "+" not in r["variant"]
+    ]
     ts = [float(r["variant"].split("=")[1]) for r in sweep]
     axes[1].plot(ts, [r["two_expert_share"] for r in sweep], "o-", label="share on two experts")
     axes[1].plot(ts, [r["flop_ratio"] for r in sweep], "s-", label="expert FLOPs / top-2")
@@ -300,11 +360,18 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     axes[1].set(xlabel="threshold T", title=f"Threshold sweep (mean of {len(per_seed)} seeds)")
     axes[1].legend(fontsize=7)
     flops = [d["flop_ratio"] for d in first["dispatch"]]
-    times = [statistics.fmean(r["dispatch"][i]["time_ratio"] for r in per_seed) for i in range(len(flops))]
+    times = [
+        statistics.fmean(r["dispatch"][i]["time_ratio"] for r in per_seed)
+        for i in range(len(flops))
+    ]
     axes[2].plot(flops, times, "o-", label="measured (experts, fwd+bwd)")
     axes[2].plot([0.5, 1], [0.5, 1], "k--", lw=1, label="time = FLOPs")
-    axes[2].plot([0.5, 0.6, 0.75, 0.9], [0.67, 0.76, 0.92, 0.97], "x:", label="paper, Table 1 (GPU)")
-    axes[2].set(xlabel="expert FLOPs / top-2", ylabel="time / top-2", title="Experts: time vs FLOPs")
+    axes[2].plot(
+        [0.5, 0.6, 0.75, 0.9], [0.67, 0.76, 0.92, 0.97], "x:", label="paper, Table 1 (GPU)"
+    )
+    axes[2].set(
+        xlabel="expert FLOPs / top-2", ylabel="time / top-2", title="Experts: time vs FLOPs"
+    )
     axes[2].legend(fontsize=7)
     fig.savefig(out / "adaptive.png", dpi=110)
     plt.close(fig)
@@ -313,7 +380,9 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adaptive", help="adaptive gating vs top-2, threshold sweep, curriculum")
-    add_setup_args(p, Setup(steps=600))  # the notebook's Setup, trained three times as long, on three seeds
+    add_setup_args(
+        p, Setup(steps=600)
+    )  # the notebook's Setup, trained three times as long, on three seeds
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
     p.add_argument("--thresholds", type=non_negative, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     p.add_argument("--timing-repeats", type=positive_int, default=20)
@@ -326,13 +395,23 @@ def main(args: argparse.Namespace) -> list[dict]:
     per_seed = []
     for seed in args.seeds:
         print(f"seed {seed}: training {len(args.thresholds) + 2} variants", flush=True)
-        per_seed.append(compare(setup_from_args(Setup, args, seed), args.thresholds, args.timing_repeats,
-                                progress=not args.no_progress))
+        per_seed.append(
+            compare(
+                setup_from_args(Setup, args, seed),
+                args.thresholds,
+                args.timing_repeats,
+                progress=not args.no_progress,
+            )
+        )
     print(f"means over seeds {args.seeds}:")
-    print(f"{'variant':<28} {'val loss':>8} {'on two':>7} {'FLOPs':>6} {'time':>6} {'steps to top-2 loss':>20}")
+    print(
+        f"{'variant':<28} {'val loss':>8} {'on two':>7} {'FLOPs':>6} {'time':>6} {'steps to top-2 loss':>20}"
+    )
     for r in summarize(per_seed):
-        print(f"{r['variant']:<28} {r['final_val_loss']:>8.3f} {r['two_expert_share']:>7.1%} "
-              f"{r['flop_ratio']:>6.2f} {r['step_time_ratio']:>6.2f} {r['steps_to_top2_final_loss']!s:>20}")
+        print(
+            f"{r['variant']:<28} {r['final_val_loss']:>8.3f} {r['two_expert_share']:>7.1%} "
+            f"{r['flop_ratio']:>6.2f} {r['step_time_ratio']:>6.2f} {r['steps_to_top2_final_loss']!s:>20}"
+        )
     for path in write_results(per_seed, args.out):
         print(f"wrote {path}")
     return per_seed

@@ -36,8 +36,10 @@ def cached(name: str) -> Path:
     """``data/<name>``, a cached result of a bigger run that a chapter reads (see data/README.md)."""
     path = DATA / name
     if not path.exists():
-        raise FileNotFoundError(f"no {path}: clone the repository: data/ ships with it; "
-                                f"data/README.md gives the command that regenerates {name}")
+        raise FileNotFoundError(
+            f"no {path}: clone the repository: data/ ships with it; "
+            f"data/README.md gives the command that regenerates {name}"
+        )
     return path
 
 
@@ -66,10 +68,9 @@ class Setup:
 
     def model_config(self, vocab_size: int, block_size: int, **moe: Any) -> ModelConfig:
         """A TinyTransformer with 4 heads; ``moe``: MoEConfig fields (``router=TopP(p=0.4)``, ...)."""
-        layer = MoEConfig(**(dict(d_model=self.d_model, d_hidden=self.d_hidden,
-                                  num_experts=self.num_experts) | moe))
-        return ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layers=self.n_layers,
-                           n_heads=4, moe=layer)
+        size = dict(d_model=self.d_model, d_hidden=self.d_hidden, num_experts=self.num_experts)
+        layers = dict(n_layers=self.n_layers, n_heads=4)
+        return ModelConfig(vocab_size, block_size, **layers, moe=MoEConfig(**(size | moe)))
 
 
 def moe_changes(named: dict[str, Any]) -> dict[str, Any]:
@@ -87,21 +88,37 @@ def add_setup_args(p: argparse.ArgumentParser, defaults: Setup) -> None:
     for f in fields(defaults):
         if f.name not in ("seed", "device"):
             value = getattr(defaults, f.name)
-            check = positive if f.name == "lr" else non_negative if isinstance(value, float) else non_negative_int
-            p.add_argument("--" + f.name.replace("_", "-"), type=check, default=value, help="default: %(default)s")
+            check = non_negative if isinstance(value, float) else non_negative_int
+            p.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=positive if f.name == "lr" else check,
+                default=value,
+                help="default: %(default)s",
+            )
 
 
 def setup_from_args(cls: type[Setup], args: argparse.Namespace, seed: int) -> Setup:
     """The Setup of ``add_setup_args``'s (and ``--device``'s) options, for one seed."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed)
+    return cls(
+        **{f.name: getattr(args, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed
+    )
 
 
 def add_experiment_args(p: argparse.ArgumentParser, out: str) -> None:
     """--device, --threads, --out and --no-progress, shared by every experiment command."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=non_negative_int, default=None,
-                   help="torch CPU threads (tiny models: 1 is fastest)")
-    p.add_argument("--out", type=Path, default=Path(out), help="folder for the table and plots (runs/ is git-ignored)")
+    p.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=None,
+        help="torch CPU threads (tiny models: 1 is fastest)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(out),
+        help="folder for the table and plots (runs/ is git-ignored)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -114,8 +131,13 @@ def set_threads(args: argparse.Namespace) -> None:
 # ---- tables over seeds ---------------------------------------------------------------------
 
 
-def seed_means(rows: list[dict], by: str, columns: Sequence[str] | None = None,
-               std: Sequence[str] = (), digits: int | None = None) -> list[dict]:
+def seed_means(
+    rows: list[dict],
+    by: str,
+    columns: Sequence[str] | None = None,
+    std: Sequence[str] = (),
+    digits: int | None = None,
+) -> list[dict]:
     """Per value of ``row[by]`` (in order of appearance), over its rows (one per seed): ``seeds``
     (how many), the mean of each of ``columns`` (default: every column of the first row but
     ``by`` and ``seed``; None where a row has None) and ``<column>_std`` for each of ``std``
@@ -139,8 +161,11 @@ def write_csv(path: Path, rows: list[dict], fieldnames: Sequence[str] | None = N
     """``rows`` as CSV; columns ``fieldnames`` (default: every key, in order of appearance)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fieldnames or dict.fromkeys(k for r in rows for k in r)),
-                           extrasaction="ignore")
+        w = csv.DictWriter(
+            f,
+            fieldnames=list(fieldnames or dict.fromkeys(k for r in rows for k in r)),
+            extrasaction="ignore",
+        )
         w.writeheader()
         w.writerows(rows)
     return path
@@ -150,9 +175,14 @@ def write_seed_results(out: Path, per_seed: list[dict], summary: list[dict]) -> 
     """results.json (``{summary, per_seed}``) and results.csv: every seed's rows, then the
     summary's with seed ``mean`` (each seed's ``setup`` gives a row its seed if it has none)."""
     write_json(out / "results.json", {"summary": summary, "per_seed": per_seed})
-    rows = [r if "seed" in r else {"seed": s["setup"]["seed"], **r} for s in per_seed for r in s["rows"]]
+    rows = [
+        r if "seed" in r else {"seed": s["setup"]["seed"], **r} for s in per_seed for r in s["rows"]
+    ]
     means = [{**r, "seed": "mean"} for r in summary]
-    return [out / "results.json", write_csv(out / "results.csv", rows + means, fieldnames=list(rows[0]))]
+    return [
+        out / "results.json",
+        write_csv(out / "results.csv", rows + means, fieldnames=list(rows[0])),
+    ]
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -187,9 +217,13 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
-                device: torch.device | str = "cpu",
-                before: Callable[[], None] | None = None) -> Timings:
+def interleaved(
+    fns: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    before: Callable[[], None] | None = None,
+) -> Timings:
     """Time each fn ``repeats`` times on ``device``; every round calls each once, the order
     alternating between rounds (ABC, CBA, ...) so that drift and background load hit all alike.
     ``before()`` runs before every call, outside the timer (to reset gradients, say)."""

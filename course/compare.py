@@ -59,7 +59,9 @@ ROUTERS: dict[str, dict] = {
     "top-p": {"router": TopP(p=0.4)},  # p and beta = 1e-4: the paper's
     "adaptive": {"router": Adaptive(threshold=0.1)},
 }
-ROUTERS |= {f"{n} dropless": ROUTERS[n] | {"capacity_factor": None} for n in ("top-2", "top-p", "adaptive")}
+ROUTERS |= {
+    f"{n} dropless": ROUTERS[n] | {"capacity_factor": None} for n in ("top-2", "top-p", "adaptive")
+}
 FINETUNED = {"top-2 + GW": "gw_uncertain", "top-2 + plain FT": "plain"}  # names in gw.recipes()
 
 
@@ -81,13 +83,18 @@ def build_model(setup: Setup, **moe) -> TinyTransformer:
     MoEConfig fields (a run of ``ROUTERS``), the capacity factor the setup's unless given."""
 
     def config(**moe):
-        return setup.model_config(BYTE_VOCAB_SIZE, setup.block_size, **({"capacity_factor": setup.capacity_factor} | moe))
+        return setup.model_config(
+            BYTE_VOCAB_SIZE, setup.block_size, **({"capacity_factor": setup.capacity_factor} | moe)
+        )
 
     torch.manual_seed(setup.seed)
     init = TinyTransformer(config()).state_dict()
     model = TinyTransformer(config(**moe))
     missing, unexpected = model.load_state_dict(init, strict=False)
-    assert not unexpected and all(k.endswith("gate_extra.weight") for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.endswith("gate_extra.weight") for k in missing), (
+        missing,
+        unexpected,
+    )
     return model.to(setup.device)
 
 
@@ -119,23 +126,27 @@ def _layer_sums(out) -> dict[str, float]:
     """Per forward pass, summed over MoE layers: routed pairs, dropped tokens and pairs, tokens
     over the GW threshold and tokens GW broadcast (after its slot cap), FLOPs."""
     tokens = out.layers[0].routing.num_tokens
-    return {"pairs": sum(m.stats.experts_per_token.item() * tokens for m in out.layers),
-            "dropped_tokens": sum(m.stats.dropped_tokens.item() for m in out.layers),
-            "dropped_pairs": sum(m.stats.dropped_pairs.item() for m in out.layers),
-            "uncertain": sum(m.stats.uncertain_ratio.item() * tokens for m in out.layers),
-            "broadcast": sum(m.stats.broadcast_ratio.item() * tokens for m in out.layers),
-            "flops": sum(m.stats.flops.item() for m in out.layers)}
+    return {
+        "pairs": sum(m.stats.experts_per_token.item() * tokens for m in out.layers),
+        "dropped_tokens": sum(m.stats.dropped_tokens.item() for m in out.layers),
+        "dropped_pairs": sum(m.stats.dropped_pairs.item() for m in out.layers),
+        "uncertain": sum(m.stats.uncertain_ratio.item() * tokens for m in out.layers),
+        "broadcast": sum(m.stats.broadcast_ratio.item() * tokens for m in out.layers),
+        "flops": sum(m.stats.flops.item() for m in out.layers),
+    }
 
 
 def _rates(sums: dict[str, float], tokens: int, layers: int) -> dict[str, float]:
     """Totals -> per token: experts per token, dropped, GW-uncertain and GW-broadcast tokens per
     (token, layer), dropped pairs per routed pair, expert FLOPs per token (all layers)."""
-    return {"experts_per_token": sums["pairs"] / (tokens * layers),
-            "uncertain": sums["uncertain"] / (tokens * layers),
-            "broadcast": sums["broadcast"] / (tokens * layers),
-            "flops_per_token": sums["flops"] / tokens,
-            "dropped_tokens": sums["dropped_tokens"] / (tokens * layers),
-            "dropped_pairs": sums["dropped_pairs"] / max(sums["pairs"], 1)}
+    return {
+        "experts_per_token": sums["pairs"] / (tokens * layers),
+        "uncertain": sums["uncertain"] / (tokens * layers),
+        "broadcast": sums["broadcast"] / (tokens * layers),
+        "flops_per_token": sums["flops"] / tokens,
+        "dropped_tokens": sums["dropped_tokens"] / (tokens * layers),
+        "dropped_pairs": sums["dropped_pairs"] / max(sums["pairs"], 1),
+    }
 
 
 @torch.no_grad()
@@ -157,8 +168,12 @@ def evaluate(model: nn.Module, batches: list[Batch]) -> dict[str, float]:
             tokens += n
             sums = {k: sums.get(k, 0.0) + v for k, v in _layer_sums(out).items()}
     imbalance = statistics.fmean(load_imbalance(rec.routing(i)) for i in range(len(rec)))
-    return {"loss": loss / tokens, "accuracy": correct / tokens, "load_imbalance": imbalance,
-            **_rates(sums, int(tokens), len(rec))}
+    return {
+        "loss": loss / tokens,
+        "accuracy": correct / tokens,
+        "load_imbalance": imbalance,
+        **_rates(sums, int(tokens), len(rec)),
+    }
 
 
 @dataclass
@@ -192,15 +207,32 @@ class Run:
 
     @property
     def curve(self) -> dict[str, list[float]]:
-        return {"steps": [self.first_step + s for s, _ in self.history.evals],
-                "loss": [round(m["loss"], 5) for _, m in self.history.evals]}
+        return {
+            "steps": [self.first_step + s for s, _ in self.history.evals],
+            "loss": [round(m["loss"], 5) for _, m in self.history.evals],
+        }
 
 
-def _train(name: str, model: nn.Module, stream: BatchStream, setup: Setup, steps: int, batches: list[Batch],
-           snapshot_at: int | None = None, freeze_router: bool = False, first_step: int = 0) -> Run:
+def _train(
+    name: str,
+    model: nn.Module,
+    stream: BatchStream,
+    setup: Setup,
+    steps: int,
+    batches: list[Batch],
+    snapshot_at: int | None = None,
+    freeze_router: bool = False,
+    first_step: int = 0,
+) -> Run:
     record = TrainRecord(stream, snapshot_at)
-    config = TrainConfig(steps=steps, lr=setup.lr, seed=setup.seed, eval_every=setup.eval_every,
-                         freeze_router=freeze_router, progress=False)
+    config = TrainConfig(
+        steps=steps,
+        lr=setup.lr,
+        seed=setup.seed,
+        eval_every=setup.eval_every,
+        freeze_router=freeze_router,
+        progress=False,
+    )
     start = time.perf_counter()
     history = train(model, stream, config, evaluate=lambda m: evaluate(m, batches), callback=record)
     return Run(name, model, history, record, time.perf_counter() - start, first_step)
@@ -210,8 +242,15 @@ def train_router(setup: Setup, corpus: ByteCorpus, name: str, batches: list[Batc
     """One router of ``ROUTERS`` trained from the seed's initial weights for ``setup.steps``;
     top-2 also keeps a snapshot at ``steps - finetune_steps`` for the fine-tuning recipes."""
     snapshot_at = setup.steps - setup.finetune_steps if name == REFERENCE else None
-    return _train(name, build_model(setup, **ROUTERS[name]), BatchStream(corpus, setup), setup, setup.steps,
-                  batches, snapshot_at=snapshot_at)
+    return _train(
+        name,
+        build_model(setup, **ROUTERS[name]),
+        BatchStream(corpus, setup),
+        setup,
+        setup.steps,
+        batches,
+        snapshot_at=snapshot_at,
+    )
 
 
 def finetune_top2(setup: Setup, top2: Run, name: str, batches: list[Batch]) -> Run:
@@ -220,18 +259,29 @@ def finetune_top2(setup: Setup, top2: Run, name: str, batches: list[Batch]) -> R
     recipe: GWFineTuning = recipes(setup.gw_threshold)[FINETUNED[name]]
     snapshot, stream = top2.record.snapshot
     model = recipe.apply(copy.deepcopy(snapshot))
-    return _train(name, model, stream.fork(), setup, setup.finetune_steps, batches,
-                  freeze_router=recipe.freeze_router, first_step=setup.steps - setup.finetune_steps)
+    return _train(
+        name,
+        model,
+        stream.fork(),
+        setup,
+        setup.finetune_steps,
+        batches,
+        freeze_router=recipe.freeze_router,
+        first_step=setup.steps - setup.finetune_steps,
+    )
 
 
-def run_seed(setup: Setup, names: list[str] | None = None, timing_repeats: int = 10,
-             progress: bool = True) -> dict:
+def run_seed(
+    setup: Setup, names: list[str] | None = None, timing_repeats: int = 10, progress: bool = True
+) -> dict:
     """Every run for one seed (``names``: a subset of ROUTERS and FINETUNED, top-2 always):
     one row per run, the validation curves, and the interleaved step times."""
     names = names or [*ROUTERS, *FINETUNED]
     names = [REFERENCE] + [n for n in names if n != REFERENCE]
     if any(n in FINETUNED for n in names) and not 0 < setup.finetune_steps < setup.steps:
-        raise ValueError(f"finetune_steps must be in [1, steps - 1], got {setup.finetune_steps} of {setup.steps}")
+        raise ValueError(
+            f"finetune_steps must be in [1, steps - 1], got {setup.finetune_steps} of {setup.steps}"
+        )
     corpus = byte_corpus()
     batches = eval_batches(corpus, setup)
     runs: dict[str, Run] = {}
@@ -241,8 +291,11 @@ def run_seed(setup: Setup, names: list[str] | None = None, timing_repeats: int =
         else:
             runs[name] = train_router(setup, corpus, name, batches)
         if progress:
-            print(f"  seed {setup.seed} {name:>18}: held-out loss {runs[name].history.final_eval['loss']:.4f}"
-                  f" ({runs[name].seconds:.0f} s)", flush=True)
+            print(
+                f"  seed {setup.seed} {name:>18}: held-out loss {runs[name].history.final_eval['loss']:.4f}"
+                f" ({runs[name].seconds:.0f} s)",
+                flush=True,
+            )
     models = {n: r.model for n, r in runs.items()}
     timing_batch = BatchStream(corpus, setup)(None)
     step = time_train_steps(models, timing_batch, repeats=timing_repeats)
@@ -251,7 +304,9 @@ def run_seed(setup: Setup, names: list[str] | None = None, timing_repeats: int =
     return {"setup": asdict(setup), "rows": rows, "curves": {n: r.curve for n, r in runs.items()}}
 
 
-def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dict[str, dict]) -> dict:
+def row(
+    setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dict[str, dict]
+) -> dict:
     """One run's table row. ``step_ratio``: a training step of the final model, relative to
     top-2's; the ``train_*`` columns average over all ``steps`` steps of the recipe: for a
     fine-tuned run, top-2's first steps and then its own (``uncertain_share``, the share of tokens
@@ -261,20 +316,35 @@ def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dic
     step_ratio = step.ratio(name, REFERENCE)
     final = run.history.final_eval
     return {
-        "run": name, "seed": setup.seed, "loss": round(final["loss"], 5), "accuracy": round(final["accuracy"], 5),
+        "run": name,
+        "seed": setup.seed,
+        "loss": round(final["loss"], 5),
+        "accuracy": round(final["accuracy"], 5),
         "loss_vs_top2": round(final["loss"] - ref.history.final_eval["loss"], 5),
         "experts_per_token": round(final["experts_per_token"], 4),
         "flops_per_token": round(final["flops_per_token"]),
-        "flops_ratio": round(final["flops_per_token"] / ref.history.final_eval["flops_per_token"], 4),
-        "train_experts_per_token": round(statistics.fmean(s["experts_per_token"] for s in train_steps), 4),
-        "train_flops_ratio": round(statistics.fmean(s["flops_per_token"] for s in train_steps)
-                                   / ref.record.mean("flops_per_token"), 4),
+        "flops_ratio": round(
+            final["flops_per_token"] / ref.history.final_eval["flops_per_token"], 4
+        ),
+        "train_experts_per_token": round(
+            statistics.fmean(s["experts_per_token"] for s in train_steps), 4
+        ),
+        "train_flops_ratio": round(
+            statistics.fmean(s["flops_per_token"] for s in train_steps)
+            / ref.record.mean("flops_per_token"),
+            4,
+        ),
         "step_ratio": round(step_ratio, 4),
-        "train_step_ratio": round((run.first_step + (setup.steps - run.first_step) * step_ratio) / setup.steps, 4),
+        "train_step_ratio": round(
+            (run.first_step + (setup.steps - run.first_step) * step_ratio) / setup.steps, 4
+        ),
         "inference_ratio": round(infer[name]["time_ratio"], 4),
         "load_imbalance": round(final["load_imbalance"], 4),
-        "dropped_tokens": round(final["dropped_tokens"], 5), "dropped_pairs": round(final["dropped_pairs"], 5),
-        "train_dropped_tokens": round(statistics.fmean(s["dropped_tokens"] for s in train_steps), 5),
+        "dropped_tokens": round(final["dropped_tokens"], 5),
+        "dropped_pairs": round(final["dropped_pairs"], 5),
+        "train_dropped_tokens": round(
+            statistics.fmean(s["dropped_tokens"] for s in train_steps), 5
+        ),
         "uncertain_share": round(run.record.mean("uncertain"), 4),
         "broadcast_share": round(run.record.mean("broadcast"), 4),
         "train_seconds": round(run.seconds, 2),
@@ -283,10 +353,25 @@ def row(setup: Setup, runs: dict[str, Run], name: str, step: Timings, infer: dic
 
 # ---- the table over seeds, the Pareto front, the picture ---------------------------------------
 
-COLUMNS = ("loss", "loss_vs_top2", "accuracy", "experts_per_token", "flops_per_token", "flops_ratio",
-           "train_experts_per_token", "train_flops_ratio", "step_ratio", "train_step_ratio", "inference_ratio",
-           "load_imbalance", "dropped_tokens", "dropped_pairs", "train_dropped_tokens", "uncertain_share",
-           "broadcast_share")
+COLUMNS = (
+    "loss",
+    "loss_vs_top2",
+    "accuracy",
+    "experts_per_token",
+    "flops_per_token",
+    "flops_ratio",
+    "train_experts_per_token",
+    "train_flops_ratio",
+    "step_ratio",
+    "train_step_ratio",
+    "inference_ratio",
+    "load_imbalance",
+    "dropped_tokens",
+    "dropped_pairs",
+    "train_dropped_tokens",
+    "uncertain_share",
+    "broadcast_share",
+)
 
 
 def summarize(per_seed: list[dict]) -> list[dict]:
@@ -299,11 +384,17 @@ def summarize(per_seed: list[dict]) -> list[dict]:
 def pareto_front(costs: list[float], losses: list[float]) -> list[bool]:
     """True for each point no other point dominates (cost <= and loss <=, one of them <)."""
     points = list(zip(costs, losses))
-    return [not any(c <= ci and v <= vi and (c, v) != (ci, vi) for c, v in points) for ci, vi in points]
+    return [
+        not any(c <= ci and v <= vi and (c, v) != (ci, vi) for c, v in points) for ci, vi in points
+    ]
 
 
-COSTS = {"flops_ratio": "inference expert FLOPs / top-2", "train_flops_ratio": "training expert FLOPs / top-2",
-         "train_step_ratio": "training time / top-2 (whole recipe)", "inference_ratio": "inference time / top-2"}
+COSTS = {
+    "flops_ratio": "inference expert FLOPs / top-2",
+    "train_flops_ratio": "training expert FLOPs / top-2",
+    "train_step_ratio": "training time / top-2 (whole recipe)",
+    "inference_ratio": "inference time / top-2",
+}
 
 
 def plot_pareto(summary: list[dict], cost: str = "flops_ratio", ax: Axes | None = None) -> Axes:
@@ -313,12 +404,23 @@ def plot_pareto(summary: list[dict], cost: str = "flops_ratio", ax: Axes | None 
     x, y = [r[cost] for r in summary], [r["loss"] for r in summary]
     front = pareto_front(x, y)
     for i, r in enumerate(summary):
-        ax.errorbar(x[i], y[i], yerr=r["loss_vs_top2_std"], fmt="o" if front[i] else "s", capsize=3,
-                    color=f"C{i}", mfc=None if front[i] else "none", label=r["run"])
+        ax.errorbar(
+            x[i],
+            y[i],
+            yerr=r["loss_vs_top2_std"],
+            fmt="o" if front[i] else "s",
+            capsize=3,
+            color=f"C{i}",
+            mfc=None if front[i] else "none",
+            label=r["run"],
+        )
     on = sorted((x[i], y[i]) for i in range(len(x)) if front[i])
     ax.plot(*zip(*on), "k--", lw=1, label="Pareto front")
-    ax.set(xlabel=COSTS.get(cost, cost), ylabel="held-out loss (nats/byte)",
-           title="Quality vs compute (lower left is better)")
+    ax.set(
+        xlabel=COSTS.get(cost, cost),
+        ylabel="held-out loss (nats/byte)",
+        title="Quality vs compute (lower left is better)",
+    )
     ax.legend(fontsize=7)
     return ax
 
@@ -342,25 +444,49 @@ def load_cached(path: str | Path | None = None) -> dict:
 
 def print_table(summary: list[dict]) -> None:
     """The table, rounded: ratios are to top-2; dropped tokens and pairs at inference."""
-    print(f"{'run':>18} {'loss':>6} {'vs top-2':>15} {'exp/tok':>7} {'FLOPs':>5} {'train t':>7} "
-          f"{'infer t':>7} {'imbal':>5} {'drop tok':>8} {'drop pair':>9}")
+    print(
+        f"{'run':>18} {'loss':>6} {'vs top-2':>15} {'exp/tok':>7} {'FLOPs':>5} {'train t':>7} "
+        f"{'infer t':>7} {'imbal':>5} {'drop tok':>8} {'drop pair':>9}"
+    )
     for r in summary:
-        print(f"{r['run']:>18} {r['loss']:>6.3f} {r['loss_vs_top2']:>+7.3f} ± {r['loss_vs_top2_std']:.3f} "
-              f"{r['experts_per_token']:>7.2f} {r['flops_ratio']:>5.2f} {r['train_step_ratio']:>7.2f} "
-              f"{r['inference_ratio']:>7.2f} {r['load_imbalance']:>5.2f} {r['dropped_tokens']:>8.2%} "
-              f"{r['dropped_pairs']:>9.2%}")
+        print(
+            f"{r['run']:>18} {r['loss']:>6.3f} {r['loss_vs_top2']:>+7.3f} ± {r['loss_vs_top2_std']:.3f} "
+            f"{r['experts_per_token']:>7.2f} {r['flops_ratio']:>5.2f} {r['train_step_ratio']:>7.2f} "
+            f"{r['inference_ratio']:>7.2f} {r['load_imbalance']:>5.2f} {r['dropped_tokens']:>8.2%} "
+            f"{r['dropped_pairs']:>9.2%}"
+        )
 
 
 # ---- the command ---------------------------------------------------------------------------------
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="every router on one model and data set: table (JSON, CSV) and Pareto plot")
-    add_setup_args(p, Setup(n_layers=4, d_model=128, d_hidden=256, block_size=64, batch_size=64, steps=3000,
-                            finetune_steps=1000, eval_windows=2048, eval_every=100))
+    p = sub.add_parser(
+        "compare", help="every router on one model and data set: table (JSON, CSV) and Pareto plot"
+    )
+    add_setup_args(
+        p,
+        Setup(
+            n_layers=4,
+            d_model=128,
+            d_hidden=256,
+            block_size=64,
+            batch_size=64,
+            steps=3000,
+            finetune_steps=1000,
+            eval_windows=2048,
+            eval_every=100,
+        ),
+    )
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--runs", nargs="+", default=[*ROUTERS, *FINETUNED], choices=[*ROUTERS, *FINETUNED],
-                   metavar="RUN", help="default: all of " + ", ".join(repr(n) for n in [*ROUTERS, *FINETUNED]))
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=[*ROUTERS, *FINETUNED],
+        choices=[*ROUTERS, *FINETUNED],
+        metavar="RUN",
+        help="default: all of " + ", ".join(repr(n) for n in [*ROUTERS, *FINETUNED]),
+    )
     p.add_argument("--timing-repeats", type=positive_int, default=20)
     add_experiment_args(p, "runs/compare")
     p.set_defaults(func=main)
@@ -368,8 +494,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> list[dict]:
     set_threads(args)
-    per_seed = [run_seed(setup_from_args(Setup, args, seed), args.runs, args.timing_repeats,
-                         progress=not args.no_progress) for seed in args.seeds]
+    per_seed = [
+        run_seed(
+            setup_from_args(Setup, args, seed),
+            args.runs,
+            args.timing_repeats,
+            progress=not args.no_progress,
+        )
+        for seed in args.seeds
+    ]
     print_table(summarize(per_seed))
     for path in write_results(per_seed, args.out):
         print(f"wrote {path}")

@@ -56,16 +56,25 @@ METRICS = ("loss_all", "loss_uncertain", "acc_all", "acc_uncertain")
 
 def model_config() -> ModelConfig:
     """2 layers, d_model 64, 8 experts of width 64, top-2 (about 0.27 M parameters)."""
-    return ModelConfig(n_layers=2, n_heads=4, block_size=64,
-                       moe=MoEConfig(d_model=64, d_hidden=64, num_experts=8, router=TopK(k=2)))
+    return ModelConfig(
+        n_layers=2,
+        n_heads=4,
+        block_size=64,
+        moe=MoEConfig(d_model=64, d_hidden=64, num_experts=8, router=TopK(k=2)),
+    )
 
 
-def recipes(threshold: float = THRESHOLD, freeze_router: bool = True, z_loss: bool = False) -> dict[str, GWFineTuning]:
+def recipes(
+    threshold: float = THRESHOLD, freeze_router: bool = True, z_loss: bool = False
+) -> dict[str, GWFineTuning]:
     """The three fine-tuning runs compared: same switches (by default the released code's:
     router frozen, z-loss off), different broadcast."""
     switches = {"freeze_router": freeze_router, "z_loss": z_loss}
-    return {"plain": GWFineTuning(None, **switches), "gw_uncertain": GWFineTuning(threshold, **switches),
-            "gw_all": GWFineTuning(0.0, **switches)}
+    return {
+        "plain": GWFineTuning(None, **switches),
+        "gw_uncertain": GWFineTuning(threshold, **switches),
+        "gw_all": GWFineTuning(0.0, **switches),
+    }
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -84,8 +93,11 @@ def split_plays(text: str | None = None, held_out: str = HELD_OUT) -> tuple[str,
 
 def _titles(text: str) -> list[str]:
     lines = text.split("\n")
-    return [lines[i] + "\n\nby" for i in range(len(lines) - 2)
-            if lines[i + 2].startswith("by William Shakespeare") and not lines[i + 1]]
+    return [
+        lines[i] + "\n\nby"
+        for i in range(len(lines) - 2)
+        if lines[i + 2].startswith("by William Shakespeare") and not lines[i + 1]
+    ]
 
 
 def corpora(val_frac: float = 0.2) -> tuple[ByteCorpus, ByteCorpus]:
@@ -106,14 +118,23 @@ def eval_batch(corpus: ByteCorpus, block_size: int = 32, max_windows: int | None
 # ---- pretraining and fine-tuning -------------------------------------------------------
 
 
-def pretrain(steps: int = PRETRAIN_STEPS, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-             device: str = "cpu", progress: bool = True) -> tuple[TinyTransformer, History]:
+def pretrain(
+    steps: int = PRETRAIN_STEPS,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[TinyTransformer, History]:
     """Train the tiny model from scratch on the pretraining plays."""
     seed_everything(seed)
     pre, _ = corpora()
     model = TinyTransformer(model_config()).to(device)
-    history = train(model, lm_batches(pre, batch_size, model.config.block_size),
-                    TrainConfig(steps=steps, lr=lr, seed=seed, progress=progress))
+    history = train(
+        model,
+        lm_batches(pre, batch_size, model.config.block_size),
+        TrainConfig(steps=steps, lr=lr, seed=seed, progress=progress),
+    )
     return model.cpu(), history
 
 
@@ -128,9 +149,19 @@ def load_cached(path: str | Path | None = None) -> dict:
     return load_json(path, RESULTS)
 
 
-def finetune(pretrained: nn.Module, recipe: GWFineTuning, corpus: ByteCorpus, *, steps: int = 100,
-             batch_size: int = 16, block_size: int = 32, lr: float = 1e-3, seed: int = 0,
-             device: str = "cpu", progress: bool = False) -> tuple[nn.Module, History, dict[str, list[float]]]:
+def finetune(
+    pretrained: nn.Module,
+    recipe: GWFineTuning,
+    corpus: ByteCorpus,
+    *,
+    steps: int = 100,
+    batch_size: int = 16,
+    block_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> tuple[nn.Module, History, dict[str, list[float]]]:
     """A fine-tuned copy of ``pretrained`` (left untouched) under ``recipe``, its History, and
     per MoE layer, averaged over the steps, the shares of tokens ``uncertain_ratio`` (over the
     threshold: the released code's gw_ratio) and ``broadcast_ratio`` (after the slot cap)."""
@@ -141,9 +172,14 @@ def finetune(pretrained: nn.Module, recipe: GWFineTuning, corpus: ByteCorpus, *,
         for name, per_step in ratios.items():
             per_step.append([getattr(layer.stats, name).item() for layer in out.layers])
 
-    history = train(model, lm_batches(corpus, batch_size, block_size),
-                    TrainConfig(steps=steps, lr=lr, seed=seed, freeze_router=recipe.freeze_router,
-                                progress=progress), callback=record)
+    history = train(
+        model,
+        lm_batches(corpus, batch_size, block_size),
+        TrainConfig(
+            steps=steps, lr=lr, seed=seed, freeze_router=recipe.freeze_router, progress=progress
+        ),
+        callback=record,
+    )
     return model, history, {k: np.mean(v, axis=0).tolist() if v else [] for k, v in ratios.items()}
 
 
@@ -163,8 +199,12 @@ def token_metrics(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(1) == targets, flops
 
 
-def uncertain_tokens(model: nn.Module, batch: Batch, threshold: float = THRESHOLD,
-                     measure: str = "normalized_entropy") -> torch.Tensor:
+def uncertain_tokens(
+    model: nn.Module,
+    batch: Batch,
+    threshold: float = THRESHOLD,
+    measure: str = "normalized_entropy",
+) -> torch.Tensor:
     """(B * L,) bool: the model's router is uncertain about the token in some MoE layer."""
     device = next(model.parameters()).device
     _, routings = record_routing(model, {"idx": batch["idx"].to(device)})
@@ -175,14 +215,25 @@ def evaluate(model: nn.Module, batch: Batch, uncertain: torch.Tensor) -> dict[st
     """Mean loss and accuracy on all tokens and on the ``uncertain`` ones (a fixed set), and
     the evaluation's expert FLOPs per token."""
     loss, correct, flops = token_metrics(model, batch)
-    return {"loss_all": loss.mean().item(), "loss_uncertain": loss[uncertain].mean().item(),
-            "acc_all": correct.float().mean().item(), "acc_uncertain": correct[uncertain].float().mean().item(),
-            "eval_flops_per_token": flops}
+    return {
+        "loss_all": loss.mean().item(),
+        "loss_uncertain": loss[uncertain].mean().item(),
+        "acc_all": correct.float().mean().item(),
+        "acc_uncertain": correct[uncertain].float().mean().item(),
+        "eval_flops_per_token": flops,
+    }
 
 
-def compare(pretrained: nn.Module, corpus: ByteCorpus, seeds: list[int],
-            runs: dict[str, GWFineTuning] | None = None, threshold: float = THRESHOLD,
-            block_size: int = 32, max_windows: int | None = None, **finetune_kw) -> list[dict]:
+def compare(
+    pretrained: nn.Module,
+    corpus: ByteCorpus,
+    seeds: list[int],
+    runs: dict[str, GWFineTuning] | None = None,
+    threshold: float = THRESHOLD,
+    block_size: int = 32,
+    max_windows: int | None = None,
+    **finetune_kw,
+) -> list[dict]:
     """Fine-tune every recipe with every seed from the same checkpoint; one row per run.
 
     The uncertain tokens of the metric are fixed once, by the pretrained router at
@@ -192,35 +243,54 @@ def compare(pretrained: nn.Module, corpus: ByteCorpus, seeds: list[int],
     runs = recipes(threshold) if runs is None else runs
     batch = eval_batch(corpus, block_size, max_windows)
     uncertain = uncertain_tokens(pretrained, batch, threshold)
-    rows = [{"run": "pretrained", "seed": -1, "train_seconds": 0.0, **evaluate(pretrained, batch, uncertain)}]
+    rows = [
+        {
+            "run": "pretrained",
+            "seed": -1,
+            "train_seconds": 0.0,
+            **evaluate(pretrained, batch, uncertain),
+        }
+    ]
     for seed in seeds:
         for name, recipe in runs.items():  # interleaved, so machine load hits every run alike
             start = time.perf_counter()
-            model, history, ratios = finetune(pretrained, recipe, corpus, seed=seed, block_size=block_size,
-                                              **finetune_kw)
+            model, history, ratios = finetune(
+                pretrained, recipe, corpus, seed=seed, block_size=block_size, **finetune_kw
+            )
             seconds = time.perf_counter() - start
-            rows.append({"run": name, "seed": seed, "train_seconds": seconds,
-                         "final_train_loss": float(np.mean(history.loss[-10:])),
-                         **{k: [round(r, 4) for r in v] for k, v in ratios.items()},
-                         **evaluate(model.cpu(), batch, uncertain)})
+            rows.append(
+                {
+                    "run": name,
+                    "seed": seed,
+                    "train_seconds": seconds,
+                    "final_train_loss": float(np.mean(history.loss[-10:])),
+                    **{k: [round(r, 4) for r in v] for k, v in ratios.items()},
+                    **evaluate(model.cpu(), batch, uncertain),
+                }
+            )
     return rows
 
 
-def summarize(rows: list[dict], metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, tuple[float, float]]]:
+def summarize(
+    rows: list[dict], metrics: tuple[str, ...] = METRICS
+) -> dict[str, dict[str, tuple[float, float]]]:
     """run -> metric -> (mean, standard deviation over seeds; 0 for a single run)."""
     means = seed_means(rows, "run", metrics, std=metrics)
     return {r["run"]: {m: (r[m], r[f"{m}_std"]) for m in metrics} for r in means}
 
 
-def paired_gain(rows: list[dict], run: str, baseline: str = "plain", metric: str = "loss_all") -> np.ndarray:
+def paired_gain(
+    rows: list[dict], run: str, baseline: str = "plain", metric: str = "loss_all"
+) -> np.ndarray:
     """baseline - run, seed by seed (positive = ``run`` has the lower loss)."""
     by_seed = {r["seed"]: r[metric] for r in rows if r["run"] == baseline}
     return np.array([by_seed[r["seed"]] - r[metric] for r in rows if r["run"] == run])
 
 
 @torch.no_grad()
-def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5,
-                   reference: str | None = None) -> dict[str, dict[str, float]]:
+def inference_cost(
+    models: dict[str, nn.Module], batch: Batch, repeats: int = 5, reference: str | None = None
+) -> dict[str, dict[str, float]]:
     """Evaluation FLOPs per token (from the layers' stats) and seconds per token (median of
     ``repeats`` rounds, the models interleaved so load on the machine hits all alike); with
     ``reference``, also ``time_ratio``: the median over rounds of each model's time over the
@@ -236,13 +306,16 @@ def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5,
         def forward() -> None:
             out = m(idx=idx)
             flops[name] = sum(layer.stats.flops.item() for layer in out.layers) / tokens
+
         return forward
 
     for m in models.values():
         m.eval()
     device = next(next(iter(models.values())).parameters()).device if models else "cpu"
     times = interleaved({n: run(n, m) for n, m in models.items()}, repeats, device=device)
-    cost = {n: {"flops_per_token": flops[n], "seconds_per_token": times[n] / tokens} for n in models}
+    cost = {
+        n: {"flops_per_token": flops[n], "seconds_per_token": times[n] / tokens} for n in models
+    }
     if reference is not None:
         for n in models:
             cost[n]["time_ratio"] = times.ratio(n, reference)
@@ -254,24 +327,51 @@ def inference_cost(models: dict[str, nn.Module], batch: Batch, repeats: int = 5,
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gw", help="GW-MoE: plain vs GW fine-tuning from one pretrained checkpoint")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="pretrained model to fine-tune (default: the shipped data/gw_pretrained.pt)")
-    p.add_argument("--pretrain", action="store_true", help="pretrain from scratch instead of loading --checkpoint")
-    p.add_argument("--pretrain-only", action="store_true", help="pretrain, save the model, and stop")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="pretrained model to fine-tune (default: the shipped data/gw_pretrained.pt)",
+    )
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pretrain from scratch instead of loading --checkpoint",
+    )
+    p.add_argument(
+        "--pretrain-only", action="store_true", help="pretrain, save the model, and stop"
+    )
     p.add_argument("--pretrain-steps", type=non_negative_int, default=PRETRAIN_STEPS)
-    p.add_argument("--save-pretrained", type=Path, default=None,
-                   help="where to save the pretrained model (default: OUT/pretrained.pt)")
+    p.add_argument(
+        "--save-pretrained",
+        type=Path,
+        default=None,
+        help="where to save the pretrained model (default: OUT/pretrained.pt)",
+    )
     p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0 to N - 1")
     p.add_argument("--steps", type=non_negative_int, default=300, help="fine-tuning steps per run")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--block-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive, default=1e-3)
-    p.add_argument("--threshold", type=non_negative, default=THRESHOLD, help="normalized entropy threshold")
-    p.add_argument("--train-router", action="store_true",
-                   help="let the router learn during fine-tuning (the released code freezes it)")
-    p.add_argument("--z-loss", action="store_true", help="keep the router z-loss (the released code turns it off)")
-    p.add_argument("--eval-windows", type=positive_int, default=None,
-                   help="score only the first N held-out windows (default: all)")
+    p.add_argument(
+        "--threshold", type=non_negative, default=THRESHOLD, help="normalized entropy threshold"
+    )
+    p.add_argument(
+        "--train-router",
+        action="store_true",
+        help="let the router learn during fine-tuning (the released code freezes it)",
+    )
+    p.add_argument(
+        "--z-loss",
+        action="store_true",
+        help="keep the router z-loss (the released code turns it off)",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=positive_int,
+        default=None,
+        help="score only the first N held-out windows (default: all)",
+    )
     add_experiment_args(p, out="runs/gw")
     p.set_defaults(func=main)
 
@@ -289,11 +389,24 @@ def main(args: argparse.Namespace) -> list[dict]:
         model = load_pretrained(args.checkpoint)
     _, corpus = corpora()
     runs = recipes(args.threshold, freeze_router=not args.train_router, z_loss=args.z_loss)
-    rows = compare(model.to(args.device), corpus, list(range(args.seeds)), runs, threshold=args.threshold,
-                   max_windows=args.eval_windows, steps=args.steps, batch_size=args.batch_size,
-                   block_size=args.block_size, lr=args.lr, device=args.device, progress=not args.no_progress)
+    rows = compare(
+        model.to(args.device),
+        corpus,
+        list(range(args.seeds)),
+        runs,
+        threshold=args.threshold,
+        max_windows=args.eval_windows,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        lr=args.lr,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     skip = ("func", "command", "out", "no_progress")  # how to run, not what was run
-    config = {k: v.name if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
+    config = {
+        k: v.name if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip
+    }
     config["checkpoint"] = Path(args.checkpoint or CHECKPOINT).name
     write_results(rows, args.out, config)
     return rows
@@ -319,7 +432,9 @@ def write_results(rows: list[dict], out: Path, config: dict | None = None) -> No
 LABELS = {"loss_all": "all tokens", "loss_uncertain": "uncertain tokens"}
 
 
-def plot_comparison(summary: dict[str, dict[str, tuple[float, float]]], ax: Axes | None = None) -> Axes:
+def plot_comparison(
+    summary: dict[str, dict[str, tuple[float, float]]], ax: Axes | None = None
+) -> Axes:
     """Bars: held-out loss on all and on uncertain tokens per run, error bars = std over seeds."""
     ax = ax if ax is not None else plt.subplots(figsize=(6, 3), layout="constrained")[1]
     names = [n for n in summary if n != "pretrained"]
@@ -329,8 +444,13 @@ def plot_comparison(summary: dict[str, dict[str, tuple[float, float]]], ax: Axes
         std = [summary[n][metric][1] for n in names]
         ax.bar(x + (i - 0.5) * 0.4, mean, 0.4, yerr=std, capsize=3, label=LABELS[metric])
     lo = min(summary[n][m][0] for n in names for m in LABELS)
-    ax.set(xticks=x, xticklabels=names, ylabel="held-out loss (nats/byte)", ylim=(lo * 0.95, None),
-           title="Fine-tuned: mean ± std over seeds")
+    ax.set(
+        xticks=x,
+        xticklabels=names,
+        ylabel="held-out loss (nats/byte)",
+        ylim=(lo * 0.95, None),
+        title="Fine-tuned: mean ± std over seeds",
+    )
     ax.legend(fontsize=8)
     return ax
 
@@ -342,10 +462,19 @@ def plot_gains(rows: list[dict], ax: Axes | None = None) -> Axes:
     for i, metric in enumerate(LABELS):
         for j, name in enumerate(names):
             g = paired_gain(rows, name, metric=metric)
-            ax.scatter(np.full(len(g), j + (i - 0.5) * 0.3), g, color=f"C{i}",
-                       label=LABELS[metric] if j == 0 else None)
+            ax.scatter(
+                np.full(len(g), j + (i - 0.5) * 0.3),
+                g,
+                color=f"C{i}",
+                label=LABELS[metric] if j == 0 else None,
+            )
     ax.axhline(0, color="k", lw=1)
-    ax.set(xticks=range(len(names)), xticklabels=names, xlim=(-0.5, len(names) - 0.5),
-           ylabel="plain - GW loss", title="Per seed: above 0 means GW is better")
+    ax.set(
+        xticks=range(len(names)),
+        xticklabels=names,
+        xlim=(-0.5, len(names) - 0.5),
+        ylabel="plain - GW loss",
+        title="Per seed: above 0 means GW is better",
+    )
     ax.legend(fontsize=8)
     return ax

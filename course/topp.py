@@ -33,7 +33,16 @@ from course.common import (
 )
 from minimoe.analysis import ExpertsPerTokenTracker, RoutingRecorder, experts_per_token_by_group
 from minimoe.cli import non_negative, non_negative_int, positive, write_json
-from minimoe.data import PAD_ID, TASKS, VOCAB, Batch, MultiTaskData, make_multitask, multitask_batches, seq_len
+from minimoe.data import (
+    PAD_ID,
+    TASKS,
+    VOCAB,
+    Batch,
+    MultiTaskData,
+    make_multitask,
+    multitask_batches,
+    seq_len,
+)
 from minimoe.model import TinyTransformer
 from minimoe.train import History, TrainConfig, seed_everything, train
 
@@ -46,7 +55,9 @@ class TopPSetup(common.Setup):
 
     n_layers: int = 3
     n_train: int = 8192
-    n_probe: int = 512  # probe samples from seed + 1 (some repeat training samples), every measurement
+    n_probe: int = (
+        512  # probe samples from seed + 1 (some repeat training samples), every measurement
+    )
     track_every: int = 50
 
 
@@ -56,7 +67,9 @@ def variants(ps: list[float], betas: list[float], z_coefs: list[float] = ()) -> 
     (TopP's default), the same with other betas, the same with other router z-loss
     coefficients (the paper has no z-loss; ours is 1e-3), and the paper's defaults at other p."""
     runs = {"top-2": {"router": "top_k", "k": 2}, "top-p": {"router": "top_p", "top_p": 0.4}}
-    runs |= {f"top-p beta={b:g}": {"router": "top_p", "top_p": 0.4, "dynamic_coef": b} for b in betas}
+    runs |= {
+        f"top-p beta={b:g}": {"router": "top_p", "top_p": 0.4, "dynamic_coef": b} for b in betas
+    }
     runs |= {f"top-p z={z:g}": {"router": "top_p", "top_p": 0.4, "z_coef": z} for z in z_coefs}
     runs |= {f"top-p p={p:g}": {"router": "top_p", "top_p": p} for p in ps if p != 0.4}
     return runs
@@ -77,8 +90,11 @@ class Probe:
     def make(cls, n: int, seed: int) -> Probe:
         data = make_multitask(n, max_len=MAX_LEN, seed=seed)
         task = data.task[:, None].expand_as(data.inputs)  # (N, L)
-        return cls(data, task.masked_fill(data.inputs == PAD_ID, -1).reshape(-1),
-                   task.masked_fill(~data.answer_mask, -1).reshape(-1))
+        return cls(
+            data,
+            task.masked_fill(data.inputs == PAD_ID, -1).reshape(-1),
+            task.masked_fill(~data.answer_mask, -1).reshape(-1),
+        )
 
     def batch(self, device: str = "cpu") -> Batch:
         return {"idx": self.data.inputs.to(device), "targets": self.data.targets.to(device)}
@@ -136,7 +152,9 @@ def routing_stats(model: nn.Module, probe: Probe) -> dict:
     with RoutingRecorder(model) as rec:
         model(**probe.batch(_device(model)))
     routings = [rec.routing(i) for i in range(len(rec))]
-    stats = summarize_groups([experts_per_token_by_group(r, probe.task) for r in routings], probe.counts())
+    stats = summarize_groups(
+        [experts_per_token_by_group(r, probe.task) for r in routings], probe.counts()
+    )
     answers = [experts_per_token_by_group(r, probe.answer_task) for r in routings]
     return stats | {"answers": summarize_groups(answers, probe.counts(answers=True))}
 
@@ -158,12 +176,17 @@ def train_model(setup: TopPSetup, probe: Probe, progress: bool = False, **moe) -
     config = setup.model_config(len(VOCAB), seq_len(MAX_LEN), **moe_changes(moe))
     model = TinyTransformer(config).to(setup.device)
     data = make_multitask(setup.n_train, max_len=MAX_LEN, seed=setup.seed)
-    tracker = ExpertsPerTokenTracker(probe.batch(setup.device), every=setup.track_every, groups=probe.task)
+    tracker = ExpertsPerTokenTracker(
+        probe.batch(setup.device), every=setup.track_every, groups=probe.task
+    )
     tracker(0, model)  # before training
     start = time.perf_counter()
-    history = train(model, multitask_batches(data, setup.batch_size),
-                    TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=progress),
-                    callback=tracker)
+    history = train(
+        model,
+        multitask_batches(data, setup.batch_size),
+        TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=progress),
+        callback=tracker,
+    )
     return Trained(model, moe, history, tracker, time.perf_counter() - start)
 
 
@@ -189,17 +212,21 @@ def run(setup: TopPSetup, probe: Probe | None = None, progress: bool = False, **
     return measure(train_model(setup, probe, progress, **moe), probe)
 
 
-def compare(setup: TopPSetup, runs: dict[str, dict], seeds: list[int], seeded: int,
-            progress: bool = False) -> dict:
+def compare(
+    setup: TopPSetup, runs: dict[str, dict], seeds: list[int], seeded: int, progress: bool = False
+) -> dict:
     """The first ``seeded`` named runs for every seed, the others for the first seed only."""
     results: dict[str, list[dict]] = {}
     for i, (name, moe) in enumerate(runs.items()):
         for seed in seeds if i < seeded else seeds[:1]:
             r = run(replace(setup, seed=seed), progress=progress, **moe)
             results.setdefault(name, []).append(r | {"seed": seed})
-            print(f"{name:>20} seed {seed}: experts/token {r['routing']['mean']:.2f}  exact match "
-                  + " ".join(f"{t} {q['exact_match']:.2f}" for t, q in r["quality"].items())
-                  + f"  ({r['seconds']:.0f} s)", flush=True)
+            print(
+                f"{name:>20} seed {seed}: experts/token {r['routing']['mean']:.2f}  exact match "
+                + " ".join(f"{t} {q['exact_match']:.2f}" for t, q in r["quality"].items())
+                + f"  ({r['seconds']:.0f} s)",
+                flush=True,
+            )
     return {"setup": asdict(setup), "runs": results}
 
 
@@ -216,13 +243,23 @@ def table(results: dict) -> list[dict]:
     rows = []
     for name, runs in results["runs"].items():
         for r in runs:
-            row = {"run": name, "seed": r["seed"], "p": r["moe"].get("top_p", ""), "beta": r["dynamic_beta"],
-                   "experts_per_token": round(r["routing"]["mean"], 3)}
+            row = {
+                "run": name,
+                "seed": r["seed"],
+                "p": r["moe"].get("top_p", ""),
+                "beta": r["dynamic_beta"],
+                "experts_per_token": round(r["routing"]["mean"], 3),
+            }
             row |= {f"ept_layer{i}": round(v, 3) for i, v in enumerate(r["routing"]["per_layer"])}
             row |= {f"ept_{t}": round(v, 3) for t, v in zip(TASKS, r["routing"]["per_task"])}
-            row |= {f"ept_answer_{t}": round(v, 3) for t, v in zip(TASKS, r["routing"]["answers"]["per_task"])}
+            row |= {
+                f"ept_answer_{t}": round(v, 3)
+                for t, v in zip(TASKS, r["routing"]["answers"]["per_task"])
+            }
             row |= {f"exact_{t}": round(q["exact_match"], 3) for t, q in r["quality"].items()}
-            row |= {f"token_acc_{t}": round(q["token_accuracy"], 3) for t, q in r["quality"].items()}
+            row |= {
+                f"token_acc_{t}": round(q["token_accuracy"], 3) for t, q in r["quality"].items()
+            }
             row["final_loss"] = round(float(np.mean(r["loss"][-50:])), 4)
             rows.append(row)
     return rows
@@ -248,8 +285,11 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     axes[1].set(xlabel="MoE layer", ylabel="experts per token", title="top-p: by layer")
     paths.append(_save(fig, out / "by_task_layer.png"))
 
-    sweep = sorted((r["moe"]["top_p"], r) for name, r in runs.items()
-                   if name == "top-p" or name.startswith("top-p p="))
+    sweep = sorted(
+        (r["moe"]["top_p"], r)
+        for name, r in runs.items()
+        if name == "top-p" or name.startswith("top-p p=")
+    )
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
     ps = [p for p, _ in sweep]
     axes[0].plot(ps, [r["routing"]["mean"] for _, r in sweep], marker="o")
@@ -272,17 +312,41 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("topp", help="top-2 vs top-p routing on the graded tasks: table and plots")
     add_setup_args(p, TopPSetup(n_layers=4, steps=2000, batch_size=64))
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2],
-                   help="seeds of top-2, top-p and top-p with each --betas")
-    p.add_argument("--ps", type=positive, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
-                   help="p values of the sweep (first seed only)")
-    p.add_argument("--betas", type=non_negative, nargs="+", default=[0.0, 1e-3, 1e-2],
-                   help="dynamic-loss coefficients to compare with the paper's 1e-4, at p=0.4")
-    p.add_argument("--z-coefs", type=non_negative, nargs="*", default=[0.0],
-                   help="router z-loss coefficients to compare with ours (1e-3), at p=0.4 and beta=1e-4")
-    p.add_argument("--only", nargs="+", metavar="RUN",
-                   help="run only these named runs (e.g. 'top-p z=0') and merge them into the "
-                        "results.json already in --out, keeping its other runs")
+    p.add_argument(
+        "--seeds",
+        type=non_negative_int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds of top-2, top-p and top-p with each --betas",
+    )
+    p.add_argument(
+        "--ps",
+        type=positive,
+        nargs="+",
+        default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        help="p values of the sweep (first seed only)",
+    )
+    p.add_argument(
+        "--betas",
+        type=non_negative,
+        nargs="+",
+        default=[0.0, 1e-3, 1e-2],
+        help="dynamic-loss coefficients to compare with the paper's 1e-4, at p=0.4",
+    )
+    p.add_argument(
+        "--z-coefs",
+        type=non_negative,
+        nargs="*",
+        default=[0.0],
+        help="router z-loss coefficients to compare with ours (1e-3), at p=0.4 and beta=1e-4",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="RUN",
+        help="run only these named runs (e.g. 'top-p z=0') and merge them into the "
+        "results.json already in --out, keeping its other runs",
+    )
     add_experiment_args(p, out="runs/topp")
     p.set_defaults(func=main)
 
@@ -297,13 +361,20 @@ def main(args: argparse.Namespace) -> dict:
         if unknown:
             raise ValueError(f"unknown run names {unknown}; choose from {list(runs)}")
         runs = {name: moe for name, moe in runs.items() if name in args.only}  # seeded runs first
-    results = compare(setup, runs, args.seeds, seeded=sum(name in seeded for name in runs),
-                      progress=not args.no_progress)
+    results = compare(
+        setup,
+        runs,
+        args.seeds,
+        seeded=sum(name in seeded for name in runs),
+        progress=not args.no_progress,
+    )
     if args.only:  # merge: the new runs next to the cached ones, whose setup must be the same
         cached = load_results(args.out / "results.json")
         if cached["setup"] | {"seed": setup.seed} != results["setup"]:
-            raise ValueError(f"--only: the setup differs from {args.out / 'results.json'}'s: "
-                             f"{cached['setup']} vs {results['setup']}")
+            raise ValueError(
+                f"--only: the setup differs from {args.out / 'results.json'}'s: "
+                f"{cached['setup']} vs {results['setup']}"
+            )
         results = {"setup": cached["setup"], "runs": cached["runs"] | results["runs"]}
     rows = table(results)
     write_json(args.out / "results.json", results)

@@ -50,7 +50,9 @@ class UsageError(ValueError):
 # ---- numbers checked by argparse: "argument --lr: must be a number > 0, got 'nan'" -------------
 
 
-def _number(convert: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
+def _number(
+    convert: Callable[[str], Any], low: float, strict: bool = False
+) -> Callable[[str], Any]:
     kind = "an int" if convert is int else "a number"
     bound = f"{'>' if strict else '>='} {low:g}"
 
@@ -99,15 +101,20 @@ def router_from_flags(name: str, **flags: Any) -> Router:
     another router, or a value the spec refuses, is a ``UsageError`` naming the flag."""
     for dest in flags:
         if dest not in ROUTER_FLAGS:
-            raise UsageError(f"unknown router flag {_flag(dest)}; choose from "
-                             + ", ".join(_flag(d) for d in ROUTER_FLAGS))
+            raise UsageError(
+                f"unknown router flag {_flag(dest)}; choose from "
+                + ", ".join(_flag(d) for d in ROUTER_FLAGS)
+            )
         if name not in ROUTER_FLAGS[dest][1]:
-            raise UsageError(f"{_flag(dest)} does not apply to --router {name} "
-                             f"(it is a setting of {', '.join(ROUTER_FLAGS[dest][1])})")
+            raise UsageError(
+                f"{_flag(dest)} does not apply to --router {name} "
+                f"(it is a setting of {', '.join(ROUTER_FLAGS[dest][1])})"
+            )
     settings = {ROUTER_FLAGS[dest][0]: value for dest, value in flags.items()}
     try:
-        if name == "gw":
-            settings["base"] = router_from_name("top_k", **{s: settings.pop(s) for s in ["k"] if s in settings})
+        if name == "gw":  # --k is its base's
+            base = {"k": settings.pop("k")} if "k" in settings else {}
+            settings["base"] = router_from_name("top_k", **base)
         return router_from_name(name, **settings)
     except (TypeError, ValueError) as e:
         given = " ".join(f"{_flag(dest)} {value}" for dest, value in flags.items())
@@ -119,17 +126,30 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     Router flags default to None ("not given": the spec's default)."""
     g = p.add_argument_group("router (flags of another router than --router are refused)")
     g.add_argument("--router", default="top_k", choices=sorted(ROUTERS))
-    g.add_argument("--k", type=positive_int, help="experts per token (top_k, noisy_top_k, gw's base)")
-    g.add_argument("--renormalize", action=argparse.BooleanOptionalAction,
-                   help="renormalize combine weights over the chosen experts (top_k, adaptive)")
+    g.add_argument(
+        "--k", type=positive_int, help="experts per token (top_k, noisy_top_k, gw's base)"
+    )
+    g.add_argument(
+        "--renormalize",
+        action=argparse.BooleanOptionalAction,
+        help="renormalize combine weights over the chosen experts (top_k, adaptive)",
+    )
     g.add_argument("--top-p", type=positive, help="cumulative probability to reach (top_p)")
     g.add_argument("--top-p-rule", choices=("paper", "code"), help="cumsum >= p or > p (top_p)")
     g.add_argument("--max-experts", type=positive_int, help="cap on experts per token (top_p)")
-    g.add_argument("--adaptive-threshold", type=non_negative, help="largest top-1/top-2 gap for two experts")
-    g.add_argument("--adaptive-gap", choices=("raw", "normalized"), help="p1 - p2 or its normalized form")
-    g.add_argument("--gw-threshold", type=non_negative, help="uncertainty at which GW broadcasts (gw)")
+    g.add_argument(
+        "--adaptive-threshold", type=non_negative, help="largest top-1/top-2 gap for two experts"
+    )
+    g.add_argument(
+        "--adaptive-gap", choices=("raw", "normalized"), help="p1 - p2 or its normalized form"
+    )
+    g.add_argument(
+        "--gw-threshold", type=non_negative, help="uncertainty at which GW broadcasts (gw)"
+    )
     g.add_argument("--gw-measure", choices=sorted(UNCERTAINTY), help="uncertainty measure (gw)")
-    g.add_argument("--gw-max-slots", type=non_negative_int, help="broadcast tokens per sequence (gw)")
+    g.add_argument(
+        "--gw-max-slots", type=non_negative_int, help="broadcast tokens per sequence (gw)"
+    )
     g = p.add_argument_group("MoE layer")
     g.add_argument("--experts", type=positive_int, default=8, help="number of experts")
     g.add_argument("--d-model", type=positive_int, default=64)
@@ -137,18 +157,30 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--capacity-factor", type=positive, default=None, help="omit for dropless")
     g.add_argument("--balance-coef", type=non_negative, default=1e-2)
     g.add_argument("--z-coef", type=non_negative, default=1e-3)
-    g.add_argument("--dynamic-coef", type=non_negative, default=None, help="default: the router's (top_p: 1e-4, else 0)")
+    g.add_argument(
+        "--dynamic-coef",
+        type=non_negative,
+        default=None,
+        help="default: the router's (top_p: 1e-4, else 0)",
+    )
     g.add_argument("--dispatch", default="sorted", choices=DISPATCH_PATHS)
 
 
 def moe_config_from_args(args: argparse.Namespace, **changes: Any) -> MoEConfig:
     """The MoEConfig of ``add_moe_args``'s options (``changes`` override fields); a router flag
     that does not apply, or options the config refuses, raise ``UsageError``."""
-    flags = {dest: getattr(args, dest) for dest in ROUTER_FLAGS if getattr(args, dest, None) is not None}
+    flags = {
+        dest: getattr(args, dest) for dest in ROUTER_FLAGS if getattr(args, dest, None) is not None
+    }
     fields = dict(
-        d_model=args.d_model, d_hidden=args.d_hidden, num_experts=args.experts,
-        router=router_from_flags(args.router, **flags), capacity_factor=args.capacity_factor,
-        balance_coef=args.balance_coef, z_coef=args.z_coef, dynamic_coef=args.dynamic_coef,
+        d_model=args.d_model,
+        d_hidden=args.d_hidden,
+        num_experts=args.experts,
+        router=router_from_flags(args.router, **flags),
+        capacity_factor=args.capacity_factor,
+        balance_coef=args.balance_coef,
+        z_coef=args.z_coef,
+        dynamic_coef=args.dynamic_coef,
         dispatch=args.dispatch,
     )
     try:
@@ -164,9 +196,15 @@ def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
     g.add_argument("--lr", type=positive, default=3e-3)
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
-                   help="mixed precision (float16: CUDA only); routers stay float32")
-    g.add_argument("--out", type=Path, default=None, help="folder for results (JSON, plots, checkpoint)")
+    g.add_argument(
+        "--autocast",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="mixed precision (float16: CUDA only); routers stay float32",
+    )
+    g.add_argument(
+        "--out", type=Path, default=None, help="folder for results (JSON, plots, checkpoint)"
+    )
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -175,7 +213,9 @@ def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2))
 
 
-def run_commands(prog: str, description: str, modules: Sequence[str], argv: list[str] | None = None) -> Any:
+def run_commands(
+    prog: str, description: str, modules: Sequence[str], argv: list[str] | None = None
+) -> Any:
     """Parse ``argv`` with one subcommand per module (each has ``add_parser(subparsers)``) and
     run it; a ``UsageError`` becomes the subcommand's usage error (exit status 2)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -191,6 +231,7 @@ def run_commands(prog: str, description: str, modules: Sequence[str], argv: list
 
 # ---- the train command ----------------------------------------------------------------------
 
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the tiny MoE transformer and print a summary")
     p.add_argument("--data", default="text", choices=["text", "multitask"])
@@ -198,9 +239,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=positive_int, default=4)
     p.add_argument("--block-size", type=positive_int, default=64)
     p.add_argument("--moe-every", type=positive_int, default=1)
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="split each layer's experts over the processes of torchrun: "
-                        "torchrun --nproc_per_node=2 -m minimoe train --expert-parallel")
+    p.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="split each layer's experts over the processes of torchrun: "
+        "torchrun --nproc_per_node=2 -m minimoe train --expert-parallel",
+    )
     add_moe_args(p)
     add_run_args(p)
     p.set_defaults(func=main)
@@ -229,12 +273,25 @@ def main(args: argparse.Namespace) -> dict:
         data = make_multitask(4096, seed=args.seed)
         vocab, block = len(VOCAB), seq_len(6)
         get_batch = multitask_batches(data, args.batch_size)
-        probe = multitask_batches(make_multitask(512, seed=args.seed + 1), 512)(torch.Generator().manual_seed(1))
-    config = ModelConfig(vocab_size=vocab, block_size=block, n_layers=args.layers, n_heads=args.heads,
-                         moe=moe, moe_every=args.moe_every)
+        probe = multitask_batches(make_multitask(512, seed=args.seed + 1), 512)(
+            torch.Generator().manual_seed(1)
+        )
+    config = ModelConfig(
+        vocab_size=vocab,
+        block_size=block,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        moe=moe,
+        moe_every=args.moe_every,
+    )
     model = TinyTransformer(config).to(args.device)
-    train_config = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, autocast=args.autocast,
-                               progress=not args.no_progress and rank == 0)
+    train_config = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        autocast=args.autocast,
+        progress=not args.no_progress and rank == 0,
+    )
     if args.expert_parallel:
         model, history, ep_summary = train_expert_parallel(model, get_batch, probe, train_config)
         if rank != 0:
@@ -259,10 +316,14 @@ def main(args: argparse.Namespace) -> dict:
     print(f"dropped (token, expert) pairs during training: {summary['dropped_pairs_in_training']}")
     if args.expert_parallel:
         summary["expert_parallel"] = ep_summary
-        print(f"expert parallel over {ep_summary['world_size']} processes: bytes sent per step "
-              f"{ep_summary['bytes_sent_per_step']}, pairs per step {ep_summary['pairs_per_step']} "
-              f"(per rank); max |expert parallel - single process|: "
-              + ", ".join(f"{k} {v:.1e}" for k, v in ep_summary["max_abs_diff_vs_single_process"].items()))
+        print(
+            f"expert parallel over {ep_summary['world_size']} processes: bytes sent per step "
+            f"{ep_summary['bytes_sent_per_step']}, pairs per step {ep_summary['pairs_per_step']} "
+            f"(per rank); max |expert parallel - single process|: "
+            + ", ".join(
+                f"{k} {v:.1e}" for k, v in ep_summary["max_abs_diff_vs_single_process"].items()
+            )
+        )
     if args.out is not None:
         write_json(args.out / "summary.json", summary)
         save_checkpoint(model.cpu(), args.out / "model.pt")
@@ -288,8 +349,12 @@ def train_expert_parallel(model: TinyTransformer, get_batch, probe: dict, config
         traffic.append((2 * sum(e.bytes_sent for e in exchanges), sum(e.load for e in exchanges)))
 
     with parallel.gradient_sync(model, max_norm=config.grad_clip):  # it clips by the global norm
-        history = train(model, parallel.shard_batches(get_batch), replace(config, grad_clip=0.0),
-                        callback=record)
+        history = train(
+            model,
+            parallel.shard_batches(get_batch),
+            replace(config, grad_clip=0.0),
+            callback=record,
+        )
     loss, dropped = torch.tensor(history.loss), torch.tensor(history.dropped_pairs)
     dist.all_reduce(loss)
     dist.all_reduce(dropped)
@@ -301,9 +366,13 @@ def train_expert_parallel(model: TinyTransformer, get_batch, probe: dict, config
     single.zero_grad(set_to_none=True)
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, np.mean(traffic, axis=0).tolist() if traffic else [0.0, 0.0])
-    return single, history, {
-        "world_size": world,
-        "bytes_sent_per_step": [round(b) for b, _ in per_rank],
-        "pairs_per_step": [round(n, 1) for _, n in per_rank],
-        "max_abs_diff_vs_single_process": diffs,
-    }
+    return (
+        single,
+        history,
+        {
+            "world_size": world,
+            "bytes_sent_per_step": [round(b) for b, _ in per_rank],
+            "pairs_per_step": [round(n, 1) for _, n in per_rank],
+            "max_abs_diff_vs_single_process": diffs,
+        },
+    )

@@ -9,8 +9,27 @@ from minimoe import cli
 from minimoe.__main__ import main
 from minimoe.routing import ROUTERS, Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
 
-TINY = ["--layers", "1", "--heads", "2", "--d-model", "16", "--d-hidden", "16", "--experts", "4",
-        "--block-size", "16", "--batch-size", "4", "--steps", "2", "--no-progress", "--device", "cpu"]
+TINY = [
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--d-model",
+    "16",
+    "--d-hidden",
+    "16",
+    "--experts",
+    "4",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -33,13 +52,30 @@ def refused(argv: list[str], capsys, run=main) -> str:
         ([], TopK()),
         (["--k", "1", "--no-renormalize"], TopK(k=1, renormalize=False)),
         (["--router", "noisy_top_k", "--k", "3"], NoisyTopK(k=3)),
-        (["--router", "top_p", "--top-p", "0.3", "--top-p-rule", "code", "--max-experts", "2"],
-         TopP(p=0.3, rule="code", max_experts=2)),
-        (["--router", "adaptive", "--adaptive-threshold", "0.2", "--adaptive-gap", "normalized"],
-         Adaptive(threshold=0.2, gap="normalized")),
+        (
+            ["--router", "top_p", "--top-p", "0.3", "--top-p-rule", "code", "--max-experts", "2"],
+            TopP(p=0.3, rule="code", max_experts=2),
+        ),
+        (
+            ["--router", "adaptive", "--adaptive-threshold", "0.2", "--adaptive-gap", "normalized"],
+            Adaptive(threshold=0.2, gap="normalized"),
+        ),
         (["--router", "gw"], GWBroadcast()),
-        (["--router", "gw", "--k", "1", "--gw-threshold", "1.6", "--gw-measure", "entropy", "--gw-max-slots", "3"],
-         GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy", max_slots=3)),
+        (
+            [
+                "--router",
+                "gw",
+                "--k",
+                "1",
+                "--gw-threshold",
+                "1.6",
+                "--gw-measure",
+                "entropy",
+                "--gw-max-slots",
+                "3",
+            ],
+            GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy", max_slots=3),
+        ),
     ],
 )
 def test_router_flags_build_the_spec(flags, spec):
@@ -74,7 +110,10 @@ def test_a_flag_of_another_router_is_refused(flags, flag, router, capsys):
     "flags, text",
     [
         (["--router", "top_p", "--top-p", "1.5"], "--top-p 1.5: p must be"),
-        (["--router", "adaptive", "--adaptive-threshold", "2"], "--adaptive-threshold 2.0: threshold must be"),
+        (
+            ["--router", "adaptive", "--adaptive-threshold", "2"],
+            "--adaptive-threshold 2.0: threshold must be",
+        ),
         (["--router", "gw", "--gw-threshold", "1.2"], "--gw-threshold 1.2: threshold must be"),
         (["--k", "5"], "k=5"),  # more experts per token than the 4 experts
     ],
@@ -86,21 +125,39 @@ def test_a_value_the_router_refuses_names_the_flag(flags, text, capsys):
 @pytest.mark.parametrize(
     "flag, value",
     [
-        ("--balance-coef", "nan"), ("--balance-coef", "-0.1"), ("--z-coef", "-1"), ("--z-coef", "inf"),
-        ("--dynamic-coef", "nan"), ("--dynamic-coef", "-1e-4"), ("--lr", "nan"), ("--lr", "0"),
-        ("--lr", "-3e-3"), ("--capacity-factor", "0"), ("--capacity-factor", "nan"), ("--top-p", "-0.4"),
-        ("--k", "0"), ("--k", "1.5"), ("--experts", "-1"), ("--steps", "-3"), ("--batch-size", "0"),
-        ("--adaptive-threshold", "nan"), ("--gw-max-slots", "-1"),
+        ("--balance-coef", "nan"),
+        ("--balance-coef", "-0.1"),
+        ("--z-coef", "-1"),
+        ("--z-coef", "inf"),
+        ("--dynamic-coef", "nan"),
+        ("--dynamic-coef", "-1e-4"),
+        ("--lr", "nan"),
+        ("--lr", "0"),
+        ("--lr", "-3e-3"),
+        ("--capacity-factor", "0"),
+        ("--capacity-factor", "nan"),
+        ("--top-p", "-0.4"),
+        ("--k", "0"),
+        ("--k", "1.5"),
+        ("--experts", "-1"),
+        ("--steps", "-3"),
+        ("--batch-size", "0"),
+        ("--adaptive-threshold", "nan"),
+        ("--gw-max-slots", "-1"),
     ],
 )
 def test_numbers_out_of_range_are_refused_by_argparse(flag, value, capsys):
-    err = refused(["train", *TINY, f"{flag}={value}"], capsys)  # "=": argparse reads -1e-4 as a flag
+    err = refused(
+        ["train", *TINY, f"{flag}={value}"], capsys
+    )  # "=": argparse reads -1e-4 as a flag
     assert f"argument {flag}: must be" in err and repr(value) in err
 
 
 @pytest.mark.parametrize("command", ["topp", "adaptive", "compare", "gw"])
 def test_the_course_commands_check_their_numbers_too(command, capsys):
-    assert "argument --lr: must be a number > 0, got 'nan'" in refused([command, "--lr", "nan"], capsys, course_main)
+    assert "argument --lr: must be a number > 0, got 'nan'" in refused(
+        [command, "--lr", "nan"], capsys, course_main
+    )
 
 
 def test_gw_router_trains_from_the_command_line(capsys):
