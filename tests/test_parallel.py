@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from test_routers import CountingTopK
 
 from minimoe import cli as train_cli
 from minimoe.layer import MoE, MoEConfig
@@ -117,10 +118,26 @@ def _run_train(argv: list[str]) -> dict:
     return args.func(args)
 
 
+def _stateful_check() -> float:
+    """A stateful router's update from the expert-parallel layer equals the single-process one."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, router=CountingTopK(k=2)))
+    x = torch.randn(4, 6, 16)
+    ep = ExpertParallelMoE.from_moe(moe)
+    mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    for _ in range(2):
+        ep.update_router_state(ep(x[mine]).stats)  # what train() does after each optimizer step
+        moe.update_router_state(moe(x).stats)
+    assert moe.router_state.seen.sum() == 2 * 24 * 2  # every token twice, two experts each
+    return _max_diff(ep.router_state.seen, moe.router_state.seen)
+
+
 def _all_checks(out_dir: str) -> dict:
     """Runs on each of the 2 ranks."""
     rank = dist.get_rank()
     results = {name: _compare(overrides, **how) for name, (overrides, how) in CASES.items()}
+    results["stateful"] = _stateful_check()
     results["errors"] = {
         "indivisible": _error(lambda: ExpertParallelMoE(MoEConfig(num_experts=3, router=TopK(k=2)))),
         "mismatch": _error(lambda: ExpertParallelMoE(MoEConfig(router=TopP(p=0.3 + 0.1 * rank)))),
@@ -146,6 +163,10 @@ def test_equals_single_process(two_ranks, case):
     for rank, results in enumerate(two_ranks[0]):
         bad = {k: v for k, v in results[case].items() if not v <= ATOL}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def test_stateful_router_update_equals_single_process(two_ranks):
+    assert all(results["stateful"] == 0.0 for results in two_ranks[0])
 
 
 def test_clear_errors_on_every_rank(two_ranks):
