@@ -97,8 +97,8 @@ class Routing:
         return self.mask.shape[1]
 
     @property
-    def experts_per_token(self) -> Tensor:
-        """(T,) how many experts each token is sent to."""
+    def expert_counts(self) -> Tensor:
+        """(T,) how many experts each token is sent to (their mean is experts per token)."""
         return self.mask.sum(dim=1)
 
     @property

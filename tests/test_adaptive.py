@@ -35,7 +35,7 @@ def logits_of(rows):
 def test_gap_just_inside_and_just_outside(probs, threshold, chosen):
     r = adaptive(logits_of([probs]), threshold)
     if chosen is None:
-        assert r.experts_per_token.item() == 2
+        assert r.expert_counts.item() == 2
         return
     assert {e for e in range(4) if r.mask[0, e]} == chosen
     # weights are the softmax values on S (Eq. 3), not renormalized by default
@@ -48,13 +48,13 @@ def test_gap_just_inside_and_just_outside(probs, threshold, chosen):
 def test_raw_and_normalized_gaps_decide_differently():
     # p1 - p2 = 0.08 <= 0.1, but (p1 - p2) / (p1 + p2) = 0.08 / 0.52 = 0.154 > 0.1
     logits = logits_of([[0.30, 0.22, 0.18, 0.16, 0.14]])
-    assert adaptive(logits, 0.1, gap="raw").experts_per_token.item() == 2
-    assert adaptive(logits, 0.1, gap="normalized").experts_per_token.item() == 1
-    assert adaptive(logits, 0.16, gap="normalized").experts_per_token.item() == 2  # 0.154 <= 0.16
+    assert adaptive(logits, 0.1, gap="raw").expert_counts.item() == 2
+    assert adaptive(logits, 0.1, gap="normalized").expert_counts.item() == 1
+    assert adaptive(logits, 0.16, gap="normalized").expert_counts.item() == 2  # 0.154 <= 0.16
     # where p1 + p2 = 1 the two gaps are the same number
     both = logits_of([[0.55, 0.45, 0.0 + 1e-12]])
-    assert adaptive(both, 0.1, gap="raw").experts_per_token.item() == 2
-    assert adaptive(both, 0.1, gap="normalized").experts_per_token.item() == 2
+    assert adaptive(both, 0.1, gap="raw").expert_counts.item() == 2
+    assert adaptive(both, 0.1, gap="normalized").expert_counts.item() == 2
 
 
 def test_default_gap_is_raw_and_documented():
@@ -71,7 +71,7 @@ def test_one_or_two_experts_always(num_experts, threshold, gap):
     logits = 3 * torch.randn(256, num_experts, generator=g)
     logits[:8] = 0.0  # exact ties too
     r = adaptive(logits, threshold, gap=gap)
-    assert set(r.experts_per_token.unique().tolist()) <= ({1} if num_experts == 1 else {1, 2})
+    assert set(r.expert_counts.unique().tolist()) <= ({1} if num_experts == 1 else {1, 2})
     assert torch.equal((r.probs * r.mask).amax(1), r.probs.amax(1))  # a top-1 expert always kept
     assert torch.equal(r.weights, r.probs * r.mask)
 
@@ -86,7 +86,7 @@ def test_threshold_0_is_top_1_and_1_is_top_2(gap):
 
 def test_two_expert_share_grows_with_threshold():
     logits = 2 * torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
-    shares = [adaptive(logits, t).experts_per_token.float().mean().item() - 1 for t in (0, 0.05, 0.1, 0.2, 0.3, 1)]
+    shares = [adaptive(logits, t).expert_counts.float().mean().item() - 1 for t in (0, 0.05, 0.1, 0.2, 0.3, 1)]
     assert shares == sorted(shares) and shares[0] == 0 and shares[-1] == 1
 
 
@@ -120,7 +120,7 @@ def test_adaptive_layer_uses_top_1_balance_with_coefficient_0_01():
     layer = MoE(config)
     out = layer(torch.randn(64, 8, generator=torch.Generator().manual_seed(1)))
     r = out.routing
-    assert 0 < (r.experts_per_token == 2).float().mean() < 1  # some tokens on two experts
+    assert 0 < (r.expert_counts == 2).float().mean() < 1  # some tokens on two experts
     f = torch.bincount(r.probs.argmax(1), minlength=4).float() / 64  # top-1 decisions only
     by_hand = 4 * (f * r.probs.mean(0)).sum()
     torch.testing.assert_close(out.losses["load_balance"], by_hand)

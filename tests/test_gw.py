@@ -51,7 +51,7 @@ def test_certain_tokens_keep_the_base_routing():
 def test_threshold_between_tokens_2_and_0_broadcasts_only_token_0():
     r = gw_broadcast(top_k(logits(), k=1), threshold=0.95)
     assert r.broadcast.tolist() == [True, False, False]
-    assert r.experts_per_token.tolist() == [4, 1, 1]
+    assert r.expert_counts.tolist() == [4, 1, 1]
 
 
 def test_eval_is_the_base_routing():

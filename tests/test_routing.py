@@ -111,7 +111,7 @@ def test_noisy_top_k_training_is_seeded_and_noisy():
     clean = top_k(logits, 2)
     assert not torch.equal(a.mask, clean.mask)
     assert torch.equal(a.probs, logits.softmax(dim=-1))  # probs stay noise-free
-    assert (a.experts_per_token == 2).all() and masked_probs_ok(a)
+    assert (a.expert_counts == 2).all() and masked_probs_ok(a)
     assert torch.allclose(a.weights.sum(dim=1), torch.ones(len(logits)))
     # softplus(-30) ~ 1e-13: the noise vanishes and training routes like evaluation
     assert torch.equal(run(torch.full_like(logits, -30.0)).mask, clean.mask)
@@ -189,8 +189,8 @@ def test_top_p_max_experts_caps():
     logits = random_logits(seed=4, scale=0.5)  # flat routers: top-p wants many experts
     free = top_p(logits, 0.9)
     capped = top_p(logits, 0.9, max_experts=2)
-    assert free.experts_per_token.max() > 2
-    assert torch.equal(capped.experts_per_token, free.experts_per_token.clamp(max=2))
+    assert free.expert_counts.max() > 2
+    assert torch.equal(capped.expert_counts, free.expert_counts.clamp(max=2))
     assert not (capped.mask & ~free.mask).any()
 
 
@@ -227,7 +227,7 @@ def test_adaptive_raw_and_normalized_gaps_decide_differently():
     assert adaptive(logits, 0.1, gap="normalized").mask[0, :2].tolist() == [True, False]
     # with p1 + p2 = 0.9 the normalized gap 0.05 / 0.9 = 0.056 also passes
     close = logits_of([[0.475, 0.425, 0.05, 0.05]])
-    assert adaptive(close, 0.1, gap="normalized").experts_per_token.item() == 2
+    assert adaptive(close, 0.1, gap="normalized").expert_counts.item() == 2
 
 
 @pytest.mark.parametrize("gap", ["raw", "normalized"])
@@ -278,7 +278,7 @@ def test_gw_broadcast_eval_returns_base_routing():
 def test_gw_broadcast_max_slots_per_sequence(max_slots, seq_len, expected):
     r = gw_broadcast(top_k(gw_logits(), 1), 0.9, max_slots=max_slots, seq_len=seq_len)
     assert r.broadcast.tolist() == [bool(v) for v in expected]
-    assert r.experts_per_token.tolist() == [4 if v else 1 for v in expected]
+    assert r.expert_counts.tolist() == [4 if v else 1 for v in expected]
 
 
 def test_gw_broadcast_entropy_threshold_is_in_nats():
@@ -342,7 +342,7 @@ def test_top_k_properties(logits, data):
     k = data.draw(st.integers(1, logits.shape[1]))
     r = top_k(logits, k)
     assert masked_probs_ok(r) and is_probability_prefix(r)
-    assert (r.experts_per_token == k).all()
+    assert (r.expert_counts == k).all()
     assert torch.allclose(r.weights.sum(dim=1), torch.ones(len(logits)), atol=1e-5)
 
 
@@ -351,19 +351,19 @@ def test_top_k_properties(logits, data):
 def test_top_p_properties(logits, p, rule):
     r = top_p(logits, p, rule=rule)
     assert masked_probs_ok(r) and is_probability_prefix(r)
-    assert (r.experts_per_token >= 1).all()
+    assert (r.expert_counts >= 1).all()
     assert torch.equal(r.weights, r.probs * r.mask)
     kept = (r.probs * r.mask).sum(dim=1)
     least = r.probs.masked_fill(~r.mask, float("inf")).min(dim=1).values
     tol = 1e-5
-    all_kept = r.experts_per_token == logits.shape[1]
+    all_kept = r.expert_counts == logits.shape[1]
     # enough mass, and minimal: without its least likely expert the prefix falls short
     if rule == "paper":
         assert ((kept >= p - tol) | all_kept).all()
-        assert ((kept - least < p + tol) | (r.experts_per_token == 1)).all()
+        assert ((kept - least < p + tol) | (r.expert_counts == 1)).all()
     else:
         assert ((kept > p - tol) | all_kept).all()
-        assert ((kept - least <= p + tol) | (r.experts_per_token == 1)).all()
+        assert ((kept - least <= p + tol) | (r.expert_counts == 1)).all()
 
 
 @PROPERTY
@@ -373,7 +373,7 @@ def test_adaptive_properties(logits, threshold, renormalize):
     normalized = adaptive(logits, threshold, gap="normalized", renormalize=renormalize)
     for r in (raw, normalized):
         assert masked_probs_ok(r) and is_probability_prefix(r)
-        assert ((r.experts_per_token >= 1) & (r.experts_per_token <= min(2, logits.shape[1]))).all()
+        assert ((r.expert_counts >= 1) & (r.expert_counts <= min(2, logits.shape[1]))).all()
     # p1 + p2 <= 1, so the normalized gap is never smaller: it sends fewer tokens to two
     assert not (normalized.mask & ~raw.mask).any()
 

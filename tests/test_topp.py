@@ -93,7 +93,7 @@ def logits_st(draw):
 def test_minimal_prefix(logits, p, rule):
     """S holds the most likely experts, reaches p, and without its least likely member it does not."""
     r = top_p(logits, p, rule=rule)
-    n = r.experts_per_token  # (T,)
+    n = r.expert_counts  # (T,)
     sorted_p = r.probs.sort(dim=1, descending=True).values
     cum = sorted_p.cumsum(dim=1)  # (T, E) the same float sums the rule sees
     reaches = (lambda s: s >= p) if rule == "paper" else (lambda s: s > p)
@@ -131,8 +131,8 @@ def test_code_rule_keeps_a_superset_and_differs_only_on_ties(logits, p):
 def test_p_1_keeps_enough_experts_to_reach_1(logits, rule):
     r = top_p(logits, 1.0, rule=rule)
     cum = r.probs.sort(dim=1, descending=True).values.cumsum(dim=1)
-    reached = cum[torch.arange(len(logits)), r.experts_per_token - 1]
-    assert ((reached >= 1.0) | (r.experts_per_token == logits.shape[1])).all()
+    reached = cum[torch.arange(len(logits)), r.expert_counts - 1]
+    assert ((reached >= 1.0) | (r.expert_counts == logits.shape[1])).all()
     assert ((r.probs * r.mask).sum(dim=1) >= 1 - 1e-5).all()
 
 
@@ -140,7 +140,7 @@ def test_p_1_keeps_enough_experts_to_reach_1(logits, rule):
 @given(logits=logits_st(), p=st.floats(1e-3, 1.0), cap=st.integers(1, 9))
 def test_max_experts_is_a_cap_on_the_same_prefix(logits, p, cap):
     free, capped = top_p(logits, p), top_p(logits, p, max_experts=cap)
-    assert torch.equal(capped.experts_per_token, free.experts_per_token.clamp(max=cap))
+    assert torch.equal(capped.expert_counts, free.expert_counts.clamp(max=cap))
     assert not (capped.mask & ~free.mask).any()
 
 
