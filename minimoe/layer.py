@@ -120,7 +120,7 @@ def _legacy_router(name: str, data: dict) -> dict:
     old = {key: data.pop(key) for key in [*_LEGACY, "gw_threshold", "gw_measure", "gw_max_slots"] if key in data}
     if data.get("balance_count") == "auto":
         data["balance_count"] = None
-    fields_of = {f.name for f in fields(ROUTERS[name])}
+    fields_of = {f.name for f in fields(ROUTERS[name])} if name in ROUTERS else set()  # else: refused below
     router = {"name": name} | {_LEGACY[k]: v for k, v in old.items() if _LEGACY.get(k) in fields_of}
     if old.get("gw_threshold") is not None:
         router = {"name": "gw", "base": router, "threshold": old["gw_threshold"],

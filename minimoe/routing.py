@@ -192,8 +192,9 @@ def _check_probs(probs: Tensor, name: str = "probs") -> None:
         raise ValueError(f"{name} must have shape (..., experts), got shape {tuple(probs.shape)}")
     if probs.numel() == 0:
         return
-    sums = probs.sum(dim=-1)
-    if (probs < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+    sums = probs.float().sum(dim=-1)
+    # loose: probabilities rounded to bfloat16 still pass; logits almost always have negatives
+    if (probs < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-2):
         raise ValueError(f"{name} must be probabilities (>= 0, rows summing to 1), got rows summing to "
                          f"{sums.flatten()[0].item():.4g} with min {probs.min().item():.4g}: logits? "
                          "take their softmax first")

@@ -9,18 +9,12 @@ import torch
 
 from course import compare as cx
 from course.__main__ import main as cli
-from minimoe.data import byte_corpus
 from minimoe.layer import moe_layers
 from minimoe.routing import GWBroadcast
 from minimoe.train import TrainConfig, train
 
 TINY = dict(n_layers=1, d_model=16, d_hidden=16, num_experts=4, block_size=8, batch_size=4,
             steps=6, finetune_steps=2, eval_every=3, eval_windows=8)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return byte_corpus()
 
 
 @pytest.fixture(scope="module")

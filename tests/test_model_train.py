@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import matplotlib
 import numpy as np
@@ -11,18 +12,13 @@ import torch
 
 from minimoe import analysis, plots
 from minimoe.__main__ import main as cli
-from minimoe.data import byte_corpus, lm_batches, make_toy_task, toy_batches
+from minimoe.data import lm_batches, make_toy_task, toy_batches
 from minimoe.layer import MoE, MoEConfig, moe_layers
 from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
 from minimoe.routing import TopP
 from minimoe.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 matplotlib.use("Agg")
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return byte_corpus()
 
 
 def _tiny(**moe) -> TinyTransformer:
@@ -347,3 +343,22 @@ def test_checkpoint_without_checksum_still_loads(tmp_path):
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(load_checkpoint(tmp_path / "old.pt")(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("idx, error, text", [
+    (torch.full((2, 4), 256), ValueError, "token id 256 is outside the vocabulary [0, 256)"),
+    (torch.full((2, 4), -1), ValueError, "token id -1"),
+    (torch.zeros(0, 4, dtype=torch.long), ValueError, "empty batch"),
+    (torch.zeros(2, 4), TypeError, "integer token ids"),
+])
+def test_transformer_refuses_bad_token_ids(idx, error, text):
+    with pytest.raises(error, match=re.escape(text)):
+        _tiny()(idx)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_layers", 0), ("n_heads", 2.0), ("dropout", 1.5), ("num_classes", -1), ("moe", {"router": "bogus"}),
+])
+def test_model_config_refuses_bad_values(field, value):
+    with pytest.raises((ValueError, TypeError), match=re.escape(field) if field != "moe" else "bogus"):
+        ModelConfig(**{field: value})

@@ -348,3 +348,29 @@ def test_noise_only_in_training_in_the_layer():
     assert all(torch.equal(moe(x).routing.mask, clean) for _ in range(3))
     moe.train()
     assert any(not torch.equal(moe(x).routing.mask, clean) for _ in range(3))
+
+
+# ---- bad input to the functions ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: routing.entropy(torch.randn(4, 8)), "must be probabilities"),  # logits by mistake
+    (lambda: routing.normalized_entropy(-torch.ones(2, 2)), "must be probabilities"),
+    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), float("nan")), "threshold=nan"),
+    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), -0.1), "threshold=-0.1"),
+    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), 1.5), "threshold=1.5"),
+    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), 1.5, "entropy"), "threshold=1.5"),  # ln 4 = 1.39
+    (lambda: routing.gw_broadcast(routing.top_k(logits(), 2), 0.5, seq_len=0), "seq_len=0"),
+    (lambda: routing.gw_broadcast(routing.top_k(logits(), 2), 0.5, seq_len=5), "seq_len=5"),
+    (lambda: routing.top_k(logits(), 2, renormalize="no"), "renormalize='no'"),
+    (lambda: routing.adaptive(logits(), 0.1, renormalize=1), "renormalize=1"),
+    (lambda: routing.noisy_top_k(logits(), logits(), 2, training="yes"), "training='yes'"),
+])
+def test_bad_function_input_raises_naming_the_value(call, text):
+    with pytest.raises((ValueError, TypeError), match=re.escape(text)):
+        call()
+
+
+def test_entropy_accepts_bfloat16_probabilities():
+    p = logits(T=64, E=64).softmax(-1).bfloat16()
+    assert torch.allclose(routing.entropy(p).float(), routing.entropy(p.float()), atol=0.05)
