@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 lab: setup
 	$(VENV)/bin/jupyter lab $(LAB_FLAGS) index.md
 
-test: setup
+test: lint
 	$(PY) -m pytest -q tests/
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
 
@@ -41,6 +41,7 @@ notebooks: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) benchmarks/moe_layer.py

@@ -65,7 +65,9 @@ def timed(fn, everyone: bool) -> float:
     return seconds
 
 
-def bench_router(router: Router, tokens: int, warmup: int, repeats: int, variants: tuple[str, ...]) -> dict:
+def bench_router(
+    router: Router, tokens: int, warmup: int, repeats: int, variants: tuple[str, ...]
+) -> dict:
     """Runs on both ranks; rank 0's result holds the times."""
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -76,8 +78,8 @@ def bench_router(router: Router, tokens: int, warmup: int, repeats: int, variant
     x = torch.randn(tokens, D_MODEL).requires_grad_()  # (T, d), the same on every rank
     grad_out = torch.randn(tokens, D_MODEL)
     n = tokens // WORLD
-    x_mine = x.detach()[rank * n:(rank + 1) * n].clone().requires_grad_()  # (T/2, d)
-    grad_mine = grad_out[rank * n:(rank + 1) * n]
+    x_mine = x.detach()[rank * n : (rank + 1) * n].clone().requires_grad_()  # (T/2, d)
+    grad_mine = grad_out[rank * n : (rank + 1) * n]
 
     def alone(threads: int):
         def run() -> None:
@@ -85,10 +87,14 @@ def bench_router(router: Router, tokens: int, warmup: int, repeats: int, variant
                 torch.set_num_threads(threads)
                 step(moe, x, grad_out)
                 torch.set_num_threads(1)
+
         return run
 
-    runs = {VARIANTS[0]: (alone(1), False), VARIANTS[1]: (alone(2), False),
-            VARIANTS[2]: (lambda: step(ep, x_mine, grad_mine), True)}
+    runs = {
+        VARIANTS[0]: (alone(1), False),
+        VARIANTS[1]: (alone(2), False),
+        VARIANTS[2]: (lambda: step(ep, x_mine, grad_mine), True),
+    }
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(warmup + repeats):
         for v in variants if r % 2 == 0 else variants[::-1]:
@@ -109,7 +115,10 @@ def bench_router(router: Router, tokens: int, warmup: int, repeats: int, variant
 
 
 def worker(tokens: int, warmup: int, repeats: int, variants: tuple[str, ...]) -> dict:
-    return {name: bench_router(router, tokens, warmup, repeats, variants) for name, router in ROUTERS.items()}
+    return {
+        name: bench_router(router, tokens, warmup, repeats, variants)
+        for name, router in ROUTERS.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,27 +134,39 @@ def main(argv: list[str] | None = None) -> None:
     warmup = 1 if args.quick else 2
     variants = tuple(v for v in VARIANTS if not (args.no_two_threads and v == VARIANTS[1]))
 
-    print("# minimoe expert parallelism on CPU (gloo, 127.0.0.1)" + (" (--quick)" if args.quick else ""))
-    print(f"torch {torch.__version__}; {os.cpu_count()} cores visible; load average "
-          + "/".join(f"{v:.2f}" for v in os.getloadavg()))
-    print(f"E={NUM_EXPERTS}, d_model={D_MODEL}, d_hidden={D_HIDDEN}, T={tokens} tokens per step "
-          f"({tokens // WORLD} per rank with 2 processes), router weights x{ROUTER_SCALE}; "
-          f"median of {repeats} interleaved rounds after {warmup} warm-up\n")
+    print(
+        "# minimoe expert parallelism on CPU (gloo, 127.0.0.1)"
+        + (" (--quick)" if args.quick else "")
+    )
+    print(
+        f"torch {torch.__version__}; {os.cpu_count()} cores visible; load average "
+        + "/".join(f"{v:.2f}" for v in os.getloadavg())
+    )
+    print(
+        f"E={NUM_EXPERTS}, d_model={D_MODEL}, d_hidden={D_HIDDEN}, T={tokens} tokens per step "
+        f"({tokens // WORLD} per rank with 2 processes), router weights x{ROUTER_SCALE}; "
+        f"median of {repeats} interleaved rounds after {warmup} warm-up\n"
+    )
     start = time.perf_counter()
     ranks = launch(worker, world_size=WORLD, args=(tokens, warmup, repeats, variants), timeout=3600)
-    print("| router | experts/token | " + " | ".join(f"{v} ms" for v in variants)
-          + " | speed-up of 2 procs over the faster 1 proc | bytes/step sent per rank "
-          "| pairs/step per rank |")
+    print(
+        "| router | experts/token | "
+        + " | ".join(f"{v} ms" for v in variants)
+        + " | speed-up of 2 procs over the faster 1 proc | bytes/step sent per rank "
+        "| pairs/step per rank |"
+    )
     print("|---|---:|" + "---:|" * len(variants) + "---:|---:|---:|")
     for name in ROUTERS:
         r0, r1 = ranks[0][name], ranks[1][name]
         ms = r0["ms"]
         one = min(ms[v] for v in variants[:-1])
-        print(f"| {name} | {r0['experts_per_token']:.2f} | "
-              + " | ".join(f"{ms[v]:.1f}" for v in variants)
-              + f" | {one / ms[VARIANTS[2]]:.2f}x "
-              f"| {r0['bytes_per_step'] / 2**20:.2f} MiB, {r1['bytes_per_step'] / 2**20:.2f} MiB "
-              f"| {r0['pairs_per_step']}, {r1['pairs_per_step']} |")
+        print(
+            f"| {name} | {r0['experts_per_token']:.2f} | "
+            + " | ".join(f"{ms[v]:.1f}" for v in variants)
+            + f" | {one / ms[VARIANTS[2]]:.2f}x "
+            f"| {r0['bytes_per_step'] / 2**20:.2f} MiB, {r1['bytes_per_step'] / 2**20:.2f} MiB "
+            f"| {r0['pairs_per_step']}, {r1['pairs_per_step']} |"
+        )
     print(f"\nthe single-process runs send nothing; total {time.perf_counter() - start:.0f} s")
     if args.out is not None:
         args.out.write_text(json.dumps({"tokens": tokens, "ranks": ranks}, indent=2))

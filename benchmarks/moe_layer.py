@@ -248,8 +248,13 @@ class HFBlock(nn.Module):
 def build(device: torch.device, seed: int, one_expert_share: float, num_experts: int):
     torch.manual_seed(seed)
     config = MoEConfig(
-        d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=num_experts, router=TopK(k=K),
-        activation="swiglu", capacity_factor=None, dispatch="sorted",
+        d_model=D_MODEL,
+        d_hidden=D_HIDDEN,
+        num_experts=num_experts,
+        router=TopK(k=K),
+        activation="swiglu",
+        capacity_factor=None,
+        dispatch="sorted",
     )
     base = MoE(config).to(device)
     calib = torch.randn(8192, D_MODEL, generator=torch.Generator().manual_seed(seed + 1))
@@ -274,8 +279,9 @@ def build(device: torch.device, seed: int, one_expert_share: float, num_experts:
     return models, scale
 
 
-def check_equivalence(models: dict[str, nn.Module],
-                      device: torch.device) -> tuple[float, float, float | None]:
+def check_equivalence(
+    models: dict[str, nn.Module], device: torch.device
+) -> tuple[float, float, float | None]:
     """max |sorted - loop| of the MoE, max |dense - (expert_0 + expert_1)| and
     max |sorted - MixtralSparseMoeBlock| (None without transformers)."""
     x = torch.randn(256, D_MODEL, device=device)
@@ -286,15 +292,25 @@ def check_equivalence(models: dict[str, nn.Module],
         pair = sum(experts.expert(e, x) for e in range(K))
         dense_out = models["dense"](x)
         hf_err = (models[HF](x) - sorted_out).abs().max().item() if HF in models else None
-    return ((sorted_out - loop_out).abs().max().item(), (dense_out - pair).abs().max().item(),
-            hf_err)
+    return (
+        (sorted_out - loop_out).abs().max().item(),
+        (dense_out - pair).abs().max().item(),
+        hf_err,
+    )
 
 
 # ---- one token count -------------------------------------------------------------------------
 
 
-def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int,
-                 device: torch.device, seed: int, autocast: torch.dtype | None = None) -> dict:
+def bench_tokens(
+    models: dict[str, nn.Module],
+    T: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    seed: int,
+    autocast: torch.dtype | None = None,
+) -> dict:
     """Time every model on T tokens; under ``autocast`` (bfloat16, say) when given."""
     amp = {"device_type": device.type, "dtype": autocast, "enabled": autocast is not None}
     gen = torch.Generator().manual_seed(seed + T)
@@ -311,12 +327,14 @@ def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int
                 else:  # MoEOutput: the task loss plus the layer's auxiliary loss
                     loss = (out.output.float() * grad_out).sum() + out.aux_loss
             loss.backward()
+
         return step
 
     def infer(model: nn.Module) -> Callable[[], None]:
         def fwd() -> None:
             with torch.no_grad(), torch.autocast(**amp):
                 model(x)
+
         return fwd
 
     def reset_grads() -> None:
@@ -345,8 +363,15 @@ def bench_tokens(models: dict[str, nn.Module], T: int, warmup: int, repeats: int
                 "flops": out.stats.flops.item(),
             }
     reset_grads()
-    return {"fwd_bwd": fwd_bwd, "fwd": fwd, "stats": stats, "saved": saved, "peak": peak,
-            "spread": max(spread(fwd_bwd), spread(fwd)), "others": others}
+    return {
+        "fwd_bwd": fwd_bwd,
+        "fwd": fwd,
+        "stats": stats,
+        "saved": saved,
+        "peak": peak,
+        "spread": max(spread(fwd_bwd), spread(fwd)),
+        "others": others,
+    }
 
 
 # ---- printing --------------------------------------------------------------------------------
@@ -363,20 +388,28 @@ def verdict(ok: bool) -> str:
 def print_tables(results: dict[int, dict], device: torch.device, num_experts: int) -> None:
     on_cpu = device.type == "cpu"
     has_hf = HF in next(iter(results.values()))["fwd"].rounds
-    print(f"\n#### 1. Dispatch paths vs dense SwiGLU (hidden 1024), E={num_experts}, top-2, "
-          "median ms (x dense: median of the per-round ratios)")
+    print(
+        f"\n#### 1. Dispatch paths vs dense SwiGLU (hidden 1024), E={num_experts}, top-2, "
+        "median ms (x dense: median of the per-round ratios)"
+    )
     print(f"target (issue 2): sorted fwd+bwd <= {TARGET_SORTED}x dense at T >= 2048 on CPU")
-    print(f"target (issue 6): minimoe default path (sorted) fwd+bwd <= {TARGET_SORTED_E8}x dense "
-          "at T >= 2048 and E = 8 on CPU")
+    print(
+        f"target (issue 6): minimoe default path (sorted) fwd+bwd <= {TARGET_SORTED_E8}x dense "
+        "at T >= 2048 and E = 8 on CPU"
+    )
     if has_hf:
-        print("target (issue 6): minimoe default path (sorted) no slower than HF's "
-              "MixtralSparseMoeBlock, fwd+bwd and fwd, every T")
+        print(
+            "target (issue 6): minimoe default path (sorted) no slower than HF's "
+            "MixtralSparseMoeBlock, fwd+bwd and fwd, every T"
+        )
     else:
         print(f"(no {HF} column: {to_mixtral_error})")
     print()
     hf_head, hf_rule = (f" {HF} ms (x dense) | sorted <= HF |", "---:|---|") if has_hf else ("", "")
-    print("| T | step | dense ms | top2-loop ms (x dense) | top2-sorted ms (x dense) |"
-          f"{hf_head} target <= {TARGET_SORTED}x | target <= {TARGET_SORTED_E8}x (E=8) |")
+    print(
+        "| T | step | dense ms | top2-loop ms (x dense) | top2-sorted ms (x dense) |"
+        f"{hf_head} target <= {TARGET_SORTED}x | target <= {TARGET_SORTED_E8}x (E=8) |"
+    )
     print("|---:|---|---:|---:|---:|" + hf_rule + "---|---|")
     for T, r in results.items():
         for mode, label in (("fwd_bwd", "fwd+bwd"), ("fwd", "fwd")):
@@ -393,22 +426,36 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
             hf = ""
             if has_hf:
                 h, so_h = t[HF], t.ratio("top2-sorted", HF)
-                hf = (f" {h * 1e3:.1f} ({t.ratio(HF, 'dense'):.2f}x) "
-                      f"| {verdict(so_h <= 1)} ({so_h:.2f}x HF) |")
-            print(f"| {T} | {label} | {d * 1e3:.1f} | {loop} "
-                  f"| {so * 1e3:.1f} ({so_d:.2f}x) |{hf} {target} | {target_e8} |")
+                hf = (
+                    f" {h * 1e3:.1f} ({t.ratio(HF, 'dense'):.2f}x) "
+                    f"| {verdict(so_h <= 1)} ({so_h:.2f}x HF) |"
+                )
+            print(
+                f"| {T} | {label} | {d * 1e3:.1f} | {loop} "
+                f"| {so * 1e3:.1f} ({so_d:.2f}x) |{hf} {target} | {target_e8} |"
+            )
 
-    print("\nnoise: largest IQR/median over the variants: "
-          + ", ".join(f"{r['spread']:.0%} (T={T})" for T, r in results.items()))
-    print("CPU used by other processes while timing: "
-          + ", ".join(f"{pct(r['others'])} (T={T})" for T, r in results.items()))
+    print(
+        "\nnoise: largest IQR/median over the variants: "
+        + ", ".join(f"{r['spread']:.0%} (T={T})" for T, r in results.items())
+    )
+    print(
+        "CPU used by other processes while timing: "
+        + ", ".join(f"{pct(r['others'])} (T={T})" for T, r in results.items())
+    )
 
-    print(f"\n#### 2. Dynamic routing vs top-2 (sorted path), E={num_experts}: time ratio next to "
-          "expert-FLOP ratio")
-    print(f"target: adaptive fwd+bwd time ratio / FLOP ratio within {TARGET_ADAPTIVE}x "
-          f"(between {1 / TARGET_ADAPTIVE:.2f} and {TARGET_ADAPTIVE:.2f})\n")
-    print("| T | router | experts/token | 1-expert share | FLOP ratio | fwd+bwd ms (time ratio) "
-          "| fwd ms (time ratio) | time/FLOP (fwd+bwd) | target |")
+    print(
+        f"\n#### 2. Dynamic routing vs top-2 (sorted path), E={num_experts}: time ratio next to "
+        "expert-FLOP ratio"
+    )
+    print(
+        f"target: adaptive fwd+bwd time ratio / FLOP ratio within {TARGET_ADAPTIVE}x "
+        f"(between {1 / TARGET_ADAPTIVE:.2f} and {TARGET_ADAPTIVE:.2f})\n"
+    )
+    print(
+        "| T | router | experts/token | 1-expert share | FLOP ratio | fwd+bwd ms (time ratio) "
+        "| fwd ms (time ratio) | time/FLOP (fwd+bwd) | target |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for T, r in results.items():
         base_flops = r["stats"]["top2-sorted"]["flops"]
@@ -423,14 +470,18 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
             if n == "adaptive":
                 ok = 1 / TARGET_ADAPTIVE <= quotient <= TARGET_ADAPTIVE
                 target = verdict(ok)
-            print(f"| {T} | {n} | {s['experts_per_token']:.3f} | {s['one_expert']:.1%} "
-                  f"| {flop_ratio:.3f} | {fb * 1e3:.1f} ({fb_ratio:.3f}) "
-                  f"| {f * 1e3:.1f} ({f_ratio:.3f}) "
-                  f"| {quotient:.2f} | {target} |")
+            print(
+                f"| {T} | {n} | {s['experts_per_token']:.3f} | {s['one_expert']:.1%} "
+                f"| {flop_ratio:.3f} | {fb * 1e3:.1f} ({fb_ratio:.3f}) "
+                f"| {f * 1e3:.1f} ({f_ratio:.3f}) "
+                f"| {quotient:.2f} | {target} |"
+            )
 
     print(f"\n#### 3. Memory of one fwd+bwd step, E={num_experts}, MiB")
-    print("saved = activations autograd keeps for backward (distinct storages, parameters "
-          "excluded); peak = torch.cuda.max_memory_allocated above the resting allocation\n")
+    print(
+        "saved = activations autograd keeps for backward (distinct storages, parameters "
+        "excluded); peak = torch.cuda.max_memory_allocated above the resting allocation\n"
+    )
     names = list(next(iter(results.values()))["saved"])
     print("| T | " + " | ".join(f"{n} saved / peak" for n in names) + " |")
     print("|---:|" + "---:|" * len(names))
@@ -456,6 +507,7 @@ def print_rows_table(experts, warmup: int, repeats: int, device: torch.device) -
     def step(n: int) -> Callable[[], None]:
         def run() -> None:
             experts._ffn(xs[n], *weights).sum().backward()
+
         return run
 
     def reset() -> None:
@@ -464,10 +516,13 @@ def print_rows_table(experts, warmup: int, repeats: int, device: torch.device) -
 
     medians = interleaved({str(n): step(n) for n in ROWS}, repeats, warmup, device, before=reset)
     base = medians[str(ROWS[-1])] / ROWS[-1]
-    print(f"\n#### 4. One expert (d_model={D_MODEL}, d_hidden={D_HIDDEN}, SwiGLU) fwd+bwd: time per "
-          f"row vs rows, median of {repeats} rounds")
-    print("(a layer with T tokens, E experts and k experts per token gives each expert ~T*k/E "
-          "rows)\n")
+    print(
+        f"\n#### 4. One expert (d_model={D_MODEL}, d_hidden={D_HIDDEN}, SwiGLU) fwd+bwd: time per "
+        f"row vs rows, median of {repeats} rounds"
+    )
+    print(
+        "(a layer with T tokens, E experts and k experts per token gives each expert ~T*k/E rows)\n"
+    )
     print("| rows | us per row | x the cost per row at " + f"{ROWS[-1]} rows |")
     print("|---:|---:|---:|")
     for n in ROWS:
@@ -478,25 +533,43 @@ def print_rows_table(experts, warmup: int, repeats: int, device: torch.device) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small T, 3 repeats")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch.set_num_threads (default: all cores)")
-    parser.add_argument("--tokens", type=int, nargs="+",
-                        help="token counts T (default 512 2048 8192)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch.set_num_threads (default: all cores)",
+    )
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", help="token counts T (default 512 2048 8192)"
+    )
     parser.add_argument("--repeats", type=int, help="timed rounds per T (default by T)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed rounds (default 2; quick 1)")
-    parser.add_argument("--one-expert-share", type=float, default=0.8,
-                        help="calibrate the router so adaptive sends this share to one expert")
-    parser.add_argument("--experts", type=int, nargs="+",
-                        help="numbers of experts E (default 8 64; quick 8); d_hidden per expert "
-                             "fixed")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed rounds (default 2; quick 1)"
+    )
+    parser.add_argument(
+        "--one-expert-share",
+        type=float,
+        default=0.8,
+        help="calibrate the router so adaptive sends this share to one expert",
+    )
+    parser.add_argument(
+        "--experts",
+        type=int,
+        nargs="+",
+        help="numbers of experts E (default 8 64; quick 8); d_hidden per expert fixed",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
-                        help="time every variant under torch.autocast in this dtype (weights and "
-                             "inputs stay float32; minimoe's router stays float32); on CUDA, "
-                             "bfloat16 is what runs minimoe's experts as grouped GEMMs")
+    parser.add_argument(
+        "--autocast",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="time every variant under torch.autocast in this dtype (weights and "
+        "inputs stay float32; minimoe's router stays float32); on CUDA, "
+        "bfloat16 is what runs minimoe's experts as grouped GEMMs",
+    )
     args = parser.parse_args(argv)
     autocast = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.autocast]
 
@@ -529,24 +602,35 @@ def main(argv: list[str] | None = None) -> None:
         err_dispatch, err_dense, err_hf = check_equivalence(models, device)
         print(f"\n### E={E}\n")
         print("```text")
-        print(f"E={E}, k={K}, d_model={D_MODEL}, d_hidden={D_HIDDEN} per expert, SwiGLU, "
-              f"dropless, float32 weights, "
-              f"{'autocast ' + args.autocast if autocast else 'float32 compute'}; "
-              f"dense hidden {K * D_HIDDEN}")
-        print(f"router weights scaled by {scale:.3f} (adaptive threshold {ADAPTIVE_THRESHOLD} -> "
-              f"{args.one_expert_share:.0%} one-expert tokens on a calibration batch); "
-              f"top-p p={TOP_P}")
+        print(
+            f"E={E}, k={K}, d_model={D_MODEL}, d_hidden={D_HIDDEN} per expert, SwiGLU, "
+            f"dropless, float32 weights, "
+            f"{'autocast ' + args.autocast if autocast else 'float32 compute'}; "
+            f"dense hidden {K * D_HIDDEN}"
+        )
+        print(
+            f"router weights scaled by {scale:.3f} (adaptive threshold {ADAPTIVE_THRESHOLD} -> "
+            f"{args.one_expert_share:.0%} one-expert tokens on a calibration batch); "
+            f"top-p p={TOP_P}"
+        )
         hf_check = ""
         if err_hf is not None:
             hf_check = f", max|sorted - {HF}| = {err_hf:.2e}"
-        print(f"checks: max|sorted - loop| = {err_dispatch:.2e}, "
-              f"max|dense - (expert0 + expert1)| = {err_dense:.2e}{hf_check}")
-        print(f"timing: {warmup_for(E)} warm-up + median of "
-              + ", ".join(f"{repeats_for(E, T)} (T={T})" for T in tokens) + " interleaved rounds")
+        print(
+            f"checks: max|sorted - loop| = {err_dispatch:.2e}, "
+            f"max|dense - (expert0 + expert1)| = {err_dense:.2e}{hf_check}"
+        )
+        print(
+            f"timing: {warmup_for(E)} warm-up + median of "
+            + ", ".join(f"{repeats_for(E, T)} (T={T})" for T in tokens)
+            + " interleaved rounds"
+        )
         print("```")
         if err_hf is not None and not err_hf <= HF_TOL:
-            raise SystemExit(f"{HF} output differs from minimoe's by {err_hf:.2e} > {HF_TOL}: "
-                             "not timing a different computation")
+            raise SystemExit(
+                f"{HF} output differs from minimoe's by {err_hf:.2e} > {HF_TOL}: "
+                "not timing a different computation"
+            )
 
         untimed = UNTIMED.get(E, ())
         timed = {n: m for n, m in models.items() if n not in untimed}
@@ -555,18 +639,22 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for T in tokens:
             t0 = time.perf_counter()
-            results[T] = bench_tokens(timed, T, warmup_for(E), repeats_for(E, T), device, args.seed,
-                                      autocast)
+            results[T] = bench_tokens(
+                timed, T, warmup_for(E), repeats_for(E, T), device, args.seed, autocast
+            )
             print(f"  E={E} T={T}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         print_tables(results, device, E)
         if E == experts[0]:  # the experts have the same size for every E
-            print_rows_table(models["top2-sorted"].experts, warmup_for(E), 10 if args.quick else 30,
-                             device)
+            print_rows_table(
+                models["top2-sorted"].experts, warmup_for(E), 10 if args.quick else 30, device
+            )
         busiest = max(busiest, *((r["others"] or 0.0) for r in results.values()))
     if busiest > BUSY_SHARE:
-        print(f"\nWARNING: other processes used up to {busiest:.0%} of the CPU while timing. "
-              "The MoE layer (many small ops, each a parallel region) suffers more from "
-              "competing threads than the dense FFN: rerun on an idle machine.")
+        print(
+            f"\nWARNING: other processes used up to {busiest:.0%} of the CPU while timing. "
+            "The MoE layer (many small ops, each a parallel region) suffers more from "
+            "competing threads than the dense FFN: rerun on an idle machine."
+        )
     wall = time.perf_counter() - start
     print(f"\nload average at end: {load_avg()}; total wall time {wall:.0f} s")
 

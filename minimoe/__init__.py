@@ -10,6 +10,16 @@ from minimoe.routing import Routing, adaptive, gw_broadcast, noisy_top_k, top_k,
 
 __version__ = "0.1.0"
 __all__ = [
-    "MoE", "MoEConfig", "MoEOutput", "ModelConfig", "MoERegressor", "Routing", "TinyTransformer",
-    "adaptive", "gw_broadcast", "noisy_top_k", "top_k", "top_p",
+    "MoE",
+    "MoEConfig",
+    "MoEOutput",
+    "ModelConfig",
+    "MoERegressor",
+    "Routing",
+    "TinyTransformer",
+    "adaptive",
+    "gw_broadcast",
+    "noisy_top_k",
+    "top_k",
+    "top_p",
 ]

@@ -38,8 +38,10 @@ class RoutingRecorder:
 
     def __enter__(self) -> RoutingRecorder:
         if self._handles:
-            raise RuntimeError("this RoutingRecorder is already recording: leave its with block "
-                               "first (entering it twice would record every pass twice)")
+            raise RuntimeError(
+                "this RoutingRecorder is already recording: leave its with block "
+                "first (entering it twice would record every pass twice)"
+            )
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._hook(i)))
         return self
@@ -52,6 +54,7 @@ class RoutingRecorder:
     def _hook(self, i: int):
         def hook(module: nn.Module, inputs: tuple, output: MoEOutput) -> None:
             self.records[i].append(output.routing.to("cpu"))
+
         return hook
 
     def routing(self, layer: int) -> Routing:
@@ -104,7 +107,9 @@ def uncertainty_summary(routing: Routing, threshold: float = 0.5) -> Uncertainty
     return UncertaintySummary(h, top_gap(routing.probs), is_uncertain(routing.probs, threshold))
 
 
-def expert_for_cluster(routing: Routing, cluster: Tensor, num_clusters: int | None = None) -> Tensor:
+def expert_for_cluster(
+    routing: Routing, cluster: Tensor, num_clusters: int | None = None
+) -> Tensor:
     """(C,) the expert that serves most of each cluster's first choices: its 'right' expert.
 
     ``cluster`` (T,) integer labels in [0, num_clusters) (default: max label + 1). A tie goes to
@@ -115,8 +120,10 @@ def expert_for_cluster(routing: Routing, cluster: Tensor, num_clusters: int | No
     if cluster.is_floating_point() or cluster.is_complex() or cluster.dtype == torch.bool:
         raise TypeError(f"cluster must hold integer labels, got dtype {cluster.dtype}")
     if cluster.shape != (routing.num_tokens,):
-        raise ValueError(f"cluster must have shape ({routing.num_tokens},), a label per routed "
-                         f"token, got {tuple(cluster.shape)}")
+        raise ValueError(
+            f"cluster must have shape ({routing.num_tokens},), a label per routed "
+            f"token, got {tuple(cluster.shape)}"
+        )
     if num_clusters is None:
         if not cluster.numel():
             raise ValueError("cluster is empty: pass num_clusters")

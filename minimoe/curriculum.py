@@ -70,7 +70,9 @@ def curriculum_order(shares: Tensor) -> Tensor:
     anchor, distance to it (|C_n|) ascending. See the module docstring.
     """
     if shares.dim() != 2 or shares.shape[0] == 0:
-        raise ValueError(f"shares must have shape (samples >= 1, layers), got {tuple(shares.shape)}")
+        raise ValueError(
+            f"shares must have shape (samples >= 1, layers), got {tuple(shares.shape)}"
+        )
     shares = shares.double()
     anchor = shares[shares.sum(1).argmin()]  # (layers,)
     if not anchor.any():
@@ -103,7 +105,9 @@ class CurriculumSampler:
     ):
         sizes = {v.shape[0] for v in samples.values()}
         if input_name not in samples or len(sizes) != 1:
-            raise ValueError(f"samples need {input_name!r} and one length for every tensor, got {sizes}")
+            raise ValueError(
+                f"samples need {input_name!r} and one length for every tensor, got {sizes}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.samples, self.batch_size = model, samples, batch_size
@@ -118,8 +122,9 @@ class CurriculumSampler:
     def new_epoch(self, generator: torch.Generator) -> None:
         if self.curriculum:
             start = time.perf_counter()
-            shares = two_expert_share(self.model, self.samples[self.input_name], self.valid,
-                                      input_name=self.input_name)
+            shares = two_expert_share(
+                self.model, self.samples[self.input_name], self.valid, input_name=self.input_name
+            )
             self.order = curriculum_order(shares)
             self.ranking_seconds += time.perf_counter() - start
             self.mean_shares.append(shares.mean(0).tolist())

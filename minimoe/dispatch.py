@@ -44,11 +44,15 @@ def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float | N
     if capacity_factor is None:
         return None
     # inf would make ceil() raise OverflowError; nan fails the > 0 test
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not (
-        0 < capacity_factor < math.inf
+    if (
+        isinstance(capacity_factor, bool)
+        or not isinstance(capacity_factor, (int, float))
+        or not (0 < capacity_factor < math.inf)
     ):
-        raise ValueError(f"capacity_factor must be finite and > 0, or None, got "
-                         f"capacity_factor={capacity_factor!r}")
+        raise ValueError(
+            f"capacity_factor must be finite and > 0, or None, got "
+            f"capacity_factor={capacity_factor!r}"
+        )
     return math.ceil(capacity_factor * num_pairs / num_experts)
 
 
@@ -114,7 +118,9 @@ def combine_loop(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike)
 COMBINE = {"sorted": combine_sorted, "loop": combine_loop}
 
 
-def combine(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike, path: str = "sorted") -> Tensor:
+def combine(
+    x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike, path: str = "sorted"
+) -> Tensor:
     """Dispatch x (T, d) to the experts by ``mask`` and combine with ``weights``: (T, d)."""
     if path not in COMBINE:
         raise ValueError(f"unknown dispatch path {path!r}; choose from {DISPATCH_PATHS}")

@@ -41,9 +41,15 @@ def _grouped_mm_usable(x: Tensor, d_model: int, d_hidden: int) -> bool:
 class Experts(nn.Module):
     """``num_experts`` FFNs of width ``d_hidden``, run one at a time or grouped."""
 
-    def __init__(self, *, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"):
+    def __init__(
+        self, *, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"
+    ):
         super().__init__()
-        for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
+        for name, value in (
+            ("num_experts", num_experts),
+            ("d_model", d_model),
+            ("d_hidden", d_hidden),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
         if activation not in ACTIVATIONS:
@@ -85,11 +91,15 @@ class Experts(nn.Module):
                 return self._grouped_mm(x, counts)
             except RuntimeError as err:  # kernel constraints differ between torch releases
                 _GROUPED_MM_FAILED.append(str(err))
-                warnings.warn(f"F.grouped_mm failed, using the per-expert loop: {err}", stacklevel=2)
+                warnings.warn(
+                    f"F.grouped_mm failed, using the per-expert loop: {err}", stacklevel=2
+                )
         # unbind once: indexing gate_up[e] per expert would make backward build E full-size
         # zero gradients, one per expert
         weights = zip(self.gate_up.unbind(0), self.down.unbind(0), strict=True)
-        outs = [self._ffn(xe, w1, w2) for xe, (w1, w2) in zip(x.split(counts), weights) if xe.shape[0]]
+        outs = [
+            self._ffn(xe, w1, w2) for xe, (w1, w2) in zip(x.split(counts), weights) if xe.shape[0]
+        ]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
 
     def _grouped_mm(self, x: Tensor, counts: list[int]) -> Tensor:
@@ -108,5 +118,7 @@ class Experts(nn.Module):
         return 2 * self.gate_up.shape[1] * self.d_model + 2 * self.d_model * self.d_hidden
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, d_model={self.d_model}, "
-                f"d_hidden={self.d_hidden}, activation={self.activation!r}")
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, "
+            f"d_hidden={self.d_hidden}, activation={self.activation!r}"
+        )

@@ -41,7 +41,9 @@ def _mixtral() -> tuple[Any, Any]:
     except ImportError as err:
         raise ImportError(f"minimoe.interop needs transformers>=5; {_HINT}") from err
     if int(transformers.__version__.split(".")[0]) < 5:  # v4 keeps one nn.Linear per expert
-        raise ImportError(f"minimoe.interop needs transformers>=5, found {transformers.__version__}; {_HINT}")
+        raise ImportError(
+            f"minimoe.interop needs transformers>=5, found {transformers.__version__}; {_HINT}"
+        )
     return MixtralConfig, MixtralSparseMoeBlock
 
 
@@ -69,10 +71,15 @@ def from_mixtral(block: nn.Module) -> MoE:
     if hf.hidden_act != "silu":
         raise ValueError(f"minimoe's swiglu uses silu, the block has hidden_act={hf.hidden_act!r}")
     if block.jitter_noise:
-        raise ValueError(f"minimoe has no router jitter; the block has jitter_noise={block.jitter_noise}")
+        raise ValueError(
+            f"minimoe has no router jitter; the block has jitter_noise={block.jitter_noise}"
+        )
     E, two_h, d = block.experts.gate_up_proj.shape  # (E, 2h, d)
     config = MoEConfig(
-        d_model=d, d_hidden=two_h // 2, num_experts=E, router=TopK(k=block.top_k, renormalize=True),
+        d_model=d,
+        d_hidden=two_h // 2,
+        num_experts=E,
+        router=TopK(k=block.top_k, renormalize=True),
         activation="swiglu",
     )
     w = block.experts.gate_up_proj
@@ -89,16 +96,25 @@ def to_mixtral(moe: MoE, config: Any | None = None) -> nn.Module:
     """
     c = moe.config
     if type(c.router) is not TopK or not c.router.renormalize:
-        raise ValueError(f"Mixtral cannot express router={c.router!r} (it needs TopK(k, renormalize=True))")
+        raise ValueError(
+            f"Mixtral cannot express router={c.router!r} (it needs TopK(k, renormalize=True))"
+        )
     for name, value, mixtral in (
-        ("activation", c.activation, "swiglu"), ("capacity_factor", c.capacity_factor, None),
+        ("activation", c.activation, "swiglu"),
+        ("capacity_factor", c.capacity_factor, None),
     ):
         if value != mixtral:
-            raise ValueError(f"Mixtral cannot express {name}={value!r} (it needs {name}={mixtral!r})")
+            raise ValueError(
+                f"Mixtral cannot express {name}={value!r} (it needs {name}={mixtral!r})"
+            )
     config_cls, block_cls = _mixtral()
     fields = {
-        "hidden_size": c.d_model, "intermediate_size": c.d_hidden, "num_local_experts": c.num_experts,
-        "num_experts_per_tok": c.router.k, "hidden_act": "silu", "router_jitter_noise": 0.0,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.d_hidden,
+        "num_local_experts": c.num_experts,
+        "num_experts_per_tok": c.router.k,
+        "hidden_act": "silu",
+        "router_jitter_noise": 0.0,
     }
     if config is None:
         config = config_cls(**fields, experts_implementation="eager")

@@ -62,8 +62,10 @@ class MoEConfig:
         for name in ("d_model", "d_hidden", "num_experts"):
             check_int(name, getattr(self, name), 1)
         if isinstance(self.router, (str, type)) or not callable(self.router):
-            raise TypeError(f"router must be a router object such as TopK(k=2) or TopP(p=0.4) "
-                            f"(names are for the command line: routing.router_from_name), got {self.router!r}")
+            raise TypeError(
+                f"router must be a router object such as TopK(k=2) or TopP(p=0.4) "
+                f"(names are for the command line: routing.router_from_name), got {self.router!r}"
+            )
         check_experts(self.router, self.num_experts)
         check_int("router_columns", router_columns(self.router, self.num_experts), self.num_experts)
         check_choice("dispatch", self.dispatch, DISPATCH_PATHS)
@@ -97,7 +99,9 @@ class MoEConfig:
 
     def to_dict(self) -> dict:
         """Plain data (the router by name), for checkpoints and result files."""
-        return {f.name: getattr(self, f.name) for f in fields(self)} | {"router": router_to_dict(self.router)}
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "router": router_to_dict(self.router)
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> MoEConfig:
@@ -110,21 +114,39 @@ class MoEConfig:
 
 
 # old flat config field -> the router spec's setting (configs saved before router specs)
-_LEGACY = {"k": "k", "renormalize": "renormalize", "top_p": "p", "top_p_rule": "rule",
-           "max_experts": "max_experts", "adaptive_threshold": "threshold", "adaptive_gap": "gap"}
+_LEGACY = {
+    "k": "k",
+    "renormalize": "renormalize",
+    "top_p": "p",
+    "top_p_rule": "rule",
+    "max_experts": "max_experts",
+    "adaptive_threshold": "threshold",
+    "adaptive_gap": "gap",
+}
 
 
 def _legacy_router(name: str, data: dict) -> dict:
     """The router of an old flat config (``router="top_p", top_p=0.4, gw_threshold=...``), as data;
     pops the old fields from ``data``."""
-    old = {key: data.pop(key) for key in [*_LEGACY, "gw_threshold", "gw_measure", "gw_max_slots"] if key in data}
+    old = {
+        key: data.pop(key)
+        for key in [*_LEGACY, "gw_threshold", "gw_measure", "gw_max_slots"]
+        if key in data
+    }
     if data.get("balance_count") == "auto":
         data["balance_count"] = None
-    fields_of = {f.name for f in fields(ROUTERS[name])} if name in ROUTERS else set()  # else: refused below
+    fields_of = (
+        {f.name for f in fields(ROUTERS[name])} if name in ROUTERS else set()
+    )  # else: refused below
     router = {"name": name} | {_LEGACY[k]: v for k, v in old.items() if _LEGACY.get(k) in fields_of}
     if old.get("gw_threshold") is not None:
-        router = {"name": "gw", "base": router, "threshold": old["gw_threshold"],
-                  "measure": old.get("gw_measure", "normalized_entropy"), "max_slots": old.get("gw_max_slots")}
+        router = {
+            "name": "gw",
+            "base": router,
+            "threshold": old["gw_threshold"],
+            "measure": old.get("gw_measure", "normalized_entropy"),
+            "max_slots": old.get("gw_max_slots"),
+        }
     return router
 
 
@@ -138,7 +160,9 @@ class MoEStats(NamedTuple):
     tokens_per_expert: Tensor  # (E,) tokens routed to each expert, before capacity
     dropped_pairs: Tensor  # () (token, expert) pairs over capacity
     dropped_tokens: Tensor  # () tokens that lost every expert (carried by the residual only)
-    uncertain_ratio: Tensor  # () share of tokens over the GW threshold (the released code's gw_ratio)
+    uncertain_ratio: (
+        Tensor  # () share of tokens over the GW threshold (the released code's gw_ratio)
+    )
     broadcast_ratio: Tensor  # () share of tokens broadcast to all experts, after the slot cap
     flops: Tensor  # () expert FLOPs of this pass (matmuls, kept pairs)
 
@@ -198,7 +222,9 @@ class MoE(nn.Module):
         if not all(isinstance(v, Tensor) for v in state.values()):
             raise TypeError(f"init_state of {self.config.router!r} must return a dict of tensors")
         current = dict(self.router_state.named_buffers())
-        if keep_matching and {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in current.items()}:
+        if keep_matching and {k: v.shape for k, v in state.items()} == {
+            k: v.shape for k, v in current.items()
+        }:
             return
         for name in current:
             delattr(self.router_state, name)
@@ -218,12 +244,16 @@ class MoE(nn.Module):
         new = replace(self.config, **changes)
         for name in ("d_model", "d_hidden", "num_experts", "activation"):
             if getattr(new, name) != getattr(self.config, name):
-                raise ValueError(f"replace_config cannot change {name} of a built layer "
-                                 f"({getattr(self.config, name)!r} -> {getattr(new, name)!r}): build a new MoE")
+                raise ValueError(
+                    f"replace_config cannot change {name} of a built layer "
+                    f"({getattr(self.config, name)!r} -> {getattr(new, name)!r}): build a new MoE"
+                )
         E = new.num_experts
         if router_columns(new.router, E) != router_columns(self.config.router, E):
-            raise ValueError(f"router {new.router!r} reads {router_columns(new.router, E)} router outputs, "
-                             f"this layer has {router_columns(self.config.router, E)}: build a new MoE")
+            raise ValueError(
+                f"router {new.router!r} reads {router_columns(new.router, E)} router outputs, "
+                f"this layer has {router_columns(self.config.router, E)}: build a new MoE"
+            )
         self.config = new
         self._init_router_state(keep_matching=True)
         return self
@@ -242,22 +272,32 @@ class MoE(nn.Module):
         router = self.config.router
         state = dict(self.router_state.named_buffers())
         kwargs = {"state": state} if state else {}
-        routing = router(self.router_logits(tokens), training=self.training, seq_len=seq_len, **kwargs)
+        routing = router(
+            self.router_logits(tokens), training=self.training, seq_len=seq_len, **kwargs
+        )
         if not isinstance(routing, Routing):
             raise TypeError(f"router {router!r} returned {type(routing).__name__}, not a Routing")
         if routing.mask.shape != (tokens.shape[0], self.config.num_experts):
-            raise ValueError(f"router {router!r} returned a mask of shape {tuple(routing.mask.shape)}, "
-                             f"expected ({tokens.shape[0]}, {self.config.num_experts})")
+            raise ValueError(
+                f"router {router!r} returned a mask of shape {tuple(routing.mask.shape)}, "
+                f"expected ({tokens.shape[0]}, {self.config.num_experts})"
+            )
         return routing
 
     def forward(self, x: Tensor) -> MoEOutput:
         c = self.config
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"MoE expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+            raise TypeError(
+                f"MoE expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
+            )
         if x.dim() < 1 or x.shape[-1] != c.d_model:
-            raise ValueError(f"MoE expects inputs of shape (..., d_model={c.d_model}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"MoE expects inputs of shape (..., d_model={c.d_model}), got {tuple(x.shape)}"
+            )
         tokens = x.reshape(-1, c.d_model)  # (T, d)
-        seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None  # (B, L, d): per sequence (GW cap)
+        seq_len = (
+            x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
+        )  # (B, L, d): per sequence (GW cap)
         routing = self.route(tokens, seq_len)
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights

@@ -31,7 +31,9 @@ class ModelConfig:
     n_heads: int = 4
     moe: MoEConfig = field(default_factory=MoEConfig)  # d_model lives here
     moe_every: int = 1  # MoE in every layer (1) or every other layer (2); dense FFN elsewhere
-    dense_hidden: int | None = None  # width of the dense FFNs; None: d_hidden * the router's k (2 without one)
+    dense_hidden: int | None = (
+        None  # width of the dense FFNs; None: d_hidden * the router's k (2 without one)
+    )
     num_classes: int = 0  # > 0 adds a sequence-classification head
     dropout: float = 0.0
 
@@ -105,7 +107,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput | None]:
         B, L, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # (B, L, d) each
-        q, k, v = (t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d/H)
+        q, k, v = (
+            t.view(B, L, self.n_heads, -1).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, L, d/H)
         drop = self.dropout if self.training else 0.0
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         x = x + self.proj(att.transpose(1, 2).reshape(B, L, d))
@@ -133,7 +137,9 @@ class TinyTransformer(nn.Module):
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.cls_head = nn.Linear(d, config.num_classes) if config.num_classes else None
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, labels: Tensor | None = None
+    ) -> ModelOutput:
         """idx (B, L) token ids; targets (B, L) next tokens (-100 = ignore); labels (B,) classes."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, length), got {tuple(idx.shape)}")
@@ -145,7 +151,9 @@ class TinyTransformer(nn.Module):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
         if L > self.config.block_size:
             raise ValueError(f"sequence length {L} exceeds block_size={self.config.block_size}")
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(L, device=idx.device))  # (B, L, d)
@@ -158,7 +166,9 @@ class TinyTransformer(nn.Module):
         aux = sum((m.aux_loss for m in layers), h.new_zeros(()))
         if labels is not None or (self.cls_head is not None and targets is None):
             if self.cls_head is None:
-                raise ValueError("labels given but the model has no classification head (num_classes=0)")
+                raise ValueError(
+                    "labels given but the model has no classification head (num_classes=0)"
+                )
             logits = self.cls_head(h.mean(dim=1))  # (B, classes)
             loss = F.cross_entropy(logits, labels) if labels is not None else None
             return ModelOutput(logits, loss, aux, layers)

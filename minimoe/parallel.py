@@ -50,9 +50,21 @@ from minimoe.experts import Experts
 from minimoe.layer import MoE, MoEConfig, MoEStats
 
 __all__ = [
-    "AllToAll", "Exchange", "ExpertParallelMoE", "ShardedExperts", "clip_grad_norm_",
-    "gradient_sync", "init_distributed", "launch", "make_expert_parallel", "make_single_process",
-    "max_difference", "pairs_to_ranks", "shard_batch", "shard_batches", "sync_gradients",
+    "AllToAll",
+    "Exchange",
+    "ExpertParallelMoE",
+    "ShardedExperts",
+    "clip_grad_norm_",
+    "gradient_sync",
+    "init_distributed",
+    "launch",
+    "make_expert_parallel",
+    "make_single_process",
+    "max_difference",
+    "pairs_to_ranks",
+    "shard_batch",
+    "shard_batches",
+    "sync_gradients",
 ]
 
 Group = dist.ProcessGroup | None  # None: the default group, every rank
@@ -139,7 +151,9 @@ def pairs_to_ranks(mask: Tensor, world_size: int) -> Tensor:
     """(T, E) mask of the pairs one rank dispatches -> (W,) pairs it sends to each rank."""
     num_tokens, num_experts = mask.shape
     if num_experts % world_size:
-        raise ValueError(f"num_experts={num_experts} is not divisible by the world size {world_size}")
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by the world size {world_size}"
+        )
     return mask.reshape(num_tokens, world_size, num_experts // world_size).sum(dim=(0, 2))
 
 
@@ -150,16 +164,29 @@ class ShardedExperts(nn.Module):
     already grouped by destination rank. ``last_exchange`` describes the latest forward pass.
     """
 
-    def __init__(self, *, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu",
-                 group: Group = None):
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "swiglu",
+        group: Group = None,
+    ):
         super().__init__()
         self.rank, self.world_size = _rank_and_world(group)
         if num_experts % self.world_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the world size "
-                             f"{self.world_size}: every rank must own the same number of experts")
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the world size "
+                f"{self.world_size}: every rank must own the same number of experts"
+            )
         self.group, self.num_experts = group, num_experts
-        self.local = Experts(num_experts=num_experts // self.world_size, d_model=d_model,
-                             d_hidden=d_hidden, activation=activation)
+        self.local = Experts(
+            num_experts=num_experts // self.world_size,
+            d_model=d_model,
+            d_hidden=d_hidden,
+            activation=activation,
+        )
         self.first = self.rank * self.local.num_experts  # global index of local expert 0
         self.last_exchange: Exchange | None = None
 
@@ -175,19 +202,34 @@ class ShardedExperts(nn.Module):
         A collective: every rank of the group must call it, once per forward pass.
         """
         W, E_local = self.world_size, self.local.num_experts
-        send = torch.tensor(counts, device=x.device).view(W, E_local)  # (W, E/W) rows for rank r's experts
-        recv = _all_to_all(send, [1] * W, [1] * W, self.group)  # (W, E/W) [s, j]: rows from s for expert j
+        send = torch.tensor(counts, device=x.device).view(
+            W, E_local
+        )  # (W, E/W) rows for rank r's experts
+        recv = _all_to_all(
+            send, [1] * W, [1] * W, self.group
+        )  # (W, E/W) [s, j]: rows from s for expert j
         sent, received = send.sum(1).tolist(), recv.sum(1).tolist()
-        rows = AllToAll.apply(x, received, sent, self.group)  # (N_recv, d) by source rank, then expert
-        expert_of_row = torch.arange(E_local, device=x.device).repeat(W).repeat_interleave(recv.flatten())
+        rows = AllToAll.apply(
+            x, received, sent, self.group
+        )  # (N_recv, d) by source rank, then expert
+        expert_of_row = (
+            torch.arange(E_local, device=x.device).repeat(W).repeat_interleave(recv.flatten())
+        )
         order = expert_of_row.argsort(stable=True)  # (N_recv,) grouped by local expert
         out = self.local.grouped(rows[order], recv.sum(0).tolist())[order.argsort()]  # (N_recv, d)
-        if torch.is_grad_enabled() and not out.requires_grad and (
-            x.requires_grad or any(p.requires_grad for p in self.local.parameters())
+        if (
+            torch.is_grad_enabled()
+            and not out.requires_grad
+            and (x.requires_grad or any(p.requires_grad for p in self.local.parameters()))
         ):  # no row arrived (out is empty): still take part in both backward exchanges
             out = rows if rows.requires_grad else rows.detach().requires_grad_()
-        self.last_exchange = Exchange(self.rank, tuple(sent), tuple(received),
-                                      x.shape[1] * x.element_size(), E_local * send.element_size())
+        self.last_exchange = Exchange(
+            self.rank,
+            tuple(sent),
+            tuple(received),
+            x.shape[1] * x.element_size(),
+            E_local * send.element_size(),
+        )
         return AllToAll.apply(out, sent, received, self.group)  # (N, d) back in x's order
 
 
@@ -196,11 +238,15 @@ class ShardedExperts(nn.Module):
 
 def _check_same_config(config: MoEConfig, group: Group) -> None:
     configs: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(configs, {f.name: repr(getattr(config, f.name)) for f in fields(config)}, group=group)
+    dist.all_gather_object(
+        configs, {f.name: repr(getattr(config, f.name)) for f in fields(config)}, group=group
+    )
     differ = sorted({k for c in configs for k in c if c[k] != configs[0][k]})
     if differ:
-        ranks = "; ".join(f"rank {r}: " + ", ".join(f"{k}={c[k]!r}" for k in differ)
-                          for r, c in enumerate(configs))
+        ranks = "; ".join(
+            f"rank {r}: " + ", ".join(f"{k}={c[k]!r}" for k in differ)
+            for r, c in enumerate(configs)
+        )
         raise ValueError(f"MoEConfig differs across ranks in {differ} ({ranks})")
 
 
@@ -219,8 +265,13 @@ class ExpertParallelMoE(MoE):
         _check_same_config(config, group)
         super().__init__(config)  # builds all E experts once; replaced by this rank's share below
         self.group = group
-        self.experts = ShardedExperts(num_experts=config.num_experts, d_model=config.d_model,
-                                      d_hidden=config.d_hidden, activation=config.activation, group=group)
+        self.experts = ShardedExperts(
+            num_experts=config.num_experts,
+            d_model=config.d_model,
+            d_hidden=config.d_hidden,
+            activation=config.activation,
+            group=group,
+        )
         _broadcast_from_first(self.replicated_parameters(), group)
 
     @torch.no_grad()
@@ -251,8 +302,13 @@ class ExpertParallelMoE(MoE):
         layer = cls(moe.config, group).to(moe.gate.weight.device)
         mine = slice(layer.experts.first, layer.experts.first + layer.experts.local.num_experts)
         state = {k: v for k, v in moe.state_dict().items() if not k.startswith("experts.")}
-        layer.load_state_dict(state | {f"experts.local.{name}": getattr(moe.experts, name)[mine]
-                                       for name in ("gate_up", "down")})
+        layer.load_state_dict(
+            state
+            | {
+                f"experts.local.{name}": getattr(moe.experts, name)[mine]
+                for name in ("gate_up", "down")
+            }
+        )
         _broadcast_from_first(layer.replicated_parameters(), group)
         return layer.train(moe.training)
 
@@ -292,11 +348,14 @@ def make_single_process(model: nn.Module) -> nn.Module:
     if isinstance(model, ExpertParallelMoE):
         return model.to_moe()
     gathered = {id(m): m.to_moe() for m in model.modules() if isinstance(m, ExpertParallelMoE)}
-    return copy.deepcopy(model, memo=gathered)  # deepcopy puts each gathered MoE in place of its layer
+    return copy.deepcopy(
+        model, memo=gathered
+    )  # deepcopy puts each gathered MoE in place of its layer
 
 
-def max_difference(model: nn.Module, single: nn.Module, batch: Batch,
-                   group: Group = None) -> dict[str, float]:
+def max_difference(
+    model: nn.Module, single: nn.Module, batch: Batch, group: Group = None
+) -> dict[str, float]:
     """Largest |difference|, over all ranks, between an expert-parallel ``model`` and ``single``
     (the same weights in one process: ``make_single_process``) on this rank's ``batch``: of the
     outputs, and of the gradients of sum_r (task loss + aux loss)_r. A collective; both models
@@ -315,7 +374,7 @@ def max_difference(model: nn.Module, single: nn.Module, batch: Batch,
         full = q.grad.clone() if q.grad is not None else torch.zeros_like(q)
         dist.all_reduce(full, group=group)  # single's gradient of the sum over ranks
         if id(p) in sharded:  # the backward all_to_all already summed over ranks
-            full = full[rank * len(p):(rank + 1) * len(p)]
+            full = full[rank * len(p) : (rank + 1) * len(p)]
         else:
             dist.all_reduce(mine, group=group)
         grad_diff = torch.maximum(grad_diff, (mine - full).abs().max())
@@ -329,7 +388,9 @@ def max_difference(model: nn.Module, single: nn.Module, batch: Batch,
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(replicated, this rank's experts) among the trainable parameters."""
-    sharded = {id(p) for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters()}
+    sharded = {
+        id(p) for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters()
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     return [p for p in params if id(p) not in sharded], [p for p in params if id(p) in sharded]
 
@@ -344,8 +405,9 @@ def sync_gradients(model: nn.Module, group: Group = None) -> None:
     _, world = _rank_and_world(group)
     replicated, experts = _split_parameters(model)
     if replicated:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          for p in replicated])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in replicated]
+        )
         dist.all_reduce(flat, group=group)
         for p, g in zip(replicated, flat.div_(world).split([p.numel() for p in replicated])):
             p.grad = g.view_as(p)
@@ -361,8 +423,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: Group = None) -> T
     device = next(model.parameters()).device
 
     def square_sum(params: list[nn.Parameter]) -> Tensor:
-        return sum((p.grad.float().square().sum() for p in params if p.grad is not None),
-                   torch.zeros((), device=device))
+        return sum(
+            (p.grad.float().square().sum() for p in params if p.grad is not None),
+            torch.zeros((), device=device),
+        )
 
     expert_sq = square_sum(experts)
     dist.all_reduce(expert_sq, group=group)
@@ -375,8 +439,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: Group = None) -> T
 
 
 @contextmanager
-def gradient_sync(model: nn.Module, max_norm: float | None = None,
-                  group: Group = None) -> Iterator[None]:
+def gradient_sync(
+    model: nn.Module, max_norm: float | None = None, group: Group = None
+) -> Iterator[None]:
     """While active, every optimizer step over ``model``'s parameters first runs sync_gradients,
     then clips by the global norm (so give ``minimoe.train.train`` grad_clip=0)."""
     own = {id(p) for p in model.parameters()}
@@ -400,14 +465,17 @@ def shard_batch(batch: Batch, group: Group = None) -> Batch:
     shards = {}
     for key, value in batch.items():
         if value.shape[0] % world:
-            raise ValueError(f"batch size {value.shape[0]} ({key!r}) is not divisible by the world size {world}")
+            raise ValueError(
+                f"batch size {value.shape[0]} ({key!r}) is not divisible by the world size {world}"
+            )
         n = value.shape[0] // world
-        shards[key] = value[rank * n:(rank + 1) * n]
+        shards[key] = value[rank * n : (rank + 1) * n]
     return shards
 
 
-def shard_batches(get_batch: Callable[[torch.Generator], Batch],
-                  group: Group = None) -> Callable[[torch.Generator], Batch]:
+def shard_batches(
+    get_batch: Callable[[torch.Generator], Batch], group: Group = None
+) -> Callable[[torch.Generator], Batch]:
     """Wrap a batch sampler: every rank draws the same global batch and keeps its shard."""
     return lambda generator: shard_batch(get_batch(generator), group)
 
@@ -419,8 +487,10 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> str:
     """Join the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT):
     gloo on CPU, NCCL on CUDA with one GPU per process. Returns the device this rank should use."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("expert parallelism runs under torchrun: torchrun --nproc_per_node=2 "
-                           "-m minimoe train --expert-parallel (or python -m torch.distributed.run ...)")
+        raise RuntimeError(
+            "expert parallelism runs under torchrun: torchrun --nproc_per_node=2 "
+            "-m minimoe train --expert-parallel (or python -m torch.distributed.run ...)"
+        )
     backend = "gloo"
     if torch.device(device).type == "cuda":
         device, backend = f"cuda:{os.environ.get('LOCAL_RANK', '0')}", "nccl"
@@ -429,14 +499,29 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> str:
     return device
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float, results,
-            fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout: float,
+    results,
+    fn: Callable,
+    args: tuple,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)  # one core per process
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+    dist.init_process_group(
+        backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+    )
     try:
         results.put((rank, None, fn(*args)))
     except Exception as err:  # to launch, which picks the failing rank's error among all ranks'
@@ -457,9 +542,15 @@ def _failure(err: Exception) -> dict:
     except Exception:
         cls = None
     communication = isinstance(err, _COMMUNICATION_ERRORS) or any(
-        m in str(err) for m in _COMMUNICATION_MESSAGES)
-    return {"cls": cls, "name": type(err).__qualname__, "message": str(err),
-            "traceback": traceback.format_exc(), "communication": communication}
+        m in str(err) for m in _COMMUNICATION_MESSAGES
+    )
+    return {
+        "cls": cls,
+        "name": type(err).__qualname__,
+        "message": str(err),
+        "traceback": traceback.format_exc(),
+        "communication": communication,
+    }
 
 
 class _RemoteTraceback(Exception):
@@ -472,16 +563,19 @@ class _RemoteTraceback(Exception):
 def _rank_error(failures: dict[int, dict], world_size: int) -> Exception:
     """The first failure that is not a broken connection (else the first), as an exception of
     its own class whose message names the rank."""
-    rank, failure = next(((r, f) for r, f in failures.items() if not f["communication"]),
-                         next(iter(failures.items())))
+    rank, failure = next(
+        ((r, f) for r, f in failures.items() if not f["communication"]),
+        next(iter(failures.items())),
+    )
     message = f"rank {rank} of {world_size} failed: {failure['message']}"
     try:
         err = pickle.loads(failure["cls"])(message)
     except Exception:  # no class, or one that is not built from a message
         err = None
     if not isinstance(err, Exception):
-        err = RuntimeError(f"rank {rank} of {world_size} raised {failure['name']}: "
-                           f"{failure['message']}")
+        err = RuntimeError(
+            f"rank {rank} of {world_size} raised {failure['name']}: {failure['message']}"
+        )
     err.__cause__ = _RemoteTraceback(f"rank {rank}:\n{failure['traceback']}")
     return err
 
@@ -489,8 +583,13 @@ def _rank_error(failures: dict[int, dict], world_size: int) -> Exception:
 FAILURE_GRACE_S = 5.0  # after a rank fails, how long launch waits for the others to report
 
 
-def launch(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float = 60.0,
-           backend: str = "gloo") -> list:
+def launch(
+    fn: Callable,
+    world_size: int = 2,
+    args: tuple = (),
+    timeout: float = 60.0,
+    backend: str = "gloo",
+) -> list:
     """Run ``fn(*args)`` in ``world_size`` fresh processes joined on 127.0.0.1; return each rank's
     result. A watchdog kills them all after ``timeout`` seconds, so a hung collective fails
     instead of blocking. If a worker raises, its exception is raised here: the same class, the
@@ -500,8 +599,13 @@ def launch(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float =
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # free now; the workers bind it a moment later
     results = mp.get_context("spawn").SimpleQueue()
-    procs = mp.start_processes(_worker, args=(world_size, port, backend, timeout, results, fn, args),
-                               nprocs=world_size, join=False, start_method="spawn")
+    procs = mp.start_processes(
+        _worker,
+        args=(world_size, port, backend, timeout, results, fn, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
     deadline, got, failures = time.monotonic() + timeout, {}, {}  # failures in order of arrival
 
     def receive() -> None:
@@ -522,7 +626,9 @@ def launch(fn: Callable, world_size: int = 2, args: tuple = (), timeout: float =
             if time.monotonic() > deadline:
                 if failures:
                     break
-                raise TimeoutError(f"{world_size} workers still running after {timeout:.0f} s: killed")
+                raise TimeoutError(
+                    f"{world_size} workers still running after {timeout:.0f} s: killed"
+                )
     finally:
         for p in procs.processes:
             if p.is_alive():

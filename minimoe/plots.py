@@ -18,15 +18,25 @@ def _ax(ax: Axes | None, figsize: tuple[float, float] = (5, 3)) -> Axes:
 
 
 def plot_expert_load(
-    loads: Mapping[str, Routing | torch.Tensor], ax: Axes | None = None, title: str = "Load per expert"
+    loads: Mapping[str, Routing | torch.Tensor],
+    ax: Axes | None = None,
+    title: str = "Load per expert",
 ) -> Axes:
     """Grouped bars: share of assignments per expert, one bar group per named routing."""
     ax = _ax(ax)
-    items = {k: (load_per_expert(v) if isinstance(v, Routing) else v.detach().float().cpu()) for k, v in loads.items()}
+    items = {
+        k: (load_per_expert(v) if isinstance(v, Routing) else v.detach().float().cpu())
+        for k, v in loads.items()
+    }
     num_experts = len(next(iter(items.values())))
     width = 0.8 / len(items)
     for i, (name, load) in enumerate(items.items()):
-        ax.bar(np.arange(num_experts) + (i - (len(items) - 1) / 2) * width, load.numpy(), width, label=name)
+        ax.bar(
+            np.arange(num_experts) + (i - (len(items) - 1) / 2) * width,
+            load.numpy(),
+            width,
+            label=name,
+        )
     ax.axhline(1 / num_experts, color="k", ls="--", lw=1, label="perfect balance")
     ax.set(xlabel="expert", ylabel="share of assignments", title=title, xticks=range(num_experts))
     ax.legend(fontsize=8)
@@ -45,8 +55,12 @@ def plot_experts_per_token(
     return ax
 
 
-def plot_routing_heatmap(routing: Routing, num_tokens: int = 48, ax: Axes | None = None,
-                         labels: Sequence[str] | None = None) -> Axes:
+def plot_routing_heatmap(
+    routing: Routing,
+    num_tokens: int = 48,
+    ax: Axes | None = None,
+    labels: Sequence[str] | None = None,
+) -> Axes:
     """Combine weights of the first ``num_tokens`` tokens: tokens (rows) x experts (columns)."""
     ax = _ax(ax, figsize=(4, 6))
     w = routing.weights[:num_tokens].detach().float().cpu().numpy()
@@ -67,8 +81,12 @@ def smooth(values: Sequence[float], window: int = 20) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def plot_loss_curves(curves: Mapping[str, Sequence[float]], ax: Axes | None = None,
-                     window: int = 20, ylabel: str = "training loss") -> Axes:
+def plot_loss_curves(
+    curves: Mapping[str, Sequence[float]],
+    ax: Axes | None = None,
+    window: int = 20,
+    ylabel: str = "training loss",
+) -> Axes:
     """Smoothed per-step curves, one per named run."""
     ax = _ax(ax)
     for name, v in curves.items():
@@ -78,12 +96,25 @@ def plot_loss_curves(curves: Mapping[str, Sequence[float]], ax: Axes | None = No
     return ax
 
 
-def plot_histograms(values: Mapping[str, torch.Tensor], ax: Axes | None = None, bins: int = 30,
-                    range_: tuple[float, float] = (0.0, 1.0), xlabel: str = "normalized entropy") -> Axes:
+def plot_histograms(
+    values: Mapping[str, torch.Tensor],
+    ax: Axes | None = None,
+    bins: int = 30,
+    range_: tuple[float, float] = (0.0, 1.0),
+    xlabel: str = "normalized entropy",
+) -> Axes:
     """Overlaid density histograms (e.g. router entropy per layer)."""
     ax = _ax(ax)
     for name, v in values.items():
-        ax.hist(v.detach().float().cpu().numpy(), bins=bins, range=range_, density=True, histtype="step", lw=1.5, label=name)
+        ax.hist(
+            v.detach().float().cpu().numpy(),
+            bins=bins,
+            range=range_,
+            density=True,
+            histtype="step",
+            lw=1.5,
+            label=name,
+        )
     ax.set(xlabel=xlabel, ylabel="density")
     ax.legend(fontsize=8)
     return ax

@@ -109,7 +109,9 @@ class Routing:
     def to(self, device: torch.device | str) -> Routing:
         """A detached copy on ``device`` (the recorder keeps CPU copies)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Routing(**{k: None if v is None else v.detach().to(device) for k, v in moved.items()})
+        return Routing(
+            **{k: None if v is None else v.detach().to(device) for k, v in moved.items()}
+        )
 
     @staticmethod
     def cat(parts: list[Routing]) -> Routing:
@@ -122,11 +124,18 @@ class Routing:
             if all(v is None for v in values):
                 out[f.name] = None
             elif f.name == "base_mask":
-                out[f.name] = torch.cat([r.base_mask if r.base_mask is not None else r.mask for r in parts])
+                out[f.name] = torch.cat(
+                    [r.base_mask if r.base_mask is not None else r.mask for r in parts]
+                )
             elif f.name in ("broadcast", "uncertain"):
-                out[f.name] = torch.cat([v if v is not None else torch.zeros(r.num_tokens, dtype=torch.bool,
-                                                                             device=r.mask.device)
-                                         for v, r in zip(values, parts)])
+                out[f.name] = torch.cat(
+                    [
+                        v
+                        if v is not None
+                        else torch.zeros(r.num_tokens, dtype=torch.bool, device=r.mask.device)
+                        for v, r in zip(values, parts)
+                    ]
+                )
             else:
                 out[f.name] = torch.cat(values)
         return Routing(**out)
@@ -140,9 +149,13 @@ def check_logits(logits: Tensor) -> Tensor:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (tokens, experts), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have shape (tokens, experts), got shape {tuple(logits.shape)}"
+        )
     if logits.shape[1] < 1:
-        raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have at least one expert column, got shape {tuple(logits.shape)}"
+        )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
     if logits.numel() and not torch.isfinite(logits).all():
@@ -161,7 +174,9 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
-def check_float(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> float:
+def check_float(
+    name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False
+) -> float:
     """``value`` as a finite float in [low, high] ((low, high] if ``low_open``), else an error naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {name}={value!r}")
@@ -195,9 +210,11 @@ def _check_probs(probs: Tensor, name: str = "probs") -> None:
     sums = probs.float().sum(dim=-1)
     # loose: probabilities rounded to bfloat16 still pass; logits almost always have negatives
     if (probs < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-2):
-        raise ValueError(f"{name} must be probabilities (>= 0, rows summing to 1), got rows summing to "
-                         f"{sums.flatten()[0].item():.4g} with min {probs.min().item():.4g}: logits? "
-                         "take their softmax first")
+        raise ValueError(
+            f"{name} must be probabilities (>= 0, rows summing to 1), got rows summing to "
+            f"{sums.flatten()[0].item():.4g} with min {probs.min().item():.4g}: logits? "
+            "take their softmax first"
+        )
 
 
 # ---- first choice and selection: one rule for ties everywhere -----------------------------
@@ -212,22 +229,22 @@ def first_choice(probs: Tensor) -> Tensor:
     return probs.argmax(dim=-1)
 
 
-def _order(scores: Tensor) -> Tensor:
-    """(T, E) expert indices by descending score; exact ties in index order (same rule as argmax)."""
-    return scores.sort(dim=1, descending=True, stable=True).indices
-
-
 def _mask_of_top(scores: Tensor, k: int) -> Tensor:
-    """(T, E) bool mask of the k largest scores per row (exact ties: lowest index first)."""
-    idx = _order(scores)[:, :k]  # (T, k)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+    """(T, E) bool mask of the k largest scores per row; exact ties at the k-th value go to the
+    lowest indices (the argmax rule), whatever order ``torch.topk`` returns them in."""
+    kth = scores.topk(k, dim=1).values[:, k - 1 :]  # (T, 1) the k-th largest score
+    above = scores > kth
+    tied = scores == kth
+    return above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
 
 
 def _from_mask(logits: Tensor, probs: Tensor, mask: Tensor, renormalize: bool) -> Routing:
     """Combine weights = probs on the mask, optionally renormalized over the selected set."""
     weights = probs * mask  # exactly 0 outside S
     if renormalize:
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(
+            torch.finfo(probs.dtype).tiny
+        )
     return Routing(logits=logits, probs=probs, mask=mask, weights=weights)
 
 
@@ -338,14 +355,15 @@ def adaptive(
     check_choice("gap", gap, ("raw", "normalized"))
     check_bool("renormalize", renormalize)
     probs = logits.softmax(dim=-1)  # (T, E)
-    order = _order(probs)[:, :2]  # (T, 2) or (T, 1) with one expert
-    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order[:, :1], True)
-    if order.shape[1] == 2:
-        p1, p2 = probs.gather(1, order).unbind(dim=1)  # (T,) each
+    first = first_choice(probs)[:, None]  # (T, 1)
+    mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, first, True)
+    if probs.shape[1] >= 2:
+        second = first_choice(probs.scatter(1, first, -1.0))[:, None]  # (T, 1) the runner-up
+        p1, p2 = probs.gather(1, first).squeeze(1), probs.gather(1, second).squeeze(1)  # (T,)
         diff = p1 - p2 if gap == "raw" else (p1 - p2) / (p1 + p2)
         # threshold 0 is exact top-1 (a tie of p1 = p2 included); threshold 1 always sends to both
         two = (diff <= threshold) if threshold > 0 else torch.zeros_like(diff, dtype=torch.bool)
-        mask.scatter_(1, order[:, 1:], two[:, None])
+        mask.scatter_(1, second, two[:, None])
     return _from_mask(logits, probs, mask, renormalize)
 
 
@@ -461,8 +479,14 @@ def gw_broadcast(
         chosen = (per_seq & (per_seq.cumsum(dim=1) <= max_slots)).view(-1)  # first tokens first
     mask = routing.mask | chosen[:, None]
     weights = torch.where(chosen[:, None], routing.probs, routing.weights)
-    return replace(routing, mask=mask, weights=weights, broadcast=chosen, uncertain=uncertain,
-                   base_mask=routing.mask)
+    return replace(
+        routing,
+        mask=mask,
+        weights=weights,
+        broadcast=chosen,
+        uncertain=uncertain,
+        base_mask=routing.mask,
+    )
 
 
 # ---- router specs: one frozen object per method ---------------------------------------------
@@ -472,7 +496,9 @@ def gw_broadcast(
 class Router(Protocol):
     """What a layer asks of a router (see the module docstring for the optional hooks)."""
 
-    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing: ...
+    def __call__(
+        self, logits: Tensor, *, training: bool, seq_len: int | None = None
+    ) -> Routing: ...
 
 
 def _check_recipe(spec: Any) -> None:
@@ -607,7 +633,9 @@ class GWBroadcast:
 
     def __post_init__(self) -> None:
         if not callable(self.base) or isinstance(self.base, type):
-            raise TypeError(f"base must be a router instance (e.g. TopK(k=2)), got base={self.base!r}")
+            raise TypeError(
+                f"base must be a router instance (e.g. TopK(k=2)), got base={self.base!r}"
+            )
         if isinstance(self.base, GWBroadcast):
             raise TypeError("base must not itself be a GWBroadcast")
         check_threshold(self.threshold, self.measure, None)
@@ -631,8 +659,14 @@ class GWBroadcast:
 
     def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
         base = self.base(logits, training=training, seq_len=seq_len)
-        return gw_broadcast(base, self.threshold, measure=self.measure, max_slots=self.max_slots,
-                            seq_len=seq_len, training=training)
+        return gw_broadcast(
+            base,
+            self.threshold,
+            measure=self.measure,
+            max_slots=self.max_slots,
+            seq_len=seq_len,
+            training=training,
+        )
 
 
 def router_columns(router: Router, num_experts: int) -> int:
@@ -669,8 +703,10 @@ def router_to_dict(router: Router) -> dict[str, Any]:
     """A registered spec as plain data: ``{"name": "top_p", "p": 0.4, ...}`` (nested for GW)."""
     cls = type(router)
     if ROUTERS.get(getattr(cls, "name", None)) is not cls:
-        raise TypeError(f"only the registered routers {sorted(ROUTERS)} can be written as data, "
-                        f"got {cls.__name__}: keep its code beside the saved weights")
+        raise TypeError(
+            f"only the registered routers {sorted(ROUTERS)} can be written as data, "
+            f"got {cls.__name__}: keep its code beside the saved weights"
+        )
     out: dict[str, Any] = {"name": cls.name}
     for f in fields(router):
         value = getattr(router, f.name)

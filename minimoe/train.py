@@ -68,7 +68,9 @@ class TrainConfig:
                 bound = "> 0" if name == "lr" else ">= 0"
                 raise ValueError(f"{name} must be finite and {bound}, got {name}={value!r}")
         if self.autocast not in AUTOCAST:
-            raise ValueError(f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}")
+            raise ValueError(
+                f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}"
+            )
 
 
 AUTOCAST = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,7 +120,9 @@ def train(
     device = next(model.parameters()).device
     dtype = AUTOCAST[config.autocast]
     if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError(f"autocast='float16' needs a CUDA model, got device {device}; use 'bfloat16'")
+        raise ValueError(
+            f"autocast='float16' needs a CUDA model, got device {device}; use 'bfloat16'"
+        )
     # float16 gradients underflow without loss scaling; bfloat16 has float32's exponent range
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False)
@@ -191,8 +195,11 @@ def _write_checkpoint(path: Path, ckpt: dict) -> None:
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)  # fails here, before any file is touched, on an unpicklable extra
     raw = buffer.getvalue()
-    wrapped = {"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(raw).hexdigest(),
-               "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
+    wrapped = {
+        "format": CHECKPOINT_FORMAT,
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "payload": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     # same folder, so os.replace is an atomic rename; a kill mid-save leaves only this file
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -226,8 +233,10 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict:
     if "format" not in ckpt:  # saved before checksums: nothing to verify
         return ckpt if str(map_location) == "cpu" else load(data, map_location, unreadable)
     if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} has format {ckpt['format']!r}; this minimoe reads "
-                         f"format {CHECKPOINT_FORMAT}")
+        raise ValueError(
+            f"checkpoint {path} has format {ckpt['format']!r}; this minimoe reads "
+            f"format {CHECKPOINT_FORMAT}"
+        )
     raw = ckpt["payload"].numpy().tobytes()
     if hashlib.sha256(raw).hexdigest() != ckpt["sha256"]:
         raise ValueError(f"checkpoint {path} is corrupt: its sha256 checksum does not match")
@@ -244,12 +253,17 @@ def save_checkpoint(model: TinyTransformer | MoERegressor, path: str | Path, **e
         kind, config = "transformer", model.config.to_dict()
     elif isinstance(model, MoERegressor):
         kind = "regressor"
-        config = {"in_dim": model.head.in_features, "out_dim": model.head.out_features,
-                  "moe": model.config.to_dict()}
+        config = {
+            "in_dim": model.head.in_features,
+            "out_dim": model.head.out_features,
+            "moe": model.config.to_dict(),
+        }
     else:
         raise TypeError(f"cannot checkpoint a {type(model).__name__}")
-    _write_checkpoint(Path(path), {"kind": kind, "config": config, "state_dict": model.state_dict(),
-                                   "extra": extra})
+    _write_checkpoint(
+        Path(path),
+        {"kind": kind, "config": config, "state_dict": model.state_dict(), "extra": extra},
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

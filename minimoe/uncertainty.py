@@ -47,7 +47,9 @@ def is_uncertain(routing: Routing, threshold: float, measure: str = "normalized_
     return routing_is_uncertain(routing.probs, threshold, measure)
 
 
-def uncertain_share(routing: Routing, threshold: float, measure: str = "normalized_entropy") -> float:
+def uncertain_share(
+    routing: Routing, threshold: float, measure: str = "normalized_entropy"
+) -> float:
     """Share of tokens whose uncertainty is >= threshold (0 for no tokens)."""
     flags = is_uncertain(routing, threshold, measure)
     return flags.float().mean().item() if flags.numel() else 0.0
@@ -66,10 +68,12 @@ def layer_summary(
     """Per layer: mean entropy (nats), normalized entropy and top-1/top-2 gap, and the share
     of uncertain tokens. Per-token values: ``analysis.uncertainty_summary`` and ``entropy``."""
     return [
-        {"entropy": entropy(r.probs).mean().item(),
-         "normalized_entropy": normalized_entropy(r.probs).mean().item(),
-         "top_gap": top_gap(r.probs).mean().item(),
-         "uncertain_share": uncertain_share(r, threshold, measure)}
+        {
+            "entropy": entropy(r.probs).mean().item(),
+            "normalized_entropy": normalized_entropy(r.probs).mean().item(),
+            "top_gap": top_gap(r.probs).mean().item(),
+            "uncertain_share": uncertain_share(r, threshold, measure),
+        }
         for r in routings
     ]
 
@@ -130,6 +134,7 @@ def perturbed_inputs(model: nn.Module, scale: float, generator: torch.Generator)
 
     The noise is relative to each token's own size, so every token is shaken alike.
     """
+
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
@@ -210,8 +215,11 @@ def rates_by_uncertainty(event: Tensor, uncertain: Tensor) -> dict[str, float]:
     def mean(sel: Tensor) -> float:
         return event[sel].mean().item() if sel.any() else float("nan")
 
-    return {"uncertain": mean(uncertain), "certain": mean(~uncertain),
-            "uncertain_share": uncertain.float().mean().item() if uncertain.numel() else 0.0}
+    return {
+        "uncertain": mean(uncertain),
+        "certain": mean(~uncertain),
+        "uncertain_share": uncertain.float().mean().item() if uncertain.numel() else 0.0,
+    }
 
 
 def binned_rate(score: Tensor, event: Tensor, num_bins: int = 5) -> tuple[Tensor, Tensor, Tensor]:
@@ -261,6 +269,11 @@ class GWFineTuning:
         z-loss off unless kept); returns the model. Layers are never edited in place."""
         base = moe_layers(model)[0].config.router
         base = base.base if isinstance(base, GWBroadcast) else base
-        router = base if self.threshold is None else GWBroadcast(
-            base, threshold=self.threshold, measure=self.measure, max_slots=self.max_slots)
+        router = (
+            base
+            if self.threshold is None
+            else GWBroadcast(
+                base, threshold=self.threshold, measure=self.measure, max_slots=self.max_slots
+            )
+        )
         return set_router(model, router, **({} if self.z_loss else {"z_coef": 0.0}))

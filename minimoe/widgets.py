@@ -32,21 +32,28 @@ def capacity_explorer(logits: Tensor) -> widgets.VBox:
         ax.bar(x, r.kept_per_expert.numpy(), color="tab:blue", label="kept")
         if r.capacity is not None:
             ax.axhline(r.capacity, color="tab:red", ls="--", label=f"capacity = {r.capacity}")
-        ax.set(xlabel="expert", ylabel="tokens", xticks=x,
-               title=f"k={k}: dropped pairs {r.dropped_pairs}, tokens with no expert {r.dropped_tokens}")
+        ax.set(
+            xlabel="expert",
+            ylabel="tokens",
+            xticks=x,
+            title=f"k={k}: dropped pairs {r.dropped_pairs}, tokens with no expert {r.dropped_tokens}",
+        )
         ax.legend(fontsize=8)
         plt.show()
 
     return explorer(
         draw,
         k=widgets.IntSlider(value=2, min=1, max=num_experts, description="k"),
-        capacity_factor=widgets.FloatSlider(value=1.0, min=0.25, max=3.0, step=0.25, description="capacity"),
+        capacity_factor=widgets.FloatSlider(
+            value=1.0, min=0.25, max=3.0, step=0.25, description="capacity"
+        ),
         dropless=widgets.Checkbox(value=False, description="dropless"),
     )
 
 
-def top_p_explorer(logits: Sequence[Tensor], groups: Tensor | None = None,
-                   group_names: Sequence[str] | None = None) -> widgets.VBox:
+def top_p_explorer(
+    logits: Sequence[Tensor], groups: Tensor | None = None, group_names: Sequence[str] | None = None
+) -> widgets.VBox:
     """Top-P on recorded router logits, one (T, E) tensor per MoE layer: experts per token per
     layer as p moves, split by ``groups`` (T,) (e.g. the task of each token) when given."""
     num_experts = logits[0].shape[1]
@@ -59,16 +66,28 @@ def top_p_explorer(logits: Sequence[Tensor], groups: Tensor | None = None,
         if groups is None:
             ax.bar(layers, [experts_per_token(r) for r in routings], color="tab:blue")
         else:
-            per_group = [experts_per_token_by_group(r, groups) for r in routings]  # [layer] {g: ept}
+            per_group = [
+                experts_per_token_by_group(r, groups) for r in routings
+            ]  # [layer] {g: ept}
             labels = sorted(per_group[0])
             width = 0.8 / len(labels)
             for i, g in enumerate(labels):
                 name = group_names[g] if group_names is not None else str(g)
-                ax.bar(layers + (i - (len(labels) - 1) / 2) * width, [pg[g] for pg in per_group], width, label=name)
+                ax.bar(
+                    layers + (i - (len(labels) - 1) / 2) * width,
+                    [pg[g] for pg in per_group],
+                    width,
+                    label=name,
+                )
             ax.legend(fontsize=8)
         ax.axhline(2, color="k", ls=":", lw=1)  # top-2's cost
-        ax.set(xlabel="MoE layer", ylabel="experts per token", xticks=layers, ylim=(0, num_experts),
-               title=f"top-p, p={p:.2f} ({rule} rule): {mean:.2f} experts per token")
+        ax.set(
+            xlabel="MoE layer",
+            ylabel="experts per token",
+            xticks=layers,
+            ylim=(0, num_experts),
+            title=f"top-p, p={p:.2f} ({rule} rule): {mean:.2f} experts per token",
+        )
         plt.show()
 
     return explorer(
@@ -91,21 +110,35 @@ def uncertainty_explorer(routings: dict[str, list]) -> widgets.VBox:
         shares = [s for rs in routings.values() for s in uncertain_share_per_layer(rs, threshold)]
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3), layout="constrained")
         for name, h in zip(names, entropies):
-            left.hist(h.numpy(), bins=30, range=(0, 1), density=True, histtype="step", lw=1.5, label=name)
+            left.hist(
+                h.numpy(), bins=30, range=(0, 1), density=True, histtype="step", lw=1.5, label=name
+            )
         left.axvline(threshold, color="k", ls="--", lw=1)
-        left.set(xlabel="normalized entropy H / ln E", ylabel="density", title="Router entropy per layer")
+        left.set(
+            xlabel="normalized entropy H / ln E", ylabel="density", title="Router entropy per layer"
+        )
         left.legend(fontsize=8)
         right.bar(range(len(names)), shares, color="tab:orange")
-        right.set(xticks=range(len(names)), xticklabels=names, ylim=(0, 1), ylabel="share of tokens",
-                  title=f"uncertain: H / ln E >= {threshold:.2f}")
+        right.set(
+            xticks=range(len(names)),
+            xticklabels=names,
+            ylim=(0, 1),
+            ylabel="share of tokens",
+            title=f"uncertain: H / ln E >= {threshold:.2f}",
+        )
         plt.show()
 
-    return explorer(draw, threshold=widgets.FloatSlider(value=0.75, min=0.0, max=1.0, step=0.05,
-                                                        description="threshold"))
+    return explorer(
+        draw,
+        threshold=widgets.FloatSlider(
+            value=0.75, min=0.0, max=1.0, step=0.05, description="threshold"
+        ),
+    )
 
 
-def adaptive_explorer(logits: Sequence[Tensor], groups: Tensor | None = None,
-                      group_names: Sequence[str] | None = None) -> widgets.VBox:
+def adaptive_explorer(
+    logits: Sequence[Tensor], groups: Tensor | None = None, group_names: Sequence[str] | None = None
+) -> widgets.VBox:
     """Adaptive gating on recorded router logits, one (T, E) tensor per MoE layer: the share of
     tokens on two experts as the threshold T moves (raw or normalized gap), and at the chosen T
     per group of ``groups`` (T,) (e.g. each token's task; negative labels are left out)."""
@@ -122,15 +155,27 @@ def adaptive_explorer(logits: Sequence[Tensor], groups: Tensor | None = None,
         share = np.mean([experts_per_token(r) - 1 for r in routings])
         left.axvline(threshold, color="k", ls="--", lw=1)
         left.axhspan(0.11, 0.26, color="tab:green", alpha=0.15, label="paper: 11-26%")
-        left.set(xlabel="threshold T", ylabel="share on two experts", ylim=(0, 1),
-                 title=f"{gap} gap, T={threshold:.2f}: {share:.0%} on two, FLOPs {(1 + share) / 2:.2f}x top-2")
+        left.set(
+            xlabel="threshold T",
+            ylabel="share on two experts",
+            ylim=(0, 1),
+            title=f"{gap} gap, T={threshold:.2f}: {share:.0%} on two, FLOPs {(1 + share) / 2:.2f}x top-2",
+        )
         left.legend(fontsize=8)
         if groups is not None:
-            per_group = [experts_per_token_by_group(r, groups) for r in routings]  # [layer] {g: ept}
+            per_group = [
+                experts_per_token_by_group(r, groups) for r in routings
+            ]  # [layer] {g: ept}
             labels = [g for g in sorted(per_group[0]) if g >= 0]
             names = [group_names[g] if group_names is not None else str(g) for g in labels]
-            right.bar(names, [np.mean([pg[g] - 1 for pg in per_group]) for g in labels], color="tab:orange")
-            right.set(ylabel="share on two experts", ylim=(0, 1), title="by group, mean over layers")
+            right.bar(
+                names,
+                [np.mean([pg[g] - 1 for pg in per_group]) for g in labels],
+                color="tab:orange",
+            )
+            right.set(
+                ylabel="share on two experts", ylim=(0, 1), title="by group, mean over layers"
+            )
         else:
             right.axis("off")
         plt.show()

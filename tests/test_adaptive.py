@@ -42,7 +42,9 @@ def test_gap_just_inside_and_just_outside(probs, threshold, chosen):
     expected = [probs[e] if e in chosen else 0.0 for e in range(4)]
     assert r.weights[0].tolist() == pytest.approx(expected, abs=1e-6)
     renorm = adaptive(logits_of([probs]), threshold, renormalize=True)
-    assert renorm.weights[0].tolist() == pytest.approx([w / sum(expected) for w in expected], abs=1e-6)
+    assert renorm.weights[0].tolist() == pytest.approx(
+        [w / sum(expected) for w in expected], abs=1e-6
+    )
 
 
 def test_raw_and_normalized_gaps_decide_differently():
@@ -86,7 +88,10 @@ def test_threshold_0_is_top_1_and_1_is_top_2(gap):
 
 def test_two_expert_share_grows_with_threshold():
     logits = 2 * torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
-    shares = [adaptive(logits, t).expert_counts.float().mean().item() - 1 for t in (0, 0.05, 0.1, 0.2, 0.3, 1)]
+    shares = [
+        adaptive(logits, t).expert_counts.float().mean().item() - 1
+        for t in (0, 0.05, 0.1, 0.2, 0.3, 1)
+    ]
     assert shares == sorted(shares) and shares[0] == 0 and shares[-1] == 1
 
 
@@ -110,7 +115,9 @@ def test_balance_loss_counts_top_1_decisions_by_hand():
     # first choices 0, 0, 1, 0: f = (0.75, 0.25); Q = (0.6, 0.4); L = 2 (0.45 + 0.10) = 1.1
     assert load_balance_loss(probs, count="first").item() == pytest.approx(1.1)
     # counting every selected expert instead (here: both, for every token) gives 2 (0.6 + 0.4) = 2
-    assert load_balance_loss(probs, torch.ones(4, 2, dtype=torch.bool), count="selected").item() == pytest.approx(2.0)
+    assert load_balance_loss(
+        probs, torch.ones(4, 2, dtype=torch.bool), count="selected"
+    ).item() == pytest.approx(2.0)
 
 
 def test_adaptive_layer_uses_top_1_balance_with_coefficient_0_01():
@@ -124,7 +131,9 @@ def test_adaptive_layer_uses_top_1_balance_with_coefficient_0_01():
     f = torch.bincount(r.probs.argmax(1), minlength=4).float() / 64  # top-1 decisions only
     by_hand = 4 * (f * r.probs.mean(0)).sum()
     torch.testing.assert_close(out.losses["load_balance"], by_hand)
-    assert out.losses["load_balance"].item() != pytest.approx(load_balance_loss(r.probs, r.mask, "selected").item())
+    assert out.losses["load_balance"].item() != pytest.approx(
+        load_balance_loss(r.probs, r.mask, "selected").item()
+    )
     torch.testing.assert_close(out.aux_loss, 0.01 * by_hand + 1e-3 * z_loss(r.logits))
 
 
@@ -168,7 +177,9 @@ def test_dispatch_computes_only_the_routed_pairs(path):
 
 
 def test_time_dispatch_flop_ratios():
-    rows = ex.time_dispatch((0.0, 0.2, 0.5), tokens=40, d_model=4, d_hidden=4, num_experts=4, repeats=1)
+    rows = ex.time_dispatch(
+        (0.0, 0.2, 0.5), tokens=40, d_model=4, d_hidden=4, num_experts=4, repeats=1
+    )
     assert [r["two_expert_share"] for r in rows] == [0.0, 0.2, 0.5, 1.0]
     assert [r["flop_ratio"] for r in rows] == [0.5, 0.6, 0.75, 1.0]
     assert rows[-1]["time_ratio"] == 1.0 and all(r["seconds"] > 0 for r in rows)
@@ -176,8 +187,17 @@ def test_time_dispatch_flop_ratios():
 
 # ---- the chapter's experiment pieces ---------------------------------------------------------
 
-TINY = ex.Setup(n_train=64, n_val=32, max_len=3, d_model=16, d_hidden=16, num_experts=4,
-                batch_size=16, steps=8, eval_every=4)
+TINY = ex.Setup(
+    n_train=64,
+    n_val=32,
+    max_len=3,
+    d_model=16,
+    d_hidden=16,
+    num_experts=4,
+    batch_size=16,
+    steps=8,
+    eval_every=4,
+)
 
 
 def test_token_kinds_cover_prompt_answer_end():
@@ -201,7 +221,11 @@ def test_train_variant_report_and_threshold_twin():
     assert top1.config.moe.router == Adaptive(threshold=0.0)
     assert ex.routing_report(top1, val)["two_expert_share"] == 0.0
     assert ex.routing_report(top2, val)["two_expert_share"] == 1.0
-    times = ex.time_train_steps({"a": run.model, "b": top1}, {"idx": data.inputs[:4], "targets": data.targets[:4]}, repeats=1)
+    times = ex.time_train_steps(
+        {"a": run.model, "b": top1},
+        {"idx": data.inputs[:4], "targets": data.targets[:4]},
+        repeats=1,
+    )
     assert set(times.rounds) == {"a", "b"} and min(times["a"], times["b"]) > 0
     assert times.ratio("a", "a") == 1.0
 
@@ -209,10 +233,12 @@ def test_train_variant_report_and_threshold_twin():
 def test_command_writes_table_and_plot(tmp_path):
     from course.__main__ import main
 
-    main(["adaptive", "--steps", "4", "--n-train", "32", "--n-val", "16", "--max-len", "2",
-          "--d-model", "16", "--d-hidden", "16", "--num-experts", "4", "--batch-size", "16",
-          "--eval-every", "2", "--thresholds", "0.1", "0.3", "--timing-repeats", "1",
-          "--seeds", "0", "1", "--no-progress", "--out", str(tmp_path)])
+    main(
+        [
+            *"adaptive --steps 4 --n-train 32 --n-val 16 --max-len 2 --d-model 16 --d-hidden 16 --num-experts 4 --batch-size 16 --eval-every 2 --thresholds 0.1 0.3 --timing-repeats 1 --seeds 0 1 --no-progress --out".split(),
+            str(tmp_path),
+        ]
+    )
     assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "adaptive.png"}
     lines = (tmp_path / "results.csv").read_text().splitlines()
     variants = ["top-2", "adaptive T=0.1", "adaptive T=0.3", "adaptive T=0.1 + curriculum"]

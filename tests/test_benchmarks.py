@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
     spec.loader.exec_module(module)
@@ -49,13 +51,31 @@ def test_dense_ffn_equals_the_sum_of_two_experts(moe_layer):
 def test_moe_layer_benchmark_prints_every_table(moe_layer, capsys, autocast):
     torch_threads = torch.get_num_threads()
     try:
-        moe_layer.main(["--tokens", "64", "--experts", "4", "--repeats", "1", "--warmup", "0",
-                        "--threads", "1", "--quick", *autocast])
+        moe_layer.main(
+            [
+                "--tokens",
+                "64",
+                "--experts",
+                "4",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "--quick",
+                *autocast,
+            ]
+        )
     finally:
         torch.set_num_threads(torch_threads)
     out = capsys.readouterr().out
-    for heading in ("#### 1. Dispatch paths", "#### 2. Dynamic routing", "#### 3. Memory",
-                    "#### 4. One expert"):
+    for heading in (
+        "#### 1. Dispatch paths",
+        "#### 2. Dynamic routing",
+        "#### 3. Memory",
+        "#### 4. One expert",
+    ):
         assert heading in out, f"missing table {heading!r}"
     assert "| 64 | fwd+bwd |" in out and "| 64 | adaptive |" in out
     assert "max|sorted - loop| = 0.00e+00" in out

@@ -10,25 +10,7 @@ from minimoe.__main__ import main
 from minimoe.routing import ROUTERS, Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
 
 TINY = [
-    "--layers",
-    "1",
-    "--heads",
-    "2",
-    "--d-model",
-    "16",
-    "--d-hidden",
-    "16",
-    "--experts",
-    "4",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--steps",
-    "2",
-    "--no-progress",
-    "--device",
-    "cpu",
+    *"--layers 1 --heads 2 --d-model 16 --d-hidden 16 --experts 4 --block-size 16 --batch-size 4 --steps 2 --no-progress --device cpu".split()
 ]
 
 
@@ -62,18 +44,7 @@ def refused(argv: list[str], capsys, run=main) -> str:
         ),
         (["--router", "gw"], GWBroadcast()),
         (
-            [
-                "--router",
-                "gw",
-                "--k",
-                "1",
-                "--gw-threshold",
-                "1.6",
-                "--gw-measure",
-                "entropy",
-                "--gw-max-slots",
-                "3",
-            ],
+            [*"--router gw --k 1 --gw-threshold 1.6 --gw-measure entropy --gw-max-slots 3".split()],
             GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy", max_slots=3),
         ),
     ],

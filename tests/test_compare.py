@@ -13,8 +13,18 @@ from minimoe.layer import moe_layers
 from minimoe.routing import GWBroadcast
 from minimoe.train import TrainConfig, train
 
-TINY = dict(n_layers=1, d_model=16, d_hidden=16, num_experts=4, block_size=8, batch_size=4,
-            steps=6, finetune_steps=2, eval_every=3, eval_windows=8)
+TINY = dict(
+    n_layers=1,
+    d_model=16,
+    d_hidden=16,
+    num_experts=4,
+    block_size=8,
+    batch_size=4,
+    steps=6,
+    finetune_steps=2,
+    eval_every=3,
+    eval_windows=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,10 @@ def test_a_forked_stream_repeats_the_batches_of_the_one_that_goes_on(corpus):
     stream(None)
     twin = stream.fork()
     for _ in range(3):
-        a, b = stream(torch.Generator()), twin(torch.Generator().manual_seed(5))  # trainer's ignored
+        a, b = (
+            stream(torch.Generator()),
+            twin(torch.Generator().manual_seed(5)),
+        )  # trainer's ignored
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -77,14 +90,21 @@ def test_fine_tuning_starts_from_top2_at_the_right_step_on_its_batches(corpus, s
     snapshot, stream = top2.record.snapshot
     # the snapshot is top-2 trained for steps - finetune_steps, exactly
     short = cx.build_model(setup, **cx.ROUTERS["top-2"])
-    train(short, cx.BatchStream(corpus, setup),
-          TrainConfig(steps=setup.steps - setup.finetune_steps, lr=setup.lr, seed=setup.seed, progress=False))
+    train(
+        short,
+        cx.BatchStream(corpus, setup),
+        TrainConfig(
+            steps=setup.steps - setup.finetune_steps, lr=setup.lr, seed=setup.seed, progress=False
+        ),
+    )
     assert all(torch.equal(a, b) for a, b in zip(snapshot.parameters(), short.parameters()))
     gw = cx.finetune_top2(setup, top2, "top-2 + GW", batches)
     router = gw.model.config.moe.router
     assert isinstance(router, GWBroadcast) and router.threshold == setup.gw_threshold
     assert gw.model.config.moe.z_coef == 0
-    assert not any(p.requires_grad for p in moe_layers(gw.model)[0].gate.parameters())  # frozen router
+    assert not any(
+        p.requires_grad for p in moe_layers(gw.model)[0].gate.parameters()
+    )  # frozen router
     assert gw.curve["steps"][-1] == setup.steps and len(gw.record.steps) == setup.finetune_steps
     assert seed_result["curves"]["top-2 + GW"]["steps"][0] > setup.steps - setup.finetune_steps
 
@@ -104,12 +124,18 @@ def test_rows_and_summary(seed_result):
     rows = {r["run"]: r for r in seed_result["rows"]}
     assert list(rows) == ["top-2", *[n for n in cx.ROUTERS if n != "top-2"], *cx.FINETUNED]
     ref = rows["top-2"]
-    assert ref["loss_vs_top2"] == 0 and ref["flops_ratio"] == ref["train_step_ratio"] == ref["inference_ratio"] == 1
+    assert (
+        ref["loss_vs_top2"] == 0
+        and ref["flops_ratio"] == ref["train_step_ratio"] == ref["inference_ratio"] == 1
+    )
     assert rows["top-1"]["experts_per_token"] == 1.0
     assert all(rows[n]["dropped_pairs"] == 0 for n in rows if "dropless" in n)
     for r in rows.values():
         assert r["loss_vs_top2"] == pytest.approx(r["loss"] - ref["loss"], abs=1e-4)
-    twice = [seed_result, {**seed_result, "rows": [r | {"loss": r["loss"] + 0.1} for r in seed_result["rows"]]}]
+    twice = [
+        seed_result,
+        {**seed_result, "rows": [r | {"loss": r["loss"] + 0.1} for r in seed_result["rows"]]},
+    ]
     summary = {r["run"]: r for r in cx.summarize(twice)}
     assert summary["top-1"]["loss"] == pytest.approx(rows["top-1"]["loss"] + 0.05, abs=1e-4)
     assert summary["top-1"]["loss_std"] == pytest.approx(0.1 / math.sqrt(2), abs=1e-4)
@@ -125,8 +151,25 @@ def test_plot_marks_the_front(seed_result):
 
 def test_command_writes_table_and_plot(tmp_path, capsys):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    cli(["compare", *flags, "--seeds", "0", "1", "--runs", "top-2", "top-p", "--timing-repeats", "1",
-         "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    cli(
+        [
+            "compare",
+            *flags,
+            "--seeds",
+            "0",
+            "1",
+            "--runs",
+            "top-2",
+            "top-p",
+            "--timing-repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "results.json").read_text())
     assert [s["setup"]["seed"] for s in result["per_seed"]] == [0, 1]
     assert [r["run"] for r in result["summary"]] == ["top-2", "top-p"]

@@ -44,7 +44,9 @@ def test_notebook_promises(path: Path):
 def test_the_library_knows_nothing_of_the_course():
     for path in (ROOT / "minimoe").rglob("*.py"):
         text = path.read_text()
-        assert not re.search(r"^\s*(from|import) course\b", text, re.M), f"{path.name} imports the course"
+        assert not re.search(r"^\s*(from|import) course\b", text, re.M), (
+            f"{path.name} imports the course"
+        )
         assert "__file__" not in text, f"{path.name} reads a path of the repository"
 
 
@@ -53,15 +55,20 @@ def test_a_missing_cached_result_says_where_to_get_it(monkeypatch, tmp_path):
 
     assert common.cached("topp/results.json") == ROOT / "data" / "topp" / "results.json"
     monkeypatch.setattr(common, "DATA", tmp_path)  # an installed course, without the repository
-    with pytest.raises(FileNotFoundError, match="clone the repository.*regenerates topp/results.json"):
+    with pytest.raises(
+        FileNotFoundError, match="clone the repository.*regenerates topp/results.json"
+    ):
         topp.load_results()
 
 
 def test_seed_means_by_hand():
     from course.common import seed_means
 
-    rows = [{"run": "a", "seed": 0, "loss": 1.0, "steps": None}, {"run": "b", "seed": 0, "loss": 5.0, "steps": 3},
-            {"run": "a", "seed": 1, "loss": 2.0, "steps": 4}]
+    rows = [
+        {"run": "a", "seed": 0, "loss": 1.0, "steps": None},
+        {"run": "b", "seed": 0, "loss": 5.0, "steps": 3},
+        {"run": "a", "seed": 1, "loss": 2.0, "steps": 4},
+    ]
     assert seed_means(rows, "run", std=["loss"]) == [
         {"run": "a", "seeds": 2, "loss": 1.5, "steps": None, "loss_std": pytest.approx(0.5**0.5)},
         {"run": "b", "seeds": 1, "loss": 5.0, "steps": 3, "loss_std": 0.0},

@@ -54,7 +54,9 @@ def test_order_rejects_bad_shapes(bad):
 def tiny_model(threshold=0.1, seed=0):
     torch.manual_seed(seed)
     moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, router=Adaptive(threshold=threshold))
-    return TinyTransformer(ModelConfig(vocab_size=len(VOCAB), block_size=seq_len(3), n_layers=2, n_heads=2, moe=moe))
+    return TinyTransformer(
+        ModelConfig(vocab_size=len(VOCAB), block_size=seq_len(3), n_layers=2, n_heads=2, moe=moe)
+    )
 
 
 DATA = make_multitask(24, max_len=3, seed=0)
@@ -120,7 +122,9 @@ def test_curriculum_epoch_follows_the_order_and_is_recomputed():
     assert torch.equal(sampler.order, expected)
     assert torch.equal(torch.cat([b["idx"] for b in batches]), DATA.inputs[expected])
     assert torch.equal(batches[0]["targets"], DATA.targets[expected[:8]])
-    set_router(model, Adaptive(threshold=0.2))  # the model changes: the next epoch's order follows it
+    set_router(
+        model, Adaptive(threshold=0.2)
+    )  # the model changes: the next epoch's order follows it
     sampler(g)
     assert sampler.epochs == 2 and len(sampler.mean_shares) == 2 and sampler.ranking_seconds > 0
     assert torch.equal(sampler.order, curriculum_order(two_expert_share(model, DATA.inputs, valid)))

@@ -135,7 +135,9 @@ def test_combine_paths_match_each_other_and_dense_oracle(kind, activation):
     oracle_out, oracle_grads = outputs_and_grads(dense_oracle, x, weights, mask, experts)
     torch.testing.assert_close(sorted_out, loop_out)
     torch.testing.assert_close(sorted_out, oracle_out)
-    for name, s, loop, oracle in zip(["x", "weights", "gate_up", "down"], sorted_grads, loop_grads, oracle_grads):
+    for name, s, loop, oracle in zip(
+        ["x", "weights", "gate_up", "down"], sorted_grads, loop_grads, oracle_grads
+    ):
         torch.testing.assert_close(s, loop, msg=lambda m, name=name: f"grad {name}: {m}")
         torch.testing.assert_close(s, oracle, msg=lambda m, name=name: f"grad {name}: {m}")
     assert (sorted_out.abs().sum(dim=1) > 0).equal(mask.any(dim=1))  # unrouted tokens give 0
@@ -152,7 +154,13 @@ def test_combine_with_empty_mask_is_zero(path):
 def test_combine_unknown_path_raises():
     experts = Experts(num_experts=E, d_model=D, d_hidden=5)
     with pytest.raises(ValueError, match="'gather'"):
-        combine(torch.randn(T, D), torch.zeros(T, E), torch.zeros(T, E, dtype=torch.bool), experts, path="gather")
+        combine(
+            torch.randn(T, D),
+            torch.zeros(T, E),
+            torch.zeros(T, E, dtype=torch.bool),
+            experts,
+            path="gather",
+        )
 
 
 @pytest.mark.gpu
@@ -176,8 +184,11 @@ def _grouped_mm_runs_on_cpu() -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     try:
-        F.grouped_mm(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(1, 8, 8, dtype=torch.bfloat16),
-                     offs=torch.tensor([2], dtype=torch.int32))
+        F.grouped_mm(
+            torch.ones(2, 8, dtype=torch.bfloat16),
+            torch.ones(1, 8, 8, dtype=torch.bfloat16),
+            offs=torch.tensor([2], dtype=torch.int32),
+        )
     except (RuntimeError, NotImplementedError):
         return False
     return True
@@ -208,7 +219,9 @@ def test_grouped_mm_formulation_matches_the_per_expert_path_with_gradients():
     assert grads[0].dtype == torch.bfloat16, "x's gradient has x's dtype"
     assert grads[1].dtype == grads[2].dtype == torch.float32, "weight gradients stay float32"
     for name, g, r in zip(["x", "gate_up", "down"], grads, ref_grads):
-        torch.testing.assert_close(g.float(), r, atol=0.1, rtol=5e-2, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            g.float(), r, atol=0.1, rtol=5e-2, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
     assert grads[1][1].abs().sum() == 0 and grads[2][1].abs().sum() == 0, "expert 1 had no rows"
 
 

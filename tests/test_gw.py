@@ -98,8 +98,14 @@ def test_broadcast_layer_output_is_the_dense_mixture_for_uncertain_tokens():
 
 def tiny_model():
     torch.manual_seed(0)
-    return TinyTransformer(ModelConfig(n_layers=2, n_heads=2, block_size=16,
-                                       moe=MoEConfig(d_model=16, d_hidden=16, num_experts=4)))
+    return TinyTransformer(
+        ModelConfig(
+            n_layers=2,
+            n_heads=2,
+            block_size=16,
+            moe=MoEConfig(d_model=16, d_hidden=16, num_experts=4),
+        )
+    )
 
 
 def test_recipe_sets_every_layer_and_turns_z_loss_off():
@@ -119,8 +125,14 @@ def test_frozen_router_does_not_move_and_broadcast_is_reported():
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 256, (4, 16), generator=g)
     seen = []
-    train(model, lambda g: {"idx": idx, "targets": idx}, TrainConfig(steps=3, freeze_router=True, progress=False),
-          callback=lambda step, m, out: seen.append([layer.stats.broadcast_ratio.item() for layer in out.layers]))
+    train(
+        model,
+        lambda g: {"idx": idx, "targets": idx},
+        TrainConfig(steps=3, freeze_router=True, progress=False),
+        callback=lambda step, m, out: seen.append(
+            [layer.stats.broadcast_ratio.item() for layer in out.layers]
+        ),
+    )
     assert all(torch.equal(b, m.gate.weight) for b, m in zip(before, moe_layers(model)))
     assert seen == [[1.0, 1.0]] * 3
 
@@ -140,20 +152,34 @@ def test_split_plays_holds_out_one_whole_play():
 def test_compare_runs_every_recipe_and_inference_cost_is_equal():
     model = tiny_model()
     _, corpus = gwx.corpora()
-    rows = gwx.compare(model, corpus, seeds=[0, 1], threshold=0.5, max_windows=4,
-                       steps=2, batch_size=2, block_size=16)
+    rows = gwx.compare(
+        model,
+        corpus,
+        seeds=[0, 1],
+        threshold=0.5,
+        max_windows=4,
+        steps=2,
+        batch_size=2,
+        block_size=16,
+    )
     assert [(r["run"], r["seed"]) for r in rows] == [("pretrained", -1)] + [
-        (n, s) for s in (0, 1) for n in ("plain", "gw_uncertain", "gw_all")]
+        (n, s) for s in (0, 1) for n in ("plain", "gw_uncertain", "gw_all")
+    ]
     summary = gwx.summarize(rows)
     assert set(summary) == {"pretrained", "plain", "gw_uncertain", "gw_all"}
     assert all(0 <= r["acc_uncertain"] <= 1 and r["loss_all"] > 0 for r in rows)
     assert len({r["eval_flops_per_token"] for r in rows}) == 1  # every run: top-2 at evaluation
     assert gwx.paired_gain(rows, "gw_all").shape == (2,)
-    assert [r["broadcast_ratio"] for r in rows[1:4]][::2] == [[0.0, 0.0], [1.0, 1.0]]  # plain, gw_all
+    assert [r["broadcast_ratio"] for r in rows[1:4]][::2] == [
+        [0.0, 0.0],
+        [1.0, 1.0],
+    ]  # plain, gw_all
     assert all(0 <= b <= 1 for b in rows[2]["broadcast_ratio"])
     assert all(r["uncertain_ratio"] == r["broadcast_ratio"] for r in rows[1:])  # no slot cap
-    tuned = {n: gwx.finetune(model, rec, corpus, steps=1, batch_size=2, block_size=16)[0]
-             for n, rec in gwx.recipes(0.5).items()}
+    tuned = {
+        n: gwx.finetune(model, rec, corpus, steps=1, batch_size=2, block_size=16)[0]
+        for n, rec in gwx.recipes(0.5).items()
+    }
     cost = gwx.inference_cost(tuned, gwx.eval_batch(corpus, 16, max_windows=2), repeats=1)
     flops = {c["flops_per_token"] for c in cost.values()}
     assert len(flops) == 1  # top-2 at evaluation whatever the fine-tuning did
@@ -166,16 +192,42 @@ def test_command_writes_table_and_plot(tmp_path):
     save_checkpoint(tiny_model(), ckpt)
     parser = argparse.ArgumentParser()
     gwx.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["gw", "--checkpoint", str(ckpt), "--seeds", "1", "--steps", "1",
-                              "--batch-size", "2", "--block-size", "16", "--out", str(tmp_path),
-                              "--no-progress", "--device", "cpu", "--train-router", "--z-loss"])
+    args = parser.parse_args(
+        [
+            "gw",
+            "--checkpoint",
+            str(ckpt),
+            "--seeds",
+            "1",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--block-size",
+            "16",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--train-router",
+            "--z-loss",
+        ]
+    )
     rows = args.func(args)
     assert len(rows) == 4
-    assert {p.name for p in tmp_path.iterdir()} >= {"results.json", "results.csv", "summary.json", "gw_metrics.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "results.json",
+        "results.csv",
+        "summary.json",
+        "gw_metrics.png",
+    }
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][1]["run"] == "plain" and saved["config"]["steps"] == 1
     assert saved["config"]["train_router"] and saved["config"]["z_loss"]
-    assert gwx.recipes(0.5, freeze_router=False, z_loss=True)["gw_all"] == GWFineTuning(0.0, freeze_router=False, z_loss=True)
+    assert gwx.recipes(0.5, freeze_router=False, z_loss=True)["gw_all"] == GWFineTuning(
+        0.0, freeze_router=False, z_loss=True
+    )
 
 
 def test_inference_cost_refuses_an_unknown_reference():

@@ -19,7 +19,10 @@ def block():
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     config = transformers.MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_local_experts=8,
+        num_experts_per_tok=2,
         experts_implementation="eager",
     )
     block = MixtralSparseMoeBlock(config)  # parameters hold uninitialised memory
@@ -68,13 +71,21 @@ def test_gradients_agree(block):
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("change", [
-    {"router": TopP()}, {"router": TopK(renormalize=False)}, {"activation": "gelu"},
-    {"capacity_factor": 1.25}, {"router": GWBroadcast(TopK(), threshold=0.5)},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"router": TopP()},
+        {"router": TopK(renormalize=False)},
+        {"activation": "gelu"},
+        {"capacity_factor": 1.25},
+        {"router": GWBroadcast(TopK(), threshold=0.5)},
+    ],
+)
 def test_inexpressible_moe_raises(change):
     name = next(iter(change))
-    with pytest.raises(ValueError, match=name):  # router=... or activation=... or capacity_factor=...
+    with pytest.raises(
+        ValueError, match=name
+    ):  # router=... or activation=... or capacity_factor=...
         interop.to_mixtral(MoE(MoEConfig(d_model=8, d_hidden=16, num_experts=4, **change)))
 
 

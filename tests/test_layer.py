@@ -131,7 +131,9 @@ def test_layer_aux_loss_by_hand(overrides, balance, beta):
 def test_layer_dynamic_loss_is_mean_entropy():
     moe, x = layer(), tokens(10)
     p = router_probs(moe, x)
-    assert moe(x).losses["dynamic"].item() == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-5)
+    assert moe(x).losses["dynamic"].item() == pytest.approx(
+        -(p * p.log()).sum(1).mean().item(), rel=1e-5
+    )
 
 
 def test_aux_loss_reaches_the_router():
@@ -204,7 +206,9 @@ def test_layer_output_is_the_dense_mixture_of_top_k(k, renormalize):
     p = router_probs(moe, x)
     top = p.topk(k, dim=1)
     g = top.values / top.values.sum(1, keepdim=True) if renormalize else top.values  # Switch: P_max
-    torch.testing.assert_close(moe(x).output, mixture(moe, x, torch.zeros_like(p).scatter(1, top.indices, g)))
+    torch.testing.assert_close(
+        moe(x).output, mixture(moe, x, torch.zeros_like(p).scatter(1, top.indices, g))
+    )
 
 
 # ---- GW broadcast in the layer ---------------------------------------------------------
@@ -317,7 +321,9 @@ def test_cuda_autocast_runs_the_experts_as_grouped_gemms(monkeypatch):
         pytest.skip("this torch has no F.grouped_mm")
     calls = []
     original = Experts._grouped_mm
-    monkeypatch.setattr(Experts, "_grouped_mm", lambda self, x, counts: calls.append(1) or original(self, x, counts))
+    monkeypatch.setattr(
+        Experts, "_grouped_mm", lambda self, x, counts: calls.append(1) or original(self, x, counts)
+    )
     moe = layer(d_model=64, d_hidden=128)  # sizes divisible by 8: the kernel's alignment
     x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(1))
     expected = moe(x).output

@@ -23,7 +23,9 @@ matplotlib.use("Agg")
 
 def _tiny(**moe) -> TinyTransformer:
     torch.manual_seed(0)
-    return TinyTransformer(ModelConfig(block_size=32, moe=MoEConfig(d_model=32, d_hidden=32, num_experts=4, **moe)))
+    return TinyTransformer(
+        ModelConfig(block_size=32, moe=MoEConfig(d_model=32, d_hidden=32, num_experts=4, **moe))
+    )
 
 
 def test_model_trains_loss_falls(corpus):
@@ -34,12 +36,21 @@ def test_model_trains_loss_falls(corpus):
 
 
 def test_same_seed_same_numbers(corpus):
-    runs = [train(_tiny(), lm_batches(corpus, 4, 32), TrainConfig(steps=5, progress=False)).loss for _ in range(2)]
+    runs = [
+        train(_tiny(), lm_batches(corpus, 4, 32), TrainConfig(steps=5, progress=False)).loss
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
 def test_shapes_heads_and_every_other_layer():
-    cfg = ModelConfig(n_layers=4, moe_every=2, num_classes=3, block_size=16, moe=MoEConfig(d_model=32, d_hidden=32))
+    cfg = ModelConfig(
+        n_layers=4,
+        moe_every=2,
+        num_classes=3,
+        block_size=16,
+        moe=MoEConfig(d_model=32, d_hidden=32),
+    )
     model = TinyTransformer(cfg)
     assert len(moe_layers(model)) == 2
     idx = torch.randint(0, 256, (2, 16))
@@ -88,7 +99,11 @@ def test_toy_regressor_learns_and_freeze_router():
     task = make_toy_task(1024, seed=0)
     model = MoERegressor(16, 8, MoEConfig(d_model=16, d_hidden=32, num_experts=4))
     gate_before = model.moe.gate.weight.clone()
-    hist = train(model, toy_batches(task, 64), TrainConfig(steps=30, lr=1e-2, freeze_router=True, progress=False))
+    hist = train(
+        model,
+        toy_batches(task, 64),
+        TrainConfig(steps=30, lr=1e-2, freeze_router=True, progress=False),
+    )
     assert torch.equal(model.moe.gate.weight, gate_before)  # router frozen
     assert sum(hist.loss[-5:]) / 5 < hist.loss[0]
 
@@ -125,8 +140,12 @@ def test_plots_and_widget_build():
 
 
 def test_cli_train_writes_summary(tmp_path, capsys):
-    cli(["train", "--steps", "3", "--batch-size", "4", "--block-size", "16", "--d-model", "32",
-         "--experts", "4", "--capacity-factor", "1.0", "--no-progress", "--out", str(tmp_path)])
+    cli(
+        [
+            *"train --steps 3 --batch-size 4 --block-size 16 --d-model 32 --experts 4 --capacity-factor 1.0 --no-progress --out".split(),
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "experts/token" in printed and "dropped" in printed
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -144,8 +163,12 @@ def test_bfloat16_autocast_trains_on_cpu_with_a_float32_router(corpus):
     def callback(step, model, out):
         seen.append({m.routing.logits.dtype for m in out.layers})
 
-    hist = train(model, lm_batches(corpus, 8, 32),
-                 TrainConfig(steps=40, lr=1e-2, autocast="bfloat16", progress=False), callback=callback)
+    hist = train(
+        model,
+        lm_batches(corpus, 8, 32),
+        TrainConfig(steps=40, lr=1e-2, autocast="bfloat16", progress=False),
+        callback=callback,
+    )
     assert seen[0] == {torch.float32}, "router logits must stay float32 under autocast"
     assert all(p.dtype == torch.float32 for p in model.parameters()), "weights stay float32"
     assert sum(hist.loss[-5:]) / 5 < hist.loss[0] - 1.0
@@ -158,28 +181,41 @@ def test_unknown_autocast_dtype_is_refused(value):
 
 
 def test_cli_train_with_bfloat16_autocast(tmp_path, capsys):
-    cli(["train", "--steps", "3", "--batch-size", "4", "--block-size", "16", "--d-model", "32",
-         "--experts", "4", "--autocast", "bfloat16", "--no-progress", "--out", str(tmp_path)])
+    cli(
+        [
+            *"train --steps 3 --batch-size 4 --block-size 16 --d-model 32 --experts 4 --autocast bfloat16 --no-progress --out".split(),
+            str(tmp_path),
+        ]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["autocast"] == "bfloat16" and np.isfinite(summary["val_loss"])
 
 
 def test_cli_refuses_float16_with_expert_parallel():
     with pytest.raises(ValueError, match="float16"):
-        cli(["train", "--steps", "1", "--expert-parallel", "--autocast", "float16", "--no-progress"])
+        cli(
+            ["train", "--steps", "1", "--expert-parallel", "--autocast", "float16", "--no-progress"]
+        )
 
 
 def test_float16_autocast_needs_cuda(corpus):
     with pytest.raises(ValueError, match="float16.*cpu"):
-        train(_tiny(), lm_batches(corpus, 4, 32), TrainConfig(steps=1, autocast="float16", progress=False))
+        train(
+            _tiny(),
+            lm_batches(corpus, 4, 32),
+            TrainConfig(steps=1, autocast="float16", progress=False),
+        )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_autocast_trains_on_cuda(corpus, dtype):
     model = _tiny().to("cuda")
-    hist = train(model, lm_batches(corpus, 8, 32),
-                 TrainConfig(steps=40, lr=1e-2, autocast=dtype, progress=False))
+    hist = train(
+        model,
+        lm_batches(corpus, 8, 32),
+        TrainConfig(steps=40, lr=1e-2, autocast=dtype, progress=False),
+    )
     assert sum(hist.loss[-5:]) / 5 < hist.loss[0] - 1.0
 
 
@@ -189,7 +225,9 @@ def test_paired_timing_ratio_is_the_median_of_per_round_ratios():
     t = Timings({"a": [2.0, 4.0, 30.0], "b": [1.0, 1.0, 10.0]})
     assert t["a"] == 4.0 and t.ratio("a", "b") == 3.0  # per round 2, 4, 3; medians would say 4
     calls = []
-    timed = interleaved({"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=1)
+    timed = interleaved(
+        {"x": lambda: calls.append("x"), "y": lambda: calls.append("y")}, repeats=3, warmup=1
+    )
     assert calls == ["x", "y", "y", "x", "x", "y", "y", "x"]  # alternating order, warm-up untimed
     assert all(len(v) == 3 for v in timed.rounds.values())
     with pytest.raises(ValueError, match="'z'"):
@@ -345,20 +383,32 @@ def test_checkpoint_without_checksum_still_loads(tmp_path):
         assert torch.equal(load_checkpoint(tmp_path / "old.pt")(x).logits, model(x).logits)
 
 
-@pytest.mark.parametrize("idx, error, text", [
-    (torch.full((2, 4), 256), ValueError, "token id 256 is outside the vocabulary [0, 256)"),
-    (torch.full((2, 4), -1), ValueError, "token id -1"),
-    (torch.zeros(0, 4, dtype=torch.long), ValueError, "empty batch"),
-    (torch.zeros(2, 4), TypeError, "integer token ids"),
-])
+@pytest.mark.parametrize(
+    "idx, error, text",
+    [
+        (torch.full((2, 4), 256), ValueError, "token id 256 is outside the vocabulary [0, 256)"),
+        (torch.full((2, 4), -1), ValueError, "token id -1"),
+        (torch.zeros(0, 4, dtype=torch.long), ValueError, "empty batch"),
+        (torch.zeros(2, 4), TypeError, "integer token ids"),
+    ],
+)
 def test_transformer_refuses_bad_token_ids(idx, error, text):
     with pytest.raises(error, match=re.escape(text)):
         _tiny()(idx)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("n_layers", 0), ("n_heads", 2.0), ("dropout", 1.5), ("num_classes", -1), ("moe", {"router": "bogus"}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n_layers", 0),
+        ("n_heads", 2.0),
+        ("dropout", 1.5),
+        ("num_classes", -1),
+        ("moe", {"router": "bogus"}),
+    ],
+)
 def test_model_config_refuses_bad_values(field, value):
-    with pytest.raises((ValueError, TypeError), match=re.escape(field) if field != "moe" else "bogus"):
+    with pytest.raises(
+        (ValueError, TypeError), match=re.escape(field) if field != "moe" else "bogus"
+    ):
         ModelConfig(**{field: value})

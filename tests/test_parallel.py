@@ -43,9 +43,9 @@ CASES = {
     "capacity_per_rank": ({"capacity_factor": 1.0}, {"per_shard": True}),
     "noisy_top_k_train": ({"router": NoisyTopK()}, {"per_shard": True}),
 }
-TRAIN_ARGS = ["--steps", "5", "--batch-size", "4", "--block-size", "16", "--layers", "1",
-              "--heads", "2", "--d-model", "32", "--d-hidden", "32", "--experts", "4",
-              "--balance-coef", "0", "--no-progress", "--device", "cpu"]
+TRAIN_ARGS = [
+    *"--steps 5 --batch-size 4 --block-size 16 --layers 1 --heads 2 --d-model 32 --d-hidden 32 --experts 4 --balance-coef 0 --no-progress --device cpu".split()
+]
 
 
 def _max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -54,8 +54,13 @@ def _max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return (a - b).abs().max().item()
 
 
-def _compare(overrides: dict, train: bool = True, zero_gate: bool = False, input_grad: bool = True,
-             per_shard: bool = False) -> dict[str, float]:
+def _compare(
+    overrides: dict,
+    train: bool = True,
+    zero_gate: bool = False,
+    input_grad: bool = True,
+    per_shard: bool = False,
+) -> dict[str, float]:
     """Max |difference| between this rank's expert-parallel layer and the single-process layer."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -91,11 +96,15 @@ def _compare(overrides: dict, train: bool = True, zero_gate: bool = False, input
         "gate_up_grad": _max_diff(ep.experts.local.gate_up.grad, ref_grads[0][experts]),
         "down_grad": _max_diff(ep.experts.local.down.grad, ref_grads[1][experts]),
         "router_grad": _max_diff(summed[0], ref_grads[2]),
-        "tokens_per_expert": _max_diff(summed[1], ref_summed[-1] if per_shard else ref.stats.tokens_per_expert),
+        "tokens_per_expert": _max_diff(
+            summed[1], ref_summed[-1] if per_shard else ref.stats.tokens_per_expert
+        ),
         "pairs_sent": abs(sum(sent) - (out.routing.mask.sum() - out.stats.dropped_pairs).item()),
     }
     if overrides.get("capacity_factor") is None:  # dropless: the routing mask is what travels
-        diffs["exchange_vs_mask"] = _max_diff(torch.tensor(sent), pairs_to_ranks(out.routing.mask, world))
+        diffs["exchange_vs_mask"] = _max_diff(
+            torch.tensor(sent), pairs_to_ranks(out.routing.mask, world)
+        )
     if input_grad:
         diffs["input_grad"] = _max_diff(x_ep.grad, x_ref.grad[mine])
     if per_shard:
@@ -139,7 +148,9 @@ def _all_checks(out_dir: str) -> dict:
     results = {name: _compare(overrides, **how) for name, (overrides, how) in CASES.items()}
     results["stateful"] = _stateful_check()
     results["errors"] = {
-        "indivisible": _error(lambda: ExpertParallelMoE(MoEConfig(num_experts=3, router=TopK(k=2)))),
+        "indivisible": _error(
+            lambda: ExpertParallelMoE(MoEConfig(num_experts=3, router=TopK(k=2)))
+        ),
         "mismatch": _error(lambda: ExpertParallelMoE(MoEConfig(router=TopP(p=0.3 + 0.1 * rank)))),
         "batch": _error(lambda: shard_batch({"idx": torch.zeros(3, 4)})),
     }
@@ -191,11 +202,16 @@ def test_training_matches_single_process(two_ranks, tmp_path):
     assert max(ep["expert_parallel"]["max_abs_diff_vs_single_process"].values()) <= ATOL
     assert math.isclose(ep["train_loss"], single["train_loss"], abs_tol=1e-5)
     assert math.isclose(ep["val_loss"], single["val_loss"], abs_tol=1e-5)
-    ep_model, single_model = load_checkpoint(ep_out / "model.pt"), load_checkpoint(tmp_path / "model.pt")
+    ep_model, single_model = (
+        load_checkpoint(ep_out / "model.pt"),
+        load_checkpoint(tmp_path / "model.pt"),
+    )
     for (name, p), q in zip(ep_model.named_parameters(), single_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
     traffic = ep["expert_parallel"]
-    assert all(b > 0 for b in traffic["bytes_sent_per_step"]) and len(traffic["pairs_per_step"]) == 2
+    assert (
+        all(b > 0 for b in traffic["bytes_sent_per_step"]) and len(traffic["pairs_per_step"]) == 2
+    )
 
 
 def test_not_initialised_is_a_clear_error():
@@ -221,6 +237,7 @@ def test_exchange_bytes():
 def _sleep_on_rank_1() -> None:
     if dist.get_rank() == 1:
         import time
+
         time.sleep(120)
     dist.barrier()
 

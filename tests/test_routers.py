@@ -17,9 +17,15 @@ from minimoe.model import ModelConfig, MoERegressor, TinyTransformer, set_router
 from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, Routing, TopK, TopP
 from minimoe.train import TrainConfig, train
 
-SPECS = [TopK(), TopK(k=1, renormalize=False), NoisyTopK(), TopP(p=0.3, rule="code"), Adaptive(gap="normalized"),
-         GWBroadcast(TopP(), threshold=0.5, max_slots=3),
-         GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy")]
+SPECS = [
+    TopK(),
+    TopK(k=1, renormalize=False),
+    NoisyTopK(),
+    TopP(p=0.3, rule="code"),
+    Adaptive(gap="normalized"),
+    GWBroadcast(TopP(), threshold=0.5, max_slots=3),
+    GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy"),
+]
 
 
 def logits(T=32, E=8, seed=0, scale=2.0):
@@ -29,40 +35,46 @@ def logits(T=32, E=8, seed=0, scale=2.0):
 # ---- each spec checks its own fields ----------------------------------------------------
 
 
-@pytest.mark.parametrize("make, text", [
-    (lambda: TopK(k=2.5), "k=2.5"),
-    (lambda: TopK(k=0), "k=0"),
-    (lambda: TopK(k=True), "k=True"),
-    (lambda: TopK(renormalize="no"), "renormalize='no'"),
-    (lambda: NoisyTopK(k=-1), "k=-1"),
-    (lambda: TopP(p=1.5), "p=1.5"),
-    (lambda: TopP(p=0), "p=0"),
-    (lambda: TopP(p=float("nan")), "p=nan"),
-    (lambda: TopP(p="0.4"), "p='0.4'"),
-    (lambda: TopP(rule="strict"), "rule='strict'"),
-    (lambda: TopP(max_experts=0), "max_experts=0"),
-    (lambda: TopP(dynamic_coef=float("nan")), "dynamic_coef=nan"),
-    (lambda: TopP(balance_count="all"), "balance_count='all'"),
-    (lambda: Adaptive(threshold=-1), "threshold=-1"),
-    (lambda: Adaptive(threshold=1.5), "threshold=1.5"),
-    (lambda: Adaptive(gap="log"), "gap='log'"),
-    (lambda: GWBroadcast(TopK(), threshold=7.0), "threshold=7.0"),
-    (lambda: GWBroadcast(TopK(), max_slots=-1), "max_slots=-1"),
-    (lambda: GWBroadcast(TopK(), measure="variance"), "measure='variance'"),
-    (lambda: GWBroadcast(TopK, threshold=0.5), "base="),
-    (lambda: GWBroadcast(GWBroadcast(), threshold=0.5), "GWBroadcast"),
-])
+@pytest.mark.parametrize(
+    "make, text",
+    [
+        (lambda: TopK(k=2.5), "k=2.5"),
+        (lambda: TopK(k=0), "k=0"),
+        (lambda: TopK(k=True), "k=True"),
+        (lambda: TopK(renormalize="no"), "renormalize='no'"),
+        (lambda: NoisyTopK(k=-1), "k=-1"),
+        (lambda: TopP(p=1.5), "p=1.5"),
+        (lambda: TopP(p=0), "p=0"),
+        (lambda: TopP(p=float("nan")), "p=nan"),
+        (lambda: TopP(p="0.4"), "p='0.4'"),
+        (lambda: TopP(rule="strict"), "rule='strict'"),
+        (lambda: TopP(max_experts=0), "max_experts=0"),
+        (lambda: TopP(dynamic_coef=float("nan")), "dynamic_coef=nan"),
+        (lambda: TopP(balance_count="all"), "balance_count='all'"),
+        (lambda: Adaptive(threshold=-1), "threshold=-1"),
+        (lambda: Adaptive(threshold=1.5), "threshold=1.5"),
+        (lambda: Adaptive(gap="log"), "gap='log'"),
+        (lambda: GWBroadcast(TopK(), threshold=7.0), "threshold=7.0"),
+        (lambda: GWBroadcast(TopK(), max_slots=-1), "max_slots=-1"),
+        (lambda: GWBroadcast(TopK(), measure="variance"), "measure='variance'"),
+        (lambda: GWBroadcast(TopK, threshold=0.5), "base="),
+        (lambda: GWBroadcast(GWBroadcast(), threshold=0.5), "GWBroadcast"),
+    ],
+)
 def test_bad_spec_fields_raise_naming_field_and_value(make, text):
     with pytest.raises((ValueError, TypeError), match=re.escape(text)):
         make()
 
 
-@pytest.mark.parametrize("router, text", [
-    (TopK(k=9), "k=9"),
-    (NoisyTopK(k=9), "k=9"),
-    (GWBroadcast(TopK(), threshold=2.5, measure="entropy"), "threshold=2.5"),  # ln 8 = 2.08
-    (GWBroadcast(TopK(k=9), threshold=0.5), "k=9"),
-])
+@pytest.mark.parametrize(
+    "router, text",
+    [
+        (TopK(k=9), "k=9"),
+        (NoisyTopK(k=9), "k=9"),
+        (GWBroadcast(TopK(), threshold=2.5, measure="entropy"), "threshold=2.5"),  # ln 8 = 2.08
+        (GWBroadcast(TopK(k=9), threshold=0.5), "k=9"),
+    ],
+)
 def test_settings_that_do_not_fit_num_experts_are_refused_by_the_config(router, text):
     with pytest.raises(ValueError, match=re.escape(text)):
         MoEConfig(num_experts=8, router=router)
@@ -74,11 +86,20 @@ def test_config_refuses_what_is_not_a_router(bad):
         MoEConfig(router=bad)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("d_model", 0), ("num_experts", 2.0), ("balance_coef", float("nan")), ("z_coef", -1e-3),
-    ("dynamic_coef", -1.0), ("balance_count", "auto"), ("capacity_factor", float("inf")),
-    ("capacity_factor", float("nan")), ("dispatch", "scatter"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("d_model", 0),
+        ("num_experts", 2.0),
+        ("balance_coef", float("nan")),
+        ("z_coef", -1e-3),
+        ("dynamic_coef", -1.0),
+        ("balance_count", "auto"),
+        ("capacity_factor", float("inf")),
+        ("capacity_factor", float("nan")),
+        ("dispatch", "scatter"),
+    ],
+)
 def test_bad_config_fields_raise_naming_field_and_value(field, value):
     with pytest.raises((ValueError, TypeError), match=re.escape(f"{field}=")):
         MoEConfig(**{field: value})
@@ -98,39 +119,65 @@ def test_config_is_frozen_and_replace_checks_again():
 
 
 def same(a: Routing, b: Routing) -> bool:
-    return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) if getattr(a, f.name) is not None
-               else getattr(b, f.name) is None for f in dataclasses.fields(Routing))
+    return all(
+        torch.equal(getattr(a, f.name), getattr(b, f.name))
+        if getattr(a, f.name) is not None
+        else getattr(b, f.name) is None
+        for f in dataclasses.fields(Routing)
+    )
 
 
 def test_specs_call_the_pure_functions():
     lg = logits()
-    assert same(TopK(k=1, renormalize=False)(lg, training=True), routing.top_k(lg, 1, renormalize=False))
+    assert same(
+        TopK(k=1, renormalize=False)(lg, training=True), routing.top_k(lg, 1, renormalize=False)
+    )
     assert same(TopP(p=0.3, rule="code")(lg, training=False), routing.top_p(lg, 0.3, rule="code"))
-    assert same(Adaptive(0.2, "normalized")(lg, training=True), routing.adaptive(lg, 0.2, "normalized"))
+    assert same(
+        Adaptive(0.2, "normalized")(lg, training=True), routing.adaptive(lg, 0.2, "normalized")
+    )
     gw = GWBroadcast(TopK(k=1), threshold=0.5, max_slots=2)
-    assert same(gw(lg, training=True, seq_len=8),
-                routing.gw_broadcast(routing.top_k(lg, 1), 0.5, max_slots=2, seq_len=8))
+    assert same(
+        gw(lg, training=True, seq_len=8),
+        routing.gw_broadcast(routing.top_k(lg, 1), 0.5, max_slots=2, seq_len=8),
+    )
     assert same(gw(lg, training=False), routing.top_k(lg, 1))  # inference is the base router
     noise = torch.zeros_like(lg)
-    assert same(NoisyTopK(k=2)(torch.cat([lg, noise], 1), training=False),
-                routing.noisy_top_k(lg, noise, 2, training=False))
+    assert same(
+        NoisyTopK(k=2)(torch.cat([lg, noise], 1), training=False),
+        routing.noisy_top_k(lg, noise, 2, training=False),
+    )
 
 
 def test_specs_carry_their_papers_loss_recipe():
     assert (TopP().balance_count, TopP().dynamic_coef) == ("selected", 1e-4)
     assert (Adaptive().balance_count, Adaptive().dynamic_coef) == ("first", 0.0)
-    assert all(spec.paper_losses["z_coef"] == 0 for spec in (TopK(), TopP(), Adaptive(), GWBroadcast()))
+    assert all(
+        spec.paper_losses["z_coef"] == 0 for spec in (TopK(), TopP(), Adaptive(), GWBroadcast())
+    )
     assert GWBroadcast().paper_losses["balance_coef"] == 1e-3  # the released GW code's aux loss
     assert GWBroadcast(TopP()).balance_count == "selected"  # GW keeps its base router's counting
     paper = MoEConfig(router=TopP()).with_paper_losses()
-    assert (paper.balance_coef, paper.z_coef, paper.dynamic_beta, paper.balance_counts) == (1e-2, 0.0, 1e-4, "selected")
+    assert (paper.balance_coef, paper.z_coef, paper.dynamic_beta, paper.balance_counts) == (
+        1e-2,
+        0.0,
+        1e-4,
+        "selected",
+    )
     course = MoEConfig(router=TopP())  # the course's defaults keep the ST-MoE z-loss
     assert (course.z_coef, course.dynamic_beta) == (1e-3, 1e-4)
-    assert MoEConfig(router=TopP(), dynamic_coef=0.0, balance_count="first").balance_counts == "first"
+    assert (
+        MoEConfig(router=TopP(), dynamic_coef=0.0, balance_count="first").balance_counts == "first"
+    )
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 6), st.integers(1, 40), st.integers(0, 10_000), st.sampled_from(range(len(SPECS))))
+@given(
+    st.integers(1, 6),
+    st.integers(1, 40),
+    st.integers(0, 10_000),
+    st.sampled_from(range(len(SPECS))),
+)
 def test_every_spec_gives_a_valid_decision(E, T, seed, which):
     spec = SPECS[which]
     try:
@@ -154,7 +201,10 @@ def test_ties_go_to_the_lowest_index_everywhere():
     first = routing.first_choice(lg.softmax(-1))
     assert first.tolist() == [1, 0]
     for r in (routing.top_k(lg, 1), routing.adaptive(lg, 0.0), routing.top_p(lg, 0.01)):
-        assert r.mask.float().argmax(1).tolist() == first.tolist() and r.mask.sum(1).tolist() == [1, 1]
+        assert r.mask.float().argmax(1).tolist() == first.tolist() and r.mask.sum(1).tolist() == [
+            1,
+            1,
+        ]
     assert routing.top_k(lg, 2).mask[0].tolist() == [False, True, True, False]
     # the Switch balance loss counts the same first choices: expert 1 and expert 0 once each
     probs = lg.softmax(-1)
@@ -206,10 +256,17 @@ def test_a_router_defined_here_trains_in_moe_and_transformer():
     changed = (toy.moe.experts.gate_up.detach() - before).abs().sum(dim=(1, 2))
     assert changed[0] > 0 and (changed[1:] == 0).all()  # only the expert it routes to learns
 
-    lm = TinyTransformer(ModelConfig(vocab_size=16, block_size=8, moe=MoEConfig(d_model=16, d_hidden=16,
-                                                                                num_experts=4, router=FirstExpert())))
+    lm = TinyTransformer(
+        ModelConfig(
+            vocab_size=16,
+            block_size=8,
+            moe=MoEConfig(d_model=16, d_hidden=16, num_experts=4, router=FirstExpert()),
+        )
+    )
     idx = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(0))
-    history = train(lm, lambda g: {"idx": idx, "targets": idx}, TrainConfig(steps=20, lr=1e-2, progress=False))
+    history = train(
+        lm, lambda g: {"idx": idx, "targets": idx}, TrainConfig(steps=20, lr=1e-2, progress=False)
+    )
     assert history.loss[-1] < history.loss[0]
     assert all(m.routing.mask[:, 0].all() for m in lm(idx).layers)
 
@@ -243,7 +300,9 @@ class CountingTopK:
 
 def counting_model(seed=0):
     torch.manual_seed(seed)
-    return MoERegressor(8, 2, MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=CountingTopK()))
+    return MoERegressor(
+        8, 2, MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=CountingTopK())
+    )
 
 
 def batches(g):
@@ -260,8 +319,14 @@ def test_state_updates_once_per_step_after_the_optimizer_and_never_in_forward():
     model(x)  # a cell run twice
     assert layer.router_state.seen.sum() == 0
     per_step = []
-    train(model, batches, TrainConfig(steps=5, progress=False),
-          callback=lambda step, m, out: per_step.append(out.layers[0].stats.tokens_per_expert.clone()))
+    train(
+        model,
+        batches,
+        TrainConfig(steps=5, progress=False),
+        callback=lambda step, m, out: per_step.append(
+            out.layers[0].stats.tokens_per_expert.clone()
+        ),
+    )
     assert torch.equal(layer.router_state.seen, torch.stack(per_step).sum(0).float())
     assert layer.router_state.seen.sum() == 5 * 16
 
@@ -285,7 +350,9 @@ def test_set_router_swaps_configs_without_touching_shared_ones():
 def test_gw_capacity_counts_base_pairs_and_never_drops_broadcast_pairs():
     lg = logits(T=8, E=4, seed=3)
     base = routing.top_k(lg, 1)
-    gw = routing.gw_broadcast(base, threshold=0.0, max_slots=2, seq_len=8)  # first 2 tokens broadcast
+    gw = routing.gw_broadcast(
+        base, threshold=0.0, max_slots=2, seq_len=8
+    )  # first 2 tokens broadcast
     kept = kept_pairs(gw, capacity_factor=1.0)  # capacity ceil(8 / 4) = 2, not ceil(14 / 4) = 4
     bcast = gw.broadcast
     assert bcast.tolist() == [True, True] + [False] * 6
@@ -296,12 +363,20 @@ def test_gw_capacity_counts_base_pairs_and_never_drops_broadcast_pairs():
 
 
 def test_uncertain_ratio_is_before_the_slot_cap_and_broadcast_ratio_after():
-    moe = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4,
-                        router=GWBroadcast(TopK(), threshold=0.0, max_slots=1))).train()
+    moe = MoE(
+        MoEConfig(
+            d_model=4,
+            d_hidden=4,
+            num_experts=4,
+            router=GWBroadcast(TopK(), threshold=0.0, max_slots=1),
+        )
+    ).train()
     stats = moe(torch.randn(2, 5, 4)).stats
     assert stats.uncertain_ratio.item() == 1.0  # the released code's gw_ratio
     assert stats.broadcast_ratio.item() == pytest.approx(1 / 5)  # one slot per 5-token sequence
-    assert math.isclose(MoE(MoEConfig(d_model=4)).eval()(torch.randn(3, 4)).stats.uncertain_ratio.item(), 0)
+    assert math.isclose(
+        MoE(MoEConfig(d_model=4)).eval()(torch.randn(3, 4)).stats.uncertain_ratio.item(), 0
+    )
 
 
 # ---- second, independent checks of rules a single test used to pin ----------------------------
@@ -353,19 +428,25 @@ def test_noise_only_in_training_in_the_layer():
 # ---- bad input to the functions ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call, text", [
-    (lambda: routing.entropy(torch.randn(4, 8)), "must be probabilities"),  # logits by mistake
-    (lambda: routing.normalized_entropy(-torch.ones(2, 2)), "must be probabilities"),
-    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), float("nan")), "threshold=nan"),
-    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), -0.1), "threshold=-0.1"),
-    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), 1.5), "threshold=1.5"),
-    (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), 1.5, "entropy"), "threshold=1.5"),  # ln 4 = 1.39
-    (lambda: routing.gw_broadcast(routing.top_k(logits(), 2), 0.5, seq_len=0), "seq_len=0"),
-    (lambda: routing.gw_broadcast(routing.top_k(logits(), 2), 0.5, seq_len=5), "seq_len=5"),
-    (lambda: routing.top_k(logits(), 2, renormalize="no"), "renormalize='no'"),
-    (lambda: routing.adaptive(logits(), 0.1, renormalize=1), "renormalize=1"),
-    (lambda: routing.noisy_top_k(logits(), logits(), 2, training="yes"), "training='yes'"),
-])
+@pytest.mark.parametrize(
+    "call, text",
+    [
+        (lambda: routing.entropy(torch.randn(4, 8)), "must be probabilities"),  # logits by mistake
+        (lambda: routing.normalized_entropy(-torch.ones(2, 2)), "must be probabilities"),
+        (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), float("nan")), "threshold=nan"),
+        (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), -0.1), "threshold=-0.1"),
+        (lambda: routing.is_uncertain(torch.full((2, 4), 0.25), 1.5), "threshold=1.5"),
+        (
+            lambda: routing.is_uncertain(torch.full((2, 4), 0.25), 1.5, "entropy"),
+            "threshold=1.5",
+        ),  # ln 4 = 1.39
+        (lambda: routing.gw_broadcast(routing.top_k(logits(), 2), 0.5, seq_len=0), "seq_len=0"),
+        (lambda: routing.gw_broadcast(routing.top_k(logits(), 2), 0.5, seq_len=5), "seq_len=5"),
+        (lambda: routing.top_k(logits(), 2, renormalize="no"), "renormalize='no'"),
+        (lambda: routing.adaptive(logits(), 0.1, renormalize=1), "renormalize=1"),
+        (lambda: routing.noisy_top_k(logits(), logits(), 2, training="yes"), "training='yes'"),
+    ],
+)
 def test_bad_function_input_raises_naming_the_value(call, text):
     with pytest.raises((ValueError, TypeError), match=re.escape(text)):
         call()

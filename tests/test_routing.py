@@ -63,7 +63,9 @@ def test_top_k_hand_worked(k, renormalize):
         chosen = HAND_ORDER[t][:k]
         mass = sum(p[e] for e in chosen) if renormalize else 1.0
         assert r.mask[t].tolist() == [e in chosen for e in range(4)]
-        assert r.weights[t].tolist() == pytest.approx([p[e] / mass if e in chosen else 0.0 for e in range(4)], abs=1e-6)
+        assert r.weights[t].tolist() == pytest.approx(
+            [p[e] / mass if e in chosen else 0.0 for e in range(4)], abs=1e-6
+        )
         assert r.probs[t].tolist() == pytest.approx(p, abs=1e-6)
     assert masked_probs_ok(r)
 
@@ -141,13 +143,20 @@ DYADIC_ORDER = [1, 3, 2, 0]
 @pytest.mark.parametrize(
     "p, rule, kept",
     [
-        (0.5, "paper", 1), (0.5, "code", 2),  # tie: cumsum == p
-        (0.75, "paper", 2), (0.75, "code", 3),
-        (0.9375, "paper", 3), (0.9375, "code", 4),
-        (0.6, "paper", 2), (0.6, "code", 2),  # no tie: the rules agree
-        (0.2, "paper", 1), (0.2, "code", 1),
-        (1e-9, "paper", 1), (1e-9, "code", 1),  # at least one expert
-        (1.0, "paper", 4), (1.0, "code", 4),
+        (0.5, "paper", 1),
+        (0.5, "code", 2),  # tie: cumsum == p
+        (0.75, "paper", 2),
+        (0.75, "code", 3),
+        (0.9375, "paper", 3),
+        (0.9375, "code", 4),
+        (0.6, "paper", 2),
+        (0.6, "code", 2),  # no tie: the rules agree
+        (0.2, "paper", 1),
+        (0.2, "code", 1),
+        (1e-9, "paper", 1),
+        (1e-9, "code", 1),  # at least one expert
+        (1.0, "paper", 4),
+        (1.0, "code", 4),
     ],
 )
 def test_top_p_hand_worked(p, rule, kept):
@@ -403,7 +412,11 @@ def test_adaptive_properties(logits, threshold, renormalize):
         (lambda: adaptive(torch.zeros(2, 4), 0.1, gap="ratio"), ValueError, "'ratio'"),
         (lambda: gw_broadcast(top_k(torch.zeros(2, 8)), 1.2), ValueError, "1.2"),
         (lambda: gw_broadcast(top_k(torch.zeros(2, 8)), 3.0, measure="entropy"), ValueError, "3.0"),
-        (lambda: gw_broadcast(top_k(torch.zeros(2, 8)), 0.5, max_slots=-1), ValueError, "max_slots=-1"),
+        (
+            lambda: gw_broadcast(top_k(torch.zeros(2, 8)), 0.5, max_slots=-1),
+            ValueError,
+            "max_slots=-1",
+        ),
         (lambda: gw_broadcast(top_k(torch.zeros(4, 8)), 0.5, seq_len=3), ValueError, "seq_len=3"),
         (lambda: gw_broadcast(top_k(torch.zeros(2, 8)), 0.5, measure="gini"), ValueError, "'gini'"),
         (lambda: uncertainty(torch.zeros(2, 8), "gini"), ValueError, "'gini'"),

@@ -25,15 +25,22 @@ def kept(logits, p, rule="paper", **kw):
 
 # ---- the rule on hand-worked examples ----------------------------------------------------
 
+
 # equal logits: every probability is exactly 1/4 (or 1/8) in float32, so cumulative sums hit
 # p exactly and the two rules part: "paper" stops at cumsum >= p, "code" at cumsum > p.
 # Among equal probabilities the lower expert index comes first (a stable sort).
 @pytest.mark.parametrize(
     "experts, p, paper, code",
     [
-        (4, 0.25, 1, 2), (4, 0.5, 2, 3), (4, 0.75, 3, 4), (4, 1.0, 4, 4),
-        (4, 0.3, 2, 2), (4, 0.01, 1, 1),  # no tie: the rules agree
-        (8, 0.375, 3, 4), (8, 0.4, 4, 4), (2, 0.5, 1, 2),
+        (4, 0.25, 1, 2),
+        (4, 0.5, 2, 3),
+        (4, 0.75, 3, 4),
+        (4, 1.0, 4, 4),
+        (4, 0.3, 2, 2),
+        (4, 0.01, 1, 1),  # no tie: the rules agree
+        (8, 0.375, 3, 4),
+        (8, 0.4, 4, 4),
+        (2, 0.5, 1, 2),
     ],
 )
 def test_exact_ties_split_the_paper_and_code_rules(experts, p, paper, code):
@@ -64,9 +71,13 @@ def test_max_experts_caps_and_keeps_the_most_likely():
 @pytest.mark.parametrize(
     "kwargs, text",
     [
-        ({"p": 0.0}, "p=0.0"), ({"p": -0.1}, "p=-0.1"), ({"p": 1.01}, "p=1.01"),
-        ({"p": float("nan")}, "p=nan"), ({"p": 0.4, "rule": ">="}, "'>='"),
-        ({"p": 0.4, "max_experts": 0}, "max_experts=0"), ({"p": 0.4, "max_experts": 1.5}, "max_experts=1.5"),
+        ({"p": 0.0}, "p=0.0"),
+        ({"p": -0.1}, "p=-0.1"),
+        ({"p": 1.01}, "p=1.01"),
+        ({"p": float("nan")}, "p=nan"),
+        ({"p": 0.4, "rule": ">="}, "'>='"),
+        ({"p": 0.4, "max_experts": 0}, "max_experts=0"),
+        ({"p": 0.4, "max_experts": 1.5}, "max_experts=1.5"),
     ],
 )
 def test_bad_arguments_raise_naming_the_value(kwargs, text):
@@ -84,8 +95,16 @@ def logits_st(draw):
     tokens, experts = draw(st.integers(1, 6)), draw(st.integers(1, 9))
     # coarse values make exact ties between probabilities (and cumulative sums) frequent
     values = st.one_of(st.sampled_from([0.0, 1.0, -1.0, 2.0]), st.floats(-8, 8, width=32))
-    return torch.tensor(draw(st.lists(st.lists(values, min_size=experts, max_size=experts),
-                                      min_size=tokens, max_size=tokens)), dtype=torch.float32)
+    return torch.tensor(
+        draw(
+            st.lists(
+                st.lists(values, min_size=experts, max_size=experts),
+                min_size=tokens,
+                max_size=tokens,
+            )
+        ),
+        dtype=torch.float32,
+    )
 
 
 @PROPERTY
@@ -109,7 +128,11 @@ def test_minimal_prefix(logits, p, rule):
 
 
 @PROPERTY
-@given(logits=logits_st(), ps=st.lists(st.floats(1e-3, 1.0), min_size=2, max_size=5), rule=st.sampled_from(RULES))
+@given(
+    logits=logits_st(),
+    ps=st.lists(st.floats(1e-3, 1.0), min_size=2, max_size=5),
+    rule=st.sampled_from(RULES),
+)
 def test_monotonic_in_p(logits, ps, rule):
     masks = [top_p(logits, p, rule=rule).mask for p in sorted(ps)]
     for small, large in zip(masks, masks[1:]):
@@ -149,12 +172,16 @@ def test_max_experts_is_a_cap_on_the_same_prefix(logits, p, cap):
 
 def test_dynamic_loss_is_the_mean_router_entropy():
     probs = torch.tensor([[0.25] * 4, [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
-    assert dynamic_loss(probs).item() == pytest.approx((math.log(4) + 0 + math.log(2)) / 3, rel=1e-6)
+    assert dynamic_loss(probs).item() == pytest.approx(
+        (math.log(4) + 0 + math.log(2)) / 3, rel=1e-6
+    )
 
 
 def small_layer(seed=0, **overrides):
     torch.manual_seed(seed)
-    return MoE(MoEConfig(**{"d_model": 8, "d_hidden": 16, "num_experts": 4, "router": TopP()} | overrides))
+    return MoE(
+        MoEConfig(**{"d_model": 8, "d_hidden": 16, "num_experts": 4, "router": TopP()} | overrides)
+    )
 
 
 def test_layer_reports_each_loss_and_adds_the_papers_coefficients():
@@ -162,11 +189,19 @@ def test_layer_reports_each_loss_and_adds_the_papers_coefficients():
     x = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
     out = moe(x)
     p = (x @ moe.gate.weight.detach().T).softmax(dim=-1)  # (T, E) by hand
-    assert out.losses["dynamic"].item() == pytest.approx(-(p * p.log()).sum(1).mean().item(), rel=1e-5)
+    assert out.losses["dynamic"].item() == pytest.approx(
+        -(p * p.log()).sum(1).mean().item(), rel=1e-5
+    )
     # Top-P balance loss: f_i = share of tokens whose S contains i (not normalized)
     f = out.routing.mask.float().mean(0)
-    assert out.losses["load_balance"].item() == pytest.approx(4 * (f * p.mean(0)).sum().item(), rel=1e-5)
-    expected = 1e-2 * out.losses["load_balance"] + 1e-3 * out.losses["z_loss"] + 1e-4 * out.losses["dynamic"]
+    assert out.losses["load_balance"].item() == pytest.approx(
+        4 * (f * p.mean(0)).sum().item(), rel=1e-5
+    )
+    expected = (
+        1e-2 * out.losses["load_balance"]
+        + 1e-3 * out.losses["z_loss"]
+        + 1e-4 * out.losses["dynamic"]
+    )
     assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -216,8 +251,17 @@ def test_a_step_on_the_dynamic_loss_sharpens_the_router():
 
 # ---- the experiment functions ------------------------------------------------------------
 
-TINY = topp.TopPSetup(n_layers=2, d_model=16, d_hidden=16, num_experts=4, steps=6, batch_size=8,
-                      n_train=64, n_probe=16, track_every=3)
+TINY = topp.TopPSetup(
+    n_layers=2,
+    d_model=16,
+    d_hidden=16,
+    num_experts=4,
+    steps=6,
+    batch_size=8,
+    n_train=64,
+    n_probe=16,
+    track_every=3,
+)
 
 
 def test_probe_labels_real_tokens_by_task():
@@ -229,7 +273,9 @@ def test_probe_labels_real_tokens_by_task():
 
 
 def test_real_token_mean_weights_groups_by_their_tokens():
-    assert topp.real_token_mean({-1: 8.0, 0: 1.0, 1: 2.0}, {-1: 100, 0: 3, 1: 1}) == pytest.approx(1.25)
+    assert topp.real_token_mean({-1: 8.0, 0: 1.0, 1: 2.0}, {-1: 100, 0: 3, 1: 1}) == pytest.approx(
+        1.25
+    )
 
 
 def test_run_measures_routing_and_quality():
@@ -273,20 +319,30 @@ def test_task_quality_of_a_perfect_predictor():
 def test_command_writes_table_and_plots(tmp_path):
     from course.__main__ import main
 
-    main(["topp", "--n-layers", "2", "--d-model", "16", "--d-hidden", "16", "--num-experts", "4",
-          "--steps", "2", "--batch-size", "4", "--n-train", "32", "--n-probe", "8", "--track-every", "1",
-          "--seeds", "0", "--ps", "0.2", "0.4", "--betas", "0", "--out", str(tmp_path)])
+    main(
+        [
+            *"topp --n-layers 2 --d-model 16 --d-hidden 16 --num-experts 4 --steps 2 --batch-size 4 --n-train 32 --n-probe 8 --track-every 1 --seeds 0 --ps 0.2 0.4 --betas 0 --out".split(),
+            str(tmp_path),
+        ]
+    )
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"results.json", "results.csv", "trajectory.png", "by_task_layer.png", "p_sweep.png"} <= names
+    assert {
+        "results.json",
+        "results.csv",
+        "trajectory.png",
+        "by_task_layer.png",
+        "p_sweep.png",
+    } <= names
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert rows[0].startswith("run,seed,p,beta,experts_per_token") and len(rows) == 1 + 5  # z=0 too
     first = json.loads((tmp_path / "results.json").read_text())
     assert first["runs"]["top-p z=0"][0]["moe"]["z_coef"] == 0.0
 
     # --only adds runs to the results already there, the others untouched
-    tiny = ["topp", "--n-layers", "2", "--d-model", "16", "--d-hidden", "16", "--num-experts", "4",
-            "--steps", "2", "--batch-size", "4", "--n-train", "32", "--n-probe", "8", "--track-every", "1",
-            "--seeds", "0", "--out", str(tmp_path)]
+    tiny = [
+        *"topp --n-layers 2 --d-model 16 --d-hidden 16 --num-experts 4 --steps 2 --batch-size 4 --n-train 32 --n-probe 8 --track-every 1 --seeds 0 --out".split(),
+        str(tmp_path),
+    ]
     main([*tiny, "--z-coefs", "0.01", "--only", "top-p z=0.01"])
     merged = json.loads((tmp_path / "results.json").read_text())
     assert list(merged["runs"]) == [*first["runs"], "top-p z=0.01"]

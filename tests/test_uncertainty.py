@@ -36,19 +36,28 @@ def test_extremes_one_hot_is_zero_uniform_is_ln_e_or_one(num_experts):
     one_hot = top_k(torch.tensor([[50.0] + [0.0] * (num_experts - 1)]), k=1)
     uniform = top_k(torch.zeros(1, num_experts), k=1)
     (hot,), (flat,) = layer_summary([one_hot], 0.5), layer_summary([uniform], 0.5)
-    assert hot["entropy"] == pytest.approx(0, abs=1e-12) and hot["normalized_entropy"] == pytest.approx(0, abs=1e-12)
+    assert hot["entropy"] == pytest.approx(0, abs=1e-12) and hot[
+        "normalized_entropy"
+    ] == pytest.approx(0, abs=1e-12)
     assert hot["top_gap"] == pytest.approx(1) and hot["uncertain_share"] == 0
-    assert flat["entropy"] == pytest.approx(math.log(num_experts)) and flat["normalized_entropy"] == pytest.approx(1)
+    assert flat["entropy"] == pytest.approx(math.log(num_experts)) and flat[
+        "normalized_entropy"
+    ] == pytest.approx(1)
     assert flat["top_gap"] == 0 and flat["uncertain_share"] == 1
     # the threshold is inclusive: a uniform router is uncertain at the maximum threshold
-    assert is_uncertain(uniform, 1.0).item() and is_uncertain(uniform, math.log(num_experts), "entropy").item()
+    assert (
+        is_uncertain(uniform, 1.0).item()
+        and is_uncertain(uniform, math.log(num_experts), "entropy").item()
+    )
     assert not is_uncertain(one_hot, 1e-3).item()
 
 
 @pytest.mark.parametrize("measure, threshold", [("normalized_entropy", 0.6), ("entropy", 1.0)])
 def test_is_uncertain_is_the_gw_broadcast_rule(measure, threshold):
     r = top_k(torch.randn(200, 4, generator=torch.Generator().manual_seed(0)) * 2, k=2)
-    assert torch.equal(is_uncertain(r, threshold, measure), gw_broadcast(r, threshold, measure).broadcast)
+    assert torch.equal(
+        is_uncertain(r, threshold, measure), gw_broadcast(r, threshold, measure).broadcast
+    )
 
 
 def test_shares_per_layer_and_any_layer():
@@ -69,7 +78,14 @@ def test_changed_first_choice_vs_set():
 
 
 def test_wrong_expert_and_rates_hand_worked():
-    r = routing_of([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.3, 0.2, 0.25, 0.25], [0.26, 0.24, 0.25, 0.25]])
+    r = routing_of(
+        [
+            [0.7, 0.1, 0.1, 0.1],
+            [0.1, 0.7, 0.1, 0.1],
+            [0.3, 0.2, 0.25, 0.25],
+            [0.26, 0.24, 0.25, 0.25],
+        ]
+    )
     cluster = torch.tensor([0, 0, 1, 1])
     right = torch.tensor([0, 2])  # cluster 0 -> expert 0, cluster 1 -> expert 2
     wrong = wrong_expert(r, cluster, right)
