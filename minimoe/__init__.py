@@ -1,6 +1,6 @@
 """minimoe: a small, hackable library for Mixture-of-Experts routing.
 
-Read it bottom-up: routing.py (decisions) -> dispatch.py (moving tokens) -> experts.py ->
+Read it bottom-up: routing/ (decisions) -> dispatch.py (moving tokens) -> experts.py ->
 layer.py (the MoE layer) -> model.py (a tiny transformer) -> train.py.
 """
 

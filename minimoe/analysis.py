@@ -7,6 +7,11 @@ detached) for each forward pass inside the ``with`` block:
         model(idx)
     layer0 = rec.routing(0)            # one Routing over all recorded tokens
     experts_per_token(layer0)          # statistics are plain functions of a Routing
+
+Load balance as Wang et al. (2024, auxiliary-loss-free balancing) measure it, MaxVio =
+(max_i load_i - mean load) / mean load (``max_violation``): MaxVio_batch per training step is
+``History.max_violation`` ([step][layer], from each layer's ``MoEStats.tokens_per_expert``),
+MaxVio_global is ``max_violation(rec.routing(i))`` with the recorder run over a validation set.
 """
 
 from __future__ import annotations
@@ -77,6 +82,37 @@ def load_per_expert(routing: Routing) -> Tensor:
     """(E,) share of all (token, expert) assignments that each expert receives (sums to 1)."""
     counts = routing.mask.sum(0).float()
     return counts / counts.sum().clamp_min(1)
+
+
+def max_violation(load: Tensor | Routing) -> float:
+    """MaxVio (Wang et al. 2024): (max_i load_i - mean load) / mean load; 0 when balanced.
+
+    ``load``: (E,) tokens per expert, or a Routing (its ``tokens_per_expert``).
+    """
+    if isinstance(load, Routing):
+        load = load.tokens_per_expert
+    if not isinstance(load, Tensor):
+        raise TypeError(f"load must be a Tensor or a Routing, got {type(load).__name__}")
+    if load.dim() != 1 or not load.numel():
+        raise ValueError(f"load must be a non-empty (E,) tensor, got shape {tuple(load.shape)}")
+    load = load.double()
+    mean = load.mean()
+    if not mean > 0:
+        raise ValueError(f"load has no tokens (mean load {mean.item()}): MaxVio is undefined")
+    # MaxVio = (max_i load_i - mean load) / mean load
+    return ((load.max() - mean) / mean).item()
+
+
+def expert_count_shares(routing: Routing) -> dict[int, float]:
+    """Share of tokens sent to 0, 1, 2, ... experts (every count up to the largest; sums to 1).
+
+    Expert choice leaves some tokens with no expert and gives others several; top-k gives {k: 1}
+    plus zeros below k.
+    """
+    if not routing.num_tokens:
+        return {}
+    counts = torch.bincount(routing.expert_counts.long())  # (max count + 1,)
+    return dict(enumerate((counts / routing.num_tokens).tolist()))
 
 
 def load_imbalance(routing: Routing) -> float:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from minimoe import parallel
-from minimoe.analysis import RoutingRecorder, experts_per_token, load_per_expert
+from minimoe.analysis import RoutingRecorder, experts_per_token, load_per_expert, max_violation
 from minimoe.data import (
     BYTE_VOCAB_SIZE,
     VOCAB,
@@ -307,12 +307,14 @@ def main(args: argparse.Namespace) -> dict:
         "val_loss": out.loss.item(),
         "experts_per_token": [round(experts_per_token(r), 3) for r in layers],
         "load_per_expert": [[round(v, 3) for v in load_per_expert(r).tolist()] for r in layers],
+        "maxvio": [round(max_violation(r), 3) for r in layers],  # over the probe batch
         "dropped_pairs_in_training": int(sum(history.dropped_pairs)),
         "autocast": args.autocast,  # None: float32 throughout
     }
     print(f"train loss {summary['train_loss']:.3f}  val loss {summary['val_loss']:.3f}")
-    for i, (ept, load) in enumerate(zip(summary["experts_per_token"], summary["load_per_expert"])):
-        print(f"layer {i}: experts/token {ept:.2f}  load per expert {load}")
+    per_layer = zip(summary["experts_per_token"], summary["maxvio"], summary["load_per_expert"])
+    for i, (ept, maxvio, load) in enumerate(per_layer):
+        print(f"layer {i}: experts/token {ept:.2f}  maxvio {maxvio:.3f}  load per expert {load}")
     print(f"dropped (token, expert) pairs during training: {summary['dropped_pairs_in_training']}")
     if args.expert_parallel:
         summary["expert_parallel"] = ep_summary

@@ -102,6 +102,7 @@ def to_mixtral(moe: MoE, config: Any | None = None) -> nn.Module:
     for name, value, mixtral in (
         ("activation", c.activation, "swiglu"),
         ("capacity_factor", c.capacity_factor, None),
+        ("shared_hidden", c.shared_hidden, 0),  # Mixtral has no shared expert
     ):
         if value != mixtral:
             raise ValueError(

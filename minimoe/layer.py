@@ -1,12 +1,13 @@
 """The MoE layer: router -> routing function -> capacity -> dispatch/experts/combine.
 
 Follow one token: ``MoE.forward`` computes its router logits (float32), ``MoE.route`` asks the
-config's router (a spec of minimoe/routing.py, or any object with its call signature) for a
+config's router (a spec of minimoe/routing/, or any object with its call signature) for a
 Routing, ``kept_pairs`` drops pairs over an expert's
 capacity (minimoe/dispatch.py), ``combine`` runs the experts (minimoe/experts.py) and adds
-their outputs with the combine weights. The layer returns the output beside the routing,
+their outputs with the combine weights; a shared expert (DeepSeekMoE, Qwen2-MoE), if
+configured, is added for every token. The layer returns the output beside the routing,
 the auxiliary losses and the statistics: nothing is stored on the module, so re-running a
-cell never double-counts a loss.
+cell never double-counts a loss. ``fine_grained`` splits every expert into m narrower ones.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from torch import Tensor, nn
 
 from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_capacity
 from minimoe.experts import ACTIVATIONS, Experts
-from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
+from minimoe.losses import dynamic_loss, load_balance_loss, sequence_balance_loss, z_loss
 from minimoe.routing import (
     ROUTERS,
     Router,
     Routing,
     TopK,
+    check_bool,
     check_choice,
     check_experts,
     check_float,
@@ -44,6 +46,11 @@ class MoEConfig:
     the new one again. The loss coefficients are the course's defaults (alpha = 1e-2 and the
     ST-MoE z-loss 1e-3 for every router); how L_b counts and beta of L_d come from the router
     unless set here. ``with_paper_losses()`` gives the router's paper's own coefficients.
+
+    Shared expert: ``shared_hidden > 0`` adds one always-on MLP of that width (the experts'
+    activation) to every token's output; DeepSeekMoE / DeepSeek-V3 set it to the routed width
+    times the number of shared experts, Qwen2-MoE to its ``shared_expert_intermediate_size``
+    with ``shared_gate=True`` (the shared output scaled by sigmoid(w^T x)).
     """
 
     d_model: int = 64
@@ -53,10 +60,13 @@ class MoEConfig:
     capacity_factor: float | None = None  # None = dropless
     dispatch: str = "sorted"  # "sorted" (sort-gather-scatter) | "loop" (reference)
     activation: str = "swiglu"  # "swiglu" | "gelu"
+    shared_hidden: int = 0  # width of the shared expert, run on every token; 0 = none
+    shared_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(w^T x)
     balance_coef: float = 1e-2  # alpha of the load-balance loss
     z_coef: float = 1e-3  # ST-MoE router z-loss
     balance_count: str | None = None  # "first" (Switch) | "selected" (Top-P); None: the router's
     dynamic_coef: float | None = None  # beta of the dynamic (entropy) loss; None: the router's
+    seq_balance_coef: float = 0.0  # alpha of DeepSeek-V3's sequence-wise balance loss
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
@@ -70,6 +80,10 @@ class MoEConfig:
         check_int("router_columns", router_columns(self.router, self.num_experts), self.num_experts)
         check_choice("dispatch", self.dispatch, DISPATCH_PATHS)
         check_choice("activation", self.activation, ACTIVATIONS)
+        check_int("shared_hidden", self.shared_hidden, 0)
+        check_bool("shared_gate", self.shared_gate)
+        if self.shared_gate and not self.shared_hidden:
+            raise ValueError("shared_gate=True needs a shared expert: set shared_hidden > 0")
         expert_capacity(1, 1, self.capacity_factor)  # validates capacity_factor
         check_float("balance_coef", self.balance_coef, 0.0)
         check_float("z_coef", self.z_coef, 0.0)
@@ -77,6 +91,7 @@ class MoEConfig:
             check_choice("balance_count", self.balance_count, ("first", "selected"))
         if self.dynamic_coef is not None:
             check_float("dynamic_coef", self.dynamic_coef, 0.0)
+        check_float("seq_balance_coef", self.seq_balance_coef, 0.0)
 
     @property
     def balance_counts(self) -> str:
@@ -150,6 +165,32 @@ def _legacy_router(name: str, data: dict) -> dict:
     return router
 
 
+def fine_grained(config: MoEConfig, m: int) -> MoEConfig:
+    """DeepSeekMoE's fine-grained experts: each expert split into ``m`` of width d_hidden / m,
+    and m times as many chosen per token, so active parameters and FLOPs per token stay equal.
+
+    E -> m E, d_hidden -> d_hidden / m, k -> m k (``dataclasses.replace(config.router, k=...)``);
+    the shared expert, if any, is kept as it is.
+    """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+    check_int("m", m, 1)
+    if config.d_hidden % m:
+        raise ValueError(f"d_hidden={config.d_hidden} is not divisible by m={m}")
+    k = getattr(config.router, "k", None)
+    if k is None:
+        raise TypeError(
+            f"fine_grained scales the router's k (experts per token), and router "
+            f"{config.router!r} has no k"
+        )
+    return replace(
+        config,
+        num_experts=config.num_experts * m,
+        d_hidden=config.d_hidden // m,
+        router=replace(config.router, k=k * m),
+    )
+
+
 class MoEStats(NamedTuple):
     """Routing statistics of one forward pass (detached tensors; .item() when printing).
 
@@ -159,19 +200,20 @@ class MoEStats(NamedTuple):
     experts_per_token: Tensor  # () mean number of experts a token is sent to, before capacity
     tokens_per_expert: Tensor  # (E,) tokens routed to each expert, before capacity
     dropped_pairs: Tensor  # () (token, expert) pairs over capacity
-    dropped_tokens: Tensor  # () tokens that lost every expert (carried by the residual only)
+    dropped_tokens: Tensor  # () routed tokens that lost every expert to capacity
+    unrouted_tokens: Tensor  # () tokens the router sent to no expert (expert choice leaves some)
     uncertain_ratio: (
         Tensor  # () share of tokens over the GW threshold (the released code's gw_ratio)
     )
     broadcast_ratio: Tensor  # () share of tokens broadcast to all experts, after the slot cap
-    flops: Tensor  # () expert FLOPs of this pass (matmuls, kept pairs)
+    flops: Tensor  # () expert FLOPs: kept pairs and the shared expert (matmuls; no router)
 
 
 class MoEOutput(NamedTuple):
     output: Tensor  # (..., d_model), the input's shape
     routing: Routing  # over the flattened tokens (T, E)
     aux_loss: Tensor  # () weighted sum of the auxiliary losses: add it to the task loss
-    losses: dict[str, Tensor]  # unweighted: load_balance, z_loss, dynamic
+    losses: dict[str, Tensor]  # unweighted: load_balance, z_loss, dynamic, sequence_balance
     stats: MoEStats
 
 
@@ -192,7 +234,8 @@ class MoE(nn.Module):
     """A sparse Mixture-of-Experts FFN over inputs of shape (..., d_model).
 
     Parameters: ``gate`` (the router W_r, float32), ``gate_extra`` (more router outputs if the
-    router reads them: noisy top-k's noise logits), ``experts``; buffers in ``router_state``
+    router reads them: noisy top-k's noise logits), ``experts``, ``shared`` (the shared expert,
+    or None) and ``shared_gate`` (its sigmoid gate w, or None); buffers in ``router_state``
     for a router with state (see ``minimoe.routing``).
     """
 
@@ -212,6 +255,18 @@ class MoE(nn.Module):
         self.experts = Experts(
             num_experts=E, d_model=d, d_hidden=config.d_hidden, activation=config.activation
         )
+        # built after the routed experts: configs without them draw the same initial weights
+        self.shared = (
+            Experts(
+                num_experts=1,
+                d_model=d,
+                d_hidden=config.shared_hidden,
+                activation=config.activation,
+            )
+            if config.shared_hidden
+            else None
+        )
+        self.shared_gate = nn.Linear(d, 1, bias=False) if config.shared_gate else None
         self._register_load_state_dict_pre_hook(_rename_noise)
 
     def _init_router_state(self, keep_matching: bool = False) -> None:
@@ -242,7 +297,14 @@ class MoE(nn.Module):
         state. Returns the layer.
         """
         new = replace(self.config, **changes)
-        for name in ("d_model", "d_hidden", "num_experts", "activation"):
+        for name in (
+            "d_model",
+            "d_hidden",
+            "num_experts",
+            "activation",
+            "shared_hidden",
+            "shared_gate",
+        ):
             if getattr(new, name) != getattr(self.config, name):
                 raise ValueError(
                     f"replace_config cannot change {name} of a built layer "
@@ -302,16 +364,34 @@ class MoE(nn.Module):
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
         out = combine(tokens, weights, kept, self.experts, path=c.dispatch)
+        if self.shared is not None:  # every token, dropped or not
+            out = out + self._shared_output(tokens)
 
+        k = getattr(c.router, "k", None)  # None: the mean experts per token
         losses = {
             "load_balance": load_balance_loss(routing.probs, routing.mask, count=c.balance_counts),
             "z_loss": z_loss(routing.logits),
             "dynamic": dynamic_loss(routing.probs),
+            # (T, d) inputs: the whole batch is one sequence
+            "sequence_balance": sequence_balance_loss(
+                routing.probs, routing.mask, seq_len or max(tokens.shape[0], 1), k
+            ),
         }
         aux = c.balance_coef * losses["load_balance"] + c.z_coef * losses["z_loss"]
         if c.dynamic_beta:
             aux = aux + c.dynamic_beta * losses["dynamic"]
+        if c.seq_balance_coef:  # only when on: configs without it keep their exact numbers
+            aux = aux + c.seq_balance_coef * losses["sequence_balance"]
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))
+
+    def _shared_output(self, tokens: Tensor) -> Tensor:
+        """(T, d) -> (T, d) the shared expert on every token, in the tokens' dtype."""
+        y = self.shared.expert(0, tokens)  # (T, d) under autocast: the autocast dtype
+        if self.shared_gate is not None:
+            # Qwen2-MoE: y = sigmoid(w^T x) * Shared(x)
+            y = torch.sigmoid(self.shared_gate(tokens)) * y  # (T, 1) * (T, d)
+        # summed in the input's dtype, as the routed experts' outputs are (dispatch.py)
+        return y.to(tokens.dtype)
 
     @torch.no_grad()
     def update_router_state(self, stats: MoEStats) -> None:
@@ -325,6 +405,9 @@ class MoE(nn.Module):
             T = routing.num_tokens
             routed = routing.mask
             zero = routed.new_zeros((), dtype=torch.float)
+            flops = kept.sum() * self.experts.flops_per_assignment()
+            if self.shared is not None:
+                flops = flops + T * self.shared.flops_per_assignment()
 
             def share(flags: Tensor | None) -> Tensor:
                 return flags.float().mean() if flags is not None and T else zero
@@ -334,9 +417,10 @@ class MoE(nn.Module):
                 tokens_per_expert=routed.sum(0),
                 dropped_pairs=(routed & ~kept).sum(),
                 dropped_tokens=(routed.any(1) & ~kept.any(1)).sum(),
+                unrouted_tokens=(~routed.any(1)).sum(),
                 uncertain_ratio=share(routing.uncertain),
                 broadcast_ratio=share(routing.broadcast),
-                flops=kept.sum() * self.experts.flops_per_assignment(),
+                flops=flops,
             )
 
 

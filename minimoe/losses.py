@@ -6,10 +6,12 @@ common slip), unweighted: the coefficients live in the layer's config.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from minimoe.routing import _entropy, first_choice
+from minimoe.routing.core import _entropy, first_choice
 
 BALANCE_COUNTS = ("first", "selected")
 
@@ -36,6 +38,48 @@ def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "f
         f = mask.to(probs.dtype).mean(dim=0)  # (E,)
     q = probs.mean(dim=0)  # (E,) the full softmax mean: the only gradient path
     return num_experts * (f * q).sum()
+
+
+def sequence_balance_loss(
+    probs: Tensor, mask: Tensor, seq_len: int, k: float | None = None
+) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, the mean over sequences of L_seq.
+
+    The T tokens are T / ``seq_len`` sequences of ``seq_len`` tokens each. Per sequence of L
+    tokens, with S_t the experts token t is sent to (``mask``) and ``probs`` the router's
+    normalized scores (the softmax, or DeepSeek-V3's s / sum s):
+    f_i = E / (k L) * #{t : i in S_t},  P_i = mean_t probs_ti,  L_seq = sum_i f_i P_i.
+    1 at perfect balance with k experts per token. ``k``: experts per token (None: the mean
+    of ``mask``, for routers with no fixed k).
+    """
+    if probs.dim() != 2 or mask.shape != probs.shape:
+        raise ValueError(
+            f"probs and mask must have the same shape (tokens, experts), got "
+            f"{tuple(probs.shape)} and {tuple(mask.shape)}"
+        )
+    num_tokens, num_experts = probs.shape
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+        raise TypeError(f"seq_len must be an int, got seq_len={seq_len!r}")
+    if seq_len < 1 or num_tokens % seq_len:
+        raise ValueError(
+            f"seq_len must be >= 1 and divide the {num_tokens} tokens, got seq_len={seq_len}"
+        )
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise TypeError(f"k must be a number or None, got k={k!r}")
+        if not 0 < k < math.inf:
+            raise ValueError(f"k must be finite and > 0, got k={k!r}")
+    if num_tokens == 0:
+        return probs.new_zeros(())
+    chosen = mask.to(probs.dtype).reshape(-1, seq_len, num_experts)  # (B, L, E)
+    if k is None:  # a tensor: no device sync; no expert chosen at all gives f = 0, not 0 / 0
+        k = chosen.sum() / num_tokens
+        k = k.clamp_min(torch.finfo(probs.dtype).tiny)
+    # f_i = E / (k L) * (tokens of the sequence choosing i)
+    f = chosen.sum(dim=1) * (num_experts / seq_len) / k  # (B, E)
+    # P_i = mean over the sequence's tokens of the normalized scores: the only gradient path
+    p = probs.reshape(-1, seq_len, num_experts).mean(dim=1)  # (B, E)
+    return (f * p).sum(dim=1).mean()
 
 
 def z_loss(logits: Tensor) -> Tensor:

@@ -18,9 +18,10 @@ gloo on CPU, NCCL on GPU; the code is the same.
 
 What stays per rank: the auxiliary losses and statistics are those of the rank's own tokens, and
 capacity is per rank (GShard's groups): ceil(capacity_factor * T_rank * k / E) slots per expert.
-Replicated parameters (router, attention, embeddings) only see local tokens: averaging their
-gradients over ranks is the caller's job (``sync_gradients``, or ``gradient_sync`` around
-``minimoe.train.train``, as ``python -m minimoe train --expert-parallel`` does).
+Replicated parameters (router, shared expert, attention, embeddings) only see local tokens:
+averaging their gradients over ranks is the caller's job (``sync_gradients``, or
+``gradient_sync`` around ``minimoe.train.train``, as ``python -m minimoe train
+--expert-parallel`` does).
 
     torchrun --nproc_per_node=2 -m minimoe train --expert-parallel
     python -m torch.distributed.run --nproc_per_node=2 -m minimoe train --expert-parallel
@@ -289,7 +290,8 @@ class ExpertParallelMoE(MoE):
         super().update_router_state(MoEStats(**merged))
 
     def replicated_parameters(self) -> list[nn.Parameter]:
-        """The router's parameters, identical on every rank."""
+        """Everything but the routed experts (the router, the shared expert and its gate),
+        identical on every rank."""
         return [p for name, p in self.named_parameters() if not name.startswith("experts.")]
 
     @property

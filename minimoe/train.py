@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minimoe.analysis import max_violation
 from minimoe.data import Batch
 from minimoe.layer import MoEConfig, moe_layers
 from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
@@ -83,6 +84,8 @@ class History:
     loss: list[float] = field(default_factory=list)
     aux_loss: list[float] = field(default_factory=list)
     experts_per_token: list[list[float]] = field(default_factory=list)  # [step][layer]
+    # MaxVio_batch (analysis.max_violation) [step][layer]; expert parallel: the rank's tokens
+    max_violation: list[list[float]] = field(default_factory=list)
     dropped_pairs: list[int] = field(default_factory=list)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
@@ -152,6 +155,7 @@ def train(
         history.loss.append(out.loss.item())
         history.aux_loss.append(out.aux_loss.item())
         history.experts_per_token.append([m.stats.experts_per_token.item() for m in out.layers])
+        history.max_violation.append([max_violation(m.stats.tokens_per_expert) for m in out.layers])
         history.dropped_pairs.append(sum(int(m.stats.dropped_pairs) for m in out.layers))
         if callback is not None:
             callback(step, model, out)

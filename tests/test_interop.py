@@ -78,6 +78,7 @@ def test_gradients_agree(block):
         {"router": TopK(renormalize=False)},
         {"activation": "gelu"},
         {"capacity_factor": 1.25},
+        {"shared_hidden": 16},  # Mixtral has no shared expert
         {"router": GWBroadcast(TopK(), threshold=0.5)},
     ],
 )

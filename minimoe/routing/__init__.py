@@ -1,0 +1,165 @@
+"""Routing: from router logits to one decision object.
+
+Every routing method is a small pure function ``logits (T, E) -> Routing`` (or
+``Routing -> Routing`` for GW broadcast), and a frozen *router spec* (``TopK(k=2)``,
+``TopP(p=0.4)``, ...) that holds the method's settings, checks them once, carries its paper's
+loss recipe and is what a layer is configured with. A Routing says, for each token, which
+experts it goes to (``mask``) and with which combine weights (``weights``), next to the full
+softmax (``probs``) that losses and uncertainty measures need. Dispatch knows nothing of how
+the decision was made; this package knows nothing of dispatch.
+
+Files: ``core.py`` (the Routing decision, shared checks, the one rule for ties, uncertainty
+measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adaptive, GW
+broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
+expert choice), and here the registry of names.
+
+Notation (see PAPERS.md): T tokens, E experts, P = softmax(logits) in float32, S the
+set of experts a token is sent to, y = sum_{i in S} g_i * Expert_i(x).
+
+**The router interface.** Any object ``router`` with
+
+    router(logits, *, training: bool, seq_len: int | None = None) -> Routing
+
+is a router: ``MoEConfig(router=router)`` trains it, no library edit needed. ``seq_len`` is
+the length of the sequences the T tokens were flattened from (None: one sequence). Optional:
+
+- ``balance_count`` ("first" | "selected") and ``dynamic_coef`` (beta of L_d): how the layer's
+  load-balance loss counts and the default weight of the dynamic loss (defaults "first", 0);
+- ``router_columns(num_experts) -> int``: router outputs it reads (default E; noisy top-k
+  reads E more, the noise logits, which come last and start at zero);
+- ``check_experts(num_experts)``: refuse settings that do not fit E (raise ValueError);
+- **state not trained by gradient** (a bias, a running count): ``init_state(num_experts)``
+  returns named tensors that the layer keeps as buffers (saved with the model, moved with
+  it); the router is then called with ``state=`` those buffers, and
+  ``update_state(state, stats)`` is called by the training loop after each optimizer step
+  with that step's ``MoEStats`` (under expert parallelism their counts are summed over the
+  processes first). It is never called inside ``forward``: re-running a cell changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from minimoe.routing.classic import (
+    Adaptive,
+    GWBroadcast,
+    NoisyTopK,
+    TopK,
+    TopP,
+    adaptive,
+    gw_broadcast,
+    noisy_top_k,
+    top_k,
+    top_p,
+)
+from minimoe.routing.core import (
+    UNCERTAINTY,
+    Router,
+    Routing,
+    check_bool,
+    check_choice,
+    check_experts,
+    check_float,
+    check_int,
+    check_logits,
+    check_threshold,
+    entropy,
+    first_choice,
+    is_uncertain,
+    normalized_entropy,
+    router_columns,
+    top_gap,
+    uncertainty,
+)
+from minimoe.routing.production import (
+    ExpertChoice,
+    SigmoidTopK,
+    expert_choice,
+    group_limited,
+    sigmoid_top_k,
+)
+
+__all__ = [
+    "ROUTERS",
+    "UNCERTAINTY",
+    "Adaptive",
+    "ExpertChoice",
+    "GWBroadcast",
+    "NoisyTopK",
+    "Router",
+    "Routing",
+    "SigmoidTopK",
+    "TopK",
+    "TopP",
+    "adaptive",
+    "check_bool",
+    "check_choice",
+    "check_experts",
+    "check_float",
+    "check_int",
+    "check_logits",
+    "check_threshold",
+    "entropy",
+    "expert_choice",
+    "first_choice",
+    "group_limited",
+    "gw_broadcast",
+    "is_uncertain",
+    "noisy_top_k",
+    "normalized_entropy",
+    "router_columns",
+    "router_from_dict",
+    "router_from_name",
+    "router_to_dict",
+    "sigmoid_top_k",
+    "top_gap",
+    "top_k",
+    "top_p",
+    "uncertainty",
+]
+
+
+# ---- names: only for the command line, configs on disk and cached results -------------------
+
+ROUTERS: dict[str, type] = {
+    cls.name: cls
+    for cls in (TopK, NoisyTopK, TopP, Adaptive, GWBroadcast, SigmoidTopK, ExpertChoice)
+}
+
+
+def router_from_name(name: str, **settings: Any) -> Router:
+    """``router_from_name("top_p", p=0.4)`` -> ``TopP(p=0.4)``; unknown names list the choices."""
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose from {sorted(ROUTERS)}")
+    cls = ROUTERS[name]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"router {name!r} has no setting {unknown}; its settings: {sorted(known)}")
+    return cls(**settings)
+
+
+def router_to_dict(router: Router) -> dict[str, Any]:
+    """A registered spec as plain data: ``{"name": "top_p", "p": 0.4, ...}`` (nested for GW)."""
+    cls = type(router)
+    if ROUTERS.get(getattr(cls, "name", None)) is not cls:
+        raise TypeError(
+            f"only the registered routers {sorted(ROUTERS)} can be written as data, "
+            f"got {cls.__name__}: keep its code beside the saved weights"
+        )
+    out: dict[str, Any] = {"name": cls.name}
+    for f in fields(router):
+        value = getattr(router, f.name)
+        out[f.name] = router_to_dict(value) if f.name == "base" else value
+    return out
+
+
+def router_from_dict(data: dict[str, Any]) -> Router:
+    """Inverse of ``router_to_dict``."""
+    if not isinstance(data, dict) or "name" not in data:
+        raise ValueError(f"a router as data is a dict with a 'name', got {data!r}")
+    settings = {k: v for k, v in data.items() if k != "name"}
+    if "base" in settings:
+        settings["base"] = router_from_dict(settings["base"])
+    return router_from_name(data["name"], **settings)

@@ -1,0 +1,293 @@
+"""The decision object, the checks every router shares, the one rule for ties, and uncertainty.
+
+Nothing here knows a routing method: ``classic.py`` and ``production.py`` build on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One routing decision for T tokens over E experts.
+
+    logits:  (T, E) router logits, float32.
+    probs:   (T, E) softmax(logits), float32; the full distribution, before any selection.
+    mask:    (T, E) bool, True where the token is sent to the expert (the set S).
+    weights: (T, E) combine weights g, exactly 0 outside ``mask``.
+    broadcast: (T,) bool, tokens sent to every expert by GW broadcast (None without it).
+    uncertain: (T,) bool, tokens over the GW threshold, before the per-sequence slot cap.
+    base_mask: (T, E) bool, the mask before GW broadcast (capacity is counted on its pairs).
+    """
+
+    logits: Tensor
+    probs: Tensor
+    mask: Tensor
+    weights: Tensor
+    broadcast: Tensor | None = None
+    uncertain: Tensor | None = None
+    base_mask: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def expert_counts(self) -> Tensor:
+        """(T,) how many experts each token is sent to (their mean is experts per token)."""
+        return self.mask.sum(dim=1)
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        """(E,) how many tokens each expert receives."""
+        return self.mask.sum(dim=0)
+
+    def to(self, device: torch.device | str) -> Routing:
+        """A detached copy on ``device`` (the recorder keeps CPU copies)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Routing(
+            **{k: None if v is None else v.detach().to(device) for k, v in moved.items()}
+        )
+
+    @staticmethod
+    def cat(parts: list[Routing]) -> Routing:
+        """Several decisions over the same experts as one, token after token."""
+        if not parts:
+            raise ValueError("no routing to concatenate (was the model run inside the recorder?)")
+        out = {}
+        for f in fields(Routing):
+            values = [getattr(r, f.name) for r in parts]
+            if all(v is None for v in values):
+                out[f.name] = None
+            elif f.name == "base_mask":
+                out[f.name] = torch.cat(
+                    [r.base_mask if r.base_mask is not None else r.mask for r in parts]
+                )
+            elif f.name in ("broadcast", "uncertain"):
+                out[f.name] = torch.cat(
+                    [
+                        v
+                        if v is not None
+                        else torch.zeros(r.num_tokens, dtype=torch.bool, device=r.mask.device)
+                        for v, r in zip(values, parts)
+                    ]
+                )
+            else:
+                out[f.name] = torch.cat(values)
+        return Routing(**out)
+
+
+# ---- checks shared by the functions and the specs -----------------------------------------
+
+
+def check_logits(logits: Tensor) -> Tensor:
+    """Validate router logits and return them as float32 (the router runs in float32)."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(
+            f"logits must have shape (tokens, experts), got shape {tuple(logits.shape)}"
+        )
+    if logits.shape[1] < 1:
+        raise ValueError(
+            f"logits must have at least one expert column, got shape {tuple(logits.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
+    if logits.numel() and not torch.isfinite(logits).all():
+        bad = logits[~torch.isfinite(logits)].flatten()[0].item()
+        raise ValueError(f"logits must be finite, found {bad}")
+    return logits.float()
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` as an int in [low, high], or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {name}={value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}, got {name}={value!r}")
+    return value
+
+
+def check_float(
+    name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False
+) -> float:
+    """``value`` as a finite float in [low, high] ((low, high] if ``low_open``), else an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {name}={value!r}")
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {name}={value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {name}={value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
+    return value
+
+
+def _check_probs(probs: Tensor, name: str = "probs") -> None:
+    """Refuse what is not a probability distribution per row (logits passed by mistake, say)."""
+    if not isinstance(probs, Tensor) or not probs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(probs).__name__}")
+    if probs.dim() < 1 or probs.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape (..., experts), got shape {tuple(probs.shape)}")
+    if probs.numel() == 0:
+        return
+    sums = probs.float().sum(dim=-1)
+    # loose: probabilities rounded to bfloat16 still pass; logits almost always have negatives
+    if (probs < 0).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-2):
+        raise ValueError(
+            f"{name} must be probabilities (>= 0, rows summing to 1), got rows summing to "
+            f"{sums.flatten()[0].item():.4g} with min {probs.min().item():.4g}: logits? "
+            "take their softmax first"
+        )
+
+
+def check_recipe(spec: Any) -> None:
+    check_choice("balance_count", spec.balance_count, ("first", "selected"))
+    check_float("dynamic_coef", spec.dynamic_coef, 0.0)
+
+
+# ---- first choice and selection: one rule for ties everywhere -----------------------------
+
+
+def first_choice(probs: Tensor) -> Tensor:
+    """(...,) the expert with the largest probability; exact ties go to the lowest index.
+
+    The one first-choice rule of the library: routing, the Switch balance loss and the
+    analysis all use it (``torch.argmax`` returns the first maximal index).
+    """
+    return probs.argmax(dim=-1)
+
+
+def _mask_of_top(scores: Tensor, k: int) -> Tensor:
+    """(T, E) bool mask of the k largest scores per row; exact ties at the k-th value go to the
+    lowest indices (the argmax rule), whatever order ``torch.topk`` returns them in."""
+    kth = scores.topk(k, dim=1).values[:, k - 1 :]  # (T, 1) the k-th largest score
+    above = scores > kth
+    tied = scores == kth
+    return above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
+
+
+def _from_mask(logits: Tensor, probs: Tensor, mask: Tensor, renormalize: bool) -> Routing:
+    """Combine weights = probs on the mask, optionally renormalized over the selected set."""
+    weights = probs * mask  # exactly 0 outside S
+    if renormalize:
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(
+            torch.finfo(probs.dtype).tiny
+        )
+    return Routing(logits=logits, probs=probs, mask=mask, weights=weights)
+
+
+# ---- uncertainty measures -------------------------------------------------------------
+
+
+def _entropy(probs: Tensor) -> Tensor:
+    return -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """H(P) = -sum_i P_i log P_i in nats, per row: (..., E) -> (...). 0 <= H <= ln E.
+
+    ``probs`` must be probabilities (rows summing to 1): logits are refused, not misread.
+    """
+    _check_probs(probs)
+    return _entropy(probs)
+
+
+def normalized_entropy(probs: Tensor) -> Tensor:
+    """H(P) / ln E in [0, 1]: 0 for a one-hot router, 1 for a uniform one."""
+    _check_probs(probs)
+    num_experts = probs.shape[-1]
+    if num_experts < 2:
+        return torch.zeros(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
+    return _entropy(probs) / math.log(num_experts)
+
+
+def top_gap(probs: Tensor) -> Tensor:
+    """p1 - p2, the margin between the two most likely experts: (..., E) -> (...)."""
+    _check_probs(probs)
+    if probs.shape[-1] < 2:
+        return torch.ones(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+UNCERTAINTY = {"entropy": entropy, "normalized_entropy": normalized_entropy}
+
+
+def _uncertainty(probs: Tensor, measure: str) -> Tensor:
+    """``uncertainty`` without the input check (inside the layer: no device sync)."""
+    h = _entropy(probs)
+    return h if measure == "entropy" or probs.shape[-1] < 2 else h / math.log(probs.shape[-1])
+
+
+def uncertainty(probs: Tensor, measure: str = "normalized_entropy") -> Tensor:
+    """Per-token uncertainty by name: ``entropy`` (nats, in [0, ln E]) or ``normalized_entropy``."""
+    check_choice("measure", measure, tuple(UNCERTAINTY))
+    return UNCERTAINTY[measure](probs)
+
+
+def check_threshold(threshold: Any, measure: str, num_experts: int | None) -> float:
+    """A GW threshold in [0, max of ``measure``] (ln E nats for ``entropy``, 1 when normalized)."""
+    check_choice("measure", measure, tuple(UNCERTAINTY))
+    if measure == "normalized_entropy":
+        upper = 1.0
+    else:
+        upper = math.log(num_experts) if num_experts is not None else math.inf
+    return check_float("threshold", threshold, 0.0, upper)
+
+
+def is_uncertain(probs: Tensor, threshold: float, measure: str = "normalized_entropy") -> Tensor:
+    """(T,) bool: uncertainty(probs, measure) >= threshold, GW-MoE's rule for broadcasting.
+
+    float32 rounding puts a uniform router's entropy a hair below ln E: the 1e-6 allowance
+    keeps perfectly uncertain tokens uncertain at the maximum threshold.
+    """
+    check_threshold(threshold, measure, probs.shape[-1])
+    return uncertainty(probs, measure) >= threshold - 1e-6
+
+
+# ---- the router interface (see the package docstring) ------------------------------------------
+
+
+@runtime_checkable
+class Router(Protocol):
+    """What a layer asks of a router (see the module docstring for the optional hooks)."""
+
+    def __call__(
+        self, logits: Tensor, *, training: bool, seq_len: int | None = None
+    ) -> Routing: ...
+
+
+def router_columns(router: Router, num_experts: int) -> int:
+    """How many router outputs ``router`` reads (E unless it says otherwise)."""
+    hook = getattr(router, "router_columns", None)
+    return num_experts if hook is None else hook(num_experts)
+
+
+def check_experts(router: Router, num_experts: int) -> None:
+    """Let the router refuse settings that do not fit ``num_experts`` (its optional hook)."""
+    hook = getattr(router, "check_experts", None)
+    if hook is not None:
+        hook(num_experts)

@@ -1,0 +1,206 @@
+"""The routers of today's production MoEs: sigmoid scores with a selection bias balanced without
+a loss (DeepSeek-V3, Wang et al. 2024), group-limited selection, and expert choice.
+
+Same interface as the classic routers (``minimoe.routing``): a pure function on logits that
+returns a Routing, and a frozen spec that checks its settings and carries its paper's recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from minimoe.routing.core import (
+    Routing,
+    _mask_of_top,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_logits,
+    check_recipe,
+)
+
+SCORES = ("sigmoid", "softmax")
+
+
+def _scores(logits: Tensor, score: str) -> Tensor:
+    return logits.sigmoid() if score == "sigmoid" else logits.softmax(dim=-1)
+
+
+def group_limited(choice: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """(T, E) selection scores with every expert outside the token's ``topk_group`` best groups
+    set to -inf (DeepSeek-V3 §2.1.2: a group scores the sum of its two best ``choice`` values).
+
+    Experts are in ``n_group`` contiguous groups of E / n_group; at most topk_group groups, so a
+    token reaches at most that many devices when each device holds a group (chapter 7).
+    """
+    T, E = choice.shape
+    grouped = choice.view(T, n_group, E // n_group)  # (T, G, E/G)
+    group_score = grouped.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)  # (T, G)
+    allowed = _mask_of_top(group_score, topk_group)  # (T, G), ties to the lower group
+    return grouped.masked_fill(~allowed[:, :, None], float("-inf")).view(T, E)
+
+
+def sigmoid_top_k(
+    logits: Tensor,
+    k: int = 2,
+    bias: Tensor | None = None,
+    score: str = "sigmoid",
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+) -> Routing:
+    """Top-k on biased scores, weights from the unbiased ones (DeepSeek-V3, arXiv 2412.19437).
+
+    s = sigmoid(logits) (``score="softmax"``: Wang et al.'s softmax ablation); S = the k largest
+    s_i + b_i, within the token's best ``topk_group`` of ``n_group`` expert groups;
+    g_i = s_i / sum_{j in S} s_j (``renormalize``) times ``scaling`` (the routed scaling factor).
+    The bias ``b`` (E,) only selects: it never enters g, so no gradient reaches it.
+    ``probs`` is s normalized over all experts (the P_i of DeepSeek-V3's sequence-wise loss).
+    """
+    logits = check_logits(logits)
+    E = logits.shape[1]
+    check_int("k", k, 1, E)
+    check_choice("score", score, SCORES)
+    check_int("n_group", n_group, 1, E)
+    check_int("topk_group", topk_group, 1, n_group)
+    if E % n_group:
+        raise ValueError(f"n_group={n_group} does not divide the {E} experts")
+    if k > topk_group * (E // n_group):
+        raise ValueError(
+            f"k={k} is more than the {topk_group * (E // n_group)} experts of topk_group={topk_group} groups"
+        )
+    check_bool("renormalize", renormalize)
+    check_float("scaling", scaling, 0.0, low_open=True)
+    s = _scores(logits, score)  # (T, E)
+    choice = (
+        s.detach() if bias is None else s.detach() + bias.to(s.dtype)
+    )  # selection only: no gradient
+    if n_group > 1:
+        choice = group_limited(choice, n_group, topk_group)
+    mask = _mask_of_top(choice, k)
+    weights = s * mask
+    if renormalize:
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    probs = s / s.sum(dim=1, keepdim=True)  # (T, E) the normalized affinities
+    return Routing(logits=logits, probs=probs, mask=mask, weights=weights * scaling)
+
+
+def expert_choice(logits: Tensor, capacity_factor: float = 2.0) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368): experts pick tokens.
+
+    P = softmax(logits) over experts; each expert takes the C tokens with the largest P_ti,
+    C = ceil(capacity_factor * T / E) (capped at T), with ``capacity_factor`` the average
+    experts per token (the paper's c). g = P on the chosen pairs. Every expert is exactly full;
+    a token may get no expert or several. The choice compares tokens with each other, so in a
+    causal language model a token's route depends on the later tokens of the batch.
+    """
+    logits = check_logits(logits)
+    T, E = logits.shape
+    check_float("capacity_factor", capacity_factor, 0.0, float(E), low_open=True)
+    probs = logits.softmax(dim=-1)  # (T, E)
+    capacity = min(T, math.ceil(capacity_factor * T / E))  # C = c T / E slots per expert
+    mask = _mask_of_top(probs.t(), capacity).t() if T else torch.zeros_like(probs, dtype=torch.bool)
+    return Routing(logits=logits, probs=probs, mask=mask, weights=probs * mask)
+
+
+@dataclass(frozen=True)
+class SigmoidTopK:
+    """DeepSeek-V3's router with auxiliary-loss-free balancing: ``sigmoid_top_k`` with a bias b.
+
+    b is router state (a buffer, never trained by gradient), updated after every optimizer step
+    from that step's load: b_i += u * sign(mean load - load_i) (Wang et al. 2024, u = 1e-3;
+    ``bias_rate=0`` freezes it). Paper recipe: no auxiliary balance loss and no z-loss;
+    DeepSeek-V3 adds a complementary sequence-wise balance loss with alpha = 1e-4
+    (``paper_losses``). ``score="softmax"`` is Wang et al.'s softmax-gate ablation.
+    """
+
+    k: int = 2
+    score: str = "sigmoid"
+    bias_rate: float = 1e-3  # u
+    n_group: int = 1
+    topk_group: int = 1
+    renormalize: bool = True
+    scaling: float = 1.0  # routed scaling factor (2.5 in the DeepSeek-V3 release)
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "sigmoid_top_k"
+    paper_losses: ClassVar[dict[str, float]] = {
+        "balance_coef": 0.0,
+        "z_coef": 0.0,
+        "seq_balance_coef": 1e-4,
+    }
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_choice("score", self.score, SCORES)
+        check_float("bias_rate", self.bias_rate, 0.0)
+        check_int("n_group", self.n_group, 1)
+        check_int("topk_group", self.topk_group, 1, self.n_group)
+        check_bool("renormalize", self.renormalize)
+        check_float("scaling", self.scaling, 0.0, low_open=True)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+        if num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} does not divide num_experts={num_experts}")
+        if self.k > self.topk_group * (num_experts // self.n_group):
+            raise ValueError(
+                f"k={self.k} is more than the experts of topk_group={self.topk_group} groups"
+            )
+
+    def init_state(self, num_experts: int) -> dict[str, Tensor]:
+        return {"bias": torch.zeros(num_experts)}
+
+    def update_state(self, state: dict[str, Tensor], stats) -> None:
+        """b_i += u * sign(mean load - load_i): overloaded experts become less attractive."""
+        load = stats.tokens_per_expert.float()  # (E,) this step's tokens per expert
+        state["bias"] += self.bias_rate * torch.sign(load.mean() - load)
+
+    def __call__(
+        self,
+        logits: Tensor,
+        *,
+        training: bool,
+        seq_len: int | None = None,
+        state: dict[str, Tensor],
+    ) -> Routing:
+        return sigmoid_top_k(
+            logits,
+            self.k,
+            bias=state["bias"],
+            score=self.score,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            renormalize=self.renormalize,
+            scaling=self.scaling,
+        )
+
+
+@dataclass(frozen=True)
+class ExpertChoice:
+    """Expert-choice routing (Zhou et al. 2022): ``expert_choice``; perfectly balanced by
+    construction, so no balance loss in the paper's recipe. Not causal: see ``expert_choice``."""
+
+    capacity_factor: float = 2.0  # c: average experts per token
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "expert_choice"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 0.0, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_float("capacity_factor", self.capacity_factor, 0.0, low_open=True)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_float("capacity_factor", self.capacity_factor, 0.0, float(num_experts), low_open=True)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        return expert_choice(logits, self.capacity_factor)
