@@ -112,7 +112,7 @@ def expert_count_shares(routing: Routing) -> dict[int, float]:
     if not routing.num_tokens:
         return {}
     counts = torch.bincount(routing.expert_counts.long())  # (max count + 1,)
-    return dict(enumerate((counts / routing.num_tokens).tolist()))
+    return dict(enumerate((counts.double() / routing.num_tokens).tolist()))
 
 
 def load_imbalance(routing: Routing) -> float:

@@ -7,7 +7,7 @@ import torch
 
 from minimoe import analysis
 from minimoe.layer import MoE, MoEConfig
-from minimoe.routing import top_k
+from minimoe.routing import Routing, top_k
 
 
 def _one_hot_logits(first: list[int], num_experts: int) -> torch.Tensor:
@@ -102,3 +102,51 @@ def test_recorder_nested_is_refused_and_counts_once():
         model(x)
     assert rec.routing(0).num_tokens == 5  # not 10: one hook per layer
     assert not model[0]._forward_hooks
+
+
+# ---- tokens per expert count, and MaxVio -----------------------------------------------
+
+
+def test_expert_count_shares_by_hand():
+    # token 0 -> {0}, 1 -> {}, 2 -> {0, 1, 2}, 3 -> {1}, 4 -> {}: counts 1, 0, 3, 1, 0
+    mask = torch.tensor(
+        [[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool
+    )
+    logits = torch.zeros(5, 4)
+    routing = Routing(logits=logits, probs=logits.softmax(-1), mask=mask, weights=mask * 0.25)
+    assert analysis.expert_count_shares(routing) == pytest.approx({0: 0.4, 1: 0.4, 2: 0.0, 3: 0.2})
+    top2 = top_k(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), 2)
+    assert analysis.expert_count_shares(top2) == {0: 0.0, 1: 0.0, 2: 1.0}
+    assert analysis.expert_count_shares(top_k(torch.zeros(0, 4), 2)) == {}
+
+
+@pytest.mark.parametrize(
+    "load, maxvio",
+    [
+        ([2, 2, 2, 2], 0.0),  # balanced
+        ([3, 1, 2, 2], 0.5),  # mean 2: (3 - 2) / 2
+        ([8, 0, 0, 0], 3.0),  # one expert takes all: E - 1
+        ([0.5, 0.25, 0.25], 0.5),  # shares work as well as counts (mean 1/3)
+    ],
+)
+def test_max_violation_by_hand(load, maxvio):
+    assert analysis.max_violation(torch.tensor(load)) == pytest.approx(maxvio)
+
+
+def test_max_violation_of_a_routing_is_that_of_its_tokens_per_expert():
+    routing = top_k(_one_hot_logits([2, 2, 0, 2], 4), 1)  # loads 1, 0, 3, 0: mean 1
+    assert analysis.max_violation(routing) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "load, error, match",
+    [
+        (torch.tensor([]), ValueError, r"non-empty \(E,\) tensor, got shape \(0,\)"),
+        (torch.ones(2, 3), ValueError, r"got shape \(2, 3\)"),
+        (torch.zeros(4), ValueError, "load has no tokens"),
+        ([1, 2], TypeError, "Tensor or a Routing, got list"),
+    ],
+)
+def test_max_violation_refuses_an_empty_load(load, error, match):
+    with pytest.raises(error, match=match):
+        analysis.max_violation(load)

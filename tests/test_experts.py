@@ -57,3 +57,21 @@ def test_swiglu_expert_is_silu_gate_times_up_then_down():
     grouped = experts.grouped(x, [2, 5, 0])
     dense = experts.dense(x)
     assert _max_diff(grouped[:2], dense[:2, 0]) < TOL and _max_diff(grouped[2:], dense[2:, 1]) < TOL
+
+
+def test_an_expert_split_into_m_finer_ones_is_their_sum():
+    # DeepSeekMoE's fine-grained segmentation: the hidden units of one FFN, cut into m slices,
+    # are m experts of width h / m whose outputs add up to the FFN's (the activation is per unit)
+    m, h = 4, 16
+    for activation in ("swiglu", "gelu"):
+        coarse = _experts(activation)
+        fine = Experts(num_experts=m, d_model=8, d_hidden=h // m, activation=activation).double()
+        parts = coarse.gate_up[0].detach().chunk(2 if activation == "swiglu" else 1, dim=0)
+        with torch.no_grad():
+            for j in range(m):
+                units = slice(j * h // m, (j + 1) * h // m)
+                fine.gate_up[j] = torch.cat([part[units] for part in parts])  # gate, then up
+                fine.down[j] = coarse.down[0, :, units]
+        x = torch.randn(5, 8, dtype=torch.float64)
+        assert _max_diff(fine.dense(x).sum(dim=1), coarse.expert(0, x)) < TOL
+        assert m * fine.flops_per_assignment() == coarse.flops_per_assignment()

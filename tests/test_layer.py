@@ -6,9 +6,18 @@ import re
 import pytest
 import torch
 
-from minimoe.layer import MoE, MoEConfig
-from minimoe.losses import dynamic_loss, load_balance_loss, z_loss
-from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
+from minimoe.layer import MoE, MoEConfig, fine_grained
+from minimoe.losses import dynamic_loss, load_balance_loss, sequence_balance_loss, z_loss
+from minimoe.routing import (
+    Adaptive,
+    ExpertChoice,
+    GWBroadcast,
+    NoisyTopK,
+    Routing,
+    SigmoidTopK,
+    TopK,
+    TopP,
+)
 
 D, H, E = 8, 16, 4
 
@@ -44,6 +53,7 @@ ROUTER_CONFIGS = {
     "adaptive": {"router": Adaptive()},
     "gw": {"router": GWBroadcast(TopK(), threshold=0.5, max_slots=2)},
     "capacity_loop": {"capacity_factor": 1.0, "dispatch": "loop"},
+    "shared_expert": {"shared_hidden": 12, "shared_gate": True, "capacity_factor": 1.0},
 }
 
 
@@ -143,6 +153,118 @@ def test_aux_loss_reaches_the_router():
     assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
 
 
+# ---- DeepSeek-V3's sequence-wise balance loss ------------------------------------------
+
+
+def seq_balance_by_hand(p, mask, seq_len, k):
+    """The loss with loops: f_i = E / (k L) * #{t in seq : i in S_t}, P_i = mean_t p_ti."""
+    num_experts, values = p.shape[1], []
+    for start in range(0, p.shape[0], seq_len):
+        seq = range(start, start + seq_len)
+        experts = range(num_experts)
+        f = [num_experts / (k * seq_len) * sum(bool(mask[t, i]) for t in seq) for i in experts]
+        P = [sum(p[t, i].item() for t in seq) / seq_len for i in experts]
+        values.append(sum(fi * Pi for fi, Pi in zip(f, P)))
+    return sum(values) / len(values)
+
+
+def test_sequence_balance_is_1_at_perfect_balance_whatever_the_probs(randn):
+    # two sequences of 4 tokens, token t -> experts t, t+1 (mod 4): each expert is chosen
+    # k L / E = 2 times per sequence, so f_i = 1 and L_seq = sum_i P_i = 1
+    mask = torch.zeros(8, E, dtype=torch.bool)
+    for t in range(8):
+        mask[t, [t % E, (t + 1) % E]] = True
+    probs = randn(8, E).softmax(dim=-1)
+    assert sequence_balance_loss(probs, mask, seq_len=4, k=2).item() == pytest.approx(1)
+
+
+def test_sequence_balance_by_hand():
+    # one sequence, both tokens on expert 0: f = 4 / (1 * 2) * [2, 0, 0, 0] = [4, 0, 0, 0],
+    # P_0 = (0.7 + 0.5) / 2 = 0.6, L_seq = 2.4
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.5, 0.3, 0.1, 0.1]])
+    mask = torch.tensor([[True, False, False, False]] * 2)
+    assert sequence_balance_loss(probs, mask, seq_len=2, k=1).item() == pytest.approx(2.4)
+
+
+def test_sequence_balance_sees_imbalance_within_sequences_that_the_batch_hides():
+    # sequence 0 sends both tokens to expert 0, sequence 1 both to expert 1 (E = 2, k = 1):
+    # per sequence f = [2, 0], P = [0.9, 0.1]: 1.8 each; as one sequence f = [1, 1]: 1.0
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    mask = torch.tensor([[True, False], [True, False], [False, True], [False, True]])
+    assert sequence_balance_loss(probs, mask, seq_len=2, k=1).item() == pytest.approx(1.8)
+    assert sequence_balance_loss(probs, mask, seq_len=4, k=1).item() == pytest.approx(1.0)
+
+
+def test_sequence_balance_k_none_is_the_mean_experts_per_token(randn):
+    probs = randn(6, E).softmax(dim=-1)
+    mask = probs > 0.2  # a varying number of experts per token
+    k = mask.sum().item() / 6
+    expected = seq_balance_by_hand(probs, mask, 3, k)
+    assert sequence_balance_loss(probs, mask, 3, None).item() == pytest.approx(expected, rel=1e-6)
+    none = torch.zeros_like(mask)  # no expert at all: f = 0, not 0 / 0
+    assert sequence_balance_loss(probs, none, 3, None).item() == 0
+    assert (
+        sequence_balance_loss(torch.zeros(0, E), torch.zeros(0, E, dtype=torch.bool), 3).item() == 0
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, seq_len, k, error, text",
+    [
+        ((4, E), 3, 1, ValueError, "seq_len=3"),
+        ((4, E), 0, 1, ValueError, "seq_len=0"),
+        ((4, E), 2.0, 1, TypeError, "seq_len=2.0"),
+        ((4, E), 2, 0, ValueError, "k=0"),
+        ((4, E), 2, "2", TypeError, "k='2'"),
+        ((4, E + 1), 2, 1, ValueError, f"(4, {E + 1}) and (4, {E})"),
+    ],
+)
+def test_sequence_balance_refuses_bad_input(shape, seq_len, k, error, text):
+    probs = torch.full(shape, 1 / shape[1])
+    with pytest.raises(error, match=re.escape(text)):
+        sequence_balance_loss(probs, torch.ones(4, E, dtype=torch.bool), seq_len, k)
+
+
+@pytest.mark.parametrize("shape, seq_len", [((3, 5), 5), ((7,), 7)], ids=["B,L,d", "T,d"])
+def test_layer_sequence_balance_per_sequence_of_the_input(shape, seq_len):
+    moe, x = layer(), tokens(*shape)
+    p = router_probs(moe, x.reshape(-1, D))
+    top2 = torch.zeros_like(p, dtype=torch.bool).scatter(1, p.topk(2, dim=1).indices, True)
+    out = moe(x)
+    expected = seq_balance_by_hand(p, top2, seq_len, k=2)
+    assert out.losses["sequence_balance"].item() == pytest.approx(expected, rel=1e-5)
+    # off by default: the aux loss is exactly the other terms
+    c = moe.config
+    assert torch.equal(
+        out.aux_loss, c.balance_coef * out.losses["load_balance"] + c.z_coef * out.losses["z_loss"]
+    )
+
+
+def test_layer_sequence_balance_without_k_uses_the_mean_experts_per_token():
+    moe, x = layer(router=TopP(p=0.5)), tokens(2, 6)
+    out = moe(x)
+    ept = out.stats.experts_per_token.item()
+    expected = seq_balance_by_hand(router_probs(moe, x.reshape(-1, D)), out.routing.mask, 6, ept)
+    assert out.losses["sequence_balance"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_seq_balance_coef_weighs_the_loss_into_aux():
+    x = tokens(2, 6)
+    base = layer()(x)
+    out = layer(seq_balance_coef=0.5)(x)
+    assert out.aux_loss.item() == pytest.approx(
+        base.aux_loss.item() + 0.5 * base.losses["sequence_balance"].item(), rel=1e-6
+    )
+    paper = config(router=SigmoidTopK()).with_paper_losses()  # DeepSeek-V3's recipe
+    assert (paper.balance_coef, paper.z_coef, paper.seq_balance_coef) == (0.0, 0.0, 1e-4)
+    torch.manual_seed(0)
+    moe = MoE(paper)
+    out = moe(x)
+    assert out.aux_loss.item() == pytest.approx(1e-4 * out.losses["sequence_balance"].item())
+    out.aux_loss.backward()  # through P_i, the only gradient path
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+
 # ---- capacity statistics ---------------------------------------------------------------
 
 
@@ -236,6 +358,138 @@ def test_gw_max_slots_counts_per_sequence():
     assert out.routing.broadcast.view(3, 5).tolist() == [[True, True, False, False, False]] * 3
 
 
+# ---- shared experts (DeepSeekMoE, Qwen2-MoE) -------------------------------------------
+
+HS = 12  # width of the shared expert in these tests
+
+
+def swiglu_by_hand(x, gate_up, down):
+    """down(silu(x W_g^T) * x W_u^T), with W_g and W_u the halves of gate_up (2h, d)."""
+    w_g, w_u = gate_up.detach().chunk(2, dim=0)
+    g = x @ w_g.T
+    return (g * torch.sigmoid(g) * (x @ w_u.T)) @ down.detach().T
+
+
+def test_shared_expert_leaves_the_routed_weights_unchanged():
+    plain, shared = layer(), layer(shared_hidden=HS, shared_gate=True)
+    for name, p in plain.named_parameters():
+        assert torch.equal(p, shared.get_parameter(name)), name
+    new = set(dict(shared.named_parameters())) - set(dict(plain.named_parameters()))
+    assert new == {"shared.gate_up", "shared.down", "shared_gate.weight"}
+    assert shared.shared.d_hidden == HS and shared.shared.num_experts == 1
+    assert layer(activation="gelu", shared_hidden=HS).shared.activation == "gelu"
+    assert plain.shared is None and plain.shared_gate is None
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["deepseek", "qwen2_gate"])
+def test_shared_expert_is_added_to_every_token_even_dropped_ones(gate):
+    # capacity 2 on expert 0 (see forced_layer): tokens 2-7 lose their only expert
+    moe, x = forced_layer(router=TopK(k=1), capacity_factor=1.0, shared_hidden=HS, shared_gate=gate)
+    plain, _ = forced_layer(router=TopK(k=1), capacity_factor=1.0)
+    shared = swiglu_by_hand(x, moe.shared.gate_up[0], moe.shared.down[0])  # (T, d)
+    if gate:  # Qwen2-MoE: sigmoid(w^T x) * Shared(x)
+        shared = torch.sigmoid(x @ moe.shared_gate.weight.detach().T) * shared
+    out = moe(x)
+    assert out.stats.dropped_tokens.item() == 6
+    torch.testing.assert_close(out.output, plain(x).output + shared)
+    torch.testing.assert_close(out.output[2:], shared[2:])  # the shared expert only
+
+
+def test_shared_expert_flops_count_every_token():
+    moe, x = forced_layer(router=TopK(k=1), capacity_factor=1.0, shared_hidden=HS)
+    # 2 kept pairs of the routed experts, 8 tokens through the shared one: 6 D H per SwiGLU
+    assert moe(x).stats.flops.item() == 2 * 6 * D * H + 8 * 6 * D * HS
+
+
+def test_shared_expert_gets_gradients():
+    moe = layer(shared_hidden=HS, shared_gate=True)
+    moe(tokens(10)).output.sum().backward()
+    for p in [*moe.shared.parameters(), moe.shared_gate.weight]:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "built, change",
+    [({}, {"shared_hidden": HS}), ({"shared_hidden": HS}, {"shared_gate": True})],
+)
+def test_replace_config_refuses_to_change_the_shared_expert(built, change):
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=f"cannot change {name}"):
+        layer(**built).replace_config(**change)
+
+
+# ---- fine-grained experts (DeepSeekMoE) ------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_fine_grained_keeps_flops_and_parameters_per_token(m, activation):
+    coarse = config(router=TopK(k=2, renormalize=False), activation=activation, shared_hidden=HS)
+    fine = fine_grained(coarse, m)
+    assert (fine.num_experts, fine.d_hidden) == (E * m, H // m)
+    assert fine.router == TopK(k=2 * m, renormalize=False) and fine.shared_hidden == HS
+    x = tokens(3, 5)
+    coarse_moe, fine_moe = MoE(coarse), MoE(fine)
+    assert fine_moe(x).stats.flops.item() == coarse_moe(x).stats.flops.item()
+    assert sum(p.numel() for p in fine_moe.experts.parameters()) == sum(
+        p.numel() for p in coarse_moe.experts.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, m, error, text",
+    [
+        ({"router": TopP()}, 2, TypeError, "has no k"),
+        ({"router": GWBroadcast(TopK())}, 2, TypeError, "has no k"),
+        ({}, 3, ValueError, f"d_hidden={H} is not divisible by m=3"),
+        ({}, 0, ValueError, "m=0"),
+        ({}, 2.0, TypeError, "m=2.0"),
+    ],
+)
+def test_fine_grained_refuses(overrides, m, error, text):
+    with pytest.raises(error, match=re.escape(text)):
+        fine_grained(config(**overrides), m)
+
+
+# ---- tokens with no expert -------------------------------------------------------------
+
+
+class FixedMask:
+    """A router that sends token t to the experts of ``mask[t]`` (none for an empty row)."""
+
+    def __init__(self, mask):
+        self.mask = torch.tensor(mask)
+
+    def __call__(self, logits, *, training, seq_len=None):
+        probs = logits.softmax(dim=-1)
+        return Routing(logits=logits, probs=probs, mask=self.mask, weights=probs * self.mask)
+
+
+def test_unrouted_tokens_are_counted_apart_from_dropped_ones():
+    # tokens 2 and 4 get no expert; capacity ceil(0.8 * 5 pairs / 4) = 1 per expert: expert 0
+    # keeps token 0 (uniform P: every token ranks expert 0 first), so token 1 loses its only
+    # expert and token 3 keeps expert 1
+    mask = [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]]
+    moe = layer(router=FixedMask([[bool(v) for v in row] for row in mask]), capacity_factor=0.8)
+    torch.nn.init.zeros_(moe.gate.weight)
+    out = moe(tokens(6))
+    stats = out.stats
+    assert stats.unrouted_tokens.item() == 2
+    assert stats.dropped_tokens.item() == 1 and stats.dropped_pairs.item() == 2
+    assert stats.experts_per_token.item() == pytest.approx(5 / 6)
+    assert [bool(row.any()) for row in out.output] == [True, False, False, True, False, True]
+    dropless = layer(router=TopK(k=1))(tokens(6)).stats
+    assert dropless.unrouted_tokens.item() == 0 == dropless.dropped_tokens.item()
+
+
+def test_expert_choice_leaves_tokens_unrouted_and_drops_none():
+    out = layer(router=ExpertChoice(capacity_factor=1.0))(tokens(3, 5))
+    unrouted = ~out.routing.mask.any(1)  # (T,)
+    assert out.stats.unrouted_tokens.item() == unrouted.sum().item() > 0
+    assert out.stats.dropped_tokens.item() == 0
+    assert not out.output.reshape(-1, D)[unrouted].any()  # only the residual carries them
+
+
 # ---- determinism -----------------------------------------------------------------------
 
 
@@ -269,6 +523,22 @@ def test_bad_config_raises_naming_the_value(overrides, text):
         MoE(config(**overrides))
 
 
+@pytest.mark.parametrize(
+    "overrides, error, text",
+    [
+        ({"shared_hidden": -1}, ValueError, "shared_hidden=-1"),
+        ({"shared_hidden": 2.5}, TypeError, "shared_hidden=2.5"),
+        ({"shared_hidden": HS, "shared_gate": 1}, TypeError, "shared_gate=1"),
+        ({"shared_gate": True}, ValueError, "shared_gate=True needs a shared expert"),
+        ({"seq_balance_coef": -1e-4}, ValueError, "seq_balance_coef=-0.0001"),
+        ({"seq_balance_coef": math.nan}, ValueError, "seq_balance_coef=nan"),
+    ],
+)
+def test_bad_shared_or_seq_balance_settings_raise_naming_the_value(overrides, error, text):
+    with pytest.raises(error, match=re.escape(text)):
+        config(**overrides)
+
+
 def test_wrong_input_width_raises():
     with pytest.raises(ValueError, match=re.escape("(3, 7)")):
         layer()(torch.randn(3, 7))
@@ -278,7 +548,7 @@ def test_wrong_input_width_raises():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["top_k", "top_p", "adaptive", "capacity_loop"])
+@pytest.mark.parametrize("name", ["top_k", "top_p", "adaptive", "capacity_loop", "shared_expert"])
 def test_cuda_matches_cpu(name):
     moe, x = layer(**ROUTER_CONFIGS[name]), tokens(4, 16)
     expected = moe(x).output
@@ -287,9 +557,16 @@ def test_cuda_matches_cpu(name):
     torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "loop"])
-def test_autocast_experts_in_bfloat16_router_and_output_in_float32(dispatch):
-    moe, x = layer(dispatch=dispatch), tokens(4, 16)
+DTYPE_CONFIGS = {
+    "sorted": {"dispatch": "sorted"},
+    "loop": {"dispatch": "loop"},
+    "shared_expert": {"shared_hidden": HS, "shared_gate": True},
+}
+
+
+@pytest.mark.parametrize("name", DTYPE_CONFIGS)
+def test_autocast_experts_in_bfloat16_router_and_output_in_float32(name):
+    moe, x = layer(**DTYPE_CONFIGS[name]), tokens(4, 16)
     expected = moe(x).output
     x = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -302,9 +579,9 @@ def test_autocast_experts_in_bfloat16_router_and_output_in_float32(dispatch):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in moe.parameters())
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "loop"])
-def test_bfloat16_weights_and_inputs(dispatch):
-    moe, x = layer(dispatch=dispatch), tokens(4, 16)
+@pytest.mark.parametrize("name", DTYPE_CONFIGS)
+def test_bfloat16_weights_and_inputs(name):
+    moe, x = layer(**DTYPE_CONFIGS[name]), tokens(4, 16)
     expected = moe(x).output
     out = moe.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.output.dtype == torch.bfloat16 and out.routing.logits.dtype == torch.float32

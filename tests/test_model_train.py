@@ -95,6 +95,36 @@ def test_checkpoint_roundtrip(tmp_path):
         assert torch.equal(toy(x).logits, load_checkpoint(tmp_path / "toy.pt")(x).logits)
 
 
+def test_shared_expert_and_sequence_balance_train_and_checkpoint(corpus, tmp_path):
+    model = _tiny(shared_hidden=16, shared_gate=True, seq_balance_coef=1e-2)
+    shared = moe_layers(model)[0].shared.gate_up.detach().clone()
+    hist = train(model, lm_batches(corpus, 4, 32), TrainConfig(steps=3, progress=False))
+    assert all(np.isfinite(hist.loss)) and not torch.equal(
+        moe_layers(model)[0].shared.gate_up, shared
+    )
+    save_checkpoint(model.eval(), tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.config.moe == model.config.moe
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, loaded(idx).logits)
+
+
+def test_history_max_violation_is_each_steps_maxvio_per_layer(corpus):
+    loads = []
+
+    def record(step, model, out) -> None:
+        loads.append([m.stats.tokens_per_expert.tolist() for m in out.layers])
+
+    hist = train(
+        _tiny(), lm_batches(corpus, 4, 32), TrainConfig(steps=3, progress=False), callback=record
+    )
+    # MaxVio_batch = (max_i load_i - mean load) / mean load, by hand from each step's counts
+    by_hand = [[(max(c) - sum(c) / len(c)) / (sum(c) / len(c)) for c in step] for step in loads]
+    assert len(hist.max_violation) == 3 and len(hist.max_violation[0]) == 2
+    assert np.allclose(hist.max_violation, by_hand) and max(max(hist.max_violation)) > 0
+
+
 def test_toy_regressor_learns_and_freeze_router():
     task = make_toy_task(1024, seed=0)
     model = MoERegressor(16, 8, MoEConfig(d_model=16, d_hidden=32, num_experts=4))
@@ -147,9 +177,12 @@ def test_cli_train_writes_summary(tmp_path, capsys):
         ]
     )
     printed = capsys.readouterr().out
-    assert "experts/token" in printed and "dropped" in printed
+    assert "experts/token" in printed and "dropped" in printed and "maxvio" in printed
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["experts_per_token"]) == 2 and summary["dropped_pairs_in_training"] >= 0
+    for maxvio, load in zip(summary["maxvio"], summary["load_per_expert"], strict=True):
+        # MaxVio over the probe batch: scale-free, so the printed load shares give it too
+        assert maxvio == pytest.approx((max(load) - 1 / 4) * 4, abs=0.01)
     assert (tmp_path / "model.pt").exists()
 
 

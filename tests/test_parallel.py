@@ -37,6 +37,8 @@ CASES = {
     "gw_broadcast": ({"router": GWBroadcast(TopK(k=1), threshold=0.8, max_slots=2)}, {}),
     "noisy_top_k_eval": ({"router": NoisyTopK()}, {"train": False}),
     "gelu_experts": ({"activation": "gelu", "dispatch": "loop"}, {}),
+    # replicated like the router: its gradients sum over ranks
+    "shared_expert": ({"shared_hidden": 24, "shared_gate": True}, {}),
     "idle_rank": ({}, {"zero_gate": True}),  # ties: every token picks experts 0 and 1, on rank 0
     "idle_rank_input_without_grad": ({}, {"zero_gate": True, "input_grad": False}),
     # per rank by design: each rank's capacity and noise come from its own tokens
@@ -87,7 +89,12 @@ def _compare(
     summed = [ep.gate.weight.grad.clone(), out.stats.tokens_per_expert.clone()]
     ref_grads = [moe.experts.gate_up.grad, moe.experts.down.grad, moe.gate.weight.grad]
     ref_summed = [*ref_grads, ref.stats.tokens_per_expert.clone()] if per_shard else []
-    for t in summed + ref_summed:
+    # the shared expert and its gate: replicated, so summed over ranks like the router
+    shared = {n: p.grad.clone() for n, p in ep.named_parameters() if n.startswith("shared")}
+    ref_shared = {n: p.grad.clone() for n, p in moe.named_parameters() if n.startswith("shared")}
+    for t in (
+        summed + ref_summed + [*shared.values()] + ([*ref_shared.values()] if per_shard else [])
+    ):
         dist.all_reduce(t)
     experts = slice(ep.experts.first, ep.experts.first + ep.experts.local.num_experts)
     sent = ep.last_exchange.sent
@@ -107,6 +114,13 @@ def _compare(
         )
     if input_grad:
         diffs["input_grad"] = _max_diff(x_ep.grad, x_ref.grad[mine])
+    for name, grad in shared.items():
+        diffs[f"{name}_grad"] = _max_diff(grad, ref_shared[name])
+    if ep.shared is not None:  # 0 when replicated_parameters holds every shared parameter
+        replicated = {id(p) for p in ep.replicated_parameters()}
+        diffs["shared_not_replicated"] = float(
+            sum(id(p) not in replicated for n, p in ep.named_parameters() if n.startswith("shared"))
+        )
     if per_shard:
         diffs["aux_loss"] = _max_diff(out.aux_loss, ref.aux_loss)
     return diffs
@@ -172,6 +186,8 @@ def two_ranks(tmp_path_factory) -> tuple[list[dict], object]:
 @pytest.mark.parametrize("case", CASES)
 def test_equals_single_process(two_ranks, case):
     for rank, results in enumerate(two_ranks[0]):
+        if "shared_hidden" in CASES[case][0]:  # the shared expert's gradients were compared
+            assert {"shared.gate_up_grad", "shared_gate.weight_grad"} <= set(results[case])
         bad = {k: v for k, v in results[case].items() if not v <= ATOL}
         assert not bad, f"rank {rank}: {bad}"
 
