@@ -9,7 +9,8 @@ Everything below is measured in one run, on one set of weights:
    next to a dense SwiGLU FFN of hidden width k * d_hidden = 1024 (the same active parameters
    per token, for both E; its weights are experts 0 and 1 side by side, so
    dense(x) == expert_0(x) + expert_1(x)).
-2. Dynamic routing. Top-p (p=0.4) and adaptive gating (threshold 0.1) against top-2, all on the
+2. Dynamic routing. Top-p (p=0.4), adaptive gating (threshold 0.1) and DeepSeek-V3's
+   sigmoid/bias router (same FLOPs: its cost is the router's) against top-2, all on the
    sorted path, next to their expert-FLOP ratio (kept pairs * Experts.flops_per_assignment()).
    The router weights are scaled once so that ~80% of the tokens get one expert under
    adaptive gating (the share is measured and printed); every routed variant uses that router.
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 
 from course.common import Timings, interleaved, synchronize
 from minimoe.layer import MoE, MoEConfig
-from minimoe.routing import Adaptive, TopK, TopP, adaptive
+from minimoe.routing import Adaptive, SigmoidTopK, TopK, TopP, adaptive
 
 try:
     from minimoe.interop import to_mixtral
@@ -69,6 +70,8 @@ TARGET_SORTED_E8 = 1.15  # issue 6: sorted (default) fwd+bwd <= 1.15x dense at T
 HF_TOL = 1e-4  # max |minimoe - MixtralSparseMoeBlock| before timing
 HF = "hf-mixtral"
 TARGET_ADAPTIVE = 1.15  # adaptive time ratio within 1.15x of its FLOP ratio (either side)
+SIGMOID = "sigmoid-bias"  # DeepSeek-V3's router: sigmoid scores, top-k on scores + bias
+TARGET_SIGMOID = 1.05  # issue 12: the sigmoid/bias router costs <= 5% over top-2 at the layer
 
 BUSY_SHARE = 0.05  # warn when other processes used more than this share of the CPU
 
@@ -266,11 +269,13 @@ def build(device: torch.device, seed: int, one_expert_share: float, num_experts:
         "top2-sorted": config,
         f"top-p {TOP_P}": replace(config, router=TopP(p=TOP_P)),
         "adaptive": replace(config, router=Adaptive(threshold=ADAPTIVE_THRESHOLD)),
+        SIGMOID: replace(config, router=SigmoidTopK(k=K)),  # its bias buffer starts at zero
     }
     models: dict[str, nn.Module] = {}
     for name, cfg in variants.items():
         m = MoE(cfg).to(device)
-        m.load_state_dict(base.state_dict())  # the same weights for every variant
+        missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)  # same weights
+        assert not unexpected and all(k.startswith("router_state.") for k in missing)
         models[name] = m
     dense = DenseSwiGLU.from_experts(base.experts, range(K)).to(device)
     models = {"dense": dense, **models}
@@ -459,7 +464,7 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for T, r in results.items():
         base_flops = r["stats"]["top2-sorted"]["flops"]
-        for n in ("top2-sorted", f"top-p {TOP_P}", "adaptive"):
+        for n in ("top2-sorted", f"top-p {TOP_P}", "adaptive", SIGMOID):
             s = r["stats"][n]
             flop_ratio = s["flops"] / base_flops
             fb, f = r["fwd_bwd"][n], r["fwd"][n]
@@ -470,6 +475,8 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
             if n == "adaptive":
                 ok = 1 / TARGET_ADAPTIVE <= quotient <= TARGET_ADAPTIVE
                 target = verdict(ok)
+            elif n == SIGMOID:
+                target = f"time ratio <= {TARGET_SIGMOID}: {verdict(fb_ratio <= TARGET_SIGMOID)}"
             print(
                 f"| {T} | {n} | {s['experts_per_token']:.3f} | {s['one_expert']:.1%} "
                 f"| {flop_ratio:.3f} | {fb * 1e3:.1f} ({fb_ratio:.3f}) "

@@ -78,8 +78,8 @@ positive_int = _number(int, 1)
 
 # flag (its argparse dest) -> (the spec field it sets, the routers it applies to)
 ROUTER_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "k": ("k", ("top_k", "noisy_top_k", "gw")),  # gw: k of its top-k base
-    "renormalize": ("renormalize", ("top_k", "adaptive")),
+    "k": ("k", ("top_k", "noisy_top_k", "gw", "sigmoid_top_k")),  # gw: k of its top-k base
+    "renormalize": ("renormalize", ("top_k", "adaptive", "sigmoid_top_k")),
     "top_p": ("p", ("top_p",)),
     "top_p_rule": ("rule", ("top_p",)),
     "max_experts": ("max_experts", ("top_p",)),
@@ -88,6 +88,12 @@ ROUTER_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gw_threshold": ("threshold", ("gw",)),
     "gw_measure": ("measure", ("gw",)),
     "gw_max_slots": ("max_slots", ("gw",)),
+    "score": ("score", ("sigmoid_top_k",)),
+    "bias_rate": ("bias_rate", ("sigmoid_top_k",)),
+    "n_group": ("n_group", ("sigmoid_top_k",)),
+    "topk_group": ("topk_group", ("sigmoid_top_k",)),
+    "scaling": ("scaling", ("sigmoid_top_k",)),
+    "choice_capacity": ("capacity_factor", ("expert_choice",)),
 }
 
 
@@ -150,6 +156,16 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gw-max-slots", type=non_negative_int, help="broadcast tokens per sequence (gw)"
     )
+    g.add_argument("--score", choices=("sigmoid", "softmax"), help="scores (sigmoid_top_k)")
+    g.add_argument(
+        "--bias-rate", type=non_negative, help="u of the loss-free bias update (sigmoid_top_k)"
+    )
+    g.add_argument("--n-group", type=positive_int, help="expert groups (sigmoid_top_k)")
+    g.add_argument("--topk-group", type=positive_int, help="groups a token may use (sigmoid_top_k)")
+    g.add_argument("--scaling", type=positive, help="routed scaling factor (sigmoid_top_k)")
+    g.add_argument(
+        "--choice-capacity", type=positive, help="c: mean experts per token (expert_choice)"
+    )
     g = p.add_argument_group("MoE layer")
     g.add_argument("--experts", type=positive_int, default=8, help="number of experts")
     g.add_argument("--d-model", type=positive_int, default=64)
@@ -163,6 +179,14 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="default: the router's (top_p: 1e-4, else 0)",
     )
+    g.add_argument(
+        "--seq-balance-coef",
+        type=non_negative,
+        default=0.0,
+        help="DeepSeek-V3's sequence-wise balance loss",
+    )
+    g.add_argument("--shared-hidden", type=non_negative_int, default=0, help="shared expert width")
+    g.add_argument("--shared-gate", action="store_true", help="Qwen2-MoE's sigmoid shared gate")
     g.add_argument("--dispatch", default="sorted", choices=DISPATCH_PATHS)
 
 
@@ -181,6 +205,9 @@ def moe_config_from_args(args: argparse.Namespace, **changes: Any) -> MoEConfig:
         balance_coef=args.balance_coef,
         z_coef=args.z_coef,
         dynamic_coef=args.dynamic_coef,
+        seq_balance_coef=args.seq_balance_coef,
+        shared_hidden=args.shared_hidden,
+        shared_gate=args.shared_gate,
         dispatch=args.dispatch,
     )
     try:

@@ -7,7 +7,16 @@ import pytest
 from course.__main__ import main as course_main
 from minimoe import cli
 from minimoe.__main__ import main
-from minimoe.routing import ROUTERS, Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
+from minimoe.routing import (
+    ROUTERS,
+    Adaptive,
+    ExpertChoice,
+    GWBroadcast,
+    NoisyTopK,
+    SigmoidTopK,
+    TopK,
+    TopP,
+)
 
 TINY = [
     *"--layers 1 --heads 2 --d-model 16 --d-hidden 16 --experts 4 --block-size 16 --batch-size 4 --steps 2 --no-progress --device cpu".split()
@@ -47,6 +56,15 @@ def refused(argv: list[str], capsys, run=main) -> str:
             [*"--router gw --k 1 --gw-threshold 1.6 --gw-measure entropy --gw-max-slots 3".split()],
             GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy", max_slots=3),
         ),
+        (
+            [*"--router sigmoid_top_k --k 4 --bias-rate 0.01 --n-group 4 --topk-group 2".split()],
+            SigmoidTopK(k=4, bias_rate=0.01, n_group=4, topk_group=2),
+        ),
+        (
+            [*"--router sigmoid_top_k --score softmax --scaling 2.5 --no-renormalize".split()],
+            SigmoidTopK(score="softmax", scaling=2.5, renormalize=False),
+        ),
+        (["--router", "expert_choice", "--choice-capacity", "1.5"], ExpertChoice(1.5)),
     ],
 )
 def test_router_flags_build_the_spec(flags, spec):
@@ -135,3 +153,14 @@ def test_gw_router_trains_from_the_command_line(capsys):
     summary = main(["train", *TINY, "--router", "gw", "--gw-threshold", "0.5"])
     assert len(summary["experts_per_token"]) == 1
     assert "train loss" in capsys.readouterr().out
+
+
+def test_layer_flags_for_shared_experts_and_the_sequence_loss():
+    argv = [*"--shared-hidden 32 --shared-gate --seq-balance-coef 1e-4".split()]
+    config = cli.moe_config_from_args(parse(argv))
+    assert (config.shared_hidden, config.shared_gate, config.seq_balance_coef) == (32, True, 1e-4)
+
+
+def test_a_sigmoid_flag_for_top_k_is_refused(capsys):
+    err = refused(["train", *TINY, "--bias-rate", "0.01"], capsys)
+    assert "--bias-rate does not apply to --router top_k" in err
