@@ -1,10 +1,11 @@
-"""The chapters' experiments: ``python -m course adaptive|topp|gw|compare --help``."""
+"""The chapters' experiments: ``python -m course adaptive|topp|gw|compare|modern --help``."""
 
 from __future__ import annotations
 
 from minimoe.cli import run_commands
 
-COMMANDS = ["course.gw", "course.topp", "course.adaptive", "course.compare"]  # chapter order
+# in chapter order
+COMMANDS = ["course.gw", "course.topp", "course.adaptive", "course.compare", "course.modern"]
 
 
 def main(argv: list[str] | None = None) -> object:
