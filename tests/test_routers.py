@@ -219,7 +219,9 @@ def test_registry_round_trip_and_errors():
     for spec in SPECS:
         assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
     assert routing.router_from_name("top_p", p=0.3) == TopP(p=0.3)
-    with pytest.raises(ValueError, match=r"unknown router 'bogus'; choose from \['adaptive', 'expert_choice'"):
+    with pytest.raises(
+        ValueError, match=r"unknown router 'bogus'; choose from \['adaptive', 'expert_choice'"
+    ):
         routing.router_from_name("bogus")
     with pytest.raises(ValueError, match=r"has no setting \['k'\]"):
         routing.router_from_name("top_p", k=2)
