@@ -45,7 +45,7 @@ from minimoe.analysis import RoutingRecorder, load_imbalance
 from minimoe.cli import non_negative_int, positive_int
 from minimoe.data import BYTE_VOCAB_SIZE, Batch, ByteCorpus, byte_corpus, lm_batches
 from minimoe.model import TinyTransformer
-from minimoe.routing import Adaptive, NoisyTopK, TopK, TopP
+from minimoe.routing import Adaptive, ExpertChoice, NoisyTopK, SigmoidTopK, TopK, TopP
 from minimoe.train import History, TrainConfig, train
 from minimoe.uncertainty import GWFineTuning
 
@@ -61,6 +61,12 @@ ROUTERS: dict[str, dict] = {
 }
 ROUTERS |= {
     f"{n} dropless": ROUTERS[n] | {"capacity_factor": None} for n in ("top-2", "top-p", "adaptive")
+}
+# chapter 8's routers: DeepSeek-V3's sigmoid scores balanced by a bias (u = 1e-2: chapter 8's
+# rate for 600 steps), and expert choice (c = 2, its own capacity); neither uses a balance loss
+ROUTERS |= {
+    "sigmoid loss-free": {"router": SigmoidTopK(k=2, bias_rate=1e-2), "balance_coef": 0.0},
+    "expert choice": {"router": ExpertChoice(2.0), "balance_coef": 0.0, "capacity_factor": None},
 }
 FINETUNED = {"top-2 + GW": "gw_uncertain", "top-2 + plain FT": "plain"}  # names in gw.recipes()
 
@@ -91,7 +97,9 @@ def build_model(setup: Setup, **moe) -> TinyTransformer:
     init = TinyTransformer(config()).state_dict()
     model = TinyTransformer(config(**moe))
     missing, unexpected = model.load_state_dict(init, strict=False)
-    assert not unexpected and all(k.endswith("gate_extra.weight") for k in missing), (
+    assert not unexpected and all(
+        k.endswith(("gate_extra.weight", "router_state.bias")) for k in missing
+    ), (
         missing,
         unexpected,
     )
