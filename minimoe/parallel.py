@@ -621,8 +621,14 @@ def launch(
     try:
         while True:
             receive()
-            if procs.join(timeout=0.2):
-                break
+            try:
+                if procs.join(timeout=0.2):
+                    break
+            except mp.ProcessExitedException:
+                receive()
+                if len(got) == world_size:  # every rank delivered its result, then one crashed
+                    break  # on its way out (gloo's teardown has aborted so, rarely): work done
+                raise
             if failures:  # the other ranks may wait on the failed one: give them a moment only
                 deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
             if time.monotonic() > deadline:
