@@ -357,9 +357,8 @@ class MoE(nn.Module):
                 f"MoE expects inputs of shape (..., d_model={c.d_model}), got {tuple(x.shape)}"
             )
         tokens = x.reshape(-1, c.d_model)  # (T, d)
-        seq_len = (
-            x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
-        )  # (B, L, d): per sequence (GW cap)
+        # (B, L, d): rules per sequence (GW's slot cap, the sequence-wise loss)
+        seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
         routing = self.route(tokens, seq_len)
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
