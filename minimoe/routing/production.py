@@ -119,6 +119,8 @@ class SigmoidTopK:
     ``bias_rate=0`` freezes it). Paper recipe: no auxiliary balance loss and no z-loss;
     DeepSeek-V3 adds a complementary sequence-wise balance loss with alpha = 1e-4
     (``paper_losses``). ``score="softmax"`` is Wang et al.'s softmax-gate ablation.
+    With ``k=1``, ``renormalize=True`` gives g = s / s = 1 and the router no gradient (chapter
+    1's trap): use ``renormalize=False`` there.
     """
 
     k: int = 2
