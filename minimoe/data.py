@@ -1,6 +1,6 @@
 """Data sets for the course: a toy regression task, graded token tasks, and a byte-level corpus.
 
-Ground floor: imports nothing from the rest of minimoe. Every generator is deterministic given its
+Ground floor: imports nothing from the rest of minimoe but its input checks (``minimoe.checks``). Every generator is deterministic given its
 seed and uses a local `torch.Generator`, never the global RNG.
 """
 
@@ -11,32 +11,13 @@ import math
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-
-def _require_int(name: str, value: object) -> None:
-    """TypeError naming `name` unless `value` is an int (a bool or a float such as 2.0 is not)."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {name}={value!r}")
-
-
-def _require_positive(name: str, value: object) -> None:
-    """An int >= 1: a size such as batch_size (0 would make empty batches)."""
-    _require_int(name, value)
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-
-
-def _require_finite(name: str, value: object) -> None:
-    """TypeError unless `value` is a real number; ValueError if it is nan or infinite."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number, got {name}={value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {name}={value!r}")
+from minimoe.checks import check_float, check_int
 
 
 def _require_ids(name: str, ids: object, high: int) -> None:
@@ -90,7 +71,7 @@ class ToyTask:
 
     def split(self, frac: float) -> tuple[ToyTask, ToyTask]:
         """The first `frac` of the samples and the rest (samples are already in random order)."""
-        _require_finite("frac", frac)
+        check_float("frac", frac, -math.inf)
         k = round(frac * len(self))
         if not 0 < k < len(self):
             raise ValueError(f"frac={frac} leaves an empty part of {len(self)} samples")
@@ -136,11 +117,11 @@ def make_toy_task(
     """
     ints = {"n": n, "num_clusters": num_clusters, "dim": dim, "out_dim": out_dim, "seed": seed}
     for name, value in ints.items():
-        _require_int(name, value)
+        check_int(name, value)
     if sample_seed is not None:
-        _require_int("sample_seed", sample_seed)
-    _require_finite("spread", spread)
-    _require_finite("noise", noise)
+        check_int("sample_seed", sample_seed)
+    check_float("spread", spread, -math.inf)
+    check_float("noise", noise, -math.inf)
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     if num_clusters < 2:
@@ -204,7 +185,7 @@ class MultiTaskData:
 
 def seq_len(max_len: int) -> int:
     """L for operands of at most `max_len` digits: the longest sample (add) minus the shift."""
-    _require_int("max_len", max_len)
+    check_int("max_len", max_len)
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got max_len={max_len}")
     return 3 * max_len + 4  # <add> a + b = (max_len+1 digits) <eos>, one fewer after shifting
@@ -231,7 +212,7 @@ def make_multitask(
     """`n` samples in random order, an equal share per task (to within one), lengths uniform in
     [min_len, max_len]. L = seq_len(max_len), so calls with the same max_len stack."""
     for name, value in (("n", n), ("min_len", min_len), ("max_len", max_len), ("seed", seed)):
-        _require_int(name, value)
+        check_int(name, value)
     if isinstance(tasks, str):  # would be read letter by letter
         raise TypeError(f"tasks must be a sequence of task names, got the str {tasks!r}")
     if n <= 0:
@@ -332,8 +313,8 @@ class ByteCorpus:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         data = self.train if split == "train" else self.val
-        _require_int("batch_size", batch_size)
-        _require_int("block_size", block_size)
+        check_int("batch_size", batch_size)
+        check_int("block_size", block_size)
         if not isinstance(generator, torch.Generator):  # None would draw from the global RNG
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if batch_size <= 0:
@@ -354,7 +335,7 @@ def byte_corpus(text: str | None = None, val_frac: float = 0.1) -> ByteCorpus:
     """
     if text is not None and not isinstance(text, str):
         raise TypeError(f"text must be a str (None: the default corpus), got {type(text).__name__}")
-    _require_finite("val_frac", val_frac)
+    check_float("val_frac", val_frac, -math.inf)
     if not 0 < val_frac < 1:
         raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
     raw = (load_text() if text is None else text).encode("utf-8")
@@ -376,8 +357,8 @@ def lm_batches(
     corpus: ByteCorpus, batch_size: int, block_size: int, split: str = "train"
 ) -> Callable[[torch.Generator], Batch]:
     """Random windows of the byte corpus as {idx, targets}."""
-    _require_positive("batch_size", batch_size)  # here, not at the first step
-    _require_positive("block_size", block_size)
+    check_int("batch_size", batch_size, 1)  # here, not at the first step
+    check_int("block_size", block_size, 1)
 
     def get(g: torch.Generator) -> Batch:
         idx, targets = corpus.batch(split, batch_size, block_size, g)
@@ -388,7 +369,7 @@ def lm_batches(
 
 def multitask_batches(data: MultiTaskData, batch_size: int) -> Callable[[torch.Generator], Batch]:
     """Random samples of the graded token tasks as {idx, targets} (loss on answers only)."""
-    _require_positive("batch_size", batch_size)
+    check_int("batch_size", batch_size, 1)
 
     def get(g: torch.Generator) -> Batch:
         i = torch.randint(0, len(data), (batch_size,), generator=g)
@@ -399,7 +380,7 @@ def multitask_batches(data: MultiTaskData, batch_size: int) -> Callable[[torch.G
 
 def toy_batches(task: ToyTask, batch_size: int) -> Callable[[torch.Generator], Batch]:
     """Random samples of the toy regression task as {x, y}."""
-    _require_positive("batch_size", batch_size)
+    check_int("batch_size", batch_size, 1)
 
     def get(g: torch.Generator) -> Batch:
         i = torch.randint(0, len(task), (batch_size,), generator=g)

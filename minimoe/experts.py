@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimoe.checks import check_choice, check_int
+
 ACTIVATIONS = ("swiglu", "gelu")
 _GROUPED_MM_FAILED: list[str] = []  # once it fails, stop trying
 
@@ -50,10 +52,8 @@ class Experts(nn.Module):
             ("d_model", d_model),
             ("d_hidden", d_hidden),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown expert activation {activation!r}; choose from {ACTIVATIONS}")
+            check_int(name, value, 1)
+        check_choice("activation", activation, ACTIVATIONS)
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.activation = activation
         width = 2 * d_hidden if activation == "swiglu" else d_hidden

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimoe.checks import check_bool, check_choice, check_float, check_int
 from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_capacity
 from minimoe.experts import ACTIVATIONS, Experts
 from minimoe.losses import dynamic_loss, load_balance_loss, sequence_balance_loss, z_loss
@@ -27,11 +28,7 @@ from minimoe.routing import (
     Router,
     Routing,
     TopK,
-    check_bool,
-    check_choice,
     check_experts,
-    check_float,
-    check_int,
     router_columns,
     router_from_dict,
     router_to_dict,

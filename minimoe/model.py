@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minimoe.checks import check_float, check_int
 from minimoe.layer import MoE, MoEConfig, MoEOutput, moe_layers
-from minimoe.routing import Router, check_float, check_int
+from minimoe.routing import Router
 
 
 @dataclass(frozen=True)

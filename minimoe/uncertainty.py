@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from minimoe.analysis import RoutingRecorder, first_choice
+from minimoe.checks import check_bool
 from minimoe.data import Batch
 from minimoe.layer import moe_layers
 from minimoe.model import set_router
@@ -260,9 +261,8 @@ class GWFineTuning:
             check_threshold(0.0, self.measure, None)  # the measure is checked either way
         if self.max_slots is not None:
             check_int("max_slots", self.max_slots, 0)
-        for name in ("freeze_router", "z_loss"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {name}={getattr(self, name)!r}")
+        check_bool("freeze_router", self.freeze_router)
+        check_bool("z_loss", self.z_loss)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Give every MoE layer a new config with GW broadcast around its base router (and the

@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from minimoe.checks import check_bool, check_choice, check_float, check_int
 from minimoe.routing.classic import (
     Adaptive,
     GWBroadcast,
@@ -57,11 +58,7 @@ from minimoe.routing.core import (
     UNCERTAINTY,
     Router,
     Routing,
-    check_bool,
-    check_choice,
     check_experts,
-    check_float,
-    check_int,
     check_logits,
     check_threshold,
     entropy,

@@ -13,17 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minimoe.checks import check_bool, check_choice, check_float, check_int
 from minimoe.routing.core import (
     Router,
     Routing,
     _from_mask,
     _mask_of_top,
     _uncertainty,
-    check_bool,
-    check_choice,
     check_experts,
-    check_float,
-    check_int,
     check_logits,
     check_recipe,
     check_threshold,

@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from minimoe.checks import check_choice, check_float
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -108,41 +110,6 @@ def check_logits(logits: Tensor) -> Tensor:
         bad = logits[~torch.isfinite(logits)].flatten()[0].item()
         raise ValueError(f"logits must be finite, found {bad}")
     return logits.float()
-
-
-def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """``value`` as an int in [low, high], or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {name}={value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int {bound}, got {name}={value!r}")
-    return value
-
-
-def check_float(
-    name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False
-) -> float:
-    """``value`` as a finite float in [low, high] ((low, high] if ``low_open``), else an error naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {name}={value!r}")
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {name}={value!r}")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {name}={value!r}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
-    return value
 
 
 def _check_probs(probs: Tensor, name: str = "probs") -> None:

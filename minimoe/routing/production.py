@@ -14,13 +14,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from minimoe.checks import check_bool, check_choice, check_float, check_int
 from minimoe.routing.core import (
     Routing,
     _mask_of_top,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
     check_logits,
     check_recipe,
 )
