@@ -149,7 +149,7 @@ class TinyTransformer(nn.Module):
         B, L = idx.shape
         if B == 0 or L == 0:
             raise ValueError(f"idx is an empty batch of shape {tuple(idx.shape)}")
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one device sync, not two
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(
