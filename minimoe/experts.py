@@ -28,16 +28,20 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _grouped_mm_usable(x: Tensor, d_model: int, d_hidden: int) -> bool:
-    """Feature detection for the grouped GEMM kernel (bf16 on CUDA, sm80+, aligned sizes)."""
-    return (
-        hasattr(F, "grouped_mm")
-        and not _GROUPED_MM_FAILED
-        and x.is_cuda
-        and compute_dtype(x) == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device)[0] >= 8
-        and d_model % 8 == 0
-        and d_hidden % 8 == 0
-    )
+    """Feature detection for the grouped GEMM kernel ``F.grouped_mm``.
+
+    CUDA: bfloat16 compute on sm80+. CPU: float32 compute (torch's CPU kernel runs the
+    groups' matmuls in one call; in bfloat16 it is many times slower than the loop). Both
+    need 16-byte aligned rows, so sizes that are multiples of 8.
+    """
+    if not hasattr(F, "grouped_mm") or _GROUPED_MM_FAILED or d_model % 8 or d_hidden % 8:
+        return False
+    if x.is_cuda:
+        return (
+            compute_dtype(x) == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 8
+        )
+    return x.device.type == "cpu" and compute_dtype(x) == torch.float32
 
 
 class Experts(nn.Module):
@@ -82,9 +86,10 @@ class Experts(nn.Module):
     def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
         """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d).
 
-        On CUDA in bfloat16 (bfloat16 inputs, or bfloat16 autocast), with a torch that has
-        ``F.grouped_mm``, all experts run in two grouped GEMMs; elsewhere (and if that kernel
-        refuses the shapes) one matmul per expert.
+        With a torch that has ``F.grouped_mm``, on CUDA in bfloat16 (bfloat16 inputs, or
+        bfloat16 autocast) and on CPU in float32, all experts run in two grouped GEMMs (on CPU
+        this also spares backward stacking E per-expert weight gradients); elsewhere, and if
+        that kernel refuses the shapes, one matmul per expert.
         """
         if _grouped_mm_usable(x, self.d_model, self.d_hidden):
             try:
@@ -104,10 +109,14 @@ class Experts(nn.Module):
 
     def _grouped_mm(self, x: Tensor, counts: list[int]) -> Tensor:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # end of each group
-        x = x.to(torch.bfloat16)  # autocast does not cover grouped_mm: cast by hand
+        if x.is_cuda:
+            x = x.to(torch.bfloat16)  # autocast does not cover grouped_mm: cast by hand
         gate_up = self.gate_up.to(x.dtype).transpose(-2, -1)  # (E, d, 2h)
         down = self.down.to(x.dtype).transpose(-2, -1)  # (E, h, d)
-        return F.grouped_mm(self._act(F.grouped_mm(x, gate_up, offs=offs)), down, offs=offs)
+        out = F.grouped_mm(self._act(F.grouped_mm(x, gate_up, offs=offs)), down, offs=offs)
+        if out.requires_grad:  # its backward refuses a broadcast gradient (out.sum().backward())
+            out.register_hook(Tensor.contiguous)
+        return out
 
     def dense(self, x: Tensor) -> Tensor:
         """Every expert on every token: (T, d) -> (T, E, d). For teaching and tests."""

@@ -196,11 +196,8 @@ def _grouped_mm_runs_on_cpu() -> bool:
 
 @pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="this torch has no CPU F.grouped_mm")
 def test_grouped_mm_formulation_matches_the_per_expert_path_with_gradients():
-    """The GPU path's arithmetic (offsets, transposes, an expert with no rows), run on the CPU.
-
-    Only CUDA uses it in the layer; torch's CPU grouped_mm checks the formulation here, so a
-    machine without a GPU still tests everything but the kernel.
-    """
+    """The GPU path's arithmetic in bfloat16 (offsets, transposes, an expert with no rows), run
+    on the CPU, so a machine without a GPU still tests everything but the CUDA kernel."""
     torch.manual_seed(0)
     ex = Experts(num_experts=4, d_model=64, d_hidden=128)
     x = torch.randn(300, 64)
@@ -223,6 +220,39 @@ def test_grouped_mm_formulation_matches_the_per_expert_path_with_gradients():
             g.float(), r, atol=0.1, rtol=5e-2, msg=lambda m, name=name: f"grad {name}: {m}"
         )
     assert grads[1][1].abs().sum() == 0 and grads[2][1].abs().sum() == 0, "expert 1 had no rows"
+
+
+@pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="this torch has no CPU F.grouped_mm")
+def test_cpu_float32_takes_the_grouped_path_and_matches_one_matmul_per_expert(monkeypatch):
+    from minimoe import experts as experts_module
+
+    torch.manual_seed(0)
+    ex = Experts(num_experts=4, d_model=64, d_hidden=128)
+    x = torch.randn(300, 64)
+    counts = [100, 0, 150, 50]
+    assert experts_module._grouped_mm_usable(x, 64, 128)
+    assert not experts_module._grouped_mm_usable(x.double(), 64, 128), "float64: the loop"
+    assert not experts_module._grouped_mm_usable(x, 64, 100), "unaligned rows: the loop"
+
+    def run(grouped_ok: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(experts_module, "_grouped_mm_usable", lambda *a: grouped_ok)
+        xr = x.clone().requires_grad_()
+        out = ex.grouped(xr, counts)
+        out.sum().backward()  # a broadcast gradient: grouped_mm's backward alone refuses it
+        grads = [xr.grad, ex.gate_up.grad, ex.down.grad]
+        ex.zero_grad(set_to_none=True)
+        return [out.detach(), *grads]
+
+    calls = []
+    original = experts_module.Experts._grouped_mm
+    monkeypatch.setattr(
+        experts_module.Experts, "_grouped_mm", lambda s, x, c: calls.append(1) or original(s, x, c)
+    )
+    fast, loop = run(True), run(False)
+    assert calls == [1], "the grouped path ran once, the loop did not call it"
+    for name, a, b in zip(["out", "x", "gate_up", "down"], fast, loop):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert fast[2][1].abs().sum() == 0, "expert 1 had no rows: no gradient"
 
 
 @pytest.mark.parametrize("capacity_factor", [float("inf"), float("nan"), "1.0", True])
