@@ -1,11 +1,18 @@
-"""The chapters' experiments: ``python -m course adaptive|topp|gw|compare|modern --help``."""
+"""The chapters' experiments: ``python -m course gw|testbed|topp|adaptive|compare|modern --help``."""
 
 from __future__ import annotations
 
 from minimoe.cli import run_commands
 
 # in chapter order
-COMMANDS = ["course.gw", "course.topp", "course.adaptive", "course.compare", "course.modern"]
+COMMANDS = [
+    "course.gw",
+    "course.testbed",
+    "course.topp",
+    "course.adaptive",
+    "course.compare",
+    "course.modern",
+]
 
 
 def main(argv: list[str] | None = None) -> object:

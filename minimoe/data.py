@@ -150,6 +150,114 @@ def make_toy_task(
 
 
 # ---------------------------------------------------------------------------------------------
+# 1b. Known-answer testbed: which experts an input needs, and how many, known by construction
+# ---------------------------------------------------------------------------------------------
+
+MIXTURE_HIDDEN = 8  # width of each target function: one expert of a few times this fits one
+
+
+@dataclass
+class MixtureTask:
+    """Samples whose right experts and whose need for compute are known by construction.
+
+    C functions f_c(z) = tanh(z A_c) B_c. A sample at level m draws m distinct functions S
+    (its ``member`` row) and content z ~ N(0, I); its target is their mean, its input names them:
+        y = (1/m) sum_{c in S} f_c(z)          x = [z, tag],  tag_c = tag_scale * [c in S] / m
+    Level 1 needs one expert (the one that learned f_c), level m needs m of them: experts
+    combined with equal weights give the mean, while one expert alone would have to learn
+    every mixture of functions. ``w_in``, ``w_out`` depend only on ``seed`` and the sizes;
+    the samples also on ``sample_seed``, so train and test sets can share one task.
+    """
+
+    x: Tensor  # (N, content_dim + C) inputs: content z, then the tag naming the functions
+    y: Tensor  # (N, out_dim) targets
+    level: Tensor  # (N,) long, how many functions are mixed: the experts a sample needs
+    member: Tensor  # (N, C) bool, which functions are mixed (the right experts, up to a relabel)
+    w_in: Tensor  # (C, content_dim, MIXTURE_HIDDEN)
+    w_out: Tensor  # (C, MIXTURE_HIDDEN, out_dim)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def content(self) -> Tensor:
+        """(N, content_dim) the content z of each sample (x without its tag)."""
+        return self.x[:, : self.w_in.shape[1]]
+
+    def target(self, z: Tensor, member: Tensor) -> Tensor:
+        """Noise-free targets of content ``z`` (N, content_dim) mixing the ``member`` (N, C) functions."""
+        num_functions, content_dim = self.w_in.shape[:2]
+        if z.dim() != 2 or z.shape[1] != content_dim or member.shape != (z.shape[0], num_functions):
+            raise ValueError(
+                f"need z (N, {content_dim}) and member (N, {num_functions}), got z "
+                f"{tuple(z.shape)} and member {tuple(member.shape)}"
+            )
+        if member.dtype != torch.bool or not member.any(1).all():
+            raise ValueError("member must be bool with at least one function per row")
+        return _mixture_target(z, member, self.w_in, self.w_out)
+
+
+def _mixture_target(z: Tensor, member: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    hidden = torch.tanh(torch.einsum("nd,cdh->nch", z, w_in))  # (N, C, hidden) every function
+    f = torch.einsum("nch,cho->nco", hidden, w_out)  # (N, C, out_dim)
+    m = member.to(f.dtype)  # (N, C)
+    return (f * m[:, :, None]).sum(1) / m.sum(1, keepdim=True)  # (N, out_dim) mean over S
+
+
+def make_mixture_task(
+    n: int = 8192,
+    num_functions: int = 8,
+    content_dim: int = 8,
+    out_dim: int = 8,
+    level_shares: Sequence[float] = (0.5, 0.35, 0.15),
+    tag_scale: float = 2.0,
+    seed: int = 0,
+    sample_seed: int | None = None,
+) -> MixtureTask:
+    """``n`` samples; ``level_shares[m - 1]`` is the expected share at level m (they sum to 1).
+
+    The default mix: half the samples need one expert, 35% two, 15% three. Level m's functions
+    are a uniform random m-subset of the ``num_functions``.
+    """
+    ints = {"n": n, "num_functions": num_functions, "content_dim": content_dim}
+    for name, value in (ints | {"out_dim": out_dim}).items():
+        check_int(name, value, 1)
+    check_int("seed", seed)
+    if sample_seed is not None:
+        check_int("sample_seed", sample_seed)
+    check_float("tag_scale", tag_scale, 0.0)
+    if tag_scale == 0:
+        raise ValueError("tag_scale must be > 0 (the tag is how an input names its functions)")
+    if isinstance(level_shares, (str, Tensor)) or not isinstance(level_shares, Sequence):
+        raise TypeError(f"level_shares must be a sequence of numbers, got {level_shares!r}")
+    for share in level_shares:
+        check_float("level_shares", share, 0.0)
+    if not level_shares or not math.isclose(sum(level_shares), 1.0, abs_tol=1e-6):
+        raise ValueError(f"level_shares must sum to 1, got level_shares={tuple(level_shares)}")
+    if len(level_shares) > num_functions:
+        raise ValueError(
+            f"level {len(level_shares)} needs that many distinct functions, got "
+            f"num_functions={num_functions}"
+        )
+
+    g = torch.Generator().manual_seed(seed)
+    w_in = torch.randn(num_functions, content_dim, MIXTURE_HIDDEN, generator=g) / content_dim**0.5
+    w_out = torch.randn(num_functions, MIXTURE_HIDDEN, out_dim, generator=g) / MIXTURE_HIDDEN**0.5
+
+    gs = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
+    shares = torch.tensor([float(s) for s in level_shares])
+    level = torch.multinomial(shares, n, replacement=True, generator=gs) + 1  # (N,) in 1..M
+    order = torch.rand(n, num_functions, generator=gs).argsort(dim=1)  # (N, C) random ranking
+    member = torch.zeros(n, num_functions, dtype=torch.bool).scatter_(
+        1, order, torch.arange(num_functions).expand(n, -1) < level[:, None]
+    )  # (N, C) the first `level` functions of each row's ranking
+    z = torch.randn(n, content_dim, generator=gs)
+    tag = tag_scale * member.float() / level[:, None]  # (N, C)
+    y = _mixture_target(z, member, w_in, w_out)
+    return MixtureTask(torch.cat([z, tag], dim=1), y, level, member, w_in, w_out)
+
+
+# ---------------------------------------------------------------------------------------------
 # 2. Token tasks of graded difficulty (chapters 4-5)
 # ---------------------------------------------------------------------------------------------
 
@@ -378,8 +486,8 @@ def multitask_batches(data: MultiTaskData, batch_size: int) -> Callable[[torch.G
     return get
 
 
-def toy_batches(task: ToyTask, batch_size: int) -> Callable[[torch.Generator], Batch]:
-    """Random samples of the toy regression task as {x, y}."""
+def toy_batches(task: ToyTask | MixtureTask, batch_size: int) -> Callable[[torch.Generator], Batch]:
+    """Random samples of a regression task (the toy task or the mixture testbed) as {x, y}."""
     check_int("batch_size", batch_size, 1)
 
     def get(g: torch.Generator) -> Batch:

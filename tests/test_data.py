@@ -58,6 +58,70 @@ def test_toy_split():
     assert torch.equal(torch.cat([a.y, b.y]), t.y) and torch.equal(a.centers, t.centers)
 
 
+# ---- the mixture testbed ----------------------------------------------------------------------
+
+
+def test_mixture_task_levels_members_and_tags():
+    t = D.make_mixture_task(n=4000, num_functions=6, content_dim=5, out_dim=3)
+    assert t.x.shape == (4000, 5 + 6) and t.y.shape == (4000, 3) and t.member.shape == (4000, 6)
+    assert torch.equal(t.member.sum(1), t.level), "a level-m sample mixes m functions"
+    shares = t.level.bincount(minlength=4)[1:].float() / 4000
+    assert torch.allclose(shares, torch.tensor([0.5, 0.35, 0.15]), atol=0.03)
+    tag = t.x[:, 5:]  # the tag names the functions, each with weight tag_scale / m
+    assert torch.allclose(tag, 2.0 * t.member.float() / t.level[:, None].float())
+    assert torch.equal(t.content, t.x[:, :5])
+    # every function appears at every level (uniform subsets): no function only in easy samples
+    for m in (1, 2, 3):
+        assert (t.member[t.level == m].sum(0) > 0).all()
+
+
+def test_mixture_targets_are_the_mean_of_the_named_functions():
+    t = D.make_mixture_task(n=50, num_functions=4, content_dim=3, out_dim=2, level_shares=(0, 0, 1))
+    for i in range(5):
+        z, funcs = t.content[i], t.member[i].nonzero().squeeze(1).tolist()
+        by_hand = [torch.tanh(z @ t.w_in[c]) @ t.w_out[c] for c in funcs]  # f_c(z) = tanh(zA)B
+        assert len(funcs) == 3
+        assert torch.allclose(t.y[i], sum(by_hand) / 3, atol=1e-6)
+    assert torch.equal(t.target(t.content, t.member), t.y)
+    other = t.member.roll(1, dims=1)  # the same content under other functions: another target
+    assert (t.target(t.content, other) - t.y).abs().mean() > 0.1
+
+
+def test_mixture_task_seeds():
+    a, b = D.make_mixture_task(n=100, seed=3), D.make_mixture_task(n=100, seed=3)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    c = D.make_mixture_task(n=100, seed=3, sample_seed=9)  # same functions, other samples
+    assert torch.equal(c.w_in, a.w_in) and not torch.equal(c.x, a.x)
+    assert torch.equal(c.target(c.content, c.member), c.y)
+    assert not torch.equal(D.make_mixture_task(n=100, seed=4).w_in, a.w_in)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"n": 0}, ValueError, "n=0"),
+        ({"num_functions": 2.0}, TypeError, "num_functions=2.0"),
+        ({"level_shares": (0.5, 0.6)}, ValueError, r"sum to 1, got level_shares=\(0.5, 0.6\)"),
+        ({"level_shares": (1.5, -0.5)}, ValueError, "level_shares=-0.5"),
+        ({"level_shares": "0.5"}, TypeError, "level_shares"),
+        ({"level_shares": (0.25,) * 4, "num_functions": 3}, ValueError, "num_functions=3"),
+        ({"tag_scale": 0.0}, ValueError, "tag_scale must be > 0"),
+        ({"tag_scale": float("nan")}, ValueError, "tag_scale=nan"),
+    ],
+)
+def test_mixture_task_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        D.make_mixture_task(**kwargs)
+
+
+def test_mixture_target_checks_shapes():
+    t = D.make_mixture_task(n=10, num_functions=4, content_dim=3)
+    with pytest.raises(ValueError, match=r"z \(N, 3\) and member \(N, 4\)"):
+        t.target(t.x, t.member)  # the whole input, tag included
+    with pytest.raises(ValueError, match="at least one function"):
+        t.target(t.content, torch.zeros(10, 4, dtype=torch.bool))
+
+
 # ---- multi-task tokens ------------------------------------------------------------------------
 
 

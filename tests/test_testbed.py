@@ -1,0 +1,61 @@
+"""The testbed experiment's measurements (course/testbed.py), against routers built by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course import testbed
+from minimoe.routing import TopK
+
+
+def _oracle(k: int, scale: float = 50.0) -> tuple[testbed.TestbedSetup, object, object]:
+    """A model whose router reads the tag: expert c's logit is scale * tag_c."""
+    setup = testbed.TestbedSetup(n_train=64, n_test=3000, steps=0)
+    _, test = setup.tasks()
+    model = setup.model(TopK(k=k), test)
+    content_dim = test.content.shape[1]
+    with torch.no_grad():
+        model.moe.gate.weight.zero_()
+        model.moe.gate.weight[:, content_dim:] = scale * torch.eye(8)
+    return setup, model, test
+
+
+def test_coverage_of_a_router_that_reads_the_tag():
+    _, model, _ = _oracle(k=2)
+    r = testbed.measure(model, _oracle(k=2)[2])
+    levels = r["levels"]
+    assert r["distinct_experts"] == 8, "each function gets its own expert"
+    assert levels["1"]["coverage"] == 1 and levels["2"]["coverage"] == 1
+    assert levels["3"]["coverage"] == pytest.approx(2 / 3), "top-2 covers two of three functions"
+    assert levels["1"]["experts_per_token"] == 2 and levels["1"]["multi_expert_share"] == 1
+
+
+def test_coverage_of_top_1_and_of_a_router_that_ignores_the_tag():
+    _, model, test = _oracle(k=1)
+    levels = testbed.measure(model, test)["levels"]
+    assert levels["1"]["coverage"] == 1
+    assert levels["2"]["coverage"] == pytest.approx(1 / 2)
+    assert levels["3"]["coverage"] == pytest.approx(1 / 3)
+    with torch.no_grad():
+        model.moe.gate.weight.zero_()
+    collapsed = testbed.measure(model, test)  # every sample on expert 0 (lowest index on ties)
+    assert collapsed["distinct_experts"] == 1, "coverage is read beside distinct_experts:"
+    assert collapsed["levels"]["1"]["coverage"] == 1, "one expert 'covers' every level-1 sample"
+    assert collapsed["levels"]["2"]["coverage"] == pytest.approx(1 / 2)
+
+
+def test_a_short_run_and_the_paired_differences(tmp_path):
+    setup = testbed.TestbedSetup(n_train=256, n_test=512, steps=3, batch_size=32)
+    runs = [testbed.run(name, setup) for name in ("top-1", "top-2")]
+    runs.append(testbed.run("top-1", testbed.replace(setup, seed=1)))
+    results = {"setup": {}, "runs": runs}
+    rows = testbed.table(results)
+    assert len(rows) == 3 * len(testbed.LEVELS) and {r["level"] for r in rows} == {1, 2, 3}
+    diff = testbed.paired(results, "top-1", "top-2")  # seed 0 only: top-2 has no seed 1
+    for m in testbed.LEVELS:
+        a, b = runs[0]["levels"][str(m)], runs[1]["levels"][str(m)]
+        assert diff[m] == [a["rel_error"] - b["rel_error"]]
+    assert runs[0]["levels"]["1"]["experts_per_token"] == 1
+    with pytest.raises(ValueError, match="'top-p 0.4'"):
+        testbed.paired(results, "top-1", "top-p 0.4")
