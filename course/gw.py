@@ -44,7 +44,12 @@ from minimoe.train import (
     seed_everything,
     train,
 )
-from minimoe.uncertainty import GWFineTuning, record_routing, uncertain_in_any_layer
+from minimoe.uncertainty import (
+    GWFineTuning,
+    record_routing,
+    swapped_first_choice,
+    uncertain_in_any_layer,
+)
 
 CHECKPOINT = "gw_pretrained.pt"  # in data/ (``common.cached``); see data/README.md
 RESULTS = "gw_results.json"  # the bigger run of ``compare``, in data/
@@ -52,6 +57,7 @@ HELD_OUT = "THE TEMPEST"  # the downstream play; the pretraining text is the oth
 THRESHOLD = 0.75  # normalized entropy; the released code uses 1.6 nats (0.77 of ln 8) on GLUE, 1.8 (0.87) for generation
 PRETRAIN_STEPS = 2000
 METRICS = ("loss_all", "loss_uncertain", "acc_all", "acc_uncertain")
+SWAP_METRICS = ("swap_all", "swap_uncertain")  # runs made since the swap measurement
 
 
 def model_config() -> ModelConfig:
@@ -212,10 +218,16 @@ def uncertain_tokens(
 
 
 def evaluate(model: nn.Module, batch: Batch, uncertain: torch.Tensor) -> dict[str, float]:
-    """Mean loss and accuracy on all tokens and on the ``uncertain`` ones (a fixed set), and
-    the evaluation's expert FLOPs per token."""
+    """Mean loss and accuracy on all tokens and on the ``uncertain`` ones (a fixed set), the
+    evaluation's expert FLOPs per token, and GW-MoE's claim measured directly: ``swap_*``, the
+    mean loss increase when every layer sends each token to its best unchosen expert instead
+    of its first choice (lower = less sensitive to the choice)."""
     loss, correct, flops = token_metrics(model, batch)
+    with swapped_first_choice(model):
+        swapped, _, _ = token_metrics(model, batch)
     return {
+        "swap_all": (swapped - loss).mean().item(),
+        "swap_uncertain": (swapped - loss)[uncertain].mean().item(),
         "loss_all": loss.mean().item(),
         "loss_uncertain": loss[uncertain].mean().item(),
         "acc_all": correct.float().mean().item(),
@@ -415,7 +427,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 def write_results(rows: list[dict], out: Path, config: dict | None = None) -> None:
     """results.json ({config, rows}), results.csv (one row per run), summary.json, and plots."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows)
+    summary = summarize(rows, METRICS + SWAP_METRICS)
     write_json(out / "results.json", {"config": config or {}, "rows": rows})
     write_json(out / "summary.json", summary)
     write_csv(out / "results.csv", rows)
@@ -425,7 +437,8 @@ def write_results(rows: list[dict], out: Path, config: dict | None = None) -> No
     fig.savefig(out / "gw_metrics.png", dpi=120)
     plt.close(fig)
     for name, s in summary.items():
-        print(f"{name:>13}: " + "  ".join(f"{m} {s[m][0]:.4f} ± {s[m][1]:.4f}" for m in METRICS))
+        shown = METRICS + SWAP_METRICS
+        print(f"{name:>13}: " + "  ".join(f"{m} {s[m][0]:.4f} ± {s[m][1]:.4f}" for m in shown))
     print(f"wrote {out}/results.json, results.csv, summary.json, gw_metrics.png")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from minimoe.routing import (
     normalized_entropy,
     top_gap,
 )
+from minimoe.routing import first_choice as routing_first_choice
 from minimoe.routing import is_uncertain as routing_is_uncertain
 
 # ---- per-token measures ---------------------------------------------------------------
@@ -233,6 +234,61 @@ def binned_rate(score: Tensor, event: Tensor, num_bins: int = 5) -> tuple[Tensor
     mean_score = torch.stack([score[b].float().mean() for b in bins])
     rate = torch.stack([event[b].float().mean() for b in bins])
     return mean_score, rate, torch.tensor([len(b) for b in bins])
+
+
+# ---- sensitivity to the choice (what GW fine-tuning claims to reduce) -------------------
+
+
+def swap_first_choice(routing: Routing) -> Routing:
+    """Each token's first choice replaced by its best unchosen expert: the wrong pick an
+    uncertain router would make. Tokens sent to every expert, or to none (expert choice),
+    keep their routing.
+
+    The new set is weighted by the probabilities, scaled to the old weights' total (1 for a
+    renormalizing top-k), so only the choice changes, not how much the layer adds.
+    """
+    first = routing_first_choice(routing.probs.masked_fill(~routing.mask, -1.0))  # (T,) best chosen
+    best_unchosen = routing_first_choice(routing.probs.masked_fill(routing.mask, -1.0))  # (T,)
+    can = routing.mask.any(1) & ~routing.mask.all(1)  # (T,) something to swap out and in
+    rows = torch.arange(routing.mask.shape[0], device=routing.mask.device)[can]
+    mask = routing.mask.clone()
+    mask[rows, first[can]] = False
+    mask[rows, best_unchosen[can]] = True
+    new = routing.probs * mask  # (T, E)
+    total = routing.weights.sum(1, keepdim=True)  # (T, 1)
+    weights = new * (total / new.sum(1, keepdim=True).clamp_min(torch.finfo(new.dtype).tiny))
+    return Routing(logits=routing.logits, probs=routing.probs, mask=mask, weights=weights)
+
+
+@dataclass(frozen=True)
+class SwappedFirstChoice:
+    """A router that routes as ``base`` does, then swaps each token's first choice."""
+
+    base: object
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None, **kw):
+        return swap_first_choice(self.base(logits, training=training, seq_len=seq_len, **kw))
+
+
+@contextmanager
+def swapped_first_choice(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every MoE layer of ``model`` routes each token to its best unchosen
+    expert instead of its first choice; the configs (and router state) are restored after.
+
+    GW-MoE's claim, measured directly: after GW fine-tuning, the loss of an uncertain token
+    should change less when its choice changes (compare the loss inside and outside).
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layer")
+    configs = [layer.config for layer in layers]
+    try:
+        for layer, config in zip(layers, configs, strict=True):
+            layer.config = replace(config, router=SwappedFirstChoice(config.router))
+        yield
+    finally:
+        for layer, config in zip(layers, configs, strict=True):
+            layer.config = config
 
 
 # ---- GW fine-tuning -------------------------------------------------------------------

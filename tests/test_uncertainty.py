@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minimoe.analysis import expert_for_cluster
-from minimoe.layer import MoEConfig
-from minimoe.model import MoERegressor
+from minimoe.layer import MoEConfig, moe_layers
+from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
 from minimoe.routing import Routing, TopK, gw_broadcast, top_k
 from minimoe.uncertainty import (
     binned_rate,
@@ -19,6 +19,8 @@ from minimoe.uncertainty import (
     perturbed_router,
     rates_by_uncertainty,
     record_routing,
+    swap_first_choice,
+    swapped_first_choice,
     uncertain_in_any_layer,
     uncertain_share,
     uncertain_share_per_layer,
@@ -171,3 +173,44 @@ def test_explorer_builds_on_recorded_routing():
     _, routings = record_routing(toy_model(), {"x": torch.randn(16, 8)})
     box = uncertainty_explorer({"toy": routings})
     assert isinstance(box, widgets.VBox)
+
+
+# ---- sensitivity to the choice -----------------------------------------------------------
+
+
+def test_swap_first_choice_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    logits = probs.log()
+    r = top_k(logits, k=2)  # renormalized: weights sum to 1
+    s = swap_first_choice(r)
+    assert s.mask.tolist() == [[False, True, True], [True, False, True], [False, True, True]]
+    torch.testing.assert_close(s.weights[0], torch.tensor([0.0, 0.6, 0.4]))
+    torch.testing.assert_close(s.weights.sum(1), torch.ones(3))
+    raw = top_k(logits, k=1, renormalize=False)  # Switch: weight p_max, kept as total
+    torch.testing.assert_close(swap_first_choice(raw).weights[2], torch.tensor([0.0, 0.6, 0.0]))
+    everyone = Routing(logits, probs, torch.ones(3, 3, dtype=torch.bool), probs)
+    same = swap_first_choice(everyone)  # no expert left to swap in: unchanged
+    assert torch.equal(same.mask, everyone.mask) and torch.equal(same.weights, everyone.weights)
+
+
+def test_swapped_first_choice_changes_the_output_and_restores_the_model():
+    torch.manual_seed(0)
+    model = TinyTransformer(ModelConfig(moe=MoEConfig(d_model=32, d_hidden=32, num_experts=4)))
+    model.eval()
+    idx = torch.randint(0, 256, (2, 16))
+    configs = [layer.config for layer in moe_layers(model)]
+    with torch.no_grad():
+        before = model(idx=idx).logits
+        with swapped_first_choice(model):
+            swapped = model(idx=idx)
+        after = model(idx=idx).logits
+    assert torch.equal(before, after), "the routers are back"
+    assert [layer.config for layer in moe_layers(model)] == configs
+    assert (swapped.logits - before).abs().max() > 1e-3
+    first = [r.probs.argmax(1) for r in (layer.routing for layer in swapped.layers)]
+    assert all(
+        (~layer.routing.mask.gather(1, f[:, None])).all() for layer, f in zip(swapped.layers, first)
+    )
+    with pytest.raises(ValueError, match="no MoE layer"):
+        with swapped_first_choice(torch.nn.Linear(2, 2)):
+            pass
