@@ -70,12 +70,18 @@ def model_config() -> ModelConfig:
     )
 
 
+RELEASED_BALANCE = 1e-3  # the released code's auxiliary-loss coefficient in fine-tuning
+
+
 def recipes(
-    threshold: float = THRESHOLD, freeze_router: bool = True, z_loss: bool = False
+    threshold: float = THRESHOLD,
+    freeze_router: bool = True,
+    z_loss: bool = False,
+    balance_coef: float | None = RELEASED_BALANCE,
 ) -> dict[str, GWFineTuning]:
     """The three fine-tuning runs compared: same switches (by default the released code's:
-    router frozen, z-loss off), different broadcast."""
-    switches = {"freeze_router": freeze_router, "z_loss": z_loss}
+    router frozen, z-loss off, balance loss 1e-3; None keeps the model's), different broadcast."""
+    switches = {"freeze_router": freeze_router, "z_loss": z_loss, "balance_coef": balance_coef}
     return {
         "plain": GWFineTuning(None, **switches),
         "gw_uncertain": GWFineTuning(threshold, **switches),
@@ -379,6 +385,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="keep the router z-loss (the released code turns it off)",
     )
     p.add_argument(
+        "--balance-coef",
+        type=non_negative,
+        default=RELEASED_BALANCE,
+        help="balance-loss coefficient while fine-tuning (default: the released code's %(default)s)",
+    )
+    p.add_argument(
         "--eval-windows",
         type=positive_int,
         default=None,
@@ -400,7 +412,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     else:
         model = load_pretrained(args.checkpoint)
     _, corpus = corpora()
-    runs = recipes(args.threshold, freeze_router=not args.train_router, z_loss=args.z_loss)
+    runs = recipes(
+        args.threshold,
+        freeze_router=not args.train_router,
+        z_loss=args.z_loss,
+        balance_coef=args.balance_coef,
+    )
     rows = compare(
         model.to(args.device),
         corpus,

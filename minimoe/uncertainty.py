@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from minimoe.analysis import RoutingRecorder, first_choice
-from minimoe.checks import check_bool
+from minimoe.checks import check_bool, check_float
 from minimoe.data import Batch
 from minimoe.layer import moe_layers
 from minimoe.model import set_router
@@ -300,8 +300,9 @@ class GWFineTuning:
 
     ``threshold=None`` is plain fine-tuning with the same switches, so a comparison changes
     one thing only; ``threshold=0`` broadcasts every token (the "all tokens" ablation).
-    The released code freezes the router and turns the router z-loss off; both are switches
-    here. ``freeze_router`` is read by the trainer (``TrainConfig.freeze_router``).
+    The released code freezes the router, turns the router z-loss off and keeps the balance
+    loss at 1e-3; all three are settings here (``balance_coef=None`` keeps the layer's).
+    ``freeze_router`` is read by the trainer (``TrainConfig.freeze_router``).
     """
 
     threshold: float | None = None
@@ -309,6 +310,7 @@ class GWFineTuning:
     max_slots: int | None = None  # broadcast tokens per sequence, first tokens first
     freeze_router: bool = True
     z_loss: bool = False
+    balance_coef: float | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
@@ -319,10 +321,13 @@ class GWFineTuning:
             check_int("max_slots", self.max_slots, 0)
         check_bool("freeze_router", self.freeze_router)
         check_bool("z_loss", self.z_loss)
+        if self.balance_coef is not None:
+            check_float("balance_coef", self.balance_coef, 0.0)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Give every MoE layer a new config with GW broadcast around its base router (and the
-        z-loss off unless kept); returns the model. Layers are never edited in place."""
+        """Give every MoE layer a new config with GW broadcast around its base router (the z-loss
+        off unless kept, the balance coefficient if given); returns the model. Layers are never
+        edited in place."""
         base = moe_layers(model)[0].config.router
         base = base.base if isinstance(base, GWBroadcast) else base
         router = (
@@ -332,4 +337,7 @@ class GWFineTuning:
                 base, threshold=self.threshold, measure=self.measure, max_slots=self.max_slots
             )
         )
-        return set_router(model, router, **({} if self.z_loss else {"z_coef": 0.0}))
+        changes = {} if self.z_loss else {"z_coef": 0.0}
+        if self.balance_coef is not None:
+            changes["balance_coef"] = self.balance_coef
+        return set_router(model, router, **changes)

@@ -117,6 +117,11 @@ def test_recipe_sets_every_layer_and_turns_z_loss_off():
     assert all(m.config.router == TopK(k=2) and m.config.z_coef == 1e-3 for m in moe_layers(keep))
     with pytest.raises(ValueError, match="measure"):
         GWFineTuning(0.5, measure="gini")
+    assert all(m.config.balance_coef == 1e-2 for m in moe_layers(keep)), "None keeps the layer's"
+    released = GWFineTuning(0.5, balance_coef=1e-3).apply(tiny_model())
+    assert all(m.config.balance_coef == 1e-3 for m in moe_layers(released))
+    with pytest.raises(ValueError, match="balance_coef=-1"):
+        GWFineTuning(0.5, balance_coef=-1.0)
 
 
 def test_frozen_router_does_not_move_and_broadcast_is_reported():
@@ -226,7 +231,7 @@ def test_command_writes_table_and_plot(tmp_path):
     assert saved["rows"][1]["run"] == "plain" and saved["config"]["steps"] == 1
     assert saved["config"]["train_router"] and saved["config"]["z_loss"]
     assert gwx.recipes(0.5, freeze_router=False, z_loss=True)["gw_all"] == GWFineTuning(
-        0.0, freeze_router=False, z_loss=True
+        0.0, freeze_router=False, z_loss=True, balance_coef=1e-3
     )
 
 
