@@ -1,4 +1,4 @@
-"""The chapters' experiments: ``python -m course gw|testbed|topp|adaptive|compare|modern --help``."""
+"""The chapters' experiments: ``python -m course gw|testbed|topp|adaptive|compare|modern|numbers --help``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ COMMANDS = [
     "course.adaptive",
     "course.compare",
     "course.modern",
+    "course.numbers",
 ]
 
 

@@ -1,0 +1,209 @@
+"""One set of numbers: every chapter's headline routing numbers, with the setting each came from.
+
+The chapters measure the same routers on different data, models and loss recipes, so the same
+quantity differs between them (top-p's experts per token is 2.17 in chapter 4 and 1.51 in
+chapter 6). This table reads every chapter's cached runs (``data/``) and puts each number
+beside its setting, so a reader sees which setting moved it. Chapter 6 prints it; the README's
+course summary is this table (a test keeps them equal): ``python -m course numbers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Iterable
+
+from course.common import load_json
+from minimoe.data import make_mixture_task
+
+TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
+TOKENS = "graded token tasks"
+TESTBED = "mixture testbed, 1 MoE layer, 2000 steps"
+COURSE = "course: balance 1e-2 + z-loss 1e-3"
+PAPER = "paper's own (no z-loss)"
+
+
+def _stats(values: Iterable[float]) -> tuple[float, float, float, int]:
+    v = list(values)
+    return statistics.fmean(v), min(v), max(v), len(v)
+
+
+def _row(chapter: str, router: str, quantity: str, values, data: str, recipe: str) -> dict:
+    mean, low, high, seeds = _stats(values)
+    return {
+        "chapter": chapter,
+        "router": router,
+        "quantity": quantity,
+        "mean": mean,
+        "low": low,
+        "high": high,
+        "seeds": seeds,
+        "data": data,
+        "recipe": recipe,
+    }
+
+
+def topp_rows() -> list[dict]:
+    runs = load_json(None, "topp/results.json")["runs"]
+    data = f"{TOKENS} (operands <= 6 digits), 3-layer LM, 600 steps"
+    epr = "experts per token"
+    return [
+        _row("4", "top-p 0.4", epr, [r["routing"]["mean"] for r in runs["top-p"]], data, COURSE),
+        _row("4", "top-p 0.4", epr, [r["routing"]["mean"] for r in runs["top-p z=0"]], data, PAPER),
+    ]
+
+
+def adaptive_rows() -> list[dict]:
+    per_seed = load_json(None, "adaptive/results.json")["per_seed"]
+    share = [
+        r["two_expert_share"]
+        for s in per_seed
+        for r in s["rows"]
+        if r["variant"] == "adaptive T=0.1"
+    ]
+    loss = [
+        r["loss_vs_top2"] for s in per_seed for r in s["rows"] if r["variant"] == "adaptive T=0.1"
+    ]
+    data = f"{TOKENS} (operands <= 4 digits), 2-layer LM, 600 steps"
+    return [
+        _row("5", "adaptive 0.1", "two-expert share", share, data, COURSE),
+        _row("5", "adaptive 0.1", "val loss - top-2 (nats)", loss, data, COURSE),
+    ]
+
+
+def compare_rows() -> list[dict]:
+    per_seed = load_json(None, "compare/results.json")["per_seed"]
+
+    def column(run: str, key: str, f: Callable[[float], float] = float) -> list[float]:
+        return [f(r[key]) for s in per_seed for r in s["rows"] if r["run"] == run]
+
+    data, recipe = f"{TEXT}, capacity 1.25", COURSE
+    epr, vs = "experts per token", "val loss - top-2 (nats)"
+    return [
+        _row("6", "top-p 0.4", epr, column("top-p", "experts_per_token"), data, recipe),
+        _row("6", "top-p 0.4", vs, column("top-p", "loss_vs_top2"), data, recipe),
+        _row(
+            "6",
+            "adaptive 0.1",
+            "two-expert share",  # 1 or 2 experts: the share on two is experts per token - 1
+            column("adaptive", "experts_per_token", lambda v: v - 1),
+            data,
+            recipe,
+        ),
+        _row("6", "adaptive 0.1", vs, column("adaptive", "loss_vs_top2"), data, recipe),
+        _row("6", "top-1", vs, column("top-1", "loss_vs_top2"), data, recipe),
+        _row(
+            "6",
+            "top-2 + GW FT",
+            vs,
+            column("top-2 + GW", "loss_vs_top2"),
+            data,
+            "course's; in fine-tuning router frozen, z-loss 0",
+        ),
+    ]
+
+
+def testbed_rows() -> list[dict]:
+    results = load_json(None, "testbed/results.json")
+    setup = results["setup"]
+    test = make_mixture_task(setup["n_test"], seed=setup["task_seed"], sample_seed=1)
+    share = {str(m): (test.level == m).float().mean().item() for m in (1, 2, 3)}  # test levels
+
+    def overall(router: str, key: str) -> list[float]:
+        return [
+            sum(share[m] * v[key] for m, v in r["levels"].items())
+            for r in results["runs"]
+            if r["router"] == router
+        ]
+
+    def versus(router: str, other: str) -> list[float]:
+        mine, theirs = overall(router, "rel_error"), overall(other, "rel_error")
+        return [a - b for a, b in zip(mine, theirs, strict=True)]
+
+    vs = "test error - top-2 (share of variance)"
+    return [
+        _row(
+            "4-6",
+            "top-p 0.4",
+            "experts per token",
+            overall("top-p 0.4", "experts_per_token"),
+            TESTBED,
+            PAPER,
+        ),
+        _row("4-6", "top-p 0.4", vs, versus("top-p 0.4", "top-2"), TESTBED, PAPER),
+        _row(
+            "4-6",
+            "adaptive 0.1",
+            "two-expert share",
+            overall("adaptive 0.1", "multi_expert_share"),
+            TESTBED,
+            PAPER,
+        ),
+        _row("4-6", "adaptive 0.1", vs, versus("adaptive 0.1", "top-2"), TESTBED, PAPER),
+        _row("4-6", "top-1", vs, versus("top-1", "top-2"), TESTBED, PAPER),
+    ]
+
+
+def gw_rows() -> list[dict]:
+    rows = load_json(None, "gw_results.json")["rows"]
+    plain = {r["seed"]: r["loss_all"] for r in rows if r["run"] == "plain"}
+    gain = [r["loss_all"] - plain[r["seed"]] for r in rows if r["run"] == "gw_uncertain"]
+    data = "Shakespeare bytes, unseen play, 300 fine-tuning steps"
+    recipe = "released code's: router frozen, z-loss 0, balance 1e-3"
+    return [_row("3", "GW FT vs plain FT", "held-out loss difference (nats)", gain, data, recipe)]
+
+
+def modern_rows() -> list[dict]:
+    per_seed = load_json(None, "modern/results.json")["per_seed"]
+
+    def column(run: str, key: str) -> list[float]:
+        return [r[key] for s in per_seed for r in s["rows"] if r["run"] == run]
+
+    data, recipe = TEXT, "as named"
+    return [
+        _row(
+            "8", "aux loss 1e-3", "MaxVio_global", column("aux 1e-3", "maxvio_global"), data, recipe
+        ),
+        _row(
+            "8",
+            "loss-free u=1e-2",
+            "MaxVio_global",
+            column("loss-free 1e-2", "maxvio_global"),
+            data,
+            recipe,
+        ),
+    ]
+
+
+def headline_rows() -> list[dict]:
+    """Every chapter's headline numbers, in chapter order."""
+    rows = (
+        gw_rows() + topp_rows() + adaptive_rows() + testbed_rows() + compare_rows() + modern_rows()
+    )
+    order = {"3": 0, "4": 1, "5": 2, "4-6": 3, "6": 4, "8": 5}
+    return sorted(rows, key=lambda r: order[r["chapter"]])
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table: the mean over seeds and its range."""
+    lines = [
+        "| chapter | router | quantity | mean (range over seeds) | data and model | losses |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        value = f"{r['mean']:.3g} ({r['low']:.3g} to {r['high']:.3g}, {r['seeds']} seeds)"
+        lines.append(
+            f"| {r['chapter']} | {r['router']} | {r['quantity']} | {value} | {r['data']} | {r['recipe']} |"
+        )
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("numbers", help="every chapter's headline numbers in one Markdown table")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> str:
+    table = markdown(headline_rows())
+    print(table)
+    return table
