@@ -406,12 +406,26 @@ COSTS = {
 }
 
 
-def plot_pareto(summary: list[dict], cost: str = "flops_ratio", ax: Axes | None = None) -> Axes:
+def _run_colors(summary: list[dict]) -> dict[str, tuple]:
+    """One colour per run, none repeated (matplotlib's default cycle has ten)."""
+    cmap = plt.get_cmap("tab20")
+    return {r["run"]: cmap(i % 20) for i, r in enumerate(summary)}
+
+
+def plot_pareto(
+    summary: list[dict], cost: str = "flops_ratio", ax: Axes | None = None, near: float = 0.05
+) -> Axes:
     """Held-out loss (mean, error bar: std of the paired difference to top-2 over seeds) against
-    a cost relative to top-2; the Pareto front is the dashed line."""
+    a cost relative to top-2; the Pareto front is the dashed line. Runs are named beside their
+    points, except those within ``near`` of top-2's cost, which crowd there: ``plot_near_top2``
+    draws them apart."""
     ax = ax if ax is not None else plt.subplots(figsize=(5.5, 4), layout="constrained")[1]
     x, y = [r[cost] for r in summary], [r["loss"] for r in summary]
     front = pareto_front(x, y)
+    colors = _run_colors(summary)
+    crowd = [r["run"] for r in summary if abs(r[cost] - 1) <= near]
+    named = sorted((x[i], r["run"]) for i, r in enumerate(summary) if r["run"] not in crowd)
+    above = {run: j % 2 == 0 for j, (_, run) in enumerate(named)}  # neighbours: above, below
     for i, r in enumerate(summary):
         ax.errorbar(
             x[i],
@@ -419,18 +433,48 @@ def plot_pareto(summary: list[dict], cost: str = "flops_ratio", ax: Axes | None 
             yerr=r["loss_vs_top2_std"],
             fmt="o" if front[i] else "s",
             capsize=3,
-            color=f"C{i}",
+            color=colors[r["run"]],
             mfc=None if front[i] else "none",
-            label=r["run"],
         )
+        if r["run"] not in crowd:
+            offset = (6, 4) if above[r["run"]] else (6, -11)
+            ax.annotate(
+                r["run"], (x[i], y[i]), xytext=offset, textcoords="offset points", fontsize=8
+            )
     on = sorted((x[i], y[i]) for i in range(len(x)) if front[i])
-    ax.plot(*zip(*on), "k--", lw=1, label="Pareto front")
+    ax.plot(*zip(*on), "k--", lw=1, label="Pareto front (filled points: on it)")
+    if crowd:
+        ax.axvspan(1 - near, 1 + near, color="0.9", zorder=0, label=f"{len(crowd)} runs near top-2")
     ax.set(
         xlabel=COSTS.get(cost, cost),
         ylabel="held-out loss (nats/byte)",
         title="Quality vs compute (lower left is better)",
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_near_top2(
+    summary: list[dict], cost: str = "flops_ratio", ax: Axes | None = None, near: float = 0.05
+) -> Axes:
+    """The runs within ``near`` of top-2's cost, one row each: loss minus top-2's (mean and
+    std of the paired difference over seeds), so the crowd of ``plot_pareto`` can be read."""
+    ax = ax if ax is not None else plt.subplots(figsize=(5.5, 4), layout="constrained")[1]
+    colors = _run_colors(summary)
+    rows = [r for r in summary if abs(r[cost] - 1) <= near]
+    for i, r in enumerate(rows):
+        ax.errorbar(
+            r["loss_vs_top2"], i, xerr=r["loss_vs_top2_std"], fmt="o", capsize=3,
+            color=colors[r["run"]],
+        )  # fmt: skip
+    ax.axvline(0, color="k", lw=1)
+    ax.set(
+        yticks=range(len(rows)),
+        yticklabels=[f"{r['run']} ({r[cost]:.2f}x)" for r in rows],
+        xlabel="held-out loss - top-2's (nats/byte), paired by seed",
+        title=f"Runs within {near:.0%} of top-2's {COSTS.get(cost, cost).split(' / ')[0]}",
+    )
+    ax.invert_yaxis()
     return ax
 
 
@@ -438,9 +482,10 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
     """results.json ({summary, per_seed}), results.csv (rows per seed, then means), pareto.png."""
     summary = summarize(per_seed)
     paths = write_seed_results(out, per_seed, summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), layout="constrained")
     plot_pareto(summary, "flops_ratio", axes[0])
-    plot_pareto(summary, "train_step_ratio", axes[1])
+    plot_near_top2(summary, "flops_ratio", axes[1])
+    plot_pareto(summary, "train_step_ratio", axes[2])
     fig.savefig(out / "pareto.png", dpi=110)
     plt.close(fig)
     return [*paths, out / "pareto.png"]

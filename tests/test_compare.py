@@ -147,7 +147,14 @@ def test_plot_marks_the_front(seed_result):
     summary = cx.summarize([seed_result])
     ax = cx.plot_pareto(summary, "train_step_ratio")
     assert ax.get_xlabel() == cx.COSTS["train_step_ratio"]
-    assert "Pareto front" in [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("Pareto front") for t in legend)
+    named = {t.get_text() for t in ax.texts}  # runs away from top-2's cost are named in place
+    far = {r["run"] for r in summary if abs(r["train_step_ratio"] - 1) > 0.05}
+    assert named == far
+    near = cx.plot_near_top2(summary, "train_step_ratio")
+    labels = [t.get_text().split(" (")[0] for t in near.get_yticklabels()]
+    assert labels == [r["run"] for r in summary if r["run"] not in far]
 
 
 def test_command_writes_table_and_plot(tmp_path, capsys):
