@@ -7,30 +7,65 @@ STAMP := $(VENV)/.installed
 # Jupyter refuses to run as root unless told (containers, some cloud machines)
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test test-lib test-notebooks notebooks lint bench clean
+.PHONY: setup lab student test test-lib test-notebooks test-browser site notebooks lint bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first: an unpinned torch would pull a multi-GB CUDA build
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m pip install --upgrade pip
+	# torch first, on its own: TORCH may name PyTorch's CPU-only wheel index (see the README)
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e ".[dev,bench]"
 	touch $(STAMP)
 
-lab: setup
-	$(VENV)/bin/jupyter lab $(LAB_FLAGS) index.md
+# JupyterLab on the course map, rendered: Markdown opens in its preview and no news prompt shows
+# (this venv's settings defaults: tools/lab-overrides.json); the chapters are trusted, so their
+# committed widgets render.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+lab: setup $(LAB_SETTINGS)
+	$(VENV)/bin/jupyter trust notebooks/[0-9]*.ipynb
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) --LabApp.default_url=/lab/tree/index.md
+
+$(LAB_SETTINGS): tools/lab-overrides.json
+	mkdir -p $(dir $@)
+	cp $< $@
+
+# The chapters without their solutions, for students: build/student/ (nbgrader, one assignment
+# per chapter; build/nbgrader/ is the nbgrader course, see docs/teaching.md).
+student: setup
+	$(PY) tools/student.py
 
 test: lint
-	$(PY) -m pytest -q tests/
+	$(PY) -m pytest -q -m "not browser" tests/
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
+	$(MAKE) --no-print-directory test-browser
 
 test-lib: setup
-	$(PY) -m pytest -q tests/
+	$(PY) -m pytest -q -m "not browser" tests/
 
 test-notebooks: setup
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
+
+# The site's pages, and two chapters' explorers live in JupyterLab, in Debian's chromium
+# (apt-get install chromium; .ci/run does). Screenshots: build/screenshots/.
+test-browser: site
+	$(PY) -m pytest -q -p no:cacheprovider --confcutdir=tests/browser -m browser tests/browser/
+
+# The course as a website, build/site/index.html: the committed notebooks as executed (never
+# re-run), Sphinx + MyST-NB (site/conf.py says why), MathJax from npm: works with no internet.
+SITE_STAMP := $(VENV)/.site-installed
+site: $(SITE_STAMP) site/node_modules/.installed
+	rm -rf build/site build/site-doctrees build/site-widgets build/jupyter_execute
+	$(VENV)/bin/sphinx-build -E -W --keep-going -q -b html -c site -d build/site-doctrees . build/site
+
+$(SITE_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e ".[site,browser]"
+	touch $@
+
+site/node_modules/.installed: site/package.json site/package-lock.json
+	cd site && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 # Re-execute every notebook in place, top to bottom in a fresh kernel (outputs are committed).
 notebooks: setup

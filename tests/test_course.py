@@ -74,3 +74,19 @@ def test_seed_means_by_hand():
         {"run": "b", "seeds": 1, "loss": 5.0, "steps": 3, "loss_std": 0.0},
     ]
     assert seed_means(rows, "run", ["loss"], digits=0)[0] == {"run": "a", "seeds": 2, "loss": 2.0}
+
+
+def test_the_readme_carries_the_one_table_of_numbers():
+    import math
+
+    from course import numbers
+
+    rows = numbers.headline_rows()
+    assert {r["chapter"] for r in rows} == {"3", "4", "5", "4-6", "6", "8"}
+    for r in rows:
+        assert math.isfinite(r["mean"]) and r["low"] <= r["mean"] <= r["high"], r
+        assert r["seeds"] >= 3, f"{r['router']}, {r['quantity']}: fewer than 3 seeds"
+    table = numbers.markdown(rows)
+    assert table in (ROOT / "README.md").read_text(), (
+        "README's table of numbers is stale: paste `python -m course numbers` into it"
+    )

@@ -1,0 +1,126 @@
+"""course.quiz (the chapters' self-checks), and every chapter's answer key."""
+
+import math
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+import torch
+
+from course import quiz
+from minimoe import routing
+from minimoe.analysis import max_violation
+from minimoe.dispatch import expert_capacity
+from minimoe.losses import load_balance_loss
+from minimoe.parallel import Exchange
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def bias_change(u: float, load: list[int], expert: int) -> float:
+    state = {"bias": torch.zeros(len(load))}
+    routing.SigmoidTopK(bias_rate=u).update_state(
+        state, SimpleNamespace(tokens_per_expert=torch.tensor(load))
+    )
+    return state["bias"][expert].item()
+
+
+# The right answers, from the library where it computes them; a letter picks a choice.
+KEYS = {
+    "01": [
+        expert_capacity(4096 * 2, 8, 1.25),
+        "b",
+        load_balance_loss(torch.eye(4)[[0, 0, 0]]).item(),
+        "c",
+        8,
+    ],
+    "02": [
+        routing.entropy(torch.tensor([0.5, 0.5, 0.0, 0.0])).item(),
+        routing.normalized_entropy(torch.tensor([0.5, 0.5, 0.0, 0.0])).item(),
+        1.6 / math.log(8),
+        "b",
+        "c",
+    ],
+    "03": ["c", 0.75 * 2 + 0.25 * 8, "a", 100 * 2 / 32, "b"],
+    "04": [1, 2, 3, "c", "b"],
+    "05": [2, 0.05 / 0.85, 1, "b", "c"],
+    "06": [
+        "c",
+        (400 + 200 * 1.5) / 600,
+        statistics.stdev([0.01, 0.02, 0.03]) / math.sqrt(3),
+        "a",
+        "b",
+    ],
+    "07": [0.75, Exchange(0, (0, 300), (0, 200), 256, 0).bytes_sent, "b", 5 * 2 // 8, "c"],
+    "08": [
+        bias_change(0.01, [10, 30, 20, 20], 1),
+        max_violation(torch.tensor([10, 30, 20, 20])),
+        "b",
+        "a",
+        math.comb(8, 2),
+    ],
+}
+
+
+def chapter_quiz(number: str) -> list[quiz.Question]:
+    (path,) = NOTEBOOKS.glob(f"{number}_*.ipynb")
+    cells = [
+        c.source for c in nbformat.read(path, as_version=4).cells if "quiz.show(QUIZ)" in c.source
+    ]
+    assert len(cells) == 1, "one self-check per chapter"
+    namespace: dict = {}
+    exec(cells[0], namespace)  # the cell defines QUIZ and draws it
+    return namespace["QUIZ"]
+
+
+@pytest.mark.parametrize("number", sorted(KEYS))
+def test_every_chapter_answer_key(number):
+    questions = chapter_quiz(number)
+    assert len(questions) == len(KEYS[number]) == 5
+    for q, key in zip(questions, KEYS[number]):
+        assert quiz.is_right(q, key), f"chapter {number}: {q.text!r} does not take {key!r}"
+        if q.choices:  # exactly one right choice
+            assert sum(quiz.is_right(q, c) for c in q.choices) == 1
+
+
+def test_numbers_are_compared_after_rounding():
+    text = "How many slots?"
+    q = quiz.number(text, quiz.digest(text, 0.7694, decimals=2), decimals=2, hint="ln 8")
+    assert quiz.is_right(q, 0.77) and quiz.is_right(q, "0.769") and quiz.is_right(q, " 0.7712 ")
+    assert not quiz.is_right(q, 0.78) and not quiz.is_right(q, "seven")
+    assert quiz.answer(q, 0.78) == "Not yet (rounded to 2 decimals). ln 8"
+    assert quiz.answer(q, "seven").startswith("Not an answer")
+    zero = quiz.number("z", quiz.digest("z", 0.0, decimals=2), decimals=2)
+    assert quiz.is_right(zero, -0.001)  # -0.00 is 0.00
+
+
+def test_choices_take_the_text_or_the_letter():
+    choices = ["one", "two", "three"]
+    q = quiz.choice("Which?", choices, quiz.digest("Which?", "two", choices), hint="not one")
+    assert quiz.is_right(q, "two") and quiz.is_right(q, "b") and quiz.is_right(q, "B")
+    assert quiz.answer(q, "a") == "Not yet. not one"
+    assert quiz.answer(q, "four").startswith("Not an answer")
+    assert quiz.digest("Which?", "two", choices) != quiz.digest(
+        "Which else?", "two", choices
+    )  # salted
+
+
+def test_the_widget_checks_and_reads_as_text():
+    text = "How many?"
+    q = quiz.number(text, quiz.digest(text, 28))
+    c = quiz.choice("Pick", ["x", "y"], quiz.digest("Pick", "y", ["x", "y"]))
+    box = quiz.show([q, c])
+    _, row, _, _, choice_row = box.children  # number: label, row; choice: label, buttons, row
+    entry, check, feedback = row.children
+    entry.value = "28"
+    check.click()
+    assert "Right." in feedback.value
+    entry.value = "27"
+    check.click()
+    assert "Not yet" in feedback.value
+    choice_row.children[0].click()  # nothing picked yet
+    assert choice_row.children[1].value == "Pick an answer first."
+    plain = box._repr_mimebundle_()["text/plain"]
+    assert "1. How many?" in plain and "(b) y" in plain and "quiz.answer" in plain
