@@ -250,6 +250,10 @@ def test_cpu_float32_takes_the_grouped_path_and_matches_one_matmul_per_expert(mo
     )
     fast, loop = run(True), run(False)
     assert calls == [1], "the grouped path ran once, the loop did not call it"
+    monkeypatch.setattr(experts_module, "_grouped_mm_usable", lambda *a: True)
+    many = experts_module.CPU_GROUPED_MAX_ROWS * 4 + 1  # large experts on CPU: the loop is faster
+    ex.grouped(torch.randn(many, 64), [many, 0, 0, 0])
+    assert calls == [1], "above CPU_GROUPED_MAX_ROWS rows per expert, the CPU keeps the loop"
     for name, a, b in zip(["out", "x", "gate_up", "down"], fast, loop):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert fast[2][1].abs().sum() == 0, "expert 1 had no rows: no gradient"
