@@ -31,6 +31,7 @@ from minimoe.layer import moe_layers
 from minimoe.model import set_router
 from minimoe.routing import (
     GWBroadcast,
+    Router,
     Routing,
     check_int,
     check_threshold,
@@ -264,9 +265,11 @@ def swap_first_choice(routing: Routing) -> Routing:
 class SwappedFirstChoice:
     """A router that routes as ``base`` does, then swaps each token's first choice."""
 
-    base: object
+    base: Router
 
-    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None, **kw):
+    def __call__(
+        self, logits: Tensor, *, training: bool, seq_len: int | None = None, **kw
+    ) -> Routing:
         return swap_first_choice(self.base(logits, training=training, seq_len=seq_len, **kw))
 
 
