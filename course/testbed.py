@@ -9,7 +9,8 @@ The control comes first: top-1 (Switch: no renormalization, so the router gets a
 against top-2 at the same size. If the hard part does not separate them beyond seed noise, or
 the easy part does, the testbed cannot judge a router and no claim should be read off it.
 Then top-p (p=0.4) and adaptive gating (threshold 0.1), with top-2 without renormalization
-as adaptive's control (adaptive's weights are not renormalized either).
+as adaptive's control (adaptive's weights are not renormalized either); ``--sweep`` adds
+top-p at the other p of the paper's sweep.
 
 Measured on a test set of the same functions (another sample seed), per level: the error
 relative to the targets' variance, experts per token, and coverage: the share of a sample's
@@ -46,6 +47,20 @@ ROUTERS: dict[str, Router] = {
     "top-p 0.4": TopP(p=0.4),
     "adaptive 0.1": Adaptive(threshold=0.1),
 }
+SWEEP_PS = (0.1, 0.2, 0.3, 0.5, 0.7)  # with ROUTERS' 0.4: the paper's p sweep, as "top-p <p>"
+
+
+def router_named(name: str) -> Router:
+    """``ROUTERS[name]``, or ``TopP(p)`` for a name "top-p <p>" (the sweep)."""
+    if name in ROUTERS:
+        return ROUTERS[name]
+    head, _, value = name.partition(" ")
+    if head == "top-p":
+        try:
+            return TopP(p=float(value))
+        except ValueError as err:
+            raise ValueError(f"router {name!r}: {err}") from None
+    raise ValueError(f"unknown router {name!r}; choose from {list(ROUTERS)} or 'top-p <p>'")
 
 
 @dataclass
@@ -118,7 +133,7 @@ def measure(model: MoERegressor, test: MixtureTask) -> dict:
 def run(name: str, setup: TestbedSetup, progress: bool = False) -> dict:
     """Train one router on one seed and measure it; experts per token early and late."""
     train_set, test_set = setup.tasks()
-    model = setup.model(ROUTERS[name], train_set)
+    model = setup.model(router_named(name), train_set)
     start = time.perf_counter()
     config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=progress)
     history = train(model, toy_batches(train_set, setup.batch_size), config)
@@ -177,7 +192,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("testbed", help="every router on the known-answer mixture testbed")
     add_setup_args(p, TestbedSetup())
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--routers", nargs="+", choices=list(ROUTERS), default=list(ROUTERS))
+    p.add_argument(
+        "--routers",
+        nargs="+",
+        default=list(ROUTERS),
+        help=f"from {list(ROUTERS)}, or 'top-p <p>' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sweep", action="store_true", help=f"add top-p at p = {', '.join(map(str, SWEEP_PS))}"
+    )
     add_experiment_args(p, out="runs/testbed")
     p.set_defaults(func=main)
 
@@ -186,7 +209,10 @@ def main(args: argparse.Namespace) -> dict:
     set_threads(args)
     fields = {f: getattr(args, f) for f in asdict(TestbedSetup()) if f != "seed"}
     setup = TestbedSetup(**fields, seed=args.seeds[0])
-    results = compare(setup, args.routers, args.seeds, progress=not args.no_progress)
+    names = list(args.routers) + ([f"top-p {p}" for p in SWEEP_PS] if args.sweep else [])
+    for name in names:
+        router_named(name)  # refuse a bad name before training anything
+    results = compare(setup, names, args.seeds, progress=not args.no_progress)
     write_json(args.out / "results.json", results)
     write_csv(args.out / "results.csv", table(results))
     print(f"wrote {args.out / 'results.json'} and results.csv")

@@ -59,3 +59,12 @@ def test_a_short_run_and_the_paired_differences(tmp_path):
     assert runs[0]["levels"]["1"]["experts_per_token"] == 1
     with pytest.raises(ValueError, match="'top-p 0.4'"):
         testbed.paired(results, "top-1", "top-p 0.4")
+
+
+def test_router_names_of_the_sweep():
+    assert testbed.router_named("top-2") == testbed.ROUTERS["top-2"]
+    assert testbed.router_named("top-p 0.2") == testbed.TopP(p=0.2)
+    with pytest.raises(ValueError, match="'top-p x'"):
+        testbed.router_named("top-p x")
+    with pytest.raises(ValueError, match="'top-3'"):
+        testbed.router_named("top-3")
