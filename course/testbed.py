@@ -29,7 +29,14 @@ from pathlib import Path
 
 import torch
 
-from course.common import add_experiment_args, add_setup_args, load_json, set_threads, write_csv
+from course.common import (
+    add_experiment_args,
+    add_setup_args,
+    load_json,
+    set_threads,
+    setup_from_args,
+    write_csv,
+)
 from minimoe.cli import non_negative_int, write_json
 from minimoe.data import MixtureTask, make_mixture_task, toy_batches
 from minimoe.layer import MoEConfig
@@ -207,8 +214,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     set_threads(args)
-    fields = {f: getattr(args, f) for f in asdict(TestbedSetup()) if f != "seed"}
-    setup = TestbedSetup(**fields, seed=args.seeds[0])
+    setup = setup_from_args(TestbedSetup, args, args.seeds[0])
     names = list(args.routers) + ([f"top-p {p}" for p in SWEEP_PS] if args.sweep else [])
     for name in names:
         router_named(name)  # refuse a bad name before training anything

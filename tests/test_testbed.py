@@ -68,3 +68,19 @@ def test_router_names_of_the_sweep():
         testbed.router_named("top-p x")
     with pytest.raises(ValueError, match="'top-3'"):
         testbed.router_named("top-3")
+
+
+def test_command_writes_results_and_refuses_a_bad_router_first(tmp_path):
+    import json
+
+    from course.__main__ import main
+
+    tiny = ["--steps", "2", "--n-train", "128", "--n-test", "256", "--batch-size", "16"]
+    out = tmp_path / "tb"
+    main(["testbed", *tiny, "--seeds", "0", "--routers", "top-2", "top-p 0.3", "--out", str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["router"] for r in saved["runs"]] == ["top-2", "top-p 0.3"]
+    assert saved["setup"]["steps"] == 2 and (out / "results.csv").exists()
+    with pytest.raises(ValueError, match="'top-9'"):
+        main(["testbed", *tiny, "--routers", "top-2", "top-9", "--out", str(tmp_path / "no")])
+    assert not (tmp_path / "no").exists(), "nothing trained or written before the check"
