@@ -13,8 +13,8 @@ import argparse
 import statistics
 from collections.abc import Callable, Iterable
 
+from course import testbed
 from course.common import load_json
-from minimoe.data import make_mixture_task
 
 TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
 TOKENS = "graded token tasks"
@@ -104,17 +104,10 @@ def compare_rows() -> list[dict]:
 
 
 def testbed_rows() -> list[dict]:
-    results = load_json(None, "testbed/results.json")
-    setup = results["setup"]
-    test = make_mixture_task(setup["n_test"], seed=setup["task_seed"], sample_seed=1)
-    share = {str(m): (test.level == m).float().mean().item() for m in (1, 2, 3)}  # test levels
+    results = testbed.load_results()
 
     def overall(router: str, key: str) -> list[float]:
-        return [
-            sum(share[m] * v[key] for m, v in r["levels"].items())
-            for r in results["runs"]
-            if r["router"] == router
-        ]
+        return testbed.overall(results, router, key)
 
     def versus(router: str, other: str) -> list[float]:
         mine, theirs = overall(router, "rel_error"), overall(other, "rel_error")

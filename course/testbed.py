@@ -37,6 +37,7 @@ from course.common import (
     setup_from_args,
     write_csv,
 )
+from minimoe.analysis import first_choice
 from minimoe.cli import non_negative_int, write_json
 from minimoe.data import MixtureTask, make_mixture_task, toy_batches
 from minimoe.layer import MoEConfig
@@ -112,9 +113,11 @@ def measure(model: MoERegressor, test: MixtureTask) -> dict:
     out = model(test.x)
     routing = out.layers[0].routing
     err = (out.logits - test.y).pow(2).mean(1)  # (N,)
-    first = routing.probs.argmax(1)  # (N,) the expert each sample trusts most
+    first = first_choice(routing)  # (N,) the expert each sample trusts most
     one = test.level == 1
     funcs = test.member[one].float().argmax(1)  # (N1,) the function of each level-1 sample
+    if funcs.unique().numel() < test.member.shape[1]:
+        raise ValueError("the test set needs level-1 samples of every function: raise n_test")
     expert_of = torch.stack(
         [first[one][funcs == c].mode().values for c in range(test.member.shape[1])]
     )  # (C,) the expert of each function
@@ -123,12 +126,13 @@ def measure(model: MoERegressor, test: MixtureTask) -> dict:
     needed[rows, expert_of[cols]] = True
     covered = (routing.mask & needed).sum(1) / test.level  # (N,) in [0, 1]
     per_level = {}
+    counts = routing.expert_counts  # (N,) experts per sample
     for m in LEVELS:
         at = test.level == m
         per_level[str(m)] = {  # str: the keys JSON keeps
             "rel_error": (err[at].mean() / test.y[at].var(0).mean()).item(),
-            "experts_per_token": routing.mask[at].sum(1).float().mean().item(),
-            "multi_expert_share": (routing.mask[at].sum(1) > 1).float().mean().item(),
+            "experts_per_token": counts[at].float().mean().item(),
+            "multi_expert_share": (counts[at] > 1).float().mean().item(),
             "coverage": covered[at].mean().item(),
         }
     return {
@@ -182,6 +186,25 @@ def table(results: dict) -> list[dict]:
         for r in results["runs"]
         for m, v in r["levels"].items()
     ]
+
+
+def per_seed(results: dict, router: str, key: str, level: int) -> list[float]:
+    """``key`` of ``router`` at ``level``, one value per seed (in the order of the runs)."""
+    return [r["levels"][str(level)][key] for r in results["runs"] if r["router"] == router]
+
+
+def level_shares(results: dict) -> dict[int, float]:
+    """Each level's share of the test set the runs were measured on."""
+    setup = results["setup"]
+    test = make_mixture_task(setup["n_test"], seed=setup["task_seed"], sample_seed=TEST_SAMPLE_SEED)
+    return {m: (test.level == m).float().mean().item() for m in LEVELS}
+
+
+def overall(results: dict, router: str, key: str) -> list[float]:
+    """``key`` over all test inputs (levels weighted by their share), one value per seed."""
+    share = level_shares(results)
+    by_level = [per_seed(results, router, key, m) for m in LEVELS]
+    return [sum(share[m] * v for m, v in zip(LEVELS, seed)) for seed in zip(*by_level)]
 
 
 def paired(results: dict, a: str, b: str, metric: str = "rel_error") -> dict[int, list[float]]:

@@ -84,3 +84,17 @@ def test_command_writes_results_and_refuses_a_bad_router_first(tmp_path):
     with pytest.raises(ValueError, match="'top-9'"):
         main(["testbed", *tiny, "--routers", "top-2", "top-9", "--out", str(tmp_path / "no")])
     assert not (tmp_path / "no").exists(), "nothing trained or written before the check"
+
+
+def test_overall_weights_the_levels_by_their_share_of_the_test_set():
+    results = testbed.load_results()
+    share = testbed.level_shares(results)
+    assert sum(share.values()) == pytest.approx(1) and share[1] > share[2] > share[3] > 0
+    seeds = testbed.per_seed(results, "top-2", "rel_error", 1)
+    assert len(seeds) == 3
+    by_hand = [
+        sum(share[m] * testbed.per_seed(results, "top-2", "rel_error", m)[s] for m in (1, 2, 3))
+        for s in range(3)
+    ]
+    assert testbed.overall(results, "top-2", "rel_error") == pytest.approx(by_hand)
+    assert testbed.overall(results, "top-1", "experts_per_token") == pytest.approx([1, 1, 1])
