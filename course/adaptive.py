@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -69,11 +70,15 @@ def make_data(setup: Setup) -> tuple[MultiTaskData, MultiTaskData]:
     )
 
 
-def build_model(setup: Setup, router: Router = ADAPTIVE) -> TinyTransformer:
-    """The chapter's model from the setup's seed; both routers' balance loss counts top-1
-    decisions (``balance_count="first"``, alpha = 1e-2)."""
+def build_model(
+    setup: Setup, router: Router = ADAPTIVE, z_coef: float | None = None
+) -> TinyTransformer:
+    """The chapter's model from the setup's seed, with its router paper's losses
+    (``router.paper_losses``: for top-k and adaptive gating a balance loss on top-1 decisions,
+    alpha = 1e-2, and no z-loss); ``z_coef`` adds a router z-loss (the course's default: 1e-3)."""
     torch.manual_seed(setup.seed)
-    config = setup.model_config(len(VOCAB), seq_len(setup.max_len), router=router)
+    losses = dict(router.paper_losses) | ({} if z_coef is None else {"z_coef": z_coef})
+    config = setup.model_config(len(VOCAB), seq_len(setup.max_len), router=router, **losses)
     return TinyTransformer(config).to(setup.device)
 
 
@@ -125,9 +130,11 @@ def train_variant(
     router: Router = ADAPTIVE,
     curriculum: bool = False,
     progress: bool = False,
+    z_coef: float | None = None,
 ) -> Run:
-    """Train one variant from the setup's seed; every variant sees the same initial weights."""
-    model = build_model(setup, router)
+    """Train one variant from the setup's seed; every variant sees the same initial weights
+    (``build_model``: the paper's losses, ``z_coef`` a router z-loss added)."""
+    model = build_model(setup, router, z_coef)
     samples = {"idx": data.inputs, "targets": data.targets}
     sampler = CurriculumSampler(
         model, samples, setup.batch_size, curriculum=curriculum, valid=data.inputs != PAD_ID
@@ -259,9 +266,14 @@ def compare(
     timing_repeats: int = 20,
     progress: bool = False,
 ) -> dict:
-    """Top-2, adaptive at each threshold, and adaptive (T = 0.1) with the curriculum."""
+    """Top-2, top-2 without renormalization (adaptive gating's control: its weights stay raw
+    too), adaptive at each threshold, adaptive (T = 0.1) with the curriculum, and adaptive
+    (T = 0.1) with the course's router z-loss (1e-3); all with the paper's losses otherwise."""
     data, val = make_data(setup)
     runs = {"top-2": train_variant(setup, data, val, "top-2", router=TopK(k=2), progress=progress)}
+    runs["top-2 raw"] = train_variant(
+        setup, data, val, "top-2 raw", TopK(k=2, renormalize=False), progress=progress
+    )
     for t in thresholds:
         runs[f"adaptive T={t}"] = train_variant(
             setup, data, val, f"adaptive T={t}", Adaptive(threshold=t), progress=progress
@@ -274,6 +286,15 @@ def compare(
         Adaptive(threshold=0.1),
         curriculum=True,
         progress=progress,
+    )
+    runs["adaptive T=0.1 z=0.001"] = train_variant(
+        setup,
+        data,
+        val,
+        "adaptive T=0.1 z=0.001",
+        Adaptive(threshold=0.1),
+        progress=progress,
+        z_coef=1e-3,
     )
     batch = {"idx": data.inputs[: setup.batch_size], "targets": data.targets[: setup.batch_size]}
     models = {n: r.model for n, r in runs.items()}
@@ -290,6 +311,7 @@ def compare(
                 "variant": n,
                 "final_val_loss": round(r.final_loss, 4),
                 "loss_vs_top2": round(r.final_loss - top2.final_loss, 4),
+                "loss_vs_top2_raw": round(r.final_loss - runs["top-2 raw"].final_loss, 4),
                 "two_expert_share": round(reports[n]["two_expert_share"], 4),
                 "flop_ratio": round(reports[n]["flops"] / reports["top-2"]["flops"], 4),
                 "step_time_ratio": round(step_time.ratio(n, "top-2"), 4),
@@ -349,9 +371,7 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
         title=f"Quality over training (seed {first['setup']['seed']})",
     )
     axes[0].legend(fontsize=7)
-    sweep = [
-        r for r in summary if r["variant"].startswith("adaptive T=") and "+" not in r["variant"]
-    ]
+    sweep = [r for r in summary if re.fullmatch(r"adaptive T=[\d.]+", r["variant"])]
     ts = [float(r["variant"].split("=")[1]) for r in sweep]
     axes[1].plot(ts, [r["two_expert_share"] for r in sweep], "o-", label="share on two experts")
     axes[1].plot(ts, [r["flop_ratio"] for r in sweep], "s-", label="expert FLOPs / top-2")

@@ -1,9 +1,8 @@
 """Chapter 4: top-2 vs top-p routing on the graded multi-task data (``python -m course topp``).
 
 One run trains a TinyTransformer on ``make_multitask`` (copy < reverse < sort < add: the task
-index is the difficulty level) and measures on a fixed probe from another seed (not
-deduplicated: about a quarter of the copy, reverse and sort probes also occur in training, see
-chapter 4): experts per token per layer and per task over training
+index is the difficulty level) and measures on a fixed probe of samples from another seed that
+do not occur in its training set: experts per token per layer and per task over training
 (``ExpertsPerTokenTracker``), and quality per task (teacher-forced argmax: token accuracy and
 exact match of whole answers). Padding positions
 carry no loss and are left out of every routing statistic.
@@ -44,6 +43,7 @@ from minimoe.data import (
     seq_len,
 )
 from minimoe.model import TinyTransformer
+from minimoe.routing import TopP
 from minimoe.train import History, TrainConfig, seed_everything, train
 
 MAX_LEN = 6  # longest operand: sequences of seq_len(6) = 22 tokens
@@ -55,29 +55,37 @@ class TopPSetup(common.Setup):
 
     n_layers: int = 3
     n_train: int = 8192
-    n_probe: int = (
-        512  # probe samples from seed + 1 (some repeat training samples), every measurement
-    )
+    n_probe: int = 512  # held-out probe samples (seed + 1, none in the training set)
     track_every: int = 50
+
+
+PAPER_LOSSES = dict(TopP.paper_losses)  # balance 1e-2 on selected experts, no z-loss
 
 
 def variants(ps: list[float], betas: list[float], z_coefs: list[float] = ()) -> dict[str, dict]:
     """Named runs, as results.json names them (the router by name, its settings by their
-    command-line names: ``common.moe_changes``): top-2, top-p at the paper's p=0.4 and beta
-    (TopP's default), the same with other betas, the same with other router z-loss
-    coefficients (the paper has no z-loss; ours is 1e-3), and the paper's defaults at other p."""
-    runs = {"top-2": {"router": "top_k", "k": 2}, "top-p": {"router": "top_p", "top_p": 0.4}}
+    command-line names: ``common.moe_changes``), all with the Top-P paper's losses
+    (``PAPER_LOSSES``; top-2 gets the same, so only the router differs): top-2, top-p at the
+    paper's p=0.4 and beta (TopP's default), top-p with other betas, the paper's defaults at
+    other p, and top-2 and top-p with a router z-loss added (``z_coefs``; the course's own
+    losses carry 1e-3: ``MoEConfig``'s default)."""
+    top2, top_p = {"router": "top_k", "k": 2}, {"router": "top_p", "top_p": 0.4}
+    runs = {"top-2": top2 | PAPER_LOSSES, "top-p": top_p | PAPER_LOSSES}
+    runs |= {f"top-p beta={b:g}": top_p | PAPER_LOSSES | {"dynamic_coef": b} for b in betas}
+    for z in z_coefs:
+        runs |= {
+            f"{name} z={z:g}": moe | PAPER_LOSSES | {"z_coef": z}
+            for name, moe in (("top-2", top2), ("top-p", top_p))
+        }
     runs |= {
-        f"top-p beta={b:g}": {"router": "top_p", "top_p": 0.4, "dynamic_coef": b} for b in betas
+        f"top-p p={p:g}": {"router": "top_p", "top_p": p} | PAPER_LOSSES for p in ps if p != 0.4
     }
-    runs |= {f"top-p z={z:g}": {"router": "top_p", "top_p": 0.4, "z_coef": z} for z in z_coefs}
-    runs |= {f"top-p p={p:g}": {"router": "top_p", "top_p": p} for p in ps if p != 0.4}
     return runs
 
 
 @dataclass
 class Probe:
-    """Fresh samples (another seed than the training set's; short operands may repeat some),
+    """Held-out samples (another seed than the training set's, and none that occurs in it),
     with each token's task as a group label,
     flattened like the model's tokens: ``task`` on every real token, ``answer_task`` only on
     the positions that predict an answer token (from "=" on); -1 elsewhere (left out)."""
@@ -87,8 +95,13 @@ class Probe:
     answer_task: Tensor  # (N * L,) long, -1 where the target is not part of the answer
 
     @classmethod
-    def make(cls, n: int, seed: int) -> Probe:
-        data = make_multitask(n, max_len=MAX_LEN, seed=seed)
+    def make(cls, n: int, seed: int, exclude: MultiTaskData | None = None) -> Probe:
+        """``n`` samples of ``make_multitask(..., seed=seed)``, an equal share per task (to
+        within one), none of whose inputs occurs in ``exclude`` (the training set)."""
+        if exclude is None:
+            data = make_multitask(n, max_len=MAX_LEN, seed=seed)
+        else:
+            data = unseen(n, seed, exclude)
         task = data.task[:, None].expand_as(data.inputs)  # (N, L)
         return cls(
             data,
@@ -103,6 +116,25 @@ class Probe:
         """Tokens per label of ``task`` (or ``answer_task``)."""
         labels, n = (self.answer_task if answers else self.task).unique(return_counts=True)
         return dict(zip(labels.tolist(), n.tolist()))
+
+
+def unseen(n: int, seed: int, exclude: MultiTaskData) -> MultiTaskData:
+    """``n`` samples from a stream seeded ``seed`` whose inputs do not occur in ``exclude``:
+    per task, the first of its share (n // 4, the first n % 4 tasks one more), in stream order.
+    Short operands are rarer than in training: 2-digit copy problems (100 in all) are nearly
+    all seen by an 8192-sample training set."""
+    seen = {tuple(row) for row in exclude.inputs.tolist()}
+    quota = [n // len(TASKS) + (t < n % len(TASKS)) for t in range(len(TASKS))]
+    pool = make_multitask(8 * n, max_len=MAX_LEN, seed=seed)
+    keep = []
+    for i, (row, t) in enumerate(zip(pool.inputs.tolist(), pool.task.tolist(), strict=True)):
+        if quota[t] and tuple(row) not in seen:
+            keep.append(i)
+            quota[t] -= 1
+    if any(quota):
+        raise ValueError(f"only {len(keep)} of n={n} probe samples are unseen in training")
+    idx = torch.tensor(keep)
+    return MultiTaskData(pool.inputs[idx], pool.targets[idx], pool.task[idx], pool.length[idx])
 
 
 def _device(model: nn.Module) -> str:
@@ -175,7 +207,7 @@ def train_model(setup: TopPSetup, probe: Probe, progress: bool = False, **moe) -
     seed_everything(setup.seed)
     config = setup.model_config(len(VOCAB), seq_len(MAX_LEN), **moe_changes(moe))
     model = TinyTransformer(config).to(setup.device)
-    data = make_multitask(setup.n_train, max_len=MAX_LEN, seed=setup.seed)
+    data = training_data(setup)
     tracker = ExpertsPerTokenTracker(
         probe.batch(setup.device), every=setup.track_every, groups=probe.task
     )
@@ -206,19 +238,29 @@ def measure(trained: Trained, probe: Probe) -> dict:
     }
 
 
+def training_data(setup: TopPSetup) -> MultiTaskData:
+    """The run's training samples (seeded by ``setup.seed``)."""
+    return make_multitask(setup.n_train, max_len=MAX_LEN, seed=setup.seed)
+
+
+def make_probe(setup: TopPSetup) -> Probe:
+    """The run's probe: ``setup.n_probe`` samples of seed + 1 that its training set lacks."""
+    return Probe.make(setup.n_probe, seed=setup.seed + 1, exclude=training_data(setup))
+
+
 def run(setup: TopPSetup, probe: Probe | None = None, progress: bool = False, **moe) -> dict:
-    """Train one model and measure it (the probe: ``setup.n_probe`` samples of seed + 1)."""
-    probe = probe or Probe.make(setup.n_probe, seed=setup.seed + 1)
+    """Train one model and measure it (by default on ``make_probe(setup)``)."""
+    probe = probe or make_probe(setup)
     return measure(train_model(setup, probe, progress, **moe), probe)
 
 
 def compare(
-    setup: TopPSetup, runs: dict[str, dict], seeds: list[int], seeded: int, progress: bool = False
+    setup: TopPSetup, runs: dict[str, dict], seeds: list[int], progress: bool = False
 ) -> dict:
-    """The first ``seeded`` named runs for every seed, the others for the first seed only."""
+    """Every named run for every seed."""
     results: dict[str, list[dict]] = {}
-    for i, (name, moe) in enumerate(runs.items()):
-        for seed in seeds if i < seeded else seeds[:1]:
+    for name, moe in runs.items():
+        for seed in seeds:
             r = run(replace(setup, seed=seed), progress=progress, **moe)
             results.setdefault(name, []).append(r | {"seed": seed})
             print(
@@ -317,14 +359,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=non_negative_int,
         nargs="+",
         default=[0, 1, 2],
-        help="seeds of top-2, top-p and top-p with each --betas",
+        help="seeds (every run)",
     )
     p.add_argument(
         "--ps",
         type=positive,
         nargs="+",
         default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
-        help="p values of the sweep (first seed only)",
+        help="p values of the sweep",
     )
     p.add_argument(
         "--betas",
@@ -337,15 +379,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--z-coefs",
         type=non_negative,
         nargs="*",
-        default=[0.0],
-        help="router z-loss coefficients to compare with ours (1e-3), at p=0.4 and beta=1e-4",
+        default=[1e-3],
+        help="router z-loss coefficients added to top-2 and to top-p at p=0.4, beta=1e-4 "
+        "(the paper has none; the course's default is 1e-3)",
     )
     p.add_argument(
         "--only",
         nargs="+",
         metavar="RUN",
-        help="run only these named runs (e.g. 'top-p z=0') and merge them into the "
-        "results.json already in --out, keeping its other runs",
+        help="run only these named runs (e.g. 'top-p z=0.001') and merge them into the "
+        "results.json in --out, if there is one, keeping its other runs",
     )
     add_experiment_args(p, out="runs/topp")
     p.set_defaults(func=main)
@@ -355,20 +398,14 @@ def main(args: argparse.Namespace) -> dict:
     set_threads(args)
     setup = setup_from_args(TopPSetup, args, args.seeds[0])
     runs = variants(args.ps, args.betas, args.z_coefs)
-    seeded = [name for name in runs if not name.startswith("top-p p=")]  # every seed
     if args.only:
         unknown = sorted(set(args.only) - set(runs))
         if unknown:
             raise ValueError(f"unknown run names {unknown}; choose from {list(runs)}")
-        runs = {name: moe for name, moe in runs.items() if name in args.only}  # seeded runs first
-    results = compare(
-        setup,
-        runs,
-        args.seeds,
-        seeded=sum(name in seeded for name in runs),
-        progress=not args.no_progress,
-    )
-    if args.only:  # merge: the new runs next to the cached ones, whose setup must be the same
+        runs = {name: moe for name, moe in runs.items() if name in args.only}
+    results = compare(setup, runs, args.seeds, progress=not args.no_progress)
+    if args.only and (args.out / "results.json").exists():
+        # merge: the new runs next to the cached ones, whose setup must be the same
         cached = load_results(args.out / "results.json")
         if cached["setup"] | {"seed": setup.seed} != results["setup"]:
             raise ValueError(

@@ -11,7 +11,7 @@ from minimoe.dispatch import combine
 from minimoe.experts import Experts
 from minimoe.layer import MoE, MoEConfig
 from minimoe.losses import load_balance_loss, z_loss
-from minimoe.routing import Adaptive, adaptive, top_k
+from minimoe.routing import Adaptive, TopK, adaptive, top_k
 
 
 def logits_of(rows):
@@ -241,6 +241,28 @@ def test_command_writes_table_and_plot(tmp_path):
     )
     assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "adaptive.png"}
     lines = (tmp_path / "results.csv").read_text().splitlines()
-    variants = ["top-2", "adaptive T=0.1", "adaptive T=0.3", "adaptive T=0.1 + curriculum"]
+    variants = [
+        "top-2",
+        "top-2 raw",
+        "adaptive T=0.1",
+        "adaptive T=0.3",
+        "adaptive T=0.1 + curriculum",
+        "adaptive T=0.1 z=0.001",
+    ]
     assert len(lines) == 1 + 3 * len(variants)  # two seeds, then the means
-    assert [line.split(",")[1] for line in lines[-4:]] == variants
+    assert [line.split(",")[1] for line in lines[-len(variants) :]] == variants
+    header = lines[0].split(",")
+    raw = [line.split(",") for line in lines[1:] if line.split(",")[1] == "top-2 raw"]
+    assert all(float(r[header.index("loss_vs_top2_raw")]) == 0.0 for r in raw)
+
+
+@pytest.mark.parametrize("router", [TopK(k=2), TopK(k=2, renormalize=False), Adaptive(0.1)])
+def test_models_carry_their_papers_losses_and_the_course_z_loss_on_request(router):
+    moe = ex.build_model(TINY, router).config.moe
+    assert (moe.router, moe.balance_coef, moe.z_coef, moe.balance_counts) == (
+        router,
+        0.01,
+        0.0,
+        "first",
+    )
+    assert ex.build_model(TINY, router, z_coef=1e-3).config.moe.z_coef == 1e-3

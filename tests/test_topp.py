@@ -272,6 +272,20 @@ def test_probe_labels_real_tokens_by_task():
     assert sum(n for g, n in probe.counts().items() if g >= 0) == int(real.sum())
 
 
+def test_the_runs_probe_holds_no_training_sample_and_an_equal_share_per_task():
+    setup = topp.TopPSetup(n_train=2048, n_probe=66, seed=3)
+    probe = topp.make_probe(setup)
+    seen = {tuple(row) for row in topp.training_data(setup).inputs.tolist()}
+    assert not any(tuple(row) in seen for row in probe.data.inputs.tolist())
+    assert torch.bincount(probe.data.task, minlength=4).tolist() == [17, 17, 16, 16]
+    # the same probe every time, and not the plain stream (which repeats training samples)
+    assert torch.equal(topp.make_probe(setup).data.inputs, probe.data.inputs)
+    plain = topp.Probe.make(setup.n_probe, seed=setup.seed + 1).data.inputs.tolist()
+    assert any(tuple(row) in seen for row in plain)
+    with pytest.raises(ValueError, match="unseen"):  # a training set that holds the whole pool
+        topp.unseen(40, 5, topp.make_multitask(320, max_len=topp.MAX_LEN, seed=5))
+
+
 def test_real_token_mean_weights_groups_by_their_tokens():
     assert topp.real_token_mean({-1: 8.0, 0: 1.0, 1: 2.0}, {-1: 100, 0: 3, 1: 1}) == pytest.approx(
         1.25
@@ -334,9 +348,14 @@ def test_command_writes_table_and_plots(tmp_path):
         "p_sweep.png",
     } <= names
     rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("run,seed,p,beta,experts_per_token") and len(rows) == 1 + 5  # z=0 too
+    # top-2, top-p, beta=0, top-2 and top-p with the course's z-loss, p=0.2
+    assert rows[0].startswith("run,seed,p,beta,experts_per_token") and len(rows) == 1 + 6
     first = json.loads((tmp_path / "results.json").read_text())
-    assert first["runs"]["top-p z=0"][0]["moe"]["z_coef"] == 0.0
+    paper = {"balance_coef": 0.01, "z_coef": 0.0}
+    for name in ("top-2", "top-p", "top-p beta=0", "top-p p=0.2"):
+        assert first["runs"][name][0]["moe"].items() >= paper.items(), name
+    for name in ("top-2 z=0.001", "top-p z=0.001"):
+        assert first["runs"][name][0]["moe"]["z_coef"] == 0.001
 
     # --only adds runs to the results already there, the others untouched
     tiny = [
