@@ -414,7 +414,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     set_threads(args)
     per_seed = []
     for seed in args.seeds:
-        print(f"seed {seed}: training {len(args.thresholds) + 2} variants", flush=True)
+        print(f"seed {seed}: training {len(args.thresholds) + 4} variants", flush=True)
         per_seed.append(
             compare(
                 setup_from_args(Setup, args, seed),

@@ -316,9 +316,12 @@ def plot_results(results: dict, out: Path) -> list[Path]:
         if not name.startswith("top-p p="):
             ax.plot(r["trajectory"]["steps"], r["trajectory"]["mean"], marker=".", label=name)
     ax.set(xlabel="step", ylabel="experts per token", title="Experts per token over training")
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     paths.append(_save(fig, out / "trajectory.png"))
 
+    if "top-p" not in runs:  # --only into a new folder: no main run to draw
+        return paths
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
     top_p = runs["top-p"]["routing"]
     axes[0].bar(TASKS, top_p["per_task"])

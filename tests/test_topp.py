@@ -366,6 +366,10 @@ def test_command_writes_table_and_plots(tmp_path):
     merged = json.loads((tmp_path / "results.json").read_text())
     assert list(merged["runs"]) == [*first["runs"], "top-p z=0.01"]
     assert merged["runs"]["top-2"] == first["runs"]["top-2"]
+    # --only into a folder without results: the named runs alone
+    main([*tiny[:-1], str(tmp_path / "new"), "--ps", "0.2", "--only", "top-p p=0.2"])
+    alone = json.loads((tmp_path / "new" / "results.json").read_text())
+    assert list(alone["runs"]) == ["top-p p=0.2"]
     with pytest.raises(ValueError, match="unknown run names"):
         main([*tiny, "--only", "top-p z=0.5"])
     with pytest.raises(ValueError, match="setup differs"):
