@@ -1,4 +1,4 @@
-"""The chapters' experiments: ``python -m course gw|testbed|topp|adaptive|compare|modern|numbers --help``."""
+"""The chapters' experiments: ``python -m course gw|testbed|topp|adaptive|text|compare|modern|numbers --help``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = [
     "course.testbed",
     "course.topp",
     "course.adaptive",
+    "course.text",
     "course.compare",
     "course.modern",
     "course.numbers",

@@ -13,7 +13,7 @@ import argparse
 import statistics
 from collections.abc import Callable, Iterable
 
-from course import testbed
+from course import testbed, text
 from course.common import load_json
 
 TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
@@ -76,6 +76,33 @@ def adaptive_rows() -> list[dict]:
             column("adaptive T=0.1 z=0.001", "two_expert_share"),
             data,
             COURSE,
+        ),
+    ]
+
+
+def text_rows() -> list[dict]:
+    results = load_json(None, "text/results.json")
+
+    def column(router: str, key: str, f: Callable[[float], float] = float) -> list[float]:
+        return [f(v) for v in text.per_seed(results, router, key)]
+
+    data = f"{TEXT}, dropless"
+    return [
+        _row(
+            "4-5",
+            "top-p 0.4",
+            "experts per token",
+            column("top-p 0.4", "experts_per_token"),
+            data,
+            PAPER,
+        ),
+        _row(
+            "4-5",
+            "adaptive 0.1",
+            "two-expert share",
+            column("adaptive 0.1", "experts_per_token", lambda v: v - 1),
+            data,
+            PAPER,
         ),
     ]
 
@@ -195,9 +222,15 @@ def modern_rows() -> list[dict]:
 def headline_rows() -> list[dict]:
     """Every chapter's headline numbers, in chapter order."""
     rows = (
-        gw_rows() + topp_rows() + adaptive_rows() + testbed_rows() + compare_rows() + modern_rows()
+        gw_rows()
+        + topp_rows()
+        + adaptive_rows()
+        + testbed_rows()
+        + text_rows()
+        + compare_rows()
+        + modern_rows()
     )
-    order = {"3": 0, "4": 1, "5": 2, "4-6": 3, "6": 4, "8": 5}
+    order = {"3": 0, "4": 1, "5": 2, "4-6": 3, "4-5": 4, "6": 5, "8": 6}
     return sorted(rows, key=lambda r: order[r["chapter"]])
 
 
