@@ -73,7 +73,7 @@ def position_losses_and_routing(
     with RoutingRecorder(model) as rec:
         logits = model(idx=batch["idx"]).logits
     loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none")
-    counts = torch.stack([rec.routing(i).mask.sum(1).float() for i in range(len(rec))])
+    counts = torch.stack([rec.routing(i).expert_counts.float() for i in range(len(rec))])
     return loss, counts
 
 
@@ -83,23 +83,30 @@ def quintiles(loss: Tensor) -> Tensor:
     return rank * QUINTILES // len(loss)
 
 
-def run(setup: TextSetup, corpus: ByteCorpus, name: str, difficulty: Tensor | None = None) -> dict:
+def run(
+    setup: TextSetup,
+    corpus: ByteCorpus,
+    name: str,
+    difficulty: Tensor | None = None,
+    progress: bool = False,
+) -> tuple[dict, Tensor]:
     """Train one router (its paper's losses, dropless) and measure it on the held-out windows;
-    ``difficulty``: the quintile of every held-out position (default: this run's own losses)."""
+    ``difficulty``: the quintile of every held-out position (default: this run's own losses).
+    Returns the measurements and the loss of every held-out position."""
     router = ROUTERS[name]
     moe = {"router": router, **router.paper_losses}
     model = cx.build_model(setup, **moe)
     held_out = eval_batch(corpus, setup.block_size, setup.eval_windows)
     tracker = ExpertsPerTokenTracker(held_out, every=setup.track_every)
     tracker(0, model)
-    config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=False)
+    config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=progress)
     start = time.perf_counter()
     history = train(model, cx.BatchStream(corpus, setup), config, callback=tracker)
     seconds = time.perf_counter() - start
     loss, counts = position_losses_and_routing(model, held_out)
     groups = quintiles(loss) if difficulty is None else difficulty
     ept = counts.mean(0)  # (T,) mean over layers
-    return {
+    record = {
         "router": name,
         "seed": setup.seed,
         "seconds": seconds,
@@ -113,25 +120,28 @@ def run(setup: TextSetup, corpus: ByteCorpus, name: str, difficulty: Tensor | No
             "steps": tracker.steps,
             "mean": [statistics.fmean(layers) for layers in tracker.per_layer],
         },
-        "position_loss": loss,  # dropped before writing; the reference's defines the quintiles
     }
+    return record, loss
 
 
-def compare(setup: TextSetup, names: list[str], seeds: list[int]) -> dict:
+def compare(setup: TextSetup, names: list[str], seeds: list[int], progress: bool = False) -> dict:
     """Every router for every seed; the quintiles of a seed are its top-2 model's."""
     corpus = byte_corpus()
     runs = []
     for seed in seeds:
         seed_setup = replace(setup, seed=seed)
-        reference = run(seed_setup, corpus, REFERENCE)
-        difficulty = quintiles(reference["position_loss"])
+        reference, reference_loss = run(seed_setup, corpus, REFERENCE, progress=progress)
+        difficulty = quintiles(reference_loss)
         for name in names:
-            r = reference if name == REFERENCE else run(seed_setup, corpus, name, difficulty)
-            runs.append({k: v for k, v in r.items() if k != "position_loss"})
+            if name == REFERENCE:
+                r = reference
+            else:
+                r, _ = run(seed_setup, corpus, name, difficulty, progress)
+            runs.append(r)
             print(
                 f"{name:>13} seed {seed}: val loss {r['val_loss']:.4f}, experts per token "
                 f"{r['experts_per_token']:.2f}, by difficulty quintile "
-                + " ".join(f"{v:.2f}" for v in runs[-1]["by_quintile"])
+                + " ".join(f"{v:.2f}" for v in r["by_quintile"])
                 + f" ({r['seconds']:.0f} s)",
                 flush=True,
             )
@@ -173,7 +183,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> dict:
     set_threads(args)
     setup = setup_from_args(TextSetup, args, args.seeds[0])
-    results = compare(setup, args.routers, args.seeds)
+    results = compare(setup, args.routers, args.seeds, progress=not args.no_progress)
     write_json(args.out / "results.json", results)
     write_csv(args.out / "results.csv", table(results))
     print(f"wrote {args.out / 'results.json'} and results.csv")
