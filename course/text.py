@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from course import common
+from course import common, testbed
 from course import compare as cx
 from course.common import (
     add_experiment_args,
@@ -41,14 +41,12 @@ from course.gw import eval_batch
 from minimoe.analysis import ExpertsPerTokenTracker, RoutingRecorder
 from minimoe.cli import non_negative_int, write_json
 from minimoe.data import ByteCorpus, byte_corpus
-from minimoe.routing import Adaptive, Router, TopK, TopP
+from minimoe.routing import Router
 from minimoe.train import TrainConfig, train
 
+# the testbed's routers by the same names (top-1 left out)
 ROUTERS: dict[str, Router] = {
-    "top-2": TopK(k=2),
-    "top-2 raw": TopK(k=2, renormalize=False),
-    "top-p 0.4": TopP(p=0.4),
-    "adaptive 0.1": Adaptive(threshold=0.1),
+    name: testbed.ROUTERS[name] for name in ("top-2", "top-2 raw", "top-p 0.4", "adaptive 0.1")
 }
 REFERENCE = "top-2"  # its per-position loss defines the difficulty quintiles
 QUINTILES = 5

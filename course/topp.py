@@ -59,7 +59,7 @@ class TopPSetup(common.Setup):
     track_every: int = 50
 
 
-PAPER_LOSSES = dict(TopP.paper_losses)  # balance 1e-2 on selected experts, no z-loss
+PAPER_LOSSES = dict(TopP.paper_losses)  # balance 1e-2 (each router counts it its way), no z-loss
 
 
 def variants(ps: list[float], betas: list[float], z_coefs: list[float] = ()) -> dict[str, dict]:
