@@ -74,6 +74,7 @@ SIGMOID = "sigmoid-bias"  # DeepSeek-V3's router: sigmoid scores, top-k on score
 TARGET_SIGMOID = 1.05  # issue 12: the sigmoid/bias router costs <= 5% over top-2 at the layer
 TARGET_E64 = 1.5  # issue 12: sorted fwd+bwd <= 1.5x dense at T=2048 with E=64 fine-grained experts
 
+MALLOC_KEEP_BYTES = 2**30  # --malloc keep: allocations up to 1 GiB reuse freed memory
 BUSY_SHARE = 0.05  # warn when other processes used more than this share of the CPU
 
 FULL_TOKENS = (512, 2048, 8192)
@@ -207,6 +208,37 @@ def saved_activation_bytes(step: Callable[[], None], params: list[Tensor]) -> in
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(seen.values())
+
+
+def minor_faults(step: Callable[[], None]) -> int | None:
+    """Minor page faults of this process during one step (None where getrusage is missing):
+    each is a fresh page the kernel maps and zeroes, a cost no FLOP count shows."""
+    if resource is None:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def keep_freed_memory() -> None:
+    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
+
+    By default glibc maps every allocation above 32 MiB fresh from the kernel and unmaps it on
+    free, so a step that allocates large gradients page-faults on every page of them, every
+    step. This does what jemalloc or tcmalloc do, which PyTorch's CPU performance guide
+    recommends: the freed memory is reused. Process-wide, for the benchmark's process only.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        raise SystemExit("--malloc keep needs glibc's mallopt (Linux); this libc has none")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    for option in (m_mmap_threshold, m_trim_threshold):
+        if libc.mallopt(option, MALLOC_KEEP_BYTES) != 1:
+            raise SystemExit(f"mallopt({option}, {MALLOC_KEEP_BYTES}) refused by this libc")
 
 
 def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
@@ -357,8 +389,10 @@ def bench_tokens(
     fwd = interleaved({n: infer(m) for n, m in models.items()}, repeats, warmup, device)
     others = background.share()
 
-    stats, saved, peak = {}, {}, {}
+    stats, saved, peak, faults = {}, {}, {}, {}
     for n, m in models.items():
+        reset_grads()
+        faults[n] = minor_faults(train[n])
         reset_grads()
         saved[n] = saved_activation_bytes(train[n], params)
         reset_grads()
@@ -378,6 +412,7 @@ def bench_tokens(
         "stats": stats,
         "saved": saved,
         "peak": peak,
+        "faults": faults,
         "spread": max(spread(fwd_bwd), spread(fwd)),
         "others": others,
     }
@@ -505,6 +540,13 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
     for T, r in results.items():
         cells = [f"{mib(r['saved'][n])} / {mib(r['peak'][n])}" for n in names]
         print(f"| {T} | " + " | ".join(cells) + " |")
+    names = list(next(iter(results.values()))["faults"])
+    print("\nminor page faults during one fwd+bwd step (fresh pages from the kernel; 4 KiB each)\n")
+    print("| T | " + " | ".join(names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    for T, r in results.items():
+        cells = ["n/a" if r["faults"][n] is None else str(r["faults"][n]) for n in names]
+        print(f"| {T} | " + " | ".join(cells) + " |")
 
 
 ROWS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -580,6 +622,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--malloc",
+        choices=("glibc", "keep"),
+        default="glibc",
+        help="glibc: the C library's defaults; keep: glibc keeps freed memory for reuse "
+        "(mallopt), as jemalloc or tcmalloc would, for every variant alike",
+    )
+    parser.add_argument(
         "--autocast",
         choices=("bfloat16", "float16"),
         default=None,
@@ -594,6 +643,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda, but torch.cuda.is_available() is False")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
     tokens = tuple(args.tokens) if args.tokens else (QUICK_TOKENS if args.quick else FULL_TOKENS)
     experts = args.experts or ([EXPERTS[0]] if args.quick else list(EXPERTS))
 
@@ -610,6 +661,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     print("# minimoe MoE layer benchmark" + (" (--quick)" if args.quick else ""))
     print(machine_line(device))
+    print(
+        "allocator: "
+        + (
+            f"glibc malloc keeping freed memory up to {MALLOC_KEEP_BYTES >> 20} MiB (--malloc keep)"
+            if args.malloc == "keep"
+            else "the C library's malloc with its defaults (--malloc glibc)"
+        )
+    )
     print(f"load average at start (1/5/15 min): {load_avg()}")
     if to_mixtral_error is not None:
         print(f"note: transformers not installed, no {HF} column ({to_mixtral_error})")

@@ -7,6 +7,7 @@ that the scripts still run against the library and print what benchmarks/README.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,6 +80,23 @@ def test_moe_layer_benchmark_prints_every_table(moe_layer, capsys, autocast):
         assert heading in out, f"missing table {heading!r}"
     assert "| 64 | fwd+bwd |" in out and "| 64 | adaptive |" in out
     assert "max|sorted - loop| = 0.00e+00" in out
+    assert "allocator: the C library's malloc with its defaults" in out
+    assert "minor page faults during one fwd+bwd step" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_moe_layer_benchmark_keeps_freed_memory_when_asked():
+    # in a child process: mallopt changes the whole process's allocator
+    args = "--quick --malloc keep --tokens 32 --experts 4 --repeats 1 --warmup 0 --threads 1"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), *args.split()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "allocator: glibc malloc keeping freed memory up to 1024 MiB" in done.stdout
 
 
 def test_moe_layer_benchmark_refuses_cuda_without_a_gpu(moe_layer):

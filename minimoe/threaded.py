@@ -1,0 +1,180 @@
+"""Many small experts on a multi-core CPU: the experts dealt out to threads, one core each.
+
+One matmul on 64 rows, split over two cores by torch's intra-op threads, costs about twice per
+row what a matmul on 2048 rows does; on one core it costs about the same per row (measured on
+the 2-core CPU of benchmarks/README.md: the 64 experts' fwd+bwd matmuls of E=64, T=2048 cost
+1.08x the dense FFN's on one thread, 1.50x on two). So here the experts are split into as many
+groups as torch has threads, balanced by rows, and each group runs on its own thread with one
+intra-op thread, forward and backward: the parallelism is across experts, not inside a matmul.
+
+The backward is written out (the autograd engine would run the experts' backward one after
+another on one thread), and the weight gradients go straight into their stacked (E, ., .)
+tensors. Each expert's numbers are computed on one thread in a fixed order, so the results do
+not depend on which thread ran it: same inputs, same outputs, run after run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_POOL: dict[str, object] = {"executor": None, "size": 0, "pid": None}
+_POOL_LOCK = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, made again after a fork (threads do not survive one)."""
+    with _POOL_LOCK:
+        if _POOL["executor"] is None or _POOL["size"] != workers or _POOL["pid"] != os.getpid():
+            old = _POOL["executor"]
+            if old is not None and _POOL["pid"] == os.getpid():
+                old.shutdown(wait=False)
+            _POOL.update(
+                executor=ThreadPoolExecutor(workers, thread_name_prefix="minimoe-experts"),
+                size=workers,
+                pid=os.getpid(),
+            )
+        return _POOL["executor"]
+
+
+def balanced_groups(counts: Sequence[int], n: int) -> list[list[int]]:
+    """Experts with rows dealt into at most ``n`` groups of near-equal rows (largest first)."""
+    groups: list[list[int]] = [[] for _ in range(n)]
+    rows = [0] * n
+    for e in sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], e)):
+        g = rows.index(min(rows))
+        groups[g].append(e)
+        rows[g] += counts[e]
+    return [sorted(g) for g in groups if g]
+
+
+def run_split(jobs: list[Callable[[], None]]) -> None:
+    """Run ``jobs`` at once, each on its own thread with one intra-op thread; then restore.
+
+    The calling thread runs the first job. Grad mode and inference mode are per thread: the
+    jobs run without autograd, in inference mode when the caller is in it.
+    """
+    threads = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()
+
+    def one_core(job: Callable[[], None]) -> None:
+        torch.set_num_threads(1)
+        with torch.inference_mode() if inference else torch.no_grad():
+            job()
+
+    if len(jobs) == 1:  # nothing to share: this thread, with its usual intra-op threads
+        with torch.inference_mode() if inference else torch.no_grad():
+            jobs[0]()
+        return
+    futures = [_executor(len(jobs) - 1).submit(one_core, job) for job in jobs[1:]]
+    errors: list[BaseException] = []
+    try:
+        one_core(jobs[0])
+    except BaseException as err:  # noqa: BLE001  (re-raised below, once the others are done)
+        errors.append(err)
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+    torch.set_num_threads(threads)  # MKL's thread count is process-wide: put it back
+    if errors:
+        raise errors[0]
+
+
+def _activate(h: Tensor, activation: str, out: Tensor) -> None:
+    """out = SwiGLU's silu(gate) * up, or GELU, of the pre-activation h."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        torch.mul(F.silu(gate), up, out=out)
+    else:
+        out.copy_(F.gelu(h))
+
+
+def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """The gradient with respect to the pre-activation h, given the activation's gradient."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return torch.cat([d_gate, F.silu(gate) * grad], dim=1)
+    return torch.ops.aten.gelu_backward(grad, h)
+
+
+class ThreadedExperts(torch.autograd.Function):
+    """y = down_e(act(gate_up_e x)) for rows sorted by expert, experts spread over threads."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        gate_up: Tensor,
+        down: Tensor,
+        counts: list[int],
+        activation: str,
+        threads: int,
+    ) -> Tensor:
+        """x (N, d) sorted by expert with ``counts[e]`` rows for expert e; ``threads`` groups."""
+        n, width, hidden = x.shape[0], gate_up.shape[1], down.shape[2]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        h = x.new_empty(n, width)  # pre-activation, kept for backward
+        a = x.new_empty(n, hidden)  # activation, kept for backward
+        y = x.new_empty(n, down.shape[1])
+
+        def job(experts: list[int]) -> Callable[[], None]:
+            def run() -> None:
+                for e in experts:
+                    s, t = starts[e], starts[e + 1]
+                    torch.mm(x[s:t], gate_up[e].t(), out=h[s:t])
+                    _activate(h[s:t], activation, a[s:t])
+                    torch.mm(a[s:t], down[e].t(), out=y[s:t])
+
+            return run
+
+        groups = balanced_groups(counts, threads)
+        run_split([job(g) for g in groups])
+        ctx.save_for_backward(x, gate_up, down, h, a)
+        ctx.counts, ctx.starts, ctx.groups, ctx.activation = counts, starts, groups, activation
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, gate_up, down, h, a = ctx.saved_tensors
+        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
+        starts, activation = ctx.starts, ctx.activation
+        grad_y = grad_y.contiguous()
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_gate_up = torch.empty_like(gate_up) if need_gate_up else None
+        grad_down = torch.empty_like(down) if need_down else None
+        for e, c in enumerate(ctx.counts):  # experts without rows get zero gradients
+            if c == 0:
+                for g in (grad_gate_up, grad_down):
+                    if g is not None:
+                        g[e].zero_()
+
+        def job(experts: list[int]) -> Callable[[], None]:
+            def run() -> None:
+                for e in experts:
+                    s, t = starts[e], starts[e + 1]
+                    gy = grad_y[s:t]
+                    if grad_down is not None:
+                        torch.mm(gy.t(), a[s:t], out=grad_down[e])
+                    grad_h = _activation_backward(gy @ down[e], h[s:t], activation)
+                    if grad_gate_up is not None:
+                        torch.mm(grad_h.t(), x[s:t], out=grad_gate_up[e])
+                    if grad_x is not None:
+                        torch.mm(grad_h, gate_up[e], out=grad_x[s:t])
+
+            return run
+
+        run_split([job(g) for g in ctx.groups])
+        return grad_x, grad_gate_up, grad_down, None, None, None
