@@ -108,7 +108,9 @@ class Experts(nn.Module):
     def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
         """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d).
 
-        With a torch that has ``F.grouped_mm``, on CUDA in bfloat16 (bfloat16 inputs, or
+        On CPU with several torch threads, no autocast and at least
+        ``CPU_THREADED_MIN_EXPERTS`` experts with rows, the experts are dealt out to threads,
+        one core each (minimoe.threaded). Otherwise, with a torch that has ``F.grouped_mm``, on CUDA in bfloat16 (bfloat16 inputs, or
         bfloat16 autocast), and on CPU in float32 when the experts average at most
         ``CPU_GROUPED_MAX_ROWS`` rows (many small experts: it also spares backward stacking E
         per-expert weight gradients), all experts run in two grouped GEMMs; elsewhere, and if

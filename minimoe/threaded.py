@@ -1,11 +1,12 @@
 """Many small experts on a multi-core CPU: the experts dealt out to threads, one core each.
 
-One matmul on 64 rows, split over two cores by torch's intra-op threads, costs about twice per
-row what a matmul on 2048 rows does; on one core it costs about the same per row (measured on
-the 2-core CPU of benchmarks/README.md: the 64 experts' fwd+bwd matmuls of E=64, T=2048 cost
-1.08x the dense FFN's on one thread, 1.50x on two). So here the experts are split into as many
-groups as torch has threads, balanced by rows, and each group runs on its own thread with one
-intra-op thread, forward and backward: the parallelism is across experts, not inside a matmul.
+A matmul on 64 rows gains little from being split over cores by torch's intra-op threads: on
+the 2-core CPU of benchmarks/README.md, the matmuls of 64 experts on 64 rows each cost
+1.15-1.37x per FLOP what the dense FFN's 2048-row matmuls cost on one core, but about 2x on two.
+So here the experts are split into as many groups as torch has threads, balanced by rows, and
+each group runs on its own thread with one intra-op thread, forward and backward: the
+parallelism is across experts, not inside a matmul (E=64, T=2048, the experts' fwd+bwd: 1.3x
+the dense FFN's time, against 1.55-1.8x for the grouped kernel on both cores).
 
 The backward is written out (the autograd engine would run the experts' backward one after
 another on one thread), and the weight gradients go straight into their stacked (E, ., .)
@@ -121,6 +122,7 @@ class ThreadedExperts(torch.autograd.Function):
         threads: int,
     ) -> Tensor:
         """x (N, d) sorted by expert with ``counts[e]`` rows for expert e; ``threads`` groups."""
+        x = x.contiguous()  # its row slices are matmul operands
         n, width, hidden = x.shape[0], gate_up.shape[1], down.shape[2]
         starts = [0]
         for c in counts:
