@@ -25,8 +25,8 @@ _GROUPED_MM_FAILED: list[str] = []  # once it fails, stop trying
 CPU_GROUPED_MAX_ROWS = 128
 # With at least this many experts holding rows, on CPU with several torch threads, the experts
 # are dealt out to threads (minimoe.threaded). Measured on 2 cores (layer fwd+bwd, d_model 256,
-# width 512, top-2; time over the grouped kernel's): 0.85-0.93x at E=32 and E=64 for T=512 to
-# 8192; at E=8 and 16, 1.0-1.2x: few experts have rows enough for torch's own split of a matmul.
+# width 512, top-2; time over the grouped kernel's): 0.89-1.0x at E=32 and E=64 for T=512 to
+# 8192; 1.0-1.2x at E=8 and 16, whose experts have rows enough for torch's own split of a matmul.
 CPU_THREADED_MIN_EXPERTS = 32
 
 
