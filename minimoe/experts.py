@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimoe.checks import check_choice, check_int
-from minimoe.threaded import ThreadedExperts
+from minimoe.threaded import ThreadedExperts, openmp_backend
 
 ACTIVATIONS = ("swiglu", "gelu")
 _GROUPED_MM_FAILED: list[str] = []  # once it fails, stop trying
@@ -60,6 +60,7 @@ def _threaded_usable(x: Tensor, weight: Tensor, counts: list[int]) -> bool:
     return (
         x.device.type == "cpu"
         and torch.get_num_threads() > 1
+        and openmp_backend()
         and not torch.is_autocast_enabled("cpu")
         and x.dtype == weight.dtype
         and sum(1 for c in counts if c) >= CPU_THREADED_MIN_EXPERTS

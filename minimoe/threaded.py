@@ -17,6 +17,7 @@ not depend on which thread ran it: same inputs, same outputs, run after run.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+
+@functools.cache
+def openmp_backend() -> bool:
+    """Whether torch's intra-op threads are OpenMP's, whose thread count is per calling thread
+    (torch's native pool has one count for the process: there this path is not taken)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
 
 _POOL: dict[str, object] = {"executor": None, "size": 0, "pid": None}
 _POOL_LOCK = threading.Lock()

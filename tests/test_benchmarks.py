@@ -104,3 +104,29 @@ def test_moe_layer_benchmark_refuses_cuda_without_a_gpu(moe_layer):
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit):
         moe_layer.main(["--device", "cuda"])
+
+
+def test_the_e64_control_switches_the_threaded_path_off_and_back(moe_layer, monkeypatch):
+    import minimoe.experts as experts_module
+    from minimoe.layer import MoE, MoEConfig
+    from minimoe.routing import TopK
+    from minimoe.threaded import ThreadedExperts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        E = experts_module.CPU_THREADED_MIN_EXPERTS
+        moe = MoE(MoEConfig(d_model=16, d_hidden=16, num_experts=E, router=TopK(k=2)))
+        calls = []
+        original = ThreadedExperts.apply
+        monkeypatch.setattr(ThreadedExperts, "apply", lambda *a: calls.append(1) or original(*a))
+        x = torch.randn(256, 16)
+        plain = moe(x).output
+        assert calls == [1], "the default path takes the threaded experts here"
+        control = moe_layer.WithoutThreads(moe)(x).output
+        assert calls == [1], "the control does not"
+        assert experts_module.CPU_THREADED_MIN_EXPERTS == E, "and it puts the switch back"
+        torch.testing.assert_close(control, plain, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

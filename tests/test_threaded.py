@@ -83,6 +83,8 @@ def test_experts_take_the_threaded_path_with_many_experts_and_several_threads(
     torch.set_num_threads(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ex.grouped(x, counts)  # autocast: the other paths
+    monkeypatch.setattr(experts_module, "openmp_backend", lambda: False)
+    ex.grouped(x, counts)  # torch's native thread pool: one thread count for the process
     assert calls == [1]
 
 
