@@ -7,7 +7,8 @@ two. So here the experts are split into as many groups as torch has threads, bal
 and each group runs on its own thread with one intra-op thread, forward and backward: the
 parallelism is across experts, not inside a matmul. Measured there, E=64, T=2048, fwd+bwd: the
 experts alone 1.3-1.6x the dense FFN's time against 1.55-1.8x for the grouped kernel; the
-whole layer 6-10% faster than with the grouped kernel (benchmarks/moe_layer.py's target check).
+whole layer 4-13% less time than with the grouped kernel under glibc's default allocator, 0-6%
+with one that keeps freed memory (benchmarks/moe_layer.py's target check).
 
 The backward is written out (the autograd engine would run the experts' backward one after
 another on one thread), and the weight gradients go straight into their stacked (E, ., .)
