@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimoe.checks import check_choice, check_int
-from minimoe.threaded import ThreadedExperts, openmp_backend
+from minimoe.threaded import ThreadedExperts, activate, openmp_backend
 
 ACTIVATIONS = ("swiglu", "gelu")
 _GROUPED_MM_FAILED: list[str] = []  # once it fails, stop trying
@@ -94,10 +94,7 @@ class Experts(nn.Module):
         nn.init.uniform_(self.down, -1 / math.sqrt(self.d_hidden), 1 / math.sqrt(self.d_hidden))
 
     def _act(self, h: Tensor) -> Tensor:
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h)
+        return activate(h, self.activation)
 
     def _ffn(self, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
         return F.linear(self._act(F.linear(x, gate_up)), down)

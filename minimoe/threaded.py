@@ -71,7 +71,8 @@ def run_split(jobs: list[Callable[[], None]]) -> None:
     """Run ``jobs`` at once, each on its own thread with one intra-op thread; then restore.
 
     The calling thread runs the first job. Grad mode and inference mode are per thread: the
-    jobs run without autograd, in inference mode when the caller is in it.
+    jobs run as the caller does (inside an autograd Function: without autograd), in inference
+    mode when the caller is in it.
     """
     threads = torch.get_num_threads()
     inference = torch.is_inference_mode_enabled()
@@ -82,8 +83,7 @@ def run_split(jobs: list[Callable[[], None]]) -> None:
             job()
 
     if len(jobs) == 1:  # nothing to share: this thread, with its usual intra-op threads
-        with torch.inference_mode() if inference else torch.no_grad():
-            jobs[0]()
+        jobs[0]()
         return
     futures = [_executor(len(jobs) - 1).submit(one_core, job) for job in jobs[1:]]
     errors: list[BaseException] = []
@@ -101,13 +101,13 @@ def run_split(jobs: list[Callable[[], None]]) -> None:
         raise errors[0]
 
 
-def _activate(h: Tensor, activation: str, out: Tensor) -> None:
-    """out = SwiGLU's silu(gate) * up, or GELU, of the pre-activation h."""
+def activate(h: Tensor, activation: str, out: Tensor | None = None) -> Tensor:
+    """SwiGLU's silu(gate) * up, or GELU, of the pre-activation h (into ``out`` if given)."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        torch.mul(F.silu(gate), up, out=out)
-    else:
-        out.copy_(F.gelu(h))
+        return torch.mul(F.silu(gate), up, out=out)
+    y = F.gelu(h)
+    return y if out is None else out.copy_(y)
 
 
 def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
@@ -147,7 +147,7 @@ class ThreadedExperts(torch.autograd.Function):
                 for e in experts:
                     s, t = starts[e], starts[e + 1]
                     torch.mm(x[s:t], gate_up[e].t(), out=h[s:t])
-                    _activate(h[s:t], activation, a[s:t])
+                    activate(h[s:t], activation, out=a[s:t])
                     torch.mm(a[s:t], down[e].t(), out=y[s:t])
 
             return run
