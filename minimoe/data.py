@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minimoe.checks import check_float, check_int
+from minimoe.checks import check_choice, check_float, check_int
 
 
 def _require_ids(name: str, ids: object, high: int) -> None:
@@ -153,6 +153,7 @@ def make_toy_task(
 # 1b. Known-answer testbed: which experts an input needs, and how many, known by construction
 # ---------------------------------------------------------------------------------------------
 
+MIXINGS = ("equal", "dirichlet")  # how a level-m sample weighs its m functions
 MIXTURE_HIDDEN = 8  # width of each target function: one expert of a few times this fits one
 
 
@@ -175,6 +176,7 @@ class MixtureTask:
     member: Tensor  # (N, C) bool, which functions are mixed (the right experts, up to a relabel)
     w_in: Tensor  # (C, content_dim, MIXTURE_HIDDEN)
     w_out: Tensor  # (C, MIXTURE_HIDDEN, out_dim)
+    weights: Tensor | None = None  # (N, C) each function's share of the target; None: 1/m each
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -184,8 +186,9 @@ class MixtureTask:
         """(N, content_dim) the content z of each sample (x without its tag)."""
         return self.x[:, : self.w_in.shape[1]]
 
-    def target(self, z: Tensor, member: Tensor) -> Tensor:
-        """Noise-free targets of content ``z`` (N, content_dim) mixing the ``member`` (N, C) functions."""
+    def target(self, z: Tensor, member: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Noise-free targets of content ``z`` (N, content_dim) mixing the ``member`` (N, C)
+        functions, with ``weights`` (N, C) (default: equal)."""
         num_functions, content_dim = self.w_in.shape[:2]
         if z.dim() != 2 or z.shape[1] != content_dim or member.shape != (z.shape[0], num_functions):
             raise ValueError(
@@ -194,13 +197,21 @@ class MixtureTask:
             )
         if member.dtype != torch.bool or not member.any(1).all():
             raise ValueError("member must be bool with at least one function per row")
-        return _mixture_target(z, member, self.w_in, self.w_out)
+        if weights is not None and weights.shape != member.shape:
+            raise ValueError(
+                f"weights must be (N, C) like member {tuple(member.shape)}, got {tuple(weights.shape)}"
+            )
+        return _mixture_target(z, member, self.w_in, self.w_out, weights)
 
 
-def _mixture_target(z: Tensor, member: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+def _mixture_target(
+    z: Tensor, member: Tensor, w_in: Tensor, w_out: Tensor, weights: Tensor | None = None
+) -> Tensor:
     hidden = torch.tanh(torch.einsum("nd,cdh->nch", z, w_in))  # (N, C, hidden) every function
     f = torch.einsum("nch,cho->nco", hidden, w_out)  # (N, C, out_dim)
     m = member.to(f.dtype)  # (N, C)
+    if weights is not None:  # (N, C), zero outside S, each row summing to 1
+        return (f * (weights * m)[:, :, None]).sum(1)
     return (f * m[:, :, None]).sum(1) / m.sum(1, keepdim=True)  # (N, out_dim) mean over S
 
 
@@ -213,11 +224,16 @@ def make_mixture_task(
     tag_scale: float = 2.0,
     seed: int = 0,
     sample_seed: int | None = None,
+    mixing: str = "equal",
 ) -> MixtureTask:
     """``n`` samples; ``level_shares[m - 1]`` is the expected share at level m (they sum to 1).
 
     The default mix: half the samples need one expert, 35% two, 15% three. Level m's functions
-    are a uniform random m-subset of the ``num_functions``.
+    are a uniform random m-subset of the ``num_functions``. ``mixing="equal"`` weighs a level-m
+    sample's functions 1/m each; ``"dirichlet"`` draws each sample's weights from a flat
+    Dirichlet over its m functions (the tag carries them), so no fixed share per level favours
+    a routing rule with a threshold on the router's probabilities (top-p keeps m equal shares
+    only for p > (m - 1) / m).
     """
     ints = {"n": n, "num_functions": num_functions, "content_dim": content_dim}
     for name, value in (ints | {"out_dim": out_dim}).items():
@@ -226,6 +242,7 @@ def make_mixture_task(
     if sample_seed is not None:
         check_int("sample_seed", sample_seed)
     check_float("tag_scale", tag_scale, 0.0)
+    check_choice("mixing", mixing, MIXINGS)
     if tag_scale == 0:
         raise ValueError("tag_scale must be > 0 (the tag is how an input names its functions)")
     if isinstance(level_shares, (str, Tensor)) or not isinstance(level_shares, Sequence):
@@ -252,9 +269,16 @@ def make_mixture_task(
         1, order, torch.arange(num_functions).expand(n, -1) < level[:, None]
     )  # (N, C) the first `level` functions of each row's ranking
     z = torch.randn(n, content_dim, generator=gs)
-    tag = tag_scale * member.float() / level[:, None]  # (N, C)
-    y = _mixture_target(z, member, w_in, w_out)
-    return MixtureTask(torch.cat([z, tag], dim=1), y, level, member, w_in, w_out)
+    if mixing == "equal":
+        tag = tag_scale * member.float() / level[:, None]  # (N, C)
+        y = _mixture_target(z, member, w_in, w_out)
+        return MixtureTask(torch.cat([z, tag], dim=1), y, level, member, w_in, w_out)
+    # a flat Dirichlet over S: exponential draws, normalized
+    draws = -torch.rand(n, num_functions, generator=gs).clamp_min(1e-12).log() * member
+    weights = draws / draws.sum(1, keepdim=True)  # (N, C)
+    y = _mixture_target(z, member, w_in, w_out, weights)
+    x = torch.cat([z, tag_scale * weights], dim=1)
+    return MixtureTask(x, y, level, member, w_in, w_out, weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (if an evaluate function is given)
     freeze_router: bool = False  # GW-MoE fine-tuning keeps the router fixed
     autocast: str | None = None  # mixed precision: "bfloat16" (CPU or CUDA) | "float16" (CUDA)
+    # "constant" | "cosine": the learning rate decays to 0 by the last step, so a run ends
+    # where it stops improving rather than where it was cut off
+    lr_schedule: str = "constant"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -68,12 +71,17 @@ class TrainConfig:
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
                 bound = "> 0" if name == "lr" else ">= 0"
                 raise ValueError(f"{name} must be finite and {bound}, got {name}={value!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {LR_SCHEDULES}, got lr_schedule={self.lr_schedule!r}"
+            )
         if self.autocast not in AUTOCAST:
             raise ValueError(
                 f"autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}"
             )
 
 
+LR_SCHEDULES = ("constant", "cosine")
 AUTOCAST = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,6 +126,11 @@ def train(
         r.requires_grad_(not config.freeze_router)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = None
+    if config.lr_schedule == "cosine":  # step s (1-based) trains at lr * (1 + cos(pi (s-1)/S)) / 2
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, config.steps)))
+        )
     history = History()
     model.train()
     device = next(model.parameters()).device
@@ -148,6 +161,8 @@ def train(
             nn.utils.clip_grad_norm_(params, config.grad_clip)
         scaler.step(opt)
         scaler.update()
+        if schedule is not None:
+            schedule.step()
         # stateful routers (a balancing bias, say) update from this step's statistics, here only
         for layer, layer_out in zip(moe_layers(model), out.layers, strict=True):
             layer.update_router_state(layer_out.stats)

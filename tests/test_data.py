@@ -319,3 +319,23 @@ def test_batch_samplers_refuse_empty_and_float_batches():
         D.lm_batches(_corpus(), 4, 0)
     batch = D.lm_batches(_corpus(), 3, 5)(torch.Generator().manual_seed(0))
     assert batch["idx"].shape == batch["targets"].shape == (3, 5)
+
+
+def test_dirichlet_mixing_weighs_each_input_by_its_tag():
+    t = D.make_mixture_task(
+        3000, num_functions=6, content_dim=5, out_dim=3, seed=2, mixing="dirichlet"
+    )
+    assert torch.allclose(t.weights.sum(1), torch.ones(3000))
+    assert ((t.weights > 0) == t.member).all(), "weights only on the named functions"
+    assert torch.allclose(t.x[:, 5:], 2.0 * t.weights), "the tag carries the weights"
+    i = int((t.level == 2).nonzero()[0])
+    funcs = t.member[i].nonzero().squeeze(1)
+    one = [
+        t.target(t.content[i : i + 1], torch.nn.functional.one_hot(c, 6).bool()[None])
+        for c in funcs
+    ]
+    by_hand = sum(t.weights[i, c] * f for c, f in zip(funcs, one))
+    torch.testing.assert_close(by_hand, t.y[i : i + 1])
+    assert not torch.allclose(t.weights[t.level == 2].max(1).values, torch.tensor(0.5)), "unequal"
+    with pytest.raises(ValueError, match="mixing"):
+        D.make_mixture_task(100, mixing="uniform")

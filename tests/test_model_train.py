@@ -287,11 +287,31 @@ def test_paired_timing_ratio_is_the_median_of_per_round_ratios():
         ({"seed": -1}, ValueError, "seed=-1"),
         ({"eval_every": False}, TypeError, "eval_every=False"),
         ({"eval_every": -5}, ValueError, "eval_every=-5"),
+        ({"lr_schedule": "linear"}, ValueError, "lr_schedule='linear'"),
     ],
 )
 def test_train_config_refuses_bad_values(kwargs, error, match):
     with pytest.raises(error, match=match):
         TrainConfig(**kwargs)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_by_the_last_step(monkeypatch):
+    task = make_toy_task(256, seed=0)
+    model = MoERegressor(task.x.shape[1], task.y.shape[1], MoEConfig(d_model=task.x.shape[1]))
+    seen, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):  # the learning rate each optimizer step uses
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    train(
+        model,
+        toy_batches(task, 32),
+        TrainConfig(steps=4, lr=0.1, lr_schedule="cosine", progress=False),
+    )
+    # step s trains at 0.1 * (1 + cos(pi (s - 1) / 4)) / 2
+    assert seen == pytest.approx([0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05, 0.1 * (1 - 2**-0.5) / 2])
 
 
 def test_train_config_is_frozen():
