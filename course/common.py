@@ -89,6 +89,7 @@ def add_setup_args(p: argparse.ArgumentParser, defaults: Setup) -> None:
         if f.name not in ("seed", "device"):
             value = getattr(defaults, f.name)
             check = non_negative if isinstance(value, float) else non_negative_int
+            check = str if isinstance(value, str) else check
             p.add_argument(
                 "--" + f.name.replace("_", "-"),
                 type=positive if f.name == "lr" else check,
@@ -208,6 +209,15 @@ class Timings:
                 raise ValueError(f"no timings for {n!r}; timed: {list(self.rounds)}")
         pairs = zip(self.rounds[name], self.rounds[reference], strict=True)
         return statistics.median(t / t_ref for t, t_ref in pairs)
+
+    def band(self, name: str, reference: str) -> str:
+        """The ratio with its noise band, for printing (never for an assert): the median and
+        the quartiles of the per-round ratios, e.g. ``"0.91x (0.88-0.95)"``."""
+        self.ratio(name, reference)  # checks both names
+        pairs = zip(self.rounds[name], self.rounds[reference], strict=True)
+        ratios = [t / t_ref for t, t_ref in pairs]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
 
 
 def synchronize(device: torch.device | str) -> None:

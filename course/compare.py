@@ -28,7 +28,7 @@ import torch
 from matplotlib.axes import Axes
 from torch import nn
 
-from course import common
+from course import common, harness
 from course.adaptive import time_train_steps
 from course.common import (
     Timings,
@@ -412,11 +412,26 @@ def _run_colors(summary: list[dict]) -> dict[str, tuple]:
     return {r["run"]: cmap(i % 20) for i, r in enumerate(summary)}
 
 
+def _error_bars(rows: list[dict], intervals: dict | None) -> list[list[float]] | list[float]:
+    """Per run, the corrected interval of its paired difference to top-2 (``intervals``: run ->
+    ``stats.Comparison``, as (below, above) the mean); without them, the std over seeds."""
+    if intervals is None:
+        return [r["loss_vs_top2_std"] for r in rows]
+    bars = [intervals.get(r["run"]) for r in rows]
+    below = [0.0 if c is None else c.mean - c.low for c in bars]  # top-2 itself: no bar
+    return [below, [0.0 if c is None else c.high - c.mean for c in bars]]
+
+
 def plot_pareto(
-    summary: list[dict], cost: str = "flops_ratio", ax: Axes | None = None, near: float = 0.05
+    summary: list[dict],
+    cost: str = "flops_ratio",
+    ax: Axes | None = None,
+    near: float = 0.05,
+    intervals: dict | None = None,
 ) -> Axes:
-    """Held-out loss (mean, error bar: std of the paired difference to top-2 over seeds) against
-    a cost relative to top-2; the Pareto front is the dashed line. Runs are named beside their
+    """Held-out loss (mean; error bar: the paired difference to top-2's corrected interval
+    from ``intervals``, run -> ``stats.Comparison``, else its std over seeds) against a cost
+    relative to top-2; the Pareto front is the dashed line. Runs are named beside their
     points, except those within ``near`` of top-2's cost, which crowd there: ``plot_near_top2``
     draws them apart."""
     ax = ax if ax is not None else plt.subplots(figsize=(5.5, 4), layout="constrained")[1]
@@ -426,11 +441,12 @@ def plot_pareto(
     crowd = [r["run"] for r in summary if abs(r[cost] - 1) <= near]
     named = sorted((x[i], r["run"]) for i, r in enumerate(summary) if r["run"] not in crowd)
     above = {run: j % 2 == 0 for j, (_, run) in enumerate(named)}  # neighbours: above, below
+    bars = _error_bars(summary, intervals)
     for i, r in enumerate(summary):
         ax.errorbar(
             x[i],
             y[i],
-            yerr=r["loss_vs_top2_std"],
+            yerr=[[bars[0][i]], [bars[1][i]]] if intervals is not None else bars[i],
             fmt="o" if front[i] else "s",
             capsize=3,
             color=colors[r["run"]],
@@ -455,17 +471,23 @@ def plot_pareto(
 
 
 def plot_near_top2(
-    summary: list[dict], cost: str = "flops_ratio", ax: Axes | None = None, near: float = 0.05
+    summary: list[dict],
+    cost: str = "flops_ratio",
+    ax: Axes | None = None,
+    near: float = 0.05,
+    intervals: dict | None = None,
 ) -> Axes:
-    """The runs within ``near`` of top-2's cost, one row each: loss minus top-2's (mean and
-    std of the paired difference over seeds), so the crowd of ``plot_pareto`` can be read."""
+    """The runs within ``near`` of top-2's cost, one row each: loss minus top-2's (the mean
+    paired difference, and its corrected interval from ``intervals`` or else its std over
+    seeds), so the crowd of ``plot_pareto`` can be read."""
     ax = ax if ax is not None else plt.subplots(figsize=(5.5, 4), layout="constrained")[1]
     colors = _run_colors(summary)
     rows = [r for r in summary if abs(r[cost] - 1) <= near]
+    bars = _error_bars(rows, intervals)
     for i, r in enumerate(rows):
+        xerr = [[bars[0][i]], [bars[1][i]]] if intervals is not None else bars[i]
         ax.errorbar(
-            r["loss_vs_top2"], i, xerr=r["loss_vs_top2_std"], fmt="o", capsize=3,
-            color=colors[r["run"]],
+            r["loss_vs_top2"], i, xerr=xerr, fmt="o", capsize=3, color=colors[r["run"]]
         )  # fmt: skip
     ax.axvline(0, color="k", lw=1)
     ax.set(
@@ -494,6 +516,12 @@ def write_results(per_seed: list[dict], out: Path) -> list[Path]:
 def load_cached(path: str | Path | None = None) -> dict:
     """Results of the command; by default the shipped ones (data/compare/; see data/README.md)."""
     return load_json(path, "compare/results.json")
+
+
+def as_results(cached: dict) -> harness.Results:
+    """The cached comparison as the harness's results, for its paired statistics, with the
+    held-out loss curves (this cache predates the harness's format)."""
+    return harness.Results.from_rows(cached["per_seed"], "loss")
 
 
 def print_table(summary: list[dict]) -> None:

@@ -308,11 +308,12 @@ def paired_gain(
 @torch.no_grad()
 def inference_cost(
     models: dict[str, nn.Module], batch: Batch, repeats: int = 5, reference: str | None = None
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | str]]:
     """Evaluation FLOPs per token (from the layers' stats) and seconds per token (median of
     ``repeats`` rounds, the models interleaved so load on the machine hits all alike); with
     ``reference``, also ``time_ratio``: the median over rounds of each model's time over the
-    reference's in the same round."""
+    reference's in the same round, and ``time_band``, that ratio with its quartiles as text
+    (for printing: a timing is never asserted)."""
     if reference is not None and reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
     flops: dict[str, float] = {}
@@ -337,6 +338,7 @@ def inference_cost(
     if reference is not None:
         for n in models:
             cost[n]["time_ratio"] = times.ratio(n, reference)
+            cost[n]["time_band"] = times.band(n, reference)  # for printing: the noise band
     return cost
 
 

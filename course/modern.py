@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from matplotlib.axes import Axes
 from torch import nn
 
-from course import common
+from course import common, harness
 from course.adaptive import time_train_steps
 from course.common import (
     add_experiment_args,
@@ -393,6 +393,19 @@ def write_results(per_seed: list[dict], out) -> list:
 def load_cached(path=None) -> dict:
     """Results of the command; by default the shipped ones (data/modern/; see data/README.md)."""
     return load_json(path, "modern/results.json")
+
+
+def as_results(cached: dict) -> harness.Results:
+    """The cached runs as the harness's results, for its paired statistics, with the training
+    loss as the curve (this cache records no held-out curve and predates the harness's format)."""
+    return harness.Results.from_rows(cached["per_seed"], "train_loss")
+
+
+def family() -> list[tuple[str, str, str]]:
+    """The chapter's comparisons of held-out loss: every run against the run it is paired
+    with, and the bias against the course's stronger auxiliary loss."""
+    pairs = [(n, versus(n), "loss") for n in RUNS if versus(n) != n]
+    return pairs + [("loss-free 1e-2", "aux 1e-2", "loss")]
 
 
 def print_table(summary: list[dict]) -> None:

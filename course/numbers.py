@@ -18,7 +18,7 @@ from course.common import load_json
 
 TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
 TOKENS = "graded token tasks"
-TESTBED = "mixture testbed, 1 MoE layer, 2000 steps"
+TESTBED = "mixture testbed (equal weights), 1 MoE layer, 4000 steps"
 COURSE = "course: balance 1e-2 + z-loss 1e-3"
 PAPER = "paper's own (no z-loss)"
 
@@ -140,14 +140,13 @@ def compare_rows() -> list[dict]:
 
 
 def testbed_rows() -> list[dict]:
-    results = testbed.load_results()
+    results = testbed.load()
 
     def overall(router: str, key: str) -> list[float]:
-        return testbed.overall(results, router, key)
+        return results.values(router, key)
 
     def versus(router: str, other: str) -> list[float]:
-        mine, theirs = overall(router, "rel_error"), overall(other, "rel_error")
-        return [a - b for a, b in zip(mine, theirs, strict=True)]
+        return list(results.compare(router, other, "rel_error").diffs)
 
     vs = "test error - top-2 (share of variance)"
     return [

@@ -71,7 +71,7 @@ def t_quantile(q: float, df: int) -> float:
     lo, hi = 0.0, 1.0
     while t_two_sided_p(hi, df) > 2 * (1 - q):
         hi *= 2.0
-    for _ in range(200):  # bisection: the two-sided p falls as t grows
+    for _ in range(80):  # bisection: the two-sided p falls as t grows
         mid = (lo + hi) / 2.0
         lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 2 * (1 - q) else (lo, mid)
     return (lo + hi) / 2.0
@@ -86,7 +86,8 @@ class Comparison:
 
     ``low``/``high`` bound the interval at confidence ``1 - level`` (0.95 before correction;
     ``holm`` widens it); ``p`` is the t-test's two-sided p and ``p_holm`` the corrected one.
-    ``drift`` is how much the gap moved over the last fifth of training (None: no curve).
+    ``drift`` is how much the gap moved over the last fifth of training and ``run_drift`` the
+    larger of how much either run's own measure moved there (None: no curve).
     """
 
     a: str
@@ -100,6 +101,7 @@ class Comparison:
     level: float = ALPHA
     p_holm: float | None = None
     drift: float | None = None
+    run_drift: float | None = None
     lower_is_better: bool = True
 
     @property
@@ -113,12 +115,13 @@ class Comparison:
 
     @property
     def settled(self) -> bool:
-        """The gap moved less over the last fifth of training than half of what is judged:
-        the gap itself if beyond noise, else the interval's half-width. True without a curve."""
-        if self.drift is None:
-            return True
+        """Measured on runs that have stopped improving: over the last fifth of training each
+        run moved less than what is judged (the gap if beyond noise, else the interval's
+        half-width), and the gap itself less than half of it. True without curves."""
         judged = abs(self.mean) if self.beyond_noise else (self.high - self.low) / 2
-        return abs(self.drift) < 0.5 * judged
+        gap_ok = self.drift is None or abs(self.drift) < 0.5 * judged
+        runs_ok = self.run_drift is None or abs(self.run_drift) < judged
+        return gap_ok and runs_ok
 
     def verdict(self) -> str:
         """ "better"/"worse ... beyond noise" or "within noise", with the interval; "provisional"
@@ -129,7 +132,12 @@ class Comparison:
             word = f"{'better' if better else 'worse'} beyond noise"
         else:
             word = "within noise"
-        tail = "" if self.settled else f"; provisional: the gap moved {self.drift:+.4f} lately"
+        moved = [
+            f"{what} moved {value:+.4f}"
+            for what, value in (("the gap", self.drift), ("a run", self.run_drift))
+            if value is not None
+        ]
+        tail = "" if self.settled else f"; provisional: over the last fifth {', '.join(moved)}"
         return f"{self.a} vs {self.b}, {self.measure}: {word}, {ci}{tail}"
 
 
@@ -140,6 +148,7 @@ def compare(
     measure: str = "loss",
     level: float = ALPHA,
     drift: float | None = None,
+    run_drift: float | None = None,
     lower_is_better: bool = True,
 ) -> Comparison:
     """Paired t-test of ``a`` - ``b`` (one value per seed, the seeds in the same order)."""
@@ -160,7 +169,7 @@ def compare(
         half = t_quantile(1 - level / 2, n - 1) * se
     return Comparison(
         names[0], names[1], measure, diffs, mean, mean - half, mean + half, p, level,
-        drift=drift, lower_is_better=lower_is_better,
+        drift=drift, run_drift=run_drift, lower_is_better=lower_is_better,
     )  # fmt: skip
 
 
@@ -184,7 +193,7 @@ def holm(family: Sequence[Comparison], alpha: float = ALPHA) -> list[Comparison]
         step = rank if failed_at is None else failed_at
         level = alpha / (m - step + 1)
         wide = compare(
-            [d for d in c.diffs], [0.0] * c.n, (c.a, c.b), c.measure, level, c.drift,
+            list(c.diffs), [0.0] * c.n, (c.a, c.b), c.measure, level, c.drift, c.run_drift,
             c.lower_is_better,
         )  # fmt: skip
         out[i] = replace(wide, p=c.p, p_holm=running)
@@ -195,11 +204,11 @@ def holm(family: Sequence[Comparison], alpha: float = ALPHA) -> list[Comparison]
 
 
 def tail_slope(steps: Sequence[float], values: Sequence[float], fraction: float = 0.2) -> float:
-    """Least-squares slope of ``values`` against ``steps`` over the last ``fraction`` of the
-    steps (at least two points), per step."""
+    """Least-squares slope of ``values`` against ``steps`` (training steps, counted from 0) over
+    the last ``fraction`` of training, per step; at least the last two points."""
     if len(steps) != len(values) or len(steps) < 2:
         raise ValueError(f"need matching steps and values, at least 2, got {len(steps)}")
-    start = steps[-1] - fraction * (steps[-1] - steps[0])
+    start = (1 - fraction) * steps[-1]
     xs, ys = zip(*[(s, v) for s, v in zip(steps, values) if s >= start])
     if len(xs) < 2:
         xs, ys = tuple(steps[-2:]), tuple(values[-2:])
@@ -208,5 +217,5 @@ def tail_slope(steps: Sequence[float], values: Sequence[float], fraction: float 
 
 
 def tail_drift(steps: Sequence[float], values: Sequence[float], fraction: float = 0.2) -> float:
-    """How much the curve moves over its last ``fraction`` of training, at its tail slope."""
-    return tail_slope(steps, values, fraction) * fraction * (steps[-1] - steps[0])
+    """How much the curve moves over the last ``fraction`` of training, at its tail slope."""
+    return tail_slope(steps, values, fraction) * fraction * steps[-1]

@@ -8,12 +8,18 @@ balance 1e-2 counted as its paper counts, no z-loss; top-p adds its dynamic loss
 The control comes first: top-1 (Switch: no renormalization, so the router gets a gradient)
 against top-2 at the same size. If the hard part does not separate them beyond seed noise, or
 the easy part does, the testbed cannot judge a router and no claim should be read off it.
-Then top-p (p=0.4) and adaptive gating (threshold 0.1), with top-2 without renormalization
-as adaptive's control (adaptive's weights are not renormalized either); ``--sweep`` adds
-top-p at the other p of the paper's sweep.
+Then top-p (p=0.4, and the rest of the paper's p sweep) and adaptive gating (threshold 0.1),
+with top-2 without renormalization as adaptive's control (adaptive's weights are not
+renormalized either).
 
-Measured on a test set of the same functions (another sample seed), per level: the error
-relative to the targets' variance, experts per token, and coverage: the share of a sample's
+Two variants of the task (``Testbed``, ``TestbedDirichlet``): a level-m input weighs its m
+functions equally (1/m each), so an ideal router's probabilities are 1/m each and top-p keeps
+all m only for p > (m - 1) / m: the equal weights alone decide where a p sweep turns. The
+Dirichlet variant draws each input's weights, so no threshold is favoured.
+
+Measured on a test set of the same functions (another sample seed), per level m
+(``<measure>@m``) and over all inputs: the error relative to the targets' variance, experts
+per token, the share of inputs on more than one expert, and coverage: the share of an input's
 needed experts among those it got, where the expert of function c is the one that most of
 c's level-1 samples pick first (read it beside ``distinct_experts``: a router that sends
 everything to one expert "covers" every level-1 sample).
@@ -21,54 +27,31 @@ everything to one expert "covers" every level-1 sample).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from course.common import (
-    add_experiment_args,
-    add_setup_args,
-    load_json,
-    set_threads,
-    setup_from_args,
-    write_csv,
-)
+from course import harness
+from course.harness import Experiment, Run
 from minimoe.analysis import first_choice
-from minimoe.cli import non_negative_int, write_json
 from minimoe.data import MixtureTask, make_mixture_task, toy_batches
 from minimoe.layer import MoEConfig
 from minimoe.model import MoERegressor
-from minimoe.routing import Adaptive, Router, TopK, TopP
-from minimoe.train import TrainConfig, train
+from minimoe.routing import Adaptive, TopK, TopP
+from minimoe.train import History
 
 LEVELS = (1, 2, 3)
 TEST_SAMPLE_SEED = 1  # the test set; training sets use 1000 + seed
+SWEEP_PS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)  # the paper's p sweep, as "top-p <p>"
 
-ROUTERS: dict[str, Router] = {
-    "top-1": TopK(k=1, renormalize=False),
-    "top-2": TopK(k=2),
-    "top-2 raw": TopK(k=2, renormalize=False),
-    "top-p 0.4": TopP(p=0.4),
-    "adaptive 0.1": Adaptive(threshold=0.1),
-}
-SWEEP_PS = (0.1, 0.2, 0.3, 0.5, 0.7)  # with ROUTERS' 0.4: the paper's p sweep, as "top-p <p>"
-
-
-def router_named(name: str) -> Router:
-    """``ROUTERS[name]``, or ``TopP(p)`` for a name "top-p <p>" (the sweep)."""
-    if name in ROUTERS:
-        return ROUTERS[name]
-    head, _, value = name.partition(" ")
-    if head == "top-p":
-        try:
-            return TopP(p=float(value))
-        except ValueError as err:
-            raise ValueError(f"router {name!r}: {err}") from None
-    raise ValueError(f"unknown router {name!r}; choose from {list(ROUTERS)} or 'top-p <p>'")
+RUNS: dict[str, Run] = {
+    "top-1": Run(TopK(k=1, renormalize=False)),
+    "top-2": Run(TopK(k=2)),
+    "top-2 raw": Run(TopK(k=2, renormalize=False)),
+    "adaptive 0.1": Run(Adaptive(threshold=0.1)),
+} | {f"top-p {p}": Run(TopP(p=p)) for p in SWEEP_PS}
+ROUTERS = {name: run.router for name, run in RUNS.items()}  # the same routers, by run name
 
 
 @dataclass
@@ -81,29 +64,26 @@ class TestbedSetup:
     n_train: int = 16384
     n_test: int = 4096
     batch_size: int = 256
-    steps: int = 2000
+    steps: int = 4000
     lr: float = 3e-3
+    lr_schedule: str = "cosine"  # ends where the runs stop improving (the converged rule)
     task_seed: int = 0  # the functions; the seed of a run sets its samples and weights
+    mixing: str = "equal"  # "equal" | "dirichlet": how a level-m input weighs its functions
     seed: int = 0
+    device: str = "cpu"
 
-    def tasks(self) -> tuple[MixtureTask, MixtureTask]:
-        train_set = make_mixture_task(
-            self.n_train, seed=self.task_seed, sample_seed=1000 + self.seed
-        )
-        test_set = make_mixture_task(self.n_test, seed=self.task_seed, sample_seed=TEST_SAMPLE_SEED)
+    def tasks(self, seed: int | None = None) -> tuple[MixtureTask, MixtureTask]:
+        seed = self.seed if seed is None else seed
+        task = dict(seed=self.task_seed, mixing=self.mixing)
+        train_set = make_mixture_task(self.n_train, sample_seed=1000 + seed, **task)
+        test_set = make_mixture_task(self.n_test, sample_seed=TEST_SAMPLE_SEED, **task)
         return train_set, test_set
 
-    def model(self, router: Router, task: MixtureTask) -> MoERegressor:
-        torch.manual_seed(self.seed)
-        d = task.x.shape[1]
-        moe = MoEConfig(
-            d_model=d,
-            d_hidden=self.d_hidden,
-            num_experts=self.num_experts,
-            router=router,
+    def moe(self, d_model: int) -> MoEConfig:
+        return MoEConfig(
+            d_model=d_model, d_hidden=self.d_hidden, num_experts=self.num_experts,
             capacity_factor=None,
-        )
-        return MoERegressor(d, task.y.shape[1], moe.with_paper_losses())
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -141,108 +121,76 @@ def measure(model: MoERegressor, test: MixtureTask) -> dict:
     }
 
 
-def run(name: str, setup: TestbedSetup, progress: bool = False) -> dict:
-    """Train one router on one seed and measure it; experts per token early and late."""
-    train_set, test_set = setup.tasks()
-    model = setup.model(router_named(name), train_set)
-    start = time.perf_counter()
-    config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=progress)
-    history = train(model, toy_batches(train_set, setup.batch_size), config)
-    tenth = max(1, setup.steps // 10)
-    epr = [layers[0] for layers in history.experts_per_token]
-    return {
-        "router": name,
-        "seed": setup.seed,
-        **measure(model, test_set),
-        "experts_per_token_first_tenth": statistics.fmean(epr[:tenth]),
-        "experts_per_token_last_tenth": statistics.fmean(epr[-tenth:]),
-        "seconds": time.perf_counter() - start,
-    }
+def flat(measured: dict, test: MixtureTask) -> dict[str, float]:
+    """``measure``'s numbers as the harness keeps them: ``<key>@<level>`` per level, and
+    ``<key>`` over every test input (the levels weighted by their share of the test set)."""
+    share = {m: (test.level == m).float().mean().item() for m in LEVELS}
+    out: dict[str, float] = {"distinct_experts": float(measured["distinct_experts"])}
+    for key in measured["levels"]["1"]:
+        by_level = {m: measured["levels"][str(m)][key] for m in LEVELS}
+        out[key] = sum(share[m] * v for m, v in by_level.items())
+        out |= {f"{key}@{m}": v for m, v in by_level.items()}
+    return out
 
 
-def compare(setup: TestbedSetup, names: list[str], seeds: list[int], progress: bool) -> dict:
-    runs = []
-    for seed in seeds:
-        for name in names:
-            r = run(name, replace(setup, seed=seed), progress)
-            runs.append(r)
-            levels = "  ".join(
-                f"L{m} err {v['rel_error']:.3f} e/t {v['experts_per_token']:.2f}"
-                for m, v in r["levels"].items()
-            )
-            print(f"{name:>12} seed {seed}: {levels}  ({r['seconds']:.0f} s)", flush=True)
-    return {"setup": asdict(setup), "runs": runs}
+class Testbed(Experiment):
+    """Every router on the testbed with equal mixture weights (chapters 4-5)."""
+
+    name = "testbed"
+    help = "every router on the known-answer mixture testbed (equal mixture weights)"
+    setup_class = TestbedSetup
+    runs = RUNS
+    seeds = (0, 1, 2, 3, 4)
+    eval_every = 200
+    curve_measure = "rel_error"
+
+    def base_moe(self) -> MoEConfig:
+        return self.setup.moe(self._test().x.shape[1])
+
+    def _test(self) -> MixtureTask:
+        if getattr(self, "_test_set", None) is None:
+            self._test_set = self.setup.tasks()[1]
+        return self._test_set
+
+    def data(self, seed: int):
+        train_set, test_set = self.setup.tasks(seed)
+        return toy_batches(train_set, self.setup.batch_size), test_set
+
+    def model(self, moe: MoEConfig, seed: int) -> MoERegressor:
+        torch.manual_seed(seed)
+        return MoERegressor(moe.d_model, self._test().y.shape[1], moe)
+
+    def evaluate(self, model: MoERegressor, held_out: MixtureTask) -> dict[str, float]:
+        return flat(measure(model, held_out), held_out)
+
+    def extra(self, model, held_out, history: History) -> dict:
+        tenth = max(1, len(history.experts_per_token) // 10)
+        epr = [layers[0] for layers in history.experts_per_token]
+        return {
+            "experts_per_token_first_tenth": statistics.fmean(epr[:tenth]),
+            "experts_per_token_last_tenth": statistics.fmean(epr[-tenth:]),
+        }
 
 
-def load_results(path: str | Path | None = None) -> dict:
-    """Results written by the command; by default the cached data/testbed/results.json."""
-    return load_json(path, "testbed/results.json")
+class TestbedDirichlet(Testbed):
+    """The same routers where each input's mixture weights are drawn (flat Dirichlet)."""
+
+    name = "testbed_dirichlet"
+    help = "every router on the known-answer testbed with drawn (Dirichlet) mixture weights"
+
+    def __init__(self, setup: TestbedSetup | None = None) -> None:
+        super().__init__(setup if setup is not None else TestbedSetup(mixing="dirichlet"))
 
 
-def table(results: dict) -> list[dict]:
-    """One row per router, seed and level."""
-    return [
-        {"router": r["router"], "seed": r["seed"], "level": int(m), **v}
-        for r in results["runs"]
-        for m, v in r["levels"].items()
-    ]
+EXPERIMENTS = (Testbed, TestbedDirichlet)
 
 
-def per_seed(results: dict, router: str, key: str, level: int) -> list[float]:
-    """``key`` of ``router`` at ``level``, one value per seed (in the order of the runs)."""
-    return [r["levels"][str(level)][key] for r in results["runs"] if r["router"] == router]
+def load(mixing: str = "equal", path=None) -> harness.Results:
+    """The cached results (``data/testbed`` or ``data/testbed_dirichlet``), checked."""
+    exp = Testbed() if mixing == "equal" else TestbedDirichlet()
+    return harness.load(exp, path)
 
 
-def level_shares(results: dict) -> dict[int, float]:
-    """Each level's share of the test set the runs were measured on."""
-    setup = results["setup"]
-    test = make_mixture_task(setup["n_test"], seed=setup["task_seed"], sample_seed=TEST_SAMPLE_SEED)
-    return {m: (test.level == m).float().mean().item() for m in LEVELS}
-
-
-def overall(results: dict, router: str, key: str) -> list[float]:
-    """``key`` over all test inputs (levels weighted by their share), one value per seed."""
-    share = level_shares(results)
-    by_level = [per_seed(results, router, key, m) for m in LEVELS]
-    return [sum(share[m] * v for m, v in zip(LEVELS, seed)) for seed in zip(*by_level)]
-
-
-def paired(results: dict, a: str, b: str, metric: str = "rel_error") -> dict[int, list[float]]:
-    """Per level, ``metric`` of router ``a`` minus router ``b``, one difference per seed."""
-    by = {(r["router"], r["seed"]): r["levels"] for r in results["runs"]}
-    seeds = sorted({s for (n, s) in by if n == a} & {s for (n, s) in by if n == b})
-    if not seeds:
-        raise ValueError(f"no seed has both {a!r} and {b!r}")
-    return {
-        m: [by[(a, s)][str(m)][metric] - by[(b, s)][str(m)][metric] for s in seeds] for m in LEVELS
-    }
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("testbed", help="every router on the known-answer mixture testbed")
-    add_setup_args(p, TestbedSetup())
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
-    p.add_argument(
-        "--routers",
-        nargs="+",
-        default=list(ROUTERS),
-        help=f"from {list(ROUTERS)}, or 'top-p <p>' (default: %(default)s)",
-    )
-    p.add_argument(
-        "--sweep", action="store_true", help=f"add top-p at p = {', '.join(map(str, SWEEP_PS))}"
-    )
-    add_experiment_args(p, out="runs/testbed")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> dict:
-    set_threads(args)
-    setup = setup_from_args(TestbedSetup, args, args.seeds[0])
-    names = list(args.routers) + ([f"top-p {p}" for p in SWEEP_PS] if args.sweep else [])
-    for name in names:
-        router_named(name)  # refuse a bad name before training anything
-    results = compare(setup, names, args.seeds, progress=not args.no_progress)
-    write_json(args.out / "results.json", results)
-    write_csv(args.out / "results.csv", table(results))
-    print(f"wrote {args.out / 'results.json'} and results.csv")
-    return results
+def add_parser(sub) -> None:
+    for cls in EXPERIMENTS:
+        cls().add_parser(sub, cls.main)

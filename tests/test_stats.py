@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from course import stats
@@ -76,6 +76,7 @@ def _with_p(p: float, n: int = 6) -> stats.Comparison:
     return stats.compare([mean + (1 if i % 2 else -1) for i in range(n)], [0.0] * n)
 
 
+@settings(deadline=None)  # a busy machine must not fail it
 @given(st.lists(st.floats(0.001, 0.2), min_size=1, max_size=8), st.integers(3, 9))
 def test_corrected_intervals_exclude_zero_exactly_when_holm_rejects(ps, n):
     out = stats.holm([_with_p(p, n) for p in ps])
@@ -103,3 +104,18 @@ def test_tail_slope_and_the_settled_rule():
     assert gap.beyond_noise and gap.settled  # moved 0.2 against a gap of 0.55
     moving = stats.compare([0.5, 0.6, 0.55], [0.0] * 3, drift=-0.3)
     assert not moving.settled and "provisional" in moving.verdict()
+
+
+def test_runs_still_improving_make_a_verdict_provisional():
+    gap = stats.compare([0.5, 0.6, 0.55], [0.0] * 3, drift=0.0, run_drift=-0.6)
+    assert gap.beyond_noise and not gap.settled, "each run moved more than the gap judged"
+    assert "a run moved -0.6000" in gap.verdict()
+    assert stats.compare([0.5, 0.6, 0.55], [0.0] * 3, drift=0.0, run_drift=-0.5).settled
+
+
+def test_the_last_fifth_is_of_training_not_of_the_curve():
+    # a fine-tuning recipe evaluated from step 450 of 600: its last fifth is steps 480-600
+    steps, values = [450, 500, 550, 600], [1.0, 0.9, 0.85, 0.8]
+    by_hand = -0.001  # least squares through (500, .9), (550, .85), (600, .8)
+    assert stats.tail_slope(steps, values) == pytest.approx(by_hand)
+    assert stats.tail_drift(steps, values) == pytest.approx(by_hand * 120)

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 from course import testbed
+from course.harness import Run
 from minimoe.routing import TopK
 
 
 def _oracle(k: int, scale: float = 50.0) -> tuple[testbed.TestbedSetup, object, object]:
     """A model whose router reads the tag: expert c's logit is scale * tag_c."""
     setup = testbed.TestbedSetup(n_train=64, n_test=3000, steps=0)
+    exp = testbed.Testbed(setup)
     _, test = setup.tasks()
-    model = setup.model(TopK(k=k), test)
+    model = exp.model(Run(TopK(k=k)).moe_config(exp.base_moe()), seed=0)
     content_dim = test.content.shape[1]
     with torch.no_grad():
         model.moe.gate.weight.zero_()
@@ -45,56 +47,55 @@ def test_coverage_of_top_1_and_of_a_router_that_ignores_the_tag():
     assert collapsed["levels"]["2"]["coverage"] == pytest.approx(1 / 2)
 
 
-def test_a_short_run_and_the_paired_differences(tmp_path):
-    setup = testbed.TestbedSetup(n_train=256, n_test=512, steps=3, batch_size=32)
-    runs = [testbed.run(name, setup) for name in ("top-1", "top-2")]
-    runs.append(testbed.run("top-1", testbed.replace(setup, seed=1)))
-    results = {"setup": {}, "runs": runs}
-    rows = testbed.table(results)
-    assert len(rows) == 3 * len(testbed.LEVELS) and {r["level"] for r in rows} == {1, 2, 3}
-    diff = testbed.paired(results, "top-1", "top-2")  # seed 0 only: top-2 has no seed 1
-    for m in testbed.LEVELS:
-        a, b = runs[0]["levels"][str(m)], runs[1]["levels"][str(m)]
-        assert diff[m] == [a["rel_error"] - b["rel_error"]]
-    assert runs[0]["levels"]["1"]["experts_per_token"] == 1
-    with pytest.raises(ValueError, match="'top-p 0.4'"):
-        testbed.paired(results, "top-1", "top-p 0.4")
+def test_flat_measures_weigh_the_levels_by_their_share_of_the_test_set():
+    _, model, test = _oracle(k=2)
+    measured = testbed.measure(model, test)
+    flat = testbed.flat(measured, test)
+    share = {m: (test.level == m).float().mean().item() for m in testbed.LEVELS}
+    assert sum(share.values()) == pytest.approx(1) and share[1] > share[2] > share[3] > 0
+    for key in ("rel_error", "coverage", "experts_per_token"):
+        by_level = [measured["levels"][str(m)][key] for m in testbed.LEVELS]
+        assert flat[key] == pytest.approx(
+            sum(share[m] * v for m, v in zip(testbed.LEVELS, by_level))
+        )
+        assert [flat[f"{key}@{m}"] for m in testbed.LEVELS] == by_level
+    assert flat["distinct_experts"] == 8
 
 
-def test_router_names_of_the_sweep():
-    assert testbed.router_named("top-2") == testbed.ROUTERS["top-2"]
-    assert testbed.router_named("top-p 0.2") == testbed.TopP(p=0.2)
-    with pytest.raises(ValueError, match="'top-p x'"):
-        testbed.router_named("top-p x")
-    with pytest.raises(ValueError, match="'top-3'"):
-        testbed.router_named("top-3")
+def test_the_dirichlet_variant_draws_each_inputs_weights():
+    setup = testbed.TestbedSetup(n_train=64, n_test=3000, mixing="dirichlet")
+    _, test = setup.tasks()
+    assert torch.allclose(test.weights.sum(1), torch.ones(len(test)))
+    two = test.weights[test.level == 2]
+    top = two.max(1).values
+    assert top.min() > 0.5 - 1e-6 and 0.70 < top.mean() < 0.80, "U(1/2, 1): mean 3/4"
+    assert testbed.TestbedDirichlet().setup.mixing == "dirichlet"
 
 
-def test_command_writes_results_and_refuses_a_bad_router_first(tmp_path):
+def test_every_declared_run_and_the_sweep():
+    exp = testbed.Testbed()
+    assert {"top-1", "top-2", "top-2 raw", "adaptive 0.1"} <= set(exp.runs)
+    assert [exp.runs[f"top-p {p}"].router for p in testbed.SWEEP_PS] == [
+        testbed.TopP(p=p) for p in testbed.SWEEP_PS
+    ]
+    configs = exp.declared()
+    assert all(c["moe"]["capacity_factor"] is None for c in configs.values()), "dropless"
+    assert all(c["moe"]["z_coef"] == 0 for c in configs.values()), "each paper's own losses"
+
+
+def test_command_writes_results_and_refuses_a_bad_run_first(tmp_path):
     import json
 
     from course.__main__ import main
 
     tiny = ["--steps", "2", "--n-train", "128", "--n-test", "256", "--batch-size", "16"]
     out = tmp_path / "tb"
-    main(["testbed", *tiny, "--seeds", "0", "--routers", "top-2", "top-p 0.3", "--out", str(out)])
+    main(["testbed", *tiny, "--seeds", "0", "--runs", "top-2", "top-p 0.3", "--out", str(out)])
     saved = json.loads((out / "results.json").read_text())
-    assert [r["router"] for r in saved["runs"]] == ["top-2", "top-p 0.3"]
+    assert [r["run"] for r in saved["results"]] == ["top-2", "top-p 0.3"]
     assert saved["setup"]["steps"] == 2 and (out / "results.csv").exists()
     with pytest.raises(ValueError, match="'top-9'"):
-        main(["testbed", *tiny, "--routers", "top-2", "top-9", "--out", str(tmp_path / "no")])
+        main(["testbed", *tiny, "--runs", "top-2", "top-9", "--out", str(tmp_path / "no")])
     assert not (tmp_path / "no").exists(), "nothing trained or written before the check"
-
-
-def test_overall_weights_the_levels_by_their_share_of_the_test_set():
-    results = testbed.load_results()
-    share = testbed.level_shares(results)
-    assert sum(share.values()) == pytest.approx(1) and share[1] > share[2] > share[3] > 0
-    seeds = testbed.per_seed(results, "top-2", "rel_error", 1)
-    assert len(seeds) == 3
-    by_hand = [
-        sum(share[m] * testbed.per_seed(results, "top-2", "rel_error", m)[s] for m in (1, 2, 3))
-        for s in range(3)
-    ]
-    assert testbed.overall(results, "top-2", "rel_error") == pytest.approx(by_hand)
-    assert testbed.overall(results, "top-1", "experts_per_token") == pytest.approx([1, 1, 1])
+    main(["testbed_dirichlet", *tiny, "--seeds", "0", "--runs", "top-1", "--out", str(out / "d")])
+    assert json.loads((out / "d" / "results.json").read_text())["setup"]["mixing"] == "dirichlet"

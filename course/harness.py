@@ -1,0 +1,358 @@
+"""One experiment harness for every chapter: declared runs, one results format, paired statistics.
+
+A chapter's experiment subclasses ``Experiment`` and declares only what is its own: its setup (a
+dataclass), its runs (name -> ``Run``: a router spec and a loss recipe), its seeds, how a model
+and its data are built and what is measured on held-out data. The harness trains every (run,
+seed), evaluates the held-out measures every ``eval_every`` steps (the curve), and writes one
+results format, ``results.json``:
+
+    {"format", "experiment", "command", "versions", "setup", "seeds",
+     "runs": {name: {"moe": MoEConfig.to_dict(), "train": TrainConfig changes}},
+     "results": [{"run", "seed", "measures": {name: float}, "curve": {"step": [...], ...},
+                  "seconds", "extra": {...}}]}
+
+The router is saved as data (``router_to_dict``), never by a command-line flag, so renaming a
+flag breaks no cache; ``load`` refuses a file whose runs differ from the declared ones.
+``Results.family`` judges a chapter's comparisons with ``course.stats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import minimoe
+from course import stats
+from course.common import DATA, add_experiment_args, add_setup_args, set_threads, write_csv
+from minimoe.cli import non_negative_int
+from minimoe.layer import MoEConfig
+from minimoe.routing import Router
+from minimoe.train import History, TrainConfig, train
+
+FORMAT = "minimoe-course-results/1"
+LOSS_RECIPES = ("paper", "course")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One arm: the router, and the loss recipe its MoE layers train with.
+
+    ``losses="paper"``: the router's paper's own coefficients (``MoEConfig.with_paper_losses``);
+    ``"course"``: MoEConfig's defaults (balance 1e-2, z-loss 1e-3). ``moe`` changes any other
+    MoEConfig field after that (``{"z_coef": 1e-3}``); ``train`` changes TrainConfig fields.
+    """
+
+    router: Router
+    losses: str = "paper"
+    moe: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.losses not in LOSS_RECIPES:
+            raise ValueError(f"losses must be one of {LOSS_RECIPES}, got losses={self.losses!r}")
+
+    def moe_config(self, base: MoEConfig) -> MoEConfig:
+        """``base`` with this run's router, loss recipe and changes."""
+        config = replace(base, router=self.router)
+        if self.losses == "paper":
+            config = config.with_paper_losses()
+        return replace(config, **self.moe)
+
+
+class Experiment:
+    """A chapter's experiment; subclasses set the class attributes and the four methods."""
+
+    name: str  # results live in data/<name>/
+    setup_class: type  # a dataclass with a ``seed`` field and a ``device`` field
+    runs: dict[str, Run]
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    eval_every: int = 100  # steps between held-out evaluations (the curve)
+    curve_measure: str = "loss"  # the held-out measure the converged rule reads
+    help: str = ""
+
+    def __init__(self, setup: Any | None = None) -> None:
+        self.setup = setup if setup is not None else self.setup_class()
+
+    # ---- what a chapter declares ---------------------------------------------------------
+
+    def base_moe(self) -> MoEConfig:
+        """The MoEConfig every run starts from (sizes, capacity)."""
+        raise NotImplementedError
+
+    def data(self, seed: int) -> tuple[Callable[[torch.Generator], dict], Any]:
+        """The training batches (``get_batch(generator)``) and the held-out set of one seed."""
+        raise NotImplementedError
+
+    def model(self, moe: MoEConfig, seed: int) -> nn.Module:
+        """A model with MoE layers of config ``moe``, its weights drawn from ``seed``."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, held_out: Any) -> dict[str, float]:
+        """Held-out measures (floats), ``curve_measure`` among them."""
+        raise NotImplementedError
+
+    def extra(self, model: nn.Module, held_out: Any, history: History) -> dict:
+        """Anything else a chapter keeps per (run, seed) (JSON data); nothing by default."""
+        return {}
+
+    # ---- what the harness does -----------------------------------------------------------
+
+    def train_config(self, run: Run, seed: int, progress: bool) -> TrainConfig:
+        s = self.setup
+        schedule = getattr(s, "lr_schedule", "constant")
+        base = TrainConfig(
+            steps=s.steps, lr=s.lr, seed=seed, eval_every=self.eval_every, lr_schedule=schedule
+        )
+        return replace(base, progress=progress, **run.train)
+
+    def declared(self) -> dict[str, dict]:
+        """Every run's config as data, as ``results.json`` stores it."""
+        return {
+            name: {"moe": run.moe_config(self.base_moe()).to_dict(), "train": dict(run.train)}
+            for name, run in self.runs.items()
+        }
+
+    def run_one(self, name: str, seed: int, progress: bool = False) -> dict:
+        """Train run ``name`` on ``seed``; its measures, curve and extras."""
+        if name not in self.runs:
+            raise ValueError(f"unknown run {name!r}; declared: {list(self.runs)}")
+        run = self.runs[name]
+        get_batch, held_out = self.data(seed)
+        model = self.model(run.moe_config(self.base_moe()), seed).to(self.setup.device)
+        start = time.perf_counter()
+        config = self.train_config(run, seed, progress)
+        history = train(model, get_batch, config, evaluate=lambda m: self.evaluate(m, held_out))
+        seconds = time.perf_counter() - start
+        steps = [s for s, _ in history.evals]
+        curve = {"step": steps} | {
+            k: [e[k] for _, e in history.evals] for k in history.evals[-1][1]
+        }
+        return {
+            "run": name,
+            "seed": seed,
+            "measures": dict(history.final_eval),
+            "curve": curve,
+            "train_loss": history.loss[:: max(1, len(history.loss) // 100)],
+            "seconds": seconds,
+            "extra": self.extra(model, held_out, history),
+        }
+
+    def header(self, command: str) -> dict:
+        return {
+            "format": FORMAT,
+            "experiment": self.name,
+            "command": command,
+            "versions": {
+                "minimoe": minimoe.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "setup": asdict(self.setup) | {"seed": None, "device": None},
+            "runs": self.declared(),
+        }
+
+    def run_all(
+        self,
+        out: Path,
+        names: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        progress: bool = True,
+        command: str | None = None,
+    ) -> Results:
+        """Train ``names`` x ``seeds`` (default: all), merged into ``out/results.json`` (a run
+        already there for the same seed is replaced), written after every run."""
+        names, seeds = list(names or self.runs), list(seeds or self.seeds)
+        for name in names:
+            if name not in self.runs:
+                raise ValueError(f"unknown run {name!r}; declared: {list(self.runs)}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        path = out / "results.json"
+        head = self.header(command or _command_line())
+        done = load(self, path).data["results"] if path.exists() else []
+        for seed in seeds:
+            for name in names:
+                r = self.run_one(name, seed, progress)
+                done = [d for d in done if (d["run"], d["seed"]) != (name, seed)] + [r]
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in list(r["measures"].items())[:4])
+                print(f"{name:>16} seed {seed}: {shown}  ({r['seconds']:.0f} s)", flush=True)
+                all_seeds = sorted({d["seed"] for d in done})
+                write(out, head | {"seeds": all_seeds, "results": done})
+        return Results(head | {"seeds": sorted({d["seed"] for d in done}), "results": done})
+
+    # ---- the command line ----------------------------------------------------------------
+
+    def add_parser(
+        self, sub: argparse._SubParsersAction, func: Callable
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(self.name, help=self.help)
+        add_setup_args(p, self.setup)
+        p.add_argument("--seeds", type=non_negative_int, nargs="+", default=list(self.seeds))
+        p.add_argument("--runs", nargs="+", default=None, help=f"from {list(self.runs)}")
+        add_experiment_args(p, out=f"runs/{self.name}")
+        p.set_defaults(func=func)
+        return p
+
+    @classmethod
+    def main(cls, args: argparse.Namespace) -> Results:
+        set_threads(args)
+        names = {f.name for f in fields(cls.setup_class)} - {"seed"}
+        exp = cls(cls.setup_class(**{n: getattr(args, n) for n in names}))
+        return exp.run_all(args.out, args.runs, args.seeds, progress=not args.no_progress)
+
+
+def _command_line() -> str:
+    return " ".join(["python -m course"] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+# ---- one results format ------------------------------------------------------------------
+
+
+def write(out: Path, data: dict) -> Path:
+    """``results.json`` and ``results.csv`` in ``out``; each replaced only once fully written."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    with tempfile.NamedTemporaryFile("w", dir=out, suffix=".tmp", delete=False) as f:
+        try:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
+    rows = [{"run": r["run"], "seed": r["seed"], **r["measures"]} for r in data["results"]]
+    if rows:
+        tmp = write_csv(out / "results.csv.tmp", rows)
+        os.replace(tmp, out / "results.csv")
+    return path
+
+
+def load(experiment: Experiment, path: str | Path | None = None) -> Results:
+    """The results of ``experiment`` (by default its cached ``data/<name>/results.json``),
+    checked against its declared runs: a run whose stored config differs is refused."""
+    path = Path(path) if path is not None else DATA / experiment.name / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no {path}: data/ ships with the repository; data/README.md gives the command "
+            f"that regenerates it (python -m course {experiment.name})"
+        )
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT or data.get("experiment") != experiment.name:
+        raise ValueError(
+            f"{path} is not {experiment.name}'s results in format {FORMAT} "
+            f"(format {data.get('format')!r}, experiment {data.get('experiment')!r}): regenerate it"
+        )
+    declared = experiment.declared()
+    for name, stored in data["runs"].items():
+        if name in declared and stored != json.loads(json.dumps(declared[name])):
+            raise ValueError(
+                f"{path}: run {name!r} was made with {stored}, but is declared as "
+                f"{declared[name]}: regenerate it"
+            )
+    return Results(data)
+
+
+@dataclass
+class Results:
+    """One experiment's results.json, and the paired statistics over its seeds."""
+
+    data: dict
+
+    @classmethod
+    def from_rows(cls, per_seed: list[dict], curve: str) -> Results:
+        """A cache written before this format (``[{"setup", "rows", "curves"}]`` per seed): per
+        run and seed its row as the measures and ``curves[run][curve]`` (against
+        ``curves[run]["steps"]``) as the ``loss`` curve."""
+        records = [
+            {
+                "run": r["run"],
+                "seed": s["setup"]["seed"],
+                "measures": r,
+                "curve": {
+                    "step": s["curves"][r["run"]]["steps"],
+                    "loss": s["curves"][r["run"]][curve],
+                },
+            }
+            for s in per_seed
+            for r in s["rows"]
+        ]
+        return cls({"seeds": sorted({r["seed"] for r in records}), "results": records})
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.data["seeds"])
+
+    @property
+    def runs(self) -> list[str]:
+        return list(dict.fromkeys(r["run"] for r in self.data["results"]))
+
+    def record(self, run: str, seed: int) -> dict:
+        for r in self.data["results"]:
+            if (r["run"], r["seed"]) == (run, seed):
+                return r
+        raise KeyError(f"no result for run {run!r}, seed {seed}; runs: {self.runs}")
+
+    def seeds_of(self, *runs: str) -> list[int]:
+        """The seeds every one of ``runs`` has, in order."""
+        have = [{r["seed"] for r in self.data["results"] if r["run"] == n} for n in runs]
+        for n, h in zip(runs, have):
+            if not h:
+                raise KeyError(f"no results for run {n!r}; runs: {self.runs}")
+        return sorted(set.intersection(*have))
+
+    def values(self, run: str, measure: str, seeds: Iterable[int] | None = None) -> list[float]:
+        """``measure`` of ``run``, one value per seed (all its seeds by default)."""
+        seeds = self.seeds_of(run) if seeds is None else seeds
+        return [self.record(run, s)["measures"][measure] for s in seeds]
+
+    def curve(self, run: str, seed: int, measure: str) -> dict[int, float] | None:
+        """``measure`` of ``run`` on ``seed`` at each evaluated step; None if not recorded."""
+        c = self.record(run, seed)["curve"]
+        return dict(zip(c["step"], c[measure])) if measure in c and len(c["step"]) > 1 else None
+
+    def drift(self, a: str, b: str | None, measure: str) -> float | None:
+        """Mean over seeds of how much ``a``'s curve (minus ``b``'s) moved over the last fifth
+        of training (on the steps both evaluated); None without curves."""
+        drifts = []
+        for s in self.seeds_of(a) if b is None else self.seeds_of(a, b):
+            ca = self.curve(a, s, measure)
+            cb = {} if b is None else self.curve(b, s, measure)
+            if ca is None or cb is None:
+                return None
+            steps = sorted(ca) if b is None else sorted(set(ca) & set(cb))
+            gap = [ca[t] - (cb[t] if b is not None else 0.0) for t in steps]
+            drifts.append(stats.tail_drift(steps, gap))
+        return sum(drifts) / len(drifts)
+
+    def compare(
+        self, a: str, b: str, measure: str, lower_is_better: bool = True
+    ) -> stats.Comparison:
+        """``a`` minus ``b`` on ``measure``, paired by seed (uncorrected), with the drifts."""
+        seeds = self.seeds_of(a, b)
+        own = [self.drift(n, None, measure) for n in (a, b)]
+        return stats.compare(
+            self.values(a, measure, seeds), self.values(b, measure, seeds), (a, b), measure,
+            drift=self.drift(a, b, measure),
+            run_drift=None if None in own else max(own, key=abs),
+            lower_is_better=lower_is_better,
+        )  # fmt: skip
+
+    def family(
+        self, pairs: Sequence[tuple[str, str, str]], lower_is_better: bool = True
+    ) -> list[stats.Comparison]:
+        """A chapter's family of comparisons ``(a, b, measure)``, Holm-corrected together."""
+        return stats.holm([self.compare(a, b, m, lower_is_better) for a, b, m in pairs])

@@ -1,0 +1,111 @@
+"""The experiment harness (course/harness.py): declared runs, one results format, the checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from course import harness, testbed
+from course.harness import Run
+from minimoe.layer import MoEConfig
+from minimoe.routing import TopK, TopP
+
+TINY = testbed.TestbedSetup(n_train=128, n_test=512, steps=4, batch_size=16)
+
+
+class Tiny(testbed.Testbed):
+    name = "tiny"
+    runs = {"top-1": Run(TopK(k=1, renormalize=False)), "top-2": Run(TopK(k=2))}
+    eval_every = 2
+
+
+def test_run_applies_the_loss_recipe_then_the_changes():
+    base = MoEConfig()
+    paper = Run(TopP(p=0.4)).moe_config(base)
+    assert paper.z_coef == 0 and paper.dynamic_beta == 1e-4, "the Top-P paper's own losses"
+    course = Run(TopP(p=0.4), losses="course", moe={"balance_coef": 0.0}).moe_config(base)
+    assert course.z_coef == base.z_coef and course.balance_coef == 0.0
+    with pytest.raises(ValueError, match="losses='papers'"):
+        Run(TopK(), losses="papers")
+
+
+def test_results_format_and_the_checks_on_load(tmp_path):
+    exp = Tiny(TINY)
+    results = exp.run_all(tmp_path, seeds=[0, 1], progress=False, command="python -m course tiny")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["format"] == harness.FORMAT and saved["experiment"] == "tiny"
+    router = saved["runs"]["top-2"]["moe"]["router"]
+    assert router["name"] == "top_k" and router["k"] == 2, "the router as data, not as a flag"
+    assert saved["seeds"] == [0, 1] and len(saved["results"]) == 4
+    assert set(saved["versions"]) == {"minimoe", "torch", "python"}
+    one = results.record("top-2", 1)
+    assert one["curve"]["step"] == [2, 4] and len(one["curve"]["rel_error"]) == 2
+    assert one["measures"]["rel_error"] == one["curve"]["rel_error"][-1], "final = last eval"
+    assert (tmp_path / "results.csv").read_text().count("\n") == 5  # header + 4 runs
+
+    loaded = harness.load(exp, tmp_path / "results.json")
+    assert loaded.values("top-1", "experts_per_token") == [1.0, 1.0]
+    c = loaded.compare("top-1", "top-2", "rel_error")
+    assert c.diffs == pytest.approx(
+        [
+            loaded.values("top-1", "rel_error")[s] - loaded.values("top-2", "rel_error")[s]
+            for s in (0, 1)
+        ]
+    )
+    assert c.drift is not None
+
+    changed = Tiny(TINY)
+    changed.runs = {"top-2": Run(TopK(k=2), losses="course")}  # same name, other recipe
+    with pytest.raises(ValueError, match="run 'top-2' was made with"):
+        harness.load(changed, tmp_path / "results.json")
+    with pytest.raises(ValueError, match="not testbed's results"):
+        harness.load(testbed.Testbed(), tmp_path / "results.json")
+
+
+def test_reruns_replace_their_seed_and_keep_the_rest(tmp_path):
+    exp = Tiny(TINY)
+    exp.run_all(tmp_path, names=["top-2"], seeds=[0, 1], progress=False)
+    first = harness.load(exp, tmp_path / "results.json").values("top-2", "rel_error")
+    exp.run_all(tmp_path, names=["top-2", "top-1"], seeds=[1], progress=False)
+    again = harness.load(exp, tmp_path / "results.json")
+    assert again.values("top-2", "rel_error") == first, "same seed, same numbers"
+    assert again.seeds_of("top-1", "top-2") == [1] and again.seeds_of("top-2") == [0, 1]
+
+
+def test_bad_requests_are_refused_before_training(tmp_path):
+    exp = Tiny(TINY)
+    with pytest.raises(ValueError, match="unknown run 'top-9'"):
+        exp.run_all(tmp_path, names=["top-9"], progress=False)
+    with pytest.raises(ValueError, match=r"distinct, got \[0, 0\]"):
+        exp.run_all(tmp_path, seeds=[0, 0], progress=False)
+    assert not (tmp_path / "results.json").exists()
+    with pytest.raises(FileNotFoundError, match="python -m course tiny"):
+        harness.load(exp, tmp_path / "nothing.json")
+
+
+def test_a_failed_write_leaves_the_saved_file_whole(tmp_path, monkeypatch):
+    exp = Tiny(replace(TINY, steps=2))
+    exp.run_all(tmp_path, names=["top-2"], seeds=[0], progress=False)
+    before = (tmp_path / "results.json").read_text()
+    monkeypatch.setattr(harness.json, "dump", _raise)
+    with pytest.raises(OSError):
+        exp.run_all(tmp_path, names=["top-1"], seeds=[0], progress=False)
+    assert (tmp_path / "results.json").read_text() == before
+    assert not list(tmp_path.glob("*.tmp")), "no stray temporary file"
+
+
+def _raise(*args, **kwargs):
+    raise OSError("disk full")
+
+
+def test_family_is_holm_corrected(tmp_path):
+    exp = Tiny(TINY)
+    results = exp.run_all(tmp_path, seeds=[0, 1, 2], progress=False)
+    pairs = [("top-1", "top-2", "rel_error"), ("top-1", "top-2", "coverage")]
+    fam = results.family(pairs)
+    plain = [results.compare(*p) for p in pairs]
+    for corrected, raw in zip(fam, plain):
+        assert corrected.mean == raw.mean and corrected.p_holm >= raw.p
+        assert corrected.high - corrected.low >= raw.high - raw.low - 1e-12
