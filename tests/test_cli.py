@@ -54,7 +54,7 @@ def refused(argv: list[str], capsys, run=main) -> str:
         (["--router", "gw"], GWBroadcast()),
         (
             [*"--router gw --k 1 --gw-threshold 1.6 --gw-measure entropy --gw-max-slots 3".split()],
-            GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy", max_slots=3),
+            GWBroadcast(TopK(k=1, renormalize=True), threshold=1.6, measure="entropy", max_slots=3),
         ),
         (
             [*"--router sigmoid_top_k --k 4 --bias-rate 0.01 --n-group 4 --topk-group 2".split()],
