@@ -31,8 +31,9 @@ $(LAB_SETTINGS): tools/lab-overrides.json
 	mkdir -p $(dir $@)
 	cp $< $@
 
-# The chapters without their solutions, for students: build/student/ (nbgrader, one assignment
-# per chapter; build/nbgrader/ is the nbgrader course, see docs/teaching.md).
+# The chapters without their solutions, for students: build/student/*_student.ipynb (nbgrader,
+# one assignment per chapter; build/nbgrader/ is the nbgrader course, see docs/teaching.md).
+# Never writes over a file it did not write, nor one a learner changed.
 student: setup
 	$(PY) tools/student.py
 
