@@ -7,7 +7,6 @@ import nbformat
 import pytest
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
