@@ -6,8 +6,9 @@ Routing, ``kept_pairs`` drops pairs over an expert's
 capacity (minimoe/dispatch.py), ``combine`` runs the experts (minimoe/experts.py) and adds
 their outputs with the combine weights; a shared expert (DeepSeekMoE, Qwen2-MoE), if
 configured, is added for every token. The layer returns the output beside the routing,
-the auxiliary losses and the statistics: nothing is stored on the module, so re-running a
-cell never double-counts a loss. ``fine_grained`` splits every expert into m narrower ones.
+the auxiliary losses and the statistics: no loss is stored on the module, so re-running a
+cell never double-counts a loss (a stateful router's layer counts its training forwards since
+the last state update, only to warn when a loop never updates it). ``fine_grained`` splits every expert into m narrower ones.
 """
 
 from __future__ import annotations
