@@ -179,6 +179,11 @@ def test_out_holding_the_instructor_notebooks_is_refused_and_nothing_changes(tmp
     copy_of.mkdir()
     (copy_of / CHAPTERS[0].name).write_bytes(CHAPTERS[0].read_bytes())
     assert run_tool(copy_of, tmp_path / "course").returncode == 2
+    old = tmp_path / "old"  # a student copy named like the chapter (before _student) is no reason
+    old.mkdir()
+    (old / CHAPTERS[0].name).write_text("a student's answers")
+    load_tool().check_out(old, [student_name(p) for p in CHAPTERS])
+    assert (old / CHAPTERS[0].name).read_text() == "a student's answers"
 
 
 def test_a_file_the_tool_did_not_write_or_that_changed_is_never_overwritten(student, tmp_path):

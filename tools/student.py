@@ -78,12 +78,14 @@ def check_out(out: Path, names: list[str]) -> dict[str, str]:
     an instructor notebook, or a file to write that it did not write (or that changed since)."""
     if out.is_dir() and NOTEBOOKS.is_dir() and out.resolve() == NOTEBOOKS.resolve():
         raise ValueError(f"--out {out} is the instructor notebooks' folder: choose another")
-    instructor = {p.name for p in chapters()}
-    if out.is_dir() and any((out / name).exists() for name in instructor):
-        raise ValueError(
-            f"--out {out} holds instructor notebooks ({', '.join(sorted(instructor))[:60]}...): "
-            "choose an empty folder"
-        )
+    # an instructor notebook: a chapter's name, with solutions (a student copy has none)
+    held = [
+        p.name
+        for p in chapters()
+        if (out / p.name).is_file() and "### BEGIN SOLUTION" in (out / p.name).read_text()
+    ]
+    if held:
+        raise ValueError(f"--out {out} holds instructor notebooks ({', '.join(held)})")
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
     for name in names:
         target = out / name
