@@ -1,23 +1,34 @@
 # minimoe: `make lab` to open the course, `make test` to check it.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# CPU=1: torch from PyTorch's CPU-only wheel index (about 200 MB instead of about 3 GB on Linux)
+TORCH_INDEX := $(if $(CPU),--index-url https://download.pytorch.org/whl/cpu,)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 # Jupyter refuses to run as root unless told (containers, some cloud machines)
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab student test test-lib test-notebooks test-browser site notebooks lint bench clean
+.PHONY: setup dev lab student test test-lib test-notebooks test-browser site notebooks lint bench clean
 
+# A learner's install: torch, the course and JupyterLab, nothing else.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# torch first, on its own: TORCH may name PyTorch's CPU-only wheel index (see the README)
-	$(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e ".[dev,bench]"
+	# torch first, on its own: CPU=1 (or TORCH) picks the build, see the README
+	$(PY) -m pip install $(TORCH) $(TORCH_INDEX)
+	$(PY) -m pip install -e ".[lab]"
 	touch $(STAMP)
+
+# Developers' and teachers' tools on top: pytest, nbval, hypothesis, ruff, nbgrader, transformers.
+dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[dev,bench]"
+	touch $(DEV_STAMP)
 
 # JupyterLab on the course map, rendered: Markdown opens in its preview and no news prompt shows
 # (this venv's settings defaults: tools/lab-overrides.json); the chapters are trusted, so their
@@ -31,9 +42,10 @@ $(LAB_SETTINGS): tools/lab-overrides.json
 	mkdir -p $(dir $@)
 	cp $< $@
 
-# The chapters without their solutions, for students: build/student/ (nbgrader, one assignment
-# per chapter; build/nbgrader/ is the nbgrader course, see docs/teaching.md).
-student: setup
+# The chapters without their solutions, for students: build/student/*_student.ipynb (nbgrader,
+# one assignment per chapter; build/nbgrader/ is the nbgrader course, see docs/teaching.md).
+# Never writes over a file it did not write, nor one a learner changed.
+student: dev
 	$(PY) tools/student.py
 
 test: lint
@@ -41,10 +53,10 @@ test: lint
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
 	$(MAKE) --no-print-directory test-browser
 
-test-lib: setup
+test-lib: dev
 	$(PY) -m pytest -q -m "not browser" tests/
 
-test-notebooks: setup
+test-notebooks: dev
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
 
 # The site's pages, and two chapters' explorers live in JupyterLab, in Debian's chromium
@@ -59,7 +71,7 @@ site: $(SITE_STAMP) site/node_modules/.installed
 	rm -rf build/site build/site-doctrees build/site-widgets build/jupyter_execute
 	$(VENV)/bin/sphinx-build -E -W --keep-going -q -b html -c site -d build/site-doctrees . build/site
 
-$(SITE_STAMP): pyproject.toml $(STAMP)
+$(SITE_STAMP): pyproject.toml $(DEV_STAMP)
 	$(PY) -m pip install --quiet -e ".[site,browser]"
 	touch $@
 
@@ -68,17 +80,17 @@ site/node_modules/.installed: site/package.json site/package-lock.json
 	touch $@
 
 # Re-execute every notebook in place, top to bottom in a fresh kernel (outputs are committed).
-notebooks: setup
+notebooks: dev
 	for nb in notebooks/[0-9]*.ipynb; do \
 	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 $$nb || exit 1; \
 	done
 
-lint: setup
+lint: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: setup
+bench: dev
 	$(PY) benchmarks/moe_layer.py
 
 clean:

@@ -8,6 +8,7 @@ glance at the notebook does not give them away; ``digest`` makes one for a new q
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import html
 from collections.abc import Sequence
@@ -82,6 +83,76 @@ def answer(question: Question, value: object) -> str:
         return "Right."
     rounding = f" (rounded to {question.decimals} decimals)" if question.decimals else ""
     return f"Not yet{rounding}. {question.hint}".strip()
+
+
+def solve(question: Question, search: int = 10**6) -> str | None:
+    """The right answer, recovered from the digest (for the website, which shows it behind a
+    reveal): the matching choice, or the first of 0, +-1, +-2, ... (in units of the last
+    decimal, ``search`` of them) that matches; None if none does."""
+    if question.choices:
+        return next((c for c in question.choices if is_right(question, c)), None)
+    unit = 10**question.decimals
+    for n in range(search):
+        for m in (n, -n) if n else (0,):
+            text = f"{m / unit:.{question.decimals}f}"
+            if _hash(question.text, text) == question.digest:
+                return text
+    return None
+
+
+def questions_in(source: str) -> list[Question]:
+    """The questions a self-check cell writes (``quiz.number(...)``, ``quiz.choice(...)`` with
+    literal arguments), read without running the cell: how the website gets them."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        make = {"number": number, "choice": choice}.get(node.func.attr)
+        if make is not None and getattr(node.func.value, "id", None) == "quiz":
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            found.append((node.lineno, node.col_offset, make(*args, **kwargs)))
+    return [q for *_, q in sorted(found, key=lambda f: f[:2])]
+
+
+def _math_html(text: str) -> str:
+    """Text with $...$ maths as HTML: escaped, the maths in Sphinx's MathJax spans."""
+    parts = text.split("$")
+    if len(parts) % 2 == 0:  # an odd number of $: no maths
+        return html.escape(text)
+    return "".join(
+        html.escape(part)
+        if i % 2 == 0
+        else f'<span class="math notranslate nohighlight">\\({html.escape(part)}\\)</span>'
+        for i, part in enumerate(parts)
+    )
+
+
+def as_html(questions: Sequence[Question]) -> str:
+    """The questions as static HTML, each with its hint and its answer behind a reveal."""
+    items = []
+    for q in questions:
+        body = [f"<p>{_math_html(q.text)}</p>"]
+        if q.choices:
+            body.append('<ol type="a">')
+            body += [f"<li>{_math_html(c)}</li>" for c in q.choices]
+            body.append("</ol>")
+        if q.hint:
+            body.append(
+                f'<details class="quiz-hint"><summary>Hint</summary><p>{_math_html(q.hint)}</p>'
+                "</details>"
+            )
+        right = solve(q)
+        if right is not None:
+            if q.choices:
+                letter = "abcdefghij"[q.choices.index(right)]
+                right = f"({letter}) {right}"
+            body.append(
+                '<details class="quiz-answer"><summary>Answer</summary>'
+                f"<p>{_math_html(right)}</p></details>"
+            )
+        items.append(f"<li>{''.join(body)}</li>")
+    return f'<ol class="quiz">{"".join(items)}</ol>'
 
 
 class Quiz(widgets.VBox):

@@ -23,8 +23,7 @@ from torch import Tensor, nn
 
 from minimoe.dispatch import apply_capacity, expert_capacity
 from minimoe.layer import MoE, MoEOutput, moe_layers
-from minimoe.routing import Routing, is_uncertain, normalized_entropy, top_gap, top_k
-from minimoe.routing import first_choice as routing_first_choice
+from minimoe.routing import Routing, is_uncertain, normalized_entropy, top_expert, top_gap, top_k
 
 
 class RoutingRecorder:
@@ -123,7 +122,7 @@ def load_imbalance(routing: Routing) -> float:
 
 def first_choice(routing: Routing) -> Tensor:
     """(T,) the expert with the largest router probability (ties: the lowest index, as routing)."""
-    return routing_first_choice(routing.probs)
+    return top_expert(routing.probs)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from minimoe import parallel
 from minimoe.analysis import RoutingRecorder, experts_per_token, load_per_expert, max_violation
@@ -37,7 +38,7 @@ from minimoe.data import (
     seq_len,
 )
 from minimoe.dispatch import DISPATCH_PATHS
-from minimoe.layer import MoEConfig
+from minimoe.layer import MoEConfig, moe_layers
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.routing import ROUTERS, UNCERTAINTY, Router, router_from_name
 from minimoe.train import TrainConfig, save_checkpoint, seed_everything, train
@@ -131,7 +132,7 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     """The router (by name) with its flags, and the layer's options, named as MoEConfig's fields.
     Router flags default to None ("not given": the spec's default)."""
     g = p.add_argument_group("router (flags of another router than --router are refused)")
-    g.add_argument("--router", default="top_k", choices=sorted(ROUTERS))
+    g.add_argument("--router", default="top_k", choices=sorted(ROUTERS), help="routing rule")
     g.add_argument(
         "--k", type=positive_int, help="experts per token (top_k, noisy_top_k, gw's base)"
     )
@@ -168,11 +169,11 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("MoE layer")
     g.add_argument("--experts", type=positive_int, default=8, help="number of experts")
-    g.add_argument("--d-model", type=positive_int, default=64)
+    g.add_argument("--d-model", type=positive_int, default=64, help="model width")
     g.add_argument("--d-hidden", type=positive_int, default=128, help="width of each expert")
     g.add_argument("--capacity-factor", type=positive, default=None, help="omit for dropless")
-    g.add_argument("--balance-coef", type=non_negative, default=1e-2)
-    g.add_argument("--z-coef", type=non_negative, default=1e-3)
+    g.add_argument("--balance-coef", type=non_negative, default=1e-2, help="alpha of L_b")
+    g.add_argument("--z-coef", type=non_negative, default=1e-3, help="router z-loss weight")
     g.add_argument(
         "--dynamic-coef",
         type=non_negative,
@@ -187,7 +188,7 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--shared-hidden", type=non_negative_int, default=0, help="shared expert width")
     g.add_argument("--shared-gate", action="store_true", help="Qwen2-MoE's sigmoid shared gate")
-    g.add_argument("--dispatch", default="sorted", choices=DISPATCH_PATHS)
+    g.add_argument("--dispatch", default="sorted", choices=DISPATCH_PATHS, help="dispatch path")
 
 
 def moe_config_from_args(args: argparse.Namespace, **changes: Any) -> MoEConfig:
@@ -218,11 +219,15 @@ def moe_config_from_args(args: argparse.Namespace, **changes: Any) -> MoEConfig:
 
 def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--steps", type=non_negative_int, default=steps)
-    g.add_argument("--batch-size", type=positive_int, default=32)
-    g.add_argument("--lr", type=positive, default=3e-3)
-    g.add_argument("--seed", type=non_negative_int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--steps", type=non_negative_int, default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
+    g.add_argument("--lr", type=positive, default=3e-3, help="AdamW learning rate")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="weights, batches, noise")
+    g.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:1, ... (default here: %(default)s)",
+    )
     g.add_argument(
         "--autocast",
         choices=("bfloat16", "float16"),
@@ -232,7 +237,45 @@ def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
     g.add_argument(
         "--out", type=Path, default=None, help="folder for results (JSON, plots, checkpoint)"
     )
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (None and False: "not given", not shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if shown and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def run_banner(model: nn.Module, tokens_per_step: int, steps: int, device: str) -> str:
+    """What is about to run, before the progress bar: sizes, device, threads, a rough time."""
+    layers = moe_layers(model)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for m in layers for p in m.experts.parameters())
+    router = layers[0].config.router if layers else None
+    k = getattr(router, "k", None) or getattr(getattr(router, "base", None), "k", None) or 2
+    E = layers[0].config.num_experts if layers else 1
+    active = total - routed + routed * min(k, E) / E  # per token, about (top-p, adaptive vary)
+    where = f"device {device}"
+    if str(device).startswith("cpu"):
+        # ~10 GFLOP/s: what these small matmuls reach on one laptop core, about (6 FLOPs/param)
+        seconds = steps * tokens_per_step * 6 * active / (10e9 * torch.get_num_threads() ** 0.5)
+        where += f", torch threads: {torch.get_num_threads()}, roughly {_duration(seconds)}"
+    return (
+        f"model: {total / 1e6:.2f}M parameters, about {active / 1e6:.2f}M active per token "
+        f"({len(layers)} MoE layers x {E} experts); {steps} steps of {tokens_per_step} tokens; "
+        f"{where} (the bar shows the time left)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -249,6 +292,8 @@ def run_commands(
     sub = parser.add_subparsers(dest="command", required=True)
     for name in modules:
         importlib.import_module(name).add_parser(sub)
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -259,13 +304,25 @@ def run_commands(
 # ---- the train command ----------------------------------------------------------------------
 
 
+TRAIN_DESCRIPTION = """Train the tiny MoE transformer (minimoe.model.TinyTransformer) on Shakespeare
+bytes (--data text) or the graded multi-task sequences (--data multitask), then print the loss,
+experts per token, load per expert and dropped tokens; --out also writes summary.json and a
+checkpoint. The defaults (2 layers of 8 experts, top-2, 300 steps) take about a minute on a
+laptop CPU. Routers are names of minimoe.routing.ROUTERS; a flag of another router than
+--router is refused."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the tiny MoE transformer and print a summary")
-    p.add_argument("--data", default="text", choices=["text", "multitask"])
-    p.add_argument("--layers", type=positive_int, default=2)
-    p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--block-size", type=positive_int, default=64)
-    p.add_argument("--moe-every", type=positive_int, default=1)
+    p = sub.add_parser(
+        "train",
+        help="train the tiny MoE transformer and print a summary",
+        description=TRAIN_DESCRIPTION,
+    )
+    p.add_argument("--data", default="text", choices=["text", "multitask"], help="training data")
+    p.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence")
+    p.add_argument("--moe-every", type=positive_int, default=1, help="an MoE FFN every n blocks")
     p.add_argument(
         "--expert-parallel",
         action="store_true",
@@ -319,6 +376,8 @@ def main(args: argparse.Namespace) -> dict:
         autocast=args.autocast,
         progress=not args.no_progress and rank == 0,
     )
+    if rank == 0:
+        print(run_banner(model, args.batch_size * block, args.steps, args.device), flush=True)
     if args.expert_parallel:
         model, history, ep_summary = train_expert_parallel(model, get_batch, probe, train_config)
         if rank != 0:

@@ -6,12 +6,14 @@ Routing, ``kept_pairs`` drops pairs over an expert's
 capacity (minimoe/dispatch.py), ``combine`` runs the experts (minimoe/experts.py) and adds
 their outputs with the combine weights; a shared expert (DeepSeekMoE, Qwen2-MoE), if
 configured, is added for every token. The layer returns the output beside the routing,
-the auxiliary losses and the statistics: nothing is stored on the module, so re-running a
-cell never double-counts a loss. ``fine_grained`` splits every expert into m narrower ones.
+the auxiliary losses and the statistics: no loss is stored on the module, so re-running a
+cell never double-counts a loss (a stateful router's layer counts its training forwards since
+the last state update, only to warn when a loop never updates it). ``fine_grained`` splits every expert into m narrower ones.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -33,6 +35,8 @@ from minimoe.routing import (
     router_from_dict,
     router_to_dict,
 )
+
+STALE_AFTER = 100  # training forwards of a stateful router without a state update: warn
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,27 @@ class MoEConfig:
         if isinstance(router, str):
             router = _legacy_router(router, data)
         return cls(**data, router=router_from_dict(router) if isinstance(router, dict) else router)
+
+
+_dataclass_init = MoEConfig.__init__
+
+
+def _config_init(self: MoEConfig, *args, **kwargs) -> None:
+    """MoEConfig's own __init__, after a check that names a router setting passed flat."""
+    unknown = sorted(kwargs.keys() - {f.name for f in fields(MoEConfig)})
+    if unknown:
+        router = kwargs.get("router", "top_k")
+        name = router if isinstance(router, str) else getattr(router, "name", "top_k")
+        spec = ROUTERS.get(name, TopK).__name__
+        settings = ", ".join(f"{_LEGACY.get(k, k)}={kwargs[k]!r}" for k in unknown)
+        raise TypeError(
+            f"MoEConfig has no field {unknown}: a router's settings belong to its spec, "
+            f"e.g. MoEConfig(router={spec}({settings})) (minimoe.routing)"
+        )
+    _dataclass_init(self, *args, **kwargs)
+
+
+MoEConfig.__init__ = _config_init
 
 
 # old flat config field -> the router spec's setting (configs saved before router specs)
@@ -249,6 +274,7 @@ class MoE(nn.Module):
             nn.init.zeros_(self.gate_extra.weight)  # noisy top-k: softplus(0) = 0.69 noise scale
         self.router_state = nn.Module()
         self._init_router_state()
+        self._stale_steps = 0  # training forwards since the router state last updated
         self.experts = Experts(
             num_experts=E, d_model=d, d_hidden=config.d_hidden, activation=config.activation
         )
@@ -357,6 +383,8 @@ class MoE(nn.Module):
         # (B, L, d): rules per sequence (GW's slot cap, the sequence-wise loss)
         seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
         routing = self.route(tokens, seq_len)
+        if self.stateful and self.training and torch.is_grad_enabled():
+            self._count_stale_step()
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
         out = combine(tokens, weights, kept, self.experts, path=c.dispatch)
@@ -395,6 +423,22 @@ class MoE(nn.Module):
         statistics (the training loop calls this; ``ExpertParallelMoE`` sums counts first)."""
         if self.stateful:
             self.config.router.update_state(dict(self.router_state.named_buffers()), stats)
+            self._stale_steps = 0
+
+    def _count_stale_step(self) -> None:
+        """A hand-written loop that never calls ``update_router_state`` trains a router whose
+        bias never moves, silently: warn once it has gone ``STALE_AFTER`` training forwards."""
+        if torch.compiler.is_compiling():  # a Python counter would recompile the graph
+            return
+        self._stale_steps += 1
+        if self._stale_steps == STALE_AFTER:
+            warnings.warn(
+                f"{self.config.router!r} has state that {STALE_AFTER} training forwards have not "
+                "updated: after each optimizer step call layer.update_router_state(out.stats), "
+                "or once minimoe.train.router_state_hook(optimizer, model) (train() does it)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _stats(self, routing: Routing, kept: Tensor) -> MoEStats:
         with torch.no_grad():

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from minimoe.routing.core import _entropy, first_choice
+from minimoe.routing.core import _entropy, top_expert
 
 BALANCE_COUNTS = ("first", "selected")
 
@@ -30,7 +30,7 @@ def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "f
     if num_tokens == 0:
         return probs.new_zeros(())
     if count == "first":
-        first = first_choice(probs)  # (T,) the library's one first-choice rule
+        first = top_expert(probs)  # (T,) the library's one first-choice rule
         f = torch.bincount(first, minlength=num_experts).to(probs.dtype) / num_tokens  # (E,)
     else:
         if mask is None:

@@ -110,6 +110,33 @@ def routers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def router_state_hook(optimizer: torch.optim.Optimizer, model: nn.Module) -> Callable[[], None]:
+    """For a hand-written loop: after every ``optimizer.step()``, each stateful router of
+    ``model`` (a balancing bias) updates from its layer's last training forward, as ``train``
+    does. Returns a function that removes the hooks. One line, once, before the loop:
+
+        minimoe.train.router_state_hook(optimizer, model)
+    """
+    layers = [m for m in moe_layers(model) if m.stateful]
+    pending: dict[int, object] = {}  # layer index -> the MoEStats of its last training forward
+
+    def remember(i: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if module.training and torch.is_grad_enabled():
+                pending[i] = output.stats
+
+        return hook
+
+    def update(*_) -> None:
+        for i, layer in enumerate(layers):
+            if i in pending:
+                layer.update_router_state(pending.pop(i))
+
+    handles = [m.register_forward_hook(remember(i)) for i, m in enumerate(layers)]
+    handles.append(optimizer.register_step_post_hook(update))
+    return lambda: [h.remove() for h in handles]
+
+
 def train(
     model: nn.Module,
     get_batch: Callable[[torch.Generator], Batch],

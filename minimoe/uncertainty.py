@@ -37,9 +37,9 @@ from minimoe.routing import (
     check_threshold,
     entropy,
     normalized_entropy,
+    top_expert,
     top_gap,
 )
-from minimoe.routing import first_choice as routing_first_choice
 from minimoe.routing import is_uncertain as routing_is_uncertain
 
 # ---- per-token measures ---------------------------------------------------------------
@@ -248,8 +248,8 @@ def swap_first_choice(routing: Routing) -> Routing:
     The new set is weighted by the probabilities, scaled to the old weights' total (1 for a
     renormalizing top-k), so only the choice changes, not how much the layer adds.
     """
-    first = routing_first_choice(routing.probs.masked_fill(~routing.mask, -1.0))  # (T,) best chosen
-    best_unchosen = routing_first_choice(routing.probs.masked_fill(routing.mask, -1.0))  # (T,)
+    first = top_expert(routing.probs.masked_fill(~routing.mask, -1.0))  # (T,) best chosen
+    best_unchosen = top_expert(routing.probs.masked_fill(routing.mask, -1.0))  # (T,)
     can = routing.mask.any(1) & ~routing.mask.all(1)  # (T,) something to swap out and in
     rows = torch.arange(routing.mask.shape[0], device=routing.mask.device)[can]
     mask = routing.mask.clone()

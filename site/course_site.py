@@ -13,10 +13,15 @@ from docutils import nodes
 from docutils.transforms import Transform
 from sphinx import addnodes
 
+from course import quiz
+
+QUIZ_CALL = "quiz.show("  # a self-check cell (course/quiz.py)
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 MATHJAX = Path(__file__).parent / "node_modules" / "mathjax" / "es5"
 # MathJax's own combined builds other than the one the site loads (mathjax_path) are not copied
+SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
+TITLE = "# @title "  # Colab's form title, the solution cells' first line
 MATHJAX_SKIP = ("tex-mml-chtml.js", "tex-svg*.js", "tex-mml-svg.js", "mml-*.js", "tex-chtml-*.js")
 
 
@@ -33,6 +38,29 @@ def add_toctree(app, docname: str, source: list[str]) -> None:
     docs = [f"docs/{p.stem}" for p in sorted(Path(app.srcdir, "docs").glob("*.md"))]
     entries = "\n".join([*chapters(app.srcdir), "Set-up and the library <README>", *docs])
     source[0] += f"\n\n```{{toctree}}\n:hidden:\n:maxdepth: 1\n\n{entries}\n```\n"
+
+
+def solutions_behind_a_toggle(app, docname: str, source: list[str]) -> None:
+    """A chapter's solution cells (nbgrader's) shown folded, as "Show the solution", without
+    nbgrader's ### BEGIN/END SOLUTION lines or the Colab title: the page gets the notebook so
+    changed (the source-read event), the committed notebook stays as it is."""
+    if not docname.startswith("notebooks/"):
+        return
+    nb = json.loads(source[0])
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code" or not cell["metadata"].get("nbgrader", {}).get("solution"):
+            continue
+        text = "".join(cell["source"])
+        lines = [
+            line
+            for line in text.split("\n")
+            if line.strip() not in SOLUTION_MARKERS and not line.startswith(TITLE)
+        ]
+        cell["source"] = "\n".join(lines)
+        meta = cell["metadata"]
+        meta["tags"] = [*meta.get("tags", []), "hide-input"]
+        meta["mystnb"] = {"code_prompt_show": "Show the solution", "code_prompt_hide": "Hide it"}
+    source[0] = json.dumps(nb)
 
 
 def section_title(node: nodes.Node) -> str:
@@ -103,6 +131,10 @@ class CoursePages(Transform):
                 if bundle.get("nb_element") != "mime_bundle":
                     continue
                 views = [c for c in bundle.children if c.get("mime_type") == WIDGET_VIEW]
+                source = "".join(nb["cells"][cell["cell_index"]]["source"])
+                if views and QUIZ_CALL in source:
+                    bundle.replace_self(quiz_nodes(source))
+                    continue
                 if views:
                     model_id = _model_id(views[0])
                     bundle.replace_self(self.widget_nodes(state, model_id, chapter, where))
@@ -130,8 +162,9 @@ class CoursePages(Transform):
     def widget_nodes(self, state: dict, model_id: str, chapter: str, where: str) -> list:
         """The saved picture of an explorer, and a note that moving it needs a kernel."""
         png, settings = saved_picture(state, model_id)
+        saved = f" ({settings})" if settings else ""
         text = (
-            f"Interactive explorer, shown as saved ({settings}). Moving its controls needs a "
+            f"Interactive explorer, shown as saved{saved}. Moving its controls needs a "
             "running kernel: open this chapter in JupyterLab (make lab) or on Colab."
         )
         note = nodes.note("", nodes.paragraph(text=text), classes=["widget-note"])
@@ -144,6 +177,21 @@ class CoursePages(Transform):
         alt = f"Chapter {chapter}, interactive explorer as saved ({settings}): {where}"
         uri = "/" + os.path.relpath(path, app.srcdir)  # Sphinx reads "/x" from the source root
         return [nodes.image(uri=uri, alt=alt, classes=["widget-picture"]), note]
+
+
+def quiz_nodes(source: str) -> list[nodes.Node]:
+    """A self-check as text: its questions, each hint and answer behind a reveal (the widget
+    needs a kernel; ``course.quiz`` reads the questions from the cell without running it)."""
+    questions = quiz.questions_in(source)
+    note = nodes.note(
+        "",
+        nodes.paragraph(
+            text="Self-check, shown as text: open a hint or an answer to see it. In the "
+            "chapter (JupyterLab or Colab) you type an answer and press Check."
+        ),
+        classes=["quiz-note"],
+    )
+    return [note, nodes.raw("", quiz.as_html(questions), format="html")]
 
 
 def _model_id(raw: nodes.Node) -> str:
@@ -166,6 +214,7 @@ def copy_mathjax(app, exception) -> None:
 def setup(app):
     app.add_config_value("course_repository", "", "html")
     app.connect("source-read", add_toctree)
+    app.connect("source-read", solutions_behind_a_toggle)
     app.add_transform(CoursePages)
     app.connect("build-finished", copy_mathjax)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,6 +1,7 @@
 """The command line: router flags become specs, and bad options are refused naming the flag."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,7 @@ def refused(argv: list[str], capsys, run=main) -> str:
         (["--router", "gw"], GWBroadcast()),
         (
             [*"--router gw --k 1 --gw-threshold 1.6 --gw-measure entropy --gw-max-slots 3".split()],
-            GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy", max_slots=3),
+            GWBroadcast(TopK(k=1, renormalize=True), threshold=1.6, measure="entropy", max_slots=3),
         ),
         (
             [*"--router sigmoid_top_k --k 4 --bias-rate 0.01 --n-group 4 --topk-group 2".split()],
@@ -164,3 +165,29 @@ def test_layer_flags_for_shared_experts_and_the_sequence_loss():
 def test_a_sigmoid_flag_for_top_k_is_refused(capsys):
     err = refused(["train", *TINY, "--bias-rate", "0.01"], capsys)
     assert "--bias-rate does not apply to --router top_k" in err
+
+
+def test_train_help_has_a_description_and_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Train the tiny MoE transformer" in text
+    for default in ("training data (default: text)", "optimizer steps (default: 300)"):
+        assert default in text
+    assert "AdamW learning rate (default: 0.003)" in text
+    assert "(default: None)" not in text, "an option not given shows no default"
+
+
+def test_train_says_what_it_runs_before_the_progress_bar(capsys):
+    main(["train", *TINY])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("model: ") and "parameters" in first and "device cpu" in first
+    assert "torch threads: " in first and "roughly" in first and "2 steps of 64 tokens" in first
+
+
+def test_readme_lists_every_router_name():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("`--router` is a name of"))
+    start = readme.index(line)
+    listed = readme[start : readme.index(")", start)]
+    assert all(f"`{name}`" in listed for name in ROUTERS), sorted(ROUTERS)

@@ -43,7 +43,7 @@ HF = {
 
 # family -> a minimoe MoE it can express, of other sizes than HF's (d 16, h 24, 4 experts)
 EXPRESSIBLE = {
-    "mixtral": {"router": TopK(k=1)},
+    "mixtral": {"router": TopK(k=1, renormalize=True)},
     "olmoe": {"router": TopK(k=2, renormalize=False)},
     "qwen2_moe": {"router": TopK(k=2, renormalize=False), "shared_hidden": 40, "shared_gate": True},
     "deepseek_v3": {
@@ -235,7 +235,7 @@ def test_inexpressible_block_or_config_raises():
     block.jitter_noise = 0.01  # training-time input noise: no minimoe counterpart
     with pytest.raises(ValueError, match="jitter"):
         interop.from_hf(block)
-    moe = MoE(MoEConfig(d_model=32, d_hidden=64, num_experts=8, router=TopK(k=1)))
+    moe = MoE(MoEConfig(d_model=32, d_hidden=64, num_experts=8, router=TopK(k=1, renormalize=True)))
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         interop.to_hf(moe, like=block.experts.config)  # a top-2 config for a top-1 MoE
     with pytest.raises(ValueError, match="num_experts_per_tok"):

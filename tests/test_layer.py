@@ -384,8 +384,10 @@ def test_shared_expert_leaves_the_routed_weights_unchanged():
 @pytest.mark.parametrize("gate", [False, True], ids=["deepseek", "qwen2_gate"])
 def test_shared_expert_is_added_to_every_token_even_dropped_ones(gate):
     # capacity 2 on expert 0 (see forced_layer): tokens 2-7 lose their only expert
-    moe, x = forced_layer(router=TopK(k=1), capacity_factor=1.0, shared_hidden=HS, shared_gate=gate)
-    plain, _ = forced_layer(router=TopK(k=1), capacity_factor=1.0)
+    moe, x = forced_layer(
+        router=TopK(k=1, renormalize=True), capacity_factor=1.0, shared_hidden=HS, shared_gate=gate
+    )
+    plain, _ = forced_layer(router=TopK(k=1, renormalize=True), capacity_factor=1.0)
     shared = swiglu_by_hand(x, moe.shared.gate_up[0], moe.shared.down[0])  # (T, d)
     if gate:  # Qwen2-MoE: sigmoid(w^T x) * Shared(x)
         shared = torch.sigmoid(x @ moe.shared_gate.weight.detach().T) * shared
@@ -396,7 +398,7 @@ def test_shared_expert_is_added_to_every_token_even_dropped_ones(gate):
 
 
 def test_shared_expert_flops_count_every_token():
-    moe, x = forced_layer(router=TopK(k=1), capacity_factor=1.0, shared_hidden=HS)
+    moe, x = forced_layer(router=TopK(k=1, renormalize=True), capacity_factor=1.0, shared_hidden=HS)
     # 2 kept pairs of the routed experts, 8 tokens through the shared one: 6 D H per SwiGLU
     assert moe(x).stats.flops.item() == 2 * 6 * D * H + 8 * 6 * D * HS
 
@@ -478,7 +480,7 @@ def test_unrouted_tokens_are_counted_apart_from_dropped_ones():
     assert stats.dropped_tokens.item() == 1 and stats.dropped_pairs.item() == 2
     assert stats.experts_per_token.item() == pytest.approx(5 / 6)
     assert [bool(row.any()) for row in out.output] == [True, False, False, True, False, True]
-    dropless = layer(router=TopK(k=1))(tokens(6)).stats
+    dropless = layer(router=TopK(k=1, renormalize=True))(tokens(6)).stats
     assert dropless.unrouted_tokens.item() == 0 == dropless.dropped_tokens.item()
 
 

@@ -34,7 +34,10 @@ CASES = {
     "switch_top_1": ({"router": TopK(k=1, renormalize=False)}, {}),
     "top_p": ({"router": TopP(p=0.5)}, {}),
     "adaptive": ({"router": Adaptive(threshold=0.2)}, {}),
-    "gw_broadcast": ({"router": GWBroadcast(TopK(k=1), threshold=0.8, max_slots=2)}, {}),
+    "gw_broadcast": (
+        {"router": GWBroadcast(TopK(k=1, renormalize=True), threshold=0.8, max_slots=2)},
+        {},
+    ),
     "noisy_top_k_eval": ({"router": NoisyTopK()}, {"train": False}),
     "gelu_experts": ({"activation": "gelu", "dispatch": "loop"}, {}),
     # replicated like the router: its gradients sum over ranks

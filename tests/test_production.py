@@ -3,6 +3,7 @@ Hugging Face's DeepSeek-V3 router, and the loss-free balancing rule."""
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from minimoe import routing
 from minimoe.layer import MoE, MoEConfig, MoEStats
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.routing import ExpertChoice, SigmoidTopK, expert_choice, sigmoid_top_k
-from minimoe.train import TrainConfig, train
+from minimoe.train import TrainConfig, router_state_hook, train
 
 
 def stats_with_load(load):
@@ -214,3 +215,51 @@ def test_registry_and_checkpoint_round_trip():
     for spec in (SigmoidTopK(k=4, n_group=2, topk_group=1, scaling=2.5), ExpertChoice(1.5)):
         assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
     assert routing.router_from_name("expert_choice", capacity_factor=1.0) == ExpertChoice(1.0)
+
+
+def hand_loop(lm, idx, steps, hook):
+    """A hand-written training loop; with ``hook``, router_state_hook is its one extra line."""
+    opt = torch.optim.SGD(lm.parameters(), lr=0.0)  # the weights stay put: only the bias moves
+    remove = router_state_hook(opt, lm) if hook else None
+    loads = []
+    for _ in range(steps):
+        out = lm(idx, targets=idx)
+        loads.append(out.layers[0].stats.tokens_per_expert.float())
+        opt.zero_grad()
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+    if remove is not None:
+        remove()
+    return loads
+
+
+def skewed_lm():
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, router=SigmoidTopK(k=2, bias_rate=0.01))
+    return TinyTransformer(ModelConfig(vocab_size=16, block_size=8, n_layers=1, moe=moe))
+
+
+def test_router_state_hook_updates_the_bias_after_each_step_as_train_does():
+    lm, idx = skewed_lm(), torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(0))
+    loads = hand_loop(lm, idx, 3, hook=True)
+    bias = lm.blocks[0].ffn.router_state.bias
+    torch.testing.assert_close(bias, sum(0.01 * torch.sign(n.mean() - n) for n in loads))
+    assert bias.abs().sum() > 0
+    with torch.no_grad():
+        lm(idx)  # evaluation forwards are not remembered
+    hand_loop(lm, idx, 0, hook=True)
+    torch.testing.assert_close(bias, sum(0.01 * torch.sign(n.mean() - n) for n in loads))
+
+
+def test_a_stateful_router_never_updated_warns_once(monkeypatch):
+    monkeypatch.setattr("minimoe.layer.STALE_AFTER", 3)
+    lm, idx = skewed_lm(), torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"router_state_hook\(optimizer, model\)"):
+        hand_loop(lm, idx, 3, hook=False)
+    assert lm.blocks[0].ffn.router_state.bias.abs().sum() == 0  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hand_loop(lm, idx, 5, hook=True)  # updated after every step: never stale
+        lm.eval()
+        for _ in range(5):
+            lm(idx)  # evaluation forwards are no training

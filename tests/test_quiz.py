@@ -124,3 +124,41 @@ def test_the_widget_checks_and_reads_as_text():
     assert choice_row.children[1].value == "Pick an answer first."
     plain = box._repr_mimebundle_()["text/plain"]
     assert "1. How many?" in plain and "(b) y" in plain and "quiz.answer" in plain
+
+
+# ---- the website's self-check: the questions as text, each answer behind a reveal ------------
+
+
+def quiz_cell(number: str) -> str:
+    (path,) = NOTEBOOKS.glob(f"{number}_*.ipynb")
+    (cell,) = [c for c in nbformat.read(path, as_version=4).cells if "quiz.show(QUIZ)" in c.source]
+    return cell.source
+
+
+@pytest.mark.parametrize("number", sorted(KEYS))
+def test_the_site_reads_each_chapters_questions_without_running_the_cell(number):
+    questions = quiz.questions_in(quiz_cell(number))
+    assert questions == chapter_quiz(number)
+    for q, key in zip(questions, KEYS[number]):
+        right = quiz.solve(q)
+        assert right is not None and quiz.is_right(q, right) and quiz.is_right(q, key)
+
+
+def test_solve_recovers_numbers_choices_and_says_when_it_cannot():
+    q = quiz.number("Slots?", quiz.digest("Slots?", -12.5, decimals=1), decimals=1)
+    assert quiz.solve(q) == "-12.5"
+    c = quiz.choice("Pick", ["x", "y"], quiz.digest("Pick", "y", ["x", "y"]))
+    assert quiz.solve(c) == "y"
+    far = quiz.number("Far?", quiz.digest("Far?", 5000))
+    assert quiz.solve(far, search=100) is None and quiz.solve(far) == "5000"
+
+
+def test_as_html_hides_hint_and_answer_and_keeps_the_maths():
+    q = quiz.number("$E = 8$: slots & more?", quiz.digest("$E = 8$: slots & more?", 3), hint="k")
+    c = quiz.choice("Pick", ["$x$", "y"], quiz.digest("Pick", "y", ["$x$", "y"]))
+    page = quiz.as_html([q, c])
+    assert r'<span class="math notranslate nohighlight">\(E = 8\)</span>: slots &amp; more?' in page
+    assert '<ol type="a"><li><span class="math notranslate nohighlight">\\(x\\)</span></li>' in page
+    answers = page.split('<details class="quiz-answer"><summary>Answer</summary>')[1:]
+    assert [a.split("</details>")[0] for a in answers] == ["<p>3</p>", "<p>(b) y</p>"]
+    assert page.count('<details class="quiz-hint">') == 1

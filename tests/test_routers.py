@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ SPECS = [
     TopP(p=0.3, rule="code"),
     Adaptive(gap="normalized"),
     GWBroadcast(TopP(), threshold=0.5, max_slots=3),
-    GWBroadcast(TopK(k=1), threshold=1.6, measure="entropy"),
+    GWBroadcast(TopK(k=1, renormalize=True), threshold=1.6, measure="entropy"),
 ]
 
 
@@ -136,7 +137,7 @@ def test_specs_call_the_pure_functions():
     assert same(
         Adaptive(0.2, "normalized")(lg, training=True), routing.adaptive(lg, 0.2, "normalized")
     )
-    gw = GWBroadcast(TopK(k=1), threshold=0.5, max_slots=2)
+    gw = GWBroadcast(TopK(k=1, renormalize=True), threshold=0.5, max_slots=2)
     assert same(
         gw(lg, training=True, seq_len=8),
         routing.gw_broadcast(routing.top_k(lg, 1), 0.5, max_slots=2, seq_len=8),
@@ -198,7 +199,7 @@ def test_every_spec_gives_a_valid_decision(E, T, seed, which):
 
 def test_ties_go_to_the_lowest_index_everywhere():
     lg = torch.tensor([[1.0, 3.0, 3.0, 3.0], [2.0, 2.0, 0.0, 0.0]])
-    first = routing.first_choice(lg.softmax(-1))
+    first = routing.top_expert(lg.softmax(-1))
     assert first.tolist() == [1, 0]
     for r in (routing.top_k(lg, 1), routing.adaptive(lg, 0.0), routing.top_p(lg, 0.01)):
         assert r.mask.float().argmax(1).tolist() == first.tolist() and r.mask.sum(1).tolist() == [
@@ -457,3 +458,49 @@ def test_bad_function_input_raises_naming_the_value(call, text):
 def test_entropy_accepts_bfloat16_probabilities():
     p = logits(T=64, E=64).softmax(-1).bfloat16()
     assert torch.allclose(routing.entropy(p).float(), routing.entropy(p.float()), atol=0.05)
+
+
+def test_old_first_choice_name_warns_and_gives_the_same_experts():
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.5, 0.0]])
+    with pytest.warns(DeprecationWarning, match="top_expert"):
+        assert routing.first_choice(probs).tolist() == routing.top_expert(probs).tolist() == [1, 0]
+
+
+# ---- renormalized top-1: a weight of 1 and no router gradient --------------------------------
+
+
+@pytest.mark.parametrize("spec", [TopK, routing.SigmoidTopK])
+def test_top_1_left_renormalized_warns_and_points_to_switch(spec):
+    with pytest.warns(UserWarning, match=r"renormalize=False \(Switch"):
+        made = spec(k=1)
+    assert made.renormalize is True  # the numbers are unchanged: the warning is the change
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert spec(k=1, renormalize=True) == made  # said on purpose: silent
+        spec(k=1, renormalize=False)
+        assert spec().renormalize is True and spec() == spec(renormalize=True)
+
+
+def test_renormalized_top_1_really_gives_the_router_no_gradient():
+    """What the warning says, measured: the task loss reaches the router only without it."""
+    grads = {}
+    for renormalize in (True, False):
+        torch.manual_seed(0)
+        router = TopK(k=1, renormalize=renormalize)
+        moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=router))
+        moe(torch.randn(16, 8)).output.square().mean().backward()
+        grads[renormalize] = moe.gate.weight.grad.abs().sum().item()
+    assert grads[True] < 1e-6 * grads[False]  # rounding only: no path through g = 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "text"),
+    [
+        ({"router": "top_k", "k": 2}, "router=TopK(k=2)"),
+        ({"router": "top_p", "top_p": 0.4}, "router=TopP(p=0.4)"),
+        ({"k": 1}, "router=TopK(k=1)"),
+    ],
+)
+def test_config_with_flat_router_settings_says_routers_are_specs(kwargs, text):
+    with pytest.raises(TypeError, match=re.escape(text)):
+        MoEConfig(**kwargs)

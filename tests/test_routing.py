@@ -1,4 +1,4 @@
-"""Routing functions against hand-worked numbers and the papers' rules (PAPERS.md)."""
+"""Routing functions against hand-worked numbers and the papers' rules."""
 
 import math
 import re

@@ -17,6 +17,8 @@ otherwise (nbgrader's own rule, ``nbgrader.utils.determine_grade``).
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -65,6 +67,24 @@ def read(path: Path):
     return nbformat.read(path, as_version=4)
 
 
+def student_name(path: Path) -> str:
+    """The student copy's file name: never the instructor's (JupyterLab would show two tabs)."""
+    return f"{path.stem}_student.ipynb"
+
+
+def load_tool():
+    """tools/student.py as a module (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location("student_tool", REPO / "tools" / "student.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(out: Path, course: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "tools" / "student.py"), "--out", str(out)]
+    return subprocess.run(cmd + ["--course", str(course)], capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:
     """The student versions, built by tools/student.py (nbgrader generate_assignment)."""
@@ -101,7 +121,7 @@ def test_instructor_version_passes_its_tests(path):
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=NAMES)
 def test_student_version_has_no_solution(student, path):
-    nb, instructor = read(student / path.name), read(path)
+    nb, instructor = read(student / student_name(path)), read(path)
     assert "widgets" not in nb.metadata
     for cell in nb.cells:
         assert "BEGIN SOLUTION" not in cell.source and "END SOLUTION" not in cell.source
@@ -117,7 +137,7 @@ def test_student_version_has_no_solution(student, path):
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=NAMES)
 def test_student_version_fails_its_tests(student, path):
-    nb = read(student / path.name)
+    nb = read(student / student_name(path))
     pairs = exercises(nb)
     run = copy.deepcopy(nb)
     run.cells = copy.deepcopy(setup_cells(nb) + [cell for pair in pairs for cell in pair])
@@ -137,3 +157,49 @@ def test_student_version_fails_its_tests(student, path):
         assert errors[0].ename == "NotImplementedError", (
             f"{nbgrader(test)['grade_id']} failed for another reason: {errors[0].ename}: {errors[0].evalue}"
         )
+
+
+def test_student_copies_have_their_own_names_and_a_first_cell_on_running_them(student):
+    assert sorted(p.name for p in student.glob("*.ipynb")) == sorted(map(student_name, CHAPTERS))
+    for path in CHAPTERS:
+        first = read(student / student_name(path)).cells[0]
+        assert first.cell_type == "markdown" and "Run All Above Selected Cell" in first.source
+        assert "Run All stops at the first exercise" in first.source.replace("\n", " ")
+
+
+def test_out_holding_the_instructor_notebooks_is_refused_and_nothing_changes(tmp_path):
+    """The bug this guards: `--out notebooks` wrote student versions over the chapters."""
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in CHAPTERS}
+    result = run_tool(REPO / "notebooks", tmp_path / "course")
+    assert result.returncode == 2 and "instructor" in result.stderr
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in CHAPTERS} == before
+    assert not (REPO / "notebooks" / student_name(CHAPTERS[0])).exists()
+    assert not (tmp_path / "course").exists(), "refused before nbgrader ran"
+    copy_of = tmp_path / "copy"  # any folder holding an instructor notebook, not only notebooks/
+    copy_of.mkdir()
+    (copy_of / CHAPTERS[0].name).write_bytes(CHAPTERS[0].read_bytes())
+    assert run_tool(copy_of, tmp_path / "course").returncode == 2
+    old = tmp_path / "old"  # a student copy named like the chapter (before _student) is no reason
+    old.mkdir()
+    (old / CHAPTERS[0].name).write_text("a student's answers")
+    load_tool().check_out(old, [student_name(p) for p in CHAPTERS])
+    assert (old / CHAPTERS[0].name).read_text() == "a student's answers"
+
+
+def test_a_file_the_tool_did_not_write_or_that_changed_is_never_overwritten(student, tmp_path):
+    tool, names = load_tool(), [student_name(p) for p in CHAPTERS]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in [*names, tool.MANIFEST]:
+        (mine / name).write_bytes((student / name).read_bytes())
+    tool.check_out(mine, names)  # its own files, unchanged: rebuilt freely (make student again)
+    answered = mine / names[1]
+    answered.write_text(answered.read_text().replace("NotImplementedError()", "ValueError()", 1))
+    with pytest.raises(ValueError, match="changed since this tool wrote it"):
+        tool.check_out(mine, names)  # a learner's answers
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / names[0]).write_text("someone else's notebook")
+    result = run_tool(foreign, tmp_path / "course")
+    assert result.returncode == 2 and "not written here" in result.stderr
+    assert (foreign / names[0]).read_text() == "someone else's notebook"

@@ -13,7 +13,7 @@ measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adap
 broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
 expert choice), and here the registry of names.
 
-Notation (see PAPERS.md): T tokens, E experts, P = softmax(logits) in float32, S the
+Notation: T tokens, E experts, P = softmax(logits) in float32, S the
 set of experts a token is sent to, y = sum_{i in S} g_i * Expert_i(x).
 
 **The router interface.** Any object ``router`` with
@@ -66,6 +66,7 @@ from minimoe.routing.core import (
     is_uncertain,
     normalized_entropy,
     router_columns,
+    top_expert,
     top_gap,
     uncertainty,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "router_from_name",
     "router_to_dict",
     "sigmoid_top_k",
+    "top_expert",
     "top_gap",
     "top_k",
     "top_p",

@@ -24,8 +24,9 @@ from minimoe.routing.core import (
     check_logits,
     check_recipe,
     check_threshold,
-    first_choice,
+    resolve_renormalize,
     router_columns,
+    top_expert,
 )
 
 # ---- the routing functions (what the notebooks build; the specs call them) ----------------
@@ -135,10 +136,10 @@ def adaptive(
     check_choice("gap", gap, ("raw", "normalized"))
     check_bool("renormalize", renormalize)
     probs = logits.softmax(dim=-1)  # (T, E)
-    first = first_choice(probs)[:, None]  # (T, 1)
+    first = top_expert(probs)[:, None]  # (T, 1)
     mask = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, first, True)
     if probs.shape[1] >= 2:
-        second = first_choice(probs.scatter(1, first, -1.0))[:, None]  # (T, 1) the runner-up
+        second = top_expert(probs.scatter(1, first, -1.0))[:, None]  # (T, 1) the runner-up
         p1, p2 = probs.gather(1, first).squeeze(1), probs.gather(1, second).squeeze(1)  # (T,)
         diff = p1 - p2 if gap == "raw" else (p1 - p2) / (p1 + p2)
         # threshold 0 is exact top-1 (a tie of p1 = p2 included); threshold 1 always sends to both
@@ -208,7 +209,7 @@ class TopK:
     """
 
     k: int = 2
-    renormalize: bool = True
+    renormalize: bool | None = None  # None: True, with a warning at k=1 (no router gradient)
     balance_count: str = "first"
     dynamic_coef: float = 0.0
     name: ClassVar[str] = "top_k"
@@ -216,7 +217,7 @@ class TopK:
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 1)
-        check_bool("renormalize", self.renormalize)
+        resolve_renormalize(self)
         check_recipe(self)
 
     def check_experts(self, num_experts: int) -> None:

@@ -6,13 +6,14 @@ Nothing here knows a routing method: ``classic.py`` and ``production.py`` build 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from minimoe.checks import check_choice, check_float
+from minimoe.checks import check_bool, check_choice, check_float
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,23 @@ def _check_probs(probs: Tensor, name: str = "probs") -> None:
         )
 
 
+def resolve_renormalize(spec: Any) -> None:
+    """Unset ``renormalize`` (None) means True. With k = 1 that gives g = P_i / P_i = 1 and the
+    task loss no path to the router, silently: so unset there warns (Switch keeps g = P_max)."""
+    if spec.renormalize is None:
+        if spec.k == 1:
+            name = type(spec).__name__
+            warnings.warn(
+                f"{name}(k=1) renormalizes by default: every weight is 1 and the router gets no "
+                f"gradient; pass renormalize=False (Switch: g = P_max), or renormalize=True if "
+                "that is meant",
+                UserWarning,
+                stacklevel=4,  # the caller of the spec's __init__
+            )
+        object.__setattr__(spec, "renormalize", True)
+    check_bool("renormalize", spec.renormalize)
+
+
 def check_recipe(spec: Any) -> None:
     check_choice("balance_count", spec.balance_count, ("first", "selected"))
     check_float("dynamic_coef", spec.dynamic_coef, 0.0)
@@ -138,13 +156,25 @@ def check_recipe(spec: Any) -> None:
 # ---- first choice and selection: one rule for ties everywhere -----------------------------
 
 
-def first_choice(probs: Tensor) -> Tensor:
+def top_expert(probs: Tensor) -> Tensor:
     """(...,) the expert with the largest probability; exact ties go to the lowest index.
 
     The one first-choice rule of the library: routing, the Switch balance loss and the
-    analysis all use it (``torch.argmax`` returns the first maximal index).
+    analysis (``analysis.first_choice(routing)``) all use it (``torch.argmax`` returns the
+    first maximal index).
     """
     return probs.argmax(dim=-1)
+
+
+def first_choice(probs: Tensor) -> Tensor:
+    """Deprecated name of ``top_expert``: ``analysis.first_choice`` takes a Routing instead."""
+    warnings.warn(
+        "routing.first_choice(probs) is now routing.top_expert(probs); "
+        "analysis.first_choice(routing) takes a Routing",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return top_expert(probs)
 
 
 def _mask_of_top(scores: Tensor, k: int) -> Tensor:

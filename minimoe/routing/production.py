@@ -20,6 +20,7 @@ from minimoe.routing.core import (
     _mask_of_top,
     check_logits,
     check_recipe,
+    resolve_renormalize,
 )
 
 SCORES = ("sigmoid", "softmax")
@@ -125,7 +126,7 @@ class SigmoidTopK:
     bias_rate: float = 1e-3  # u
     n_group: int = 1
     topk_group: int = 1
-    renormalize: bool = True
+    renormalize: bool | None = None  # None: True, with a warning at k=1 (no router gradient)
     scaling: float = 1.0  # routed scaling factor (2.5 in the DeepSeek-V3 release)
     balance_count: str = "first"
     dynamic_coef: float = 0.0
@@ -142,7 +143,7 @@ class SigmoidTopK:
         check_float("bias_rate", self.bias_rate, 0.0)
         check_int("n_group", self.n_group, 1)
         check_int("topk_group", self.topk_group, 1, self.n_group)
-        check_bool("renormalize", self.renormalize)
+        resolve_renormalize(self)
         check_float("scaling", self.scaling, 0.0, low_open=True)
         check_recipe(self)
 

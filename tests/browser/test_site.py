@@ -46,6 +46,18 @@ def test_a_page_per_chapter(site):
     assert all(f'href="notebooks/{c}.html"' in front for c in chapters), "course map links"
 
 
+def test_solutions_are_folded_without_markers_and_self_checks_are_text(site):
+    for path in sorted((site / "notebooks").glob("[0-9]*.html")):
+        page = path.read_text(encoding="utf-8")
+        assert "BEGIN SOLUTION" not in page and "END SOLUTION" not in page, path.name
+        assert "@title" not in page, path.name
+        folded = page.count('<p class="collapsed admonition-title">Show the solution</p>')
+        assert folded >= 2, f"{path.name}: the solutions are behind a toggle"
+        assert "shown as saved ()" not in page, path.name
+        quiz = page.split('<ol class="quiz">', 1)[1].split("</ol>\n", 1)[0]
+        assert quiz.count("<summary>Answer</summary>") == 5, f"{path.name}: five answers"
+
+
 def test_every_page_in_the_browser(browser, site, screenshots):
     problems, links = [], {}
     with serve(site) as base:
