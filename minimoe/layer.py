@@ -69,6 +69,21 @@ class MoEConfig:
     dynamic_coef: float | None = None  # beta of the dynamic (entropy) loss; None: the router's
     seq_balance_coef: float = 0.0  # alpha of DeepSeek-V3's sequence-wise balance loss
 
+    def __new__(cls, *args, **kwargs) -> MoEConfig:
+        # before the dataclass's __init__ says only "unexpected keyword argument 'k'": a router
+        # setting passed flat (configs before router specs) gets the spec to write instead
+        unknown = sorted(kwargs.keys() - {f.name for f in fields(cls)})
+        if unknown:
+            router = kwargs.get("router", "top_k")
+            name = router if isinstance(router, str) else getattr(router, "name", "top_k")
+            spec = ROUTERS.get(name, TopK).__name__
+            settings = ", ".join(f"{_LEGACY.get(k, k)}={kwargs[k]!r}" for k in unknown)
+            raise TypeError(
+                f"MoEConfig has no field {unknown}: a router's settings belong to its spec, "
+                f"e.g. MoEConfig(router={spec}({settings})) (minimoe.routing)"
+            )
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts"):
             check_int(name, getattr(self, name), 1)
@@ -129,25 +144,6 @@ class MoEConfig:
         return cls(**data, router=router_from_dict(router) if isinstance(router, dict) else router)
 
 
-_dataclass_init = MoEConfig.__init__
-
-
-def _config_init(self: MoEConfig, *args, **kwargs) -> None:
-    """MoEConfig's own __init__, after a check that names a router setting passed flat."""
-    unknown = sorted(kwargs.keys() - {f.name for f in fields(MoEConfig)})
-    if unknown:
-        router = kwargs.get("router", "top_k")
-        name = router if isinstance(router, str) else getattr(router, "name", "top_k")
-        spec = ROUTERS.get(name, TopK).__name__
-        settings = ", ".join(f"{_LEGACY.get(k, k)}={kwargs[k]!r}" for k in unknown)
-        raise TypeError(
-            f"MoEConfig has no field {unknown}: a router's settings belong to its spec, "
-            f"e.g. MoEConfig(router={spec}({settings})) (minimoe.routing)"
-        )
-    _dataclass_init(self, *args, **kwargs)
-
-
-MoEConfig.__init__ = _config_init
 
 
 # old flat config field -> the router spec's setting (configs saved before router specs)
