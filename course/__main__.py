@@ -1,4 +1,4 @@
-"""The chapters' experiments: ``python -m course gw|testbed|topp|adaptive|text|compare|modern|numbers --help``."""
+"""The chapters' experiments: ``python -m course balance|gw|testbed|testbed_dirichlet|topp|adaptive|text|compare|modern|numbers --help``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from minimoe.cli import run_commands
 
 # in chapter order
 COMMANDS = [
+    "course.balance",
     "course.gw",
     "course.testbed",
     "course.topp",

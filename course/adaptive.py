@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from course import common
+from course import common, harness
 from course.common import (
     Timings,
     add_experiment_args,
@@ -251,6 +251,7 @@ def time_dispatch(
             "two_expert_share": s,
             "flop_ratio": int(masks[s].sum()) / (2 * tokens),
             "time_ratio": times.ratio(s, 1.0),
+            "time_band": times.band(s, 1.0),  # the ratio with its quartiles, for printing
             "seconds": times[s],
         }
         for s in shares
@@ -342,6 +343,12 @@ def compare(
 def load_cached(path: str | Path | None = None) -> dict:
     """Results of the command; by default the shipped bigger run (data/adaptive/; see data/README.md)."""
     return load_json(path, "adaptive/results.json")
+
+
+def as_results(cached: dict) -> harness.Results:
+    """The cached runs as the harness's results, for its paired statistics, with the validation
+    loss curves (this cache predates the harness's format)."""
+    return harness.Results.from_rows(cached["per_seed"], "val_loss", run="variant")
 
 
 def summarize(per_seed: list[dict]) -> list[dict]:

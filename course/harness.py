@@ -241,6 +241,23 @@ def write(out: Path, data: dict) -> Path:
     return path
 
 
+def merge(experiment: Experiment, parts: Sequence[str | Path], out: Path) -> Results:
+    """Join results files of one experiment written by processes run side by side (each
+    checked by ``load``) into ``out/results.json``; a (run, seed) in two parts is refused."""
+    loaded = [load(experiment, p) for p in parts]
+    records: dict[tuple[str, int], dict] = {}
+    for part, results in zip(parts, loaded):
+        for r in results.data["results"]:
+            key = (r["run"], r["seed"])
+            if key in records:
+                raise ValueError(f"run {key[0]!r} seed {key[1]} is in two parts (again in {part})")
+            records[key] = r
+    head = {k: v for k, v in loaded[0].data.items() if k not in ("seeds", "results")}
+    data = head | {"seeds": sorted({s for _, s in records}), "results": list(records.values())}
+    write(out, data)
+    return Results(data)
+
+
 def load(experiment: Experiment, path: str | Path | None = None) -> Results:
     """The results of ``experiment`` (by default its cached ``data/<name>/results.json``),
     checked against its declared runs: a run whose stored config differs is refused."""
@@ -273,23 +290,18 @@ class Results:
     data: dict
 
     @classmethod
-    def from_rows(cls, per_seed: list[dict], curve: str) -> Results:
-        """A cache written before this format (``[{"setup", "rows", "curves"}]`` per seed): per
-        run and seed its row as the measures and ``curves[run][curve]`` (against
-        ``curves[run]["steps"]``) as the ``loss`` curve."""
-        records = [
-            {
-                "run": r["run"],
-                "seed": s["setup"]["seed"],
-                "measures": r,
-                "curve": {
-                    "step": s["curves"][r["run"]]["steps"],
-                    "loss": s["curves"][r["run"]][curve],
-                },
-            }
-            for s in per_seed
-            for r in s["rows"]
-        ]
+    def from_rows(cls, per_seed: list[dict], curve: str, run: str = "run") -> Results:
+        """A cache written before this format (``[{"setup", "rows", "curves"}]`` per seed, a
+        row naming its run by ``row[run]``): per run and seed its row as the measures and
+        ``curves[name][curve]`` (against ``curves[name]["steps"]``) as the ``loss`` curve."""
+        records = []
+        for s in per_seed:
+            for r in s["rows"]:
+                c = s["curves"][r[run]]
+                curve_of = {"step": c["steps"], "loss": c[curve]}
+                records.append(
+                    {"run": r[run], "seed": s["setup"]["seed"], "measures": r, "curve": curve_of}
+                )
         return cls({"seeds": sorted({r["seed"] for r in records}), "results": records})
 
     @property

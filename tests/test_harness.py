@@ -109,3 +109,21 @@ def test_family_is_holm_corrected(tmp_path):
     for corrected, raw in zip(fam, plain):
         assert corrected.mean == raw.mean and corrected.p_holm >= raw.p
         assert corrected.high - corrected.low >= raw.high - raw.low - 1e-12
+
+
+def test_merge_joins_processes_run_side_by_side(tmp_path):
+    exp = Tiny(TINY)
+    exp.run_all(tmp_path / "a", seeds=[0], progress=False)
+    exp.run_all(tmp_path / "b", seeds=[1], progress=False)
+    joined = harness.merge(
+        exp, [tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"], tmp_path / "all"
+    )
+    assert joined.seeds == [0, 1] and harness.load(exp, tmp_path / "all" / "results.json").seeds_of(
+        "top-1"
+    ) == [0, 1]
+    with pytest.raises(ValueError, match="seed 0 is in two parts"):
+        harness.merge(
+            exp,
+            [tmp_path / "a" / "results.json", tmp_path / "all" / "results.json"],
+            tmp_path / "x",
+        )
