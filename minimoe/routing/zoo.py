@@ -1,0 +1,381 @@
+"""The routers of released models, as one composable rule, plus capacity and hash routing.
+
+Read from the modeling files of Hugging Face transformers (the version the ``bench`` extra pins);
+``minimoe.families`` says which family uses which settings. Nearly every released router is
+
+    logits -> (soft cap) -> score s -> selection (s + bias, within groups, top k) -> weights g on
+    the chosen (s itself, or a softmax / sigmoid of the chosen logits) -> renormalization -> scale
+
+and ``ScoreTopK`` is that pipeline with one field per step; ``TopK`` and ``SigmoidTopK`` are two
+of its settings, kept as they are. Two rules do not fit it: routers with a capacity that drops
+tokens (Switch, NLLB-MoE: ``CapacityTopK``) and hash routing, where a fixed table of the token id
+chooses the experts (DeepSeek-V4's first layers: ``HashTopK``).
+
+Top-k of the logits then a softmax over the k chosen (gpt-oss, Granite-MoE, JetMoE) is the same
+function of the logits as softmax, top-k, renormalize (exp(l_i) / sum_{j in S} exp(l_j) either
+way), so the weights and their gradients agree up to rounding; the gradient differs from top-k of
+the softmax *without* renormalization (Jamba, DeepSeek-V2), where g_i = P_i keeps the other
+experts' logits in its denominator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_recipe
+from minimoe.routing.production import GROUP_SCORES, group_limited
+
+SCORE_FUNCTIONS = {
+    "softmax": lambda x: x.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,
+    "sqrt_softplus": lambda x: F.softplus(x).sqrt(),  # DeepSeek-V4
+    "logits": lambda x: x,  # select on the raw logits; ``weight`` says what the chosen get
+}
+WEIGHTS = ("score", "softmax", "sigmoid")
+
+
+def _renormalize(g: Tensor, p: float, eps: float, floor: float) -> Tensor:
+    """g / max(||g||_p + eps, floor) per row (the norm over the chosen: g is 0 elsewhere)."""
+    norm = g.sum(dim=1, keepdim=True) if p == 1 else g.norm(p=p, dim=1, keepdim=True)
+    return g / (norm + eps).clamp_min(max(floor, torch.finfo(g.dtype).tiny))
+
+
+def score_top_k(
+    logits: Tensor,
+    k: int = 2,
+    *,
+    score: str = "softmax",
+    weight: str = "score",
+    renormalize: bool = True,
+    norm_p: float = 1.0,
+    norm_eps: float = 0.0,
+    norm_min: float = 0.0,
+    scaling: float = 1.0,
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "top2_sum",
+    softcap: float = 0.0,
+) -> Routing:
+    """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
+
+    1. ``softcap`` c > 0: logits <- c tanh(logits / c) (Laguna, as Gemma 2 caps attention).
+    2. s = ``score``(logits): softmax, sigmoid, sqrt(softplus) (DeepSeek-V4), or the logits.
+    3. S = the k largest s_i + b_i (``bias`` b, (E,), selects only: DeepSeek-V3, ERNIE 4.5,
+       LongCat), within the token's ``topk_group`` best of ``n_group`` contiguous groups, a group
+       scored by the sum of its two best (``group_score="top2_sum"``, DeepSeek-V3) or its best
+       (``"max"``, DeepSeek-V2). No gradient flows through the choice.
+    4. g on S: ``weight="score"`` g_i = s_i; ``"softmax"`` softmax over the chosen s (top-k of the
+       logits then softmax: gpt-oss, Granite-MoE); ``"sigmoid"`` sigmoid of the chosen s (Llama 4).
+    5. ``renormalize``: g <- g / max(||g||_{norm_p} + norm_eps, norm_min) (DBRX's p-norm, ERNIE's
+       floor ``norm_min``; DeepSeek code adds eps = 1e-20).
+    6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor).
+
+    ``probs`` is the softmax of the (capped) logits for softmax and logit scores, else s
+    normalized over all experts (DeepSeek-V3's P_i).
+    """
+    logits = check_logits(logits)
+    E = logits.shape[1]
+    check_int("k", k, 1, E)
+    check_choice("score", score, tuple(SCORE_FUNCTIONS))
+    check_choice("weight", weight, WEIGHTS)
+    check_float("softcap", softcap, 0.0)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    s = SCORE_FUNCTIONS[score](logits)  # (T, E)
+    choice = s.detach() if bias is None else s.detach() + bias.to(s.dtype)
+    if n_group > 1:
+        choice = group_limited(choice, n_group, topk_group, by=group_score)
+    mask = _mask_of_top(choice, k)  # (T, E)
+    if weight == "score":
+        g = s * mask  # exactly 0 outside S
+    elif weight == "softmax":
+        g = s.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # softmax over the chosen k
+    else:
+        g = torch.sigmoid(s) * mask
+    if renormalize:
+        g = _renormalize(g, norm_p, norm_eps, norm_min)
+    if score in ("softmax", "logits"):
+        probs = s if score == "softmax" else logits.softmax(dim=-1)
+    else:
+        probs = s / s.sum(dim=1, keepdim=True)  # (T, E) the normalized affinities
+    return Routing(logits=logits, probs=probs, mask=mask, weights=g * scaling)
+
+
+@dataclass(frozen=True)
+class ScoreTopK:
+    """A released model's top-k router: ``score_top_k`` with its settings (see the family table,
+    ``python -m minimoe zoo``).
+
+    ``selection_bias=True`` keeps a bias b (E,) as router state (a buffer, no gradient) that only
+    selects. Hugging Face keeps it as ``e_score_correction_bias`` and no code path of it updates b
+    in training: ``bias_rate`` (default 0, frozen) turns on Wang et al.'s update after each step,
+    b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
+    """
+
+    k: int = 2
+    score: str = "softmax"
+    weight: str = "score"
+    renormalize: bool = True
+    norm_p: float = 1.0
+    norm_eps: float = 0.0
+    norm_min: float = 0.0
+    scaling: float = 1.0
+    selection_bias: bool = False
+    bias_rate: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    softcap: float = 0.0
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "score_top_k"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_choice("score", self.score, tuple(SCORE_FUNCTIONS))
+        check_choice("weight", self.weight, WEIGHTS)
+        if self.weight != "score" and self.score != "logits":
+            raise ValueError(
+                f"weight={self.weight!r} applies to the chosen logits: it needs score='logits', "
+                f"got score={self.score!r}"
+            )
+        check_bool("renormalize", self.renormalize)
+        check_float("norm_p", self.norm_p, 0.0, low_open=True)
+        check_float("norm_eps", self.norm_eps, 0.0)
+        check_float("norm_min", self.norm_min, 0.0)
+        check_float("scaling", self.scaling, 0.0, low_open=True)
+        check_bool("selection_bias", self.selection_bias)
+        check_float("bias_rate", self.bias_rate, 0.0)
+        if self.bias_rate and not self.selection_bias:
+            raise ValueError(f"bias_rate={self.bias_rate} needs selection_bias=True")
+        check_int("n_group", self.n_group, 1)
+        check_int("topk_group", self.topk_group, 1, self.n_group)
+        check_choice("group_score", self.group_score, GROUP_SCORES)
+        check_float("softcap", self.softcap, 0.0)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+        if num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} does not divide num_experts={num_experts}")
+        if self.k > self.topk_group * (num_experts // self.n_group):
+            raise ValueError(
+                f"k={self.k} is more than the experts of topk_group={self.topk_group} groups"
+            )
+
+    def init_state(self, num_experts: int) -> dict[str, Tensor]:
+        return {"bias": torch.zeros(num_experts)} if self.selection_bias else {}
+
+    def update_state(self, state: dict[str, Tensor], stats) -> None:
+        """b_i += u * sign(mean load - load_i); u = ``bias_rate`` (0: as Hugging Face, frozen)."""
+        if self.bias_rate:
+            load = stats.tokens_per_expert.float()  # (E,)
+            state["bias"] += self.bias_rate * torch.sign(load.mean() - load)
+
+    def __call__(
+        self,
+        logits: Tensor,
+        *,
+        training: bool,
+        seq_len: int | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> Routing:
+        return score_top_k(
+            logits,
+            self.k,
+            score=self.score,
+            weight=self.weight,
+            renormalize=self.renormalize,
+            norm_p=self.norm_p,
+            norm_eps=self.norm_eps,
+            norm_min=self.norm_min,
+            scaling=self.scaling,
+            bias=state["bias"] if self.selection_bias else None,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            group_score=self.group_score,
+            softcap=self.softcap,
+        )
+
+
+# ---- capacity inside the router: Switch (top-1) and NLLB-MoE (top-2) -----------------------
+
+
+def capacity_top_k(
+    logits: Tensor,
+    k: int = 2,
+    capacity: int = 1,
+    seq_len: int | None = None,
+    normalize: str = "after_drop",
+) -> Routing:
+    """Top-k of the softmax with a fixed number of slots per expert, counted inside the router.
+
+    Slots go to first choices before second choices, earlier tokens first (GShard; Switch and
+    NLLB-MoE count this way), per sequence of ``seq_len`` tokens (Switch) or over all T (NLLB).
+    Pairs past ``capacity`` are dropped: their weight is 0 and the residual carries the token.
+    g = P on the kept pairs; ``normalize``: ``"none"`` (Switch: g = P_max), ``"before_drop"``
+    (g_i = P_i / sum of the k chosen, before dropping) or ``"after_drop"`` (over the kept ones:
+    a token that lost its second expert gets g = 1 on the first; NLLB-MoE's default).
+    """
+    logits = check_logits(logits)
+    T, E = logits.shape
+    check_int("k", k, 1, E)
+    check_int("capacity", capacity, 0)
+    check_choice("normalize", normalize, ("none", "before_drop", "after_drop"))
+    probs = logits.softmax(dim=-1)  # (T, E)
+    chosen = _mask_of_top(probs, k)
+    L = seq_len or max(T, 1)
+    if T % L:
+        raise ValueError(f"seq_len={seq_len} does not divide the {T} tokens")
+    first = (probs.argmax(dim=1, keepdim=True) == torch.arange(E, device=probs.device)) & chosen
+    seqs = T // L
+    # slot of each pair within its sequence: first choices in token order, then second choices
+    firsts = first.view(seqs, L, E).long()
+    seconds = (chosen & ~first).view(seqs, L, E).long()
+    slot1 = firsts.cumsum(dim=1) - 1
+    slot2 = seconds.cumsum(dim=1) - 1 + firsts.sum(dim=1, keepdim=True)
+    kept = ((firsts.bool() & (slot1 < capacity)) | (seconds.bool() & (slot2 < capacity))).view(T, E)
+    g = probs * chosen
+    if normalize == "before_drop":
+        g = g / g.sum(dim=1, keepdim=True)
+    g = g * kept
+    if normalize == "after_drop":
+        # NLLB clamps the sum at float32 eps: a token that lost both experts keeps g = 0
+        g = g / g.sum(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).eps)
+    return Routing(logits=logits, probs=probs, mask=kept, weights=g)
+
+
+@dataclass(frozen=True)
+class CapacityTopK:
+    """Switch (``k=1, normalize="none", per_sequence=True``) and NLLB-MoE's top-2 router:
+    ``capacity_top_k`` with ``expert_capacity`` slots (None: k * ceil(T / E), NLLB's default);
+    at evaluation ``eval_capacity_fraction`` f > 0 gives ceil(f * T) slots instead (NLLB).
+
+    Only these two Hugging Face families drop tokens and add a router z-loss: the paper recipe is
+    alpha = 1e-2 and z-loss 1e-3. Their training-time extras are not rules of this spec: Switch's
+    input jitter, NLLB's sampled or random second expert and its padding mask.
+    """
+
+    k: int = 2
+    expert_capacity: int | None = None
+    eval_capacity_fraction: float = 0.0
+    per_sequence: bool = False
+    normalize: str = "after_drop"
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "capacity_top_k"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 1e-3}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        if self.expert_capacity is not None:
+            check_int("expert_capacity", self.expert_capacity, 0)
+        check_float("eval_capacity_fraction", self.eval_capacity_fraction, 0.0)
+        check_bool("per_sequence", self.per_sequence)
+        check_choice("normalize", self.normalize, ("none", "before_drop", "after_drop"))
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+
+    def capacity(self, num_tokens: int, num_experts: int, training: bool) -> int:
+        """Slots per expert for ``num_tokens`` tokens (per sequence when ``per_sequence``)."""
+        if not training and self.eval_capacity_fraction > 0:
+            return math.ceil(self.eval_capacity_fraction * num_tokens)
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        return self.k * math.ceil(num_tokens / num_experts)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        L = seq_len if self.per_sequence and seq_len else logits.shape[0]
+        return capacity_top_k(
+            logits,
+            self.k,
+            self.capacity(L, logits.shape[1], training),
+            seq_len=L,
+            normalize=self.normalize,
+        )
+
+
+# ---- hash routing: the experts are a fixed function of the token id ------------------------
+
+
+def hash_top_k(
+    logits: Tensor, experts: Tensor, score: str = "sqrt_softplus", scaling: float = 1.0
+) -> Routing:
+    """S = ``experts`` (T, k), fixed by the token id (DeepSeek-V4's first layers: a frozen
+    token id -> experts table); g = s on S renormalized, times ``scaling``. The router's logits
+    only weigh the chosen experts: the choice is not learned (the "does learning the router
+    matter?" baseline). Repeated experts in a row of ``experts`` count once.
+    """
+    logits = check_logits(logits)
+    check_choice("score", score, ("softmax", "sigmoid", "sqrt_softplus"))
+    if experts.shape[0] != logits.shape[0] or experts.dim() != 2:
+        raise ValueError(
+            f"experts must have shape (tokens={logits.shape[0]}, k), got {tuple(experts.shape)}"
+        )
+    s = SCORE_FUNCTIONS[score](logits)  # (T, E)
+    mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, experts.long(), True)
+    g = _renormalize(s * mask, 1.0, 0.0, 0.0)
+    probs = s if score == "softmax" else s / s.sum(dim=1, keepdim=True)
+    return Routing(logits=logits, probs=probs, mask=mask, weights=g * scaling)
+
+
+@dataclass(frozen=True)
+class HashTopK:
+    """Hash routing (DeepSeek-V4's ``hash_moe`` layers): ``hash_top_k`` with the token id ->
+    experts table kept as router state (``table``, (vocab_size, k) long; initialised to a
+    fixed pseudo-random draw so a fresh layer spreads tokens evenly, ``seed`` picks it).
+
+    The layer sees hidden states, not token ids: a router that sets ``uses_token_ids`` is called
+    with ``token_ids=`` the (T,) ids that ``MoE.forward(x, token_ids=...)`` was given.
+    """
+
+    k: int = 2
+    vocab_size: int = 256
+    score: str = "sqrt_softplus"
+    scaling: float = 1.0
+    seed: int = 0
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    uses_token_ids: ClassVar[bool] = True
+    name: ClassVar[str] = "hash_top_k"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 0.0, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_int("vocab_size", self.vocab_size, 1)
+        check_choice("score", self.score, ("softmax", "sigmoid", "sqrt_softplus"))
+        check_float("scaling", self.scaling, 0.0, low_open=True)
+        check_int("seed", self.seed, 0)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+
+    def init_state(self, num_experts: int) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        keys = torch.rand(self.vocab_size, num_experts, generator=g)
+        return {"table": keys.argsort(dim=1)[:, : self.k]}  # k distinct experts per token id
+
+    def __call__(
+        self,
+        logits: Tensor,
+        *,
+        training: bool,
+        seq_len: int | None = None,
+        state: dict[str, Tensor],
+        token_ids: Tensor | None = None,
+    ) -> Routing:
+        if token_ids is None:
+            raise ValueError("hash routing needs token_ids: call MoE(x, token_ids=ids)")
+        return hash_top_k(logits, state["table"][token_ids.reshape(-1)], self.score, self.scaling)
