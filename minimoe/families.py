@@ -55,7 +55,9 @@ class RouterMap:
     def config_fields(self, router: Router, family: str) -> dict[str, Any]:
         """Config settings that give ``router``; ValueError naming the setting the family lacks."""
         if type(router) is not self.spec:
-            raise ValueError(f"{family} cannot express router={router!r} (needs {self.spec.__name__})")
+            raise ValueError(
+                f"{family} cannot express router={router!r} (needs {self.spec.__name__})"
+            )
         fixed = {f.name for f in fields(router)} - set(self.fields.values()) - set(_UNTRAINED)
         default = self.spec(**self.constants, **{"k": router.k} if "k" in fixed else {})
         for name in sorted(fixed):
@@ -267,7 +269,8 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV3, "GLM-4-MoE-Lite", "glm4_moe_lite", "Glm4MoeLiteMoE", "Glm4MoeLiteConfig"),
     _like(DSV3, "GLM-4V-MoE", "glm4v_moe", "Glm4vMoeTextMoE", "Glm4vMoeTextConfig"),
     _like(DSV3, "GLM-MoE-DSA", "glm_moe_dsa", "GlmMoeDsaMoE", "GlmMoeDsaConfig"),
-    _like(DSV3, "Kimi-Linear", "kimi_linear", "KimiLinearMoE", "KimiLinearConfig"),
+    _like(DSV3, "Kimi-Linear", "kimi_linear", "KimiLinearMoE", "KimiLinearConfig",
+          num_experts="num_experts"),
     _like(DSV3, "MiniCPM5-MoE", "minicpm5_moe", "MiniCPM5MoeMoE", "MiniCPM5MoeConfig"),
     _like(DSV3, "Solar-Open", "solar_open", "SolarOpenMoE", "SolarOpenConfig"),
     _like(DSV3, "MiMo-V2-Flash", "mimo_v2_flash", "MiMoV2FlashMoE", "MiMoV2FlashConfig",

@@ -29,6 +29,7 @@ not part of any block: ``from_hf`` keeps the spec's default ``bias_rate``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 from typing import Any
@@ -83,7 +84,7 @@ def family_of(obj: object, *, configs: bool = False) -> Family:
 
 
 def _get(root: nn.Module, path: str) -> Any:
-    for name in path.split("."):
+    for name in filter(None, path.split(".")):
         root = getattr(root, name)
     return root
 
@@ -232,7 +233,7 @@ def _to_family(
     config_cls, block_cls = _classes(family)
     if config is None:
         config = config_cls(**fields, experts_implementation=implementation)
-    elif type(config) is not config_cls:
+    if type(config) is not config_cls:
         raise TypeError(f"config must be a {family.config}, got {type(config).__name__}")
     for name, value in fields.items():
         if getattr(config, name) != value:
@@ -250,29 +251,44 @@ def _to_family(
 def _keep_dtype(block: nn.Module, path: str, dtype: torch.dtype) -> None:
     """Give the tensor at ``path`` ``dtype`` in place of the block's (a buffer or a frozen
     parameter: either way it holds the selection bias, which no gradient trains)."""
-    parent, name = (_get(block, path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1])
+    *parents, name = path.split(".")
+    parent = _get(block, ".".join(parents)) if parents else block
     old = getattr(parent, name)
     if old.dtype != dtype:
         new = old.detach().to(dtype)
         setattr(parent, name, nn.Parameter(new, False) if isinstance(old, nn.Parameter) else new)
 
 
+def hf_config(moe: MoE, family: str, **extra: Any) -> Any:
+    """A new config of ``family`` (a name of ``minimoe.families``) that expresses ``moe``, with
+    ``extra`` fields beside (a model's other sizes, which some configs check against d_model)."""
+    if not isinstance(moe, MoE):
+        raise TypeError(f"moe must be a minimoe MoE, got {type(moe).__name__}")
+    found = family_of(family)
+    _refuse_family(found)
+    fields = _config_fields(moe.config, found)
+    return _classes(found)[0](**extra | fields)
+
+
 def to_hf(moe: MoE, like: Any) -> nn.Module:
     """A Hugging Face block with the weights and routing of ``moe``, of the family of ``like``.
 
-    ``like`` a block: only its family (and experts implementation) counts; ``like`` a family
-    name: a new config; ``like`` a config: the block is built from it, and every field the MoE
+    ``like`` a block: its config with the MoE's settings (sizes, router) in place of its own;
+    ``like`` a family name: a new config (``hf_config`` adds other fields); ``like`` a config: the block is built from it, and every field the MoE
     sets must agree (ValueError naming it). ValueError naming the setting when the MoE routes or
     computes in a way the family cannot.
     """
+    if not isinstance(moe, MoE):
+        raise TypeError(f"moe must be a minimoe MoE, got {type(moe).__name__}")
     family = family_of(like, configs=True)
     if isinstance(like, str):
         return _to_family(moe, family)
     if type(like) is _classes(family)[0]:
         return _to_family(moe, family, like)
-    experts_config = getattr(like.experts, "config", None)
-    impl = getattr(experts_config, "_experts_implementation", None) or "eager"
-    return _to_family(moe, family, implementation=impl)
+    config = copy.deepcopy(_config_of(like))  # its other settings (experts implementation...)
+    for name, value in _config_fields(moe.config, family).items():
+        setattr(config, name, value)
+    return _to_family(moe, family, config)
 
 
 def from_mixtral(block: nn.Module) -> MoE:
