@@ -75,7 +75,7 @@ class RouterMap:
             return f"`{by_field[name]}`"
         if name in self.constants:
             return self.constants[name]
-        return _IMPLIED[self.spec].get(name, getattr(self.spec(), name, None))
+        return _IMPLIED.get(self.spec, {}).get(name, getattr(self.spec(), name, None))
 
 
 class DeepSeekV2Map(RouterMap):
@@ -216,6 +216,8 @@ FAMILIES: tuple[Family, ...] = (
           notes="renormalizes by max(sum, moe_norm_min)"),
     _like(QWEN3, "ERNIE-4.5-VL-MoE", "ernie4_5_vl_moe", "Ernie4_5_VLMoeMoeBlock",
           "Ernie4_5_VLMoeTextConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
+          bias="text_moe.gate.moe_statics.e_score_correction_bias", trains=_BIAS_TRAINS,
+          shared="shared_experts", shared_count="moe_num_shared_experts",
           refuse="two expert sets (text and vision) chosen by token type"),
     _like(QWEN3, "LongCat-Flash", "longcat_flash", "LongcatFlashMoE", "LongcatFlashConfig",
           rule=RouterMap(ScoreTopK, {"num_experts_per_tok": "k",
@@ -228,9 +230,10 @@ FAMILIES: tuple[Family, ...] = (
           trains=_BIAS_TRAINS),
     _like(QWEN3, "Gemma-4", "gemma4", "Gemma4TextExperts", "Gemma4TextConfig", rule=None,
           selection="softmax of a normed router, top-k, renormalized, times a learned "
-          "per-expert scale", refuse=_NORMED, trains="router W, its input scale, per-expert scales"),
+          "per-expert scale", refuse=_NORMED, trains="its input scale and the per-expert scales"),
     _like(QWEN3, "Diffusion-Gemma", "diffusion_gemma", "DiffusionGemmaTextExperts",
-          "DiffusionGemmaTextConfig", rule=None, selection="as Gemma-4", refuse=_NORMED),
+          "DiffusionGemmaTextConfig", rule=None, selection="as Gemma-4", refuse=_NORMED,
+          trains="its input scale and the per-expert scales"),
     # top-k of the logits, then a softmax over the k (= renormalized softmax top-k)
     GRANITE,
     _like(GRANITE, "Granite-MoE-SWA", "granitemoe_swa", "GraniteMoeSWAMoE", "GraniteMoeSWAConfig"),
@@ -251,9 +254,10 @@ FAMILIES: tuple[Family, ...] = (
     _like(GRANITE, "JetMoE", "jetmoe", "JetMoeMoE", "JetMoeConfig",
           refuse="an output bias after the experts"),
     _like(GRANITE, "gpt-oss", "gpt_oss", "GptOssMLP", "GptOssConfig",
-          refuse=_GELU_MIX + "; the router Linear has a bias", trains="router W and its bias"),
+          refuse=_GELU_MIX + "; the router Linear has a bias", trains="the router's Linear bias"),
     _like(GRANITE, "OpenAI-Privacy-Filter", "openai_privacy_filter", "OpenAIPrivacyFilterMLP",
           "OpenAIPrivacyFilterConfig", refuse=_GELU_MIX + "; the router Linear has a bias",
+          trains="the router's Linear bias",
           notes="weights divided by k"),
     _like(GRANITE, "Doge", "doge", "DogeCDMoE", "DogeConfig", rule=None,
           selection="product keys: top-sqrt(E) of two key halves, top-k of their sums, softmax",
@@ -289,8 +293,8 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV3, "HY-V4", "hy_v4", "HYV4MoE", "HYV4Config", refuse=_CLAMPED),
     _like(DSV3, "Bailing-Hybrid", "bailing_hybrid", "BailingHybridMoE", "BailingHybridConfig",
           refuse=_CLAMPED),
-    _like(DSV3, "Nemotron-H", "nemotron_h", "NemotronHMoE", "NemotronHConfig",
-          refuse="experts are not gated (relu^2) and may sit in a latent projection"),
+    _like(DSV3, "Nemotron-H", "nemotron_h", "NemotronHMoE", "NemotronHConfig", shared_count=None,
+          shared_width="moe_shared_expert_intermediate_size", refuse="experts are not gated (relu^2) and may sit in a latent projection"),
     _like(DSV3, "AFMoE", "afmoe", "AfmoeSparseMoeBlock", "AfmoeConfig",
           rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k", "route_scale": "scaling"}),
           num_experts="num_experts", router="router.gate.weight", bias="expert_bias",
@@ -305,9 +309,14 @@ FAMILIES: tuple[Family, ...] = (
           num_experts="num_local_experts", width="intermediate_size",
           bias="e_score_correction_bias", shared=None, shared_count=None),
     _like(DSV3, "MiniMax-M3-VL", "minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock",
-          "MiniMaxM3VLTextConfig", rule=SIGMOID_BIAS, refuse=_GELU_MIX.replace(" with biases", "")),
+          "MiniMaxM3VLTextConfig", shared_count=None, shared_width="shared_intermediate_size",
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "routed_scaling_factor": "scaling"}),
+          refuse="experts: clamped (up + 1) * gate * sigmoid(alpha * gate), not SwiGLU"),
     _like(DSV3, "Step-3.7", "step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig",
-          rule=SIGMOID_BIAS, refuse=_CLAMPED),
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "moe_router_scaling_factor": "scaling"}),
+          shared_count=None, shared_width="share_expert_dim", refuse=_CLAMPED),
     _like(DSV3, "Laguna", "laguna", "LagunaSparseMoeBlock", "LagunaConfig",
           rule=_score({"moe_router_logit_softcapping": "softcap",
                        "moe_routed_scaling_factor": "scaling"},
@@ -331,18 +340,24 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV3, "Ergo", "ergo", "ErgoMoE", "ErgoConfig",
           rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
                                              "moe_routed_scaling_factor": "scaling"}),
+          shared_count=None, shared_width="shared_intermediate_size",
           refuse="a learned RMSNorm per expert after each expert"),
     _like(DSV3, "Inkling-2", "inkling2", "Inkling2SparseMoeBlock", "Inkling2TextConfig",
-          rule=SIGMOID_BIAS, refuse="experts: soft-capped SwiGLU"),
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "routed_scaling_factor": "scaling"}),
+          shared=None, refuse="experts: soft-capped SwiGLU",
+          notes="score = `scoring_func` (sigmoid by default)"),
     _like(DSV3, "Inkling", "inkling", "InklingMoE", "InklingTextConfig", rule=None,
           selection="sigmoid + bias selects; softmax of log-sigmoid over the chosen and the "
           "shared experts' logits", refuse="the router also weighs the shared experts"),
     _like(DSV3, "Muse-Spark", "muse_spark", "MuseSparkMoE", "MuseSparkTextConfig",
           rule=None, selection="sigmoid of logits times output_multiplier, + bias, renormalized",
+          shared=None,
           refuse="projections and norms around the experts"),
     _like(DSV3, "DeepSeek-V4", "deepseek_v4", "DeepseekV4SparseMoeBlock", "DeepseekV4Config",
           rule=_score({"routed_scaling_factor": "scaling"}, score="sqrt_softplus",
                       selection_bias=True, norm_eps=1e-20),
+          shared_count=None, shared_width="intermediate_size",
           refuse=_CLAMPED + "; its first layers hash-route (HashTopK)",
           notes="hash_moe layers: experts = tid2eid[token id] (HashTopK, needs token ids)"),
     # softmax with groups
@@ -367,7 +382,7 @@ FAMILIES: tuple[Family, ...] = (
                          {"k": 1, "per_sequence": True, "normalize": "none"},
                          {"router_jitter_noise": 0.0}),
           refuse="experts are one Linear-act-Linear module each (relu)",
-          trains="router W; capacity drops tokens; router z-loss", notes="input jitter in training"),
+          trains="capacity drops tokens; a router z-loss", notes="input jitter in training"),
     _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",
           rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
                                         "moe_eval_capacity_token_fraction":
@@ -376,7 +391,7 @@ FAMILIES: tuple[Family, ...] = (
                           "normalize_router_prob_before_dropping": False}),
           refuse="DEFECT: its experts one-hot the 0/1 routing mask as if it held expert "
           "indices (expert 1 runs every first choice, expert 0 every other pair)",
-          trains="router W; capacity drops tokens; router z-loss",
+          trains="capacity drops tokens; a router z-loss",
           notes="second expert sampled or random in training (second_expert_policy)"),
 )
 # fmt: on

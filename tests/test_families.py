@@ -9,7 +9,7 @@ import torch
 
 from minimoe import MoE, MoEConfig, interop
 from minimoe.families import FAMILIES, DeepSeekV2Map
-from minimoe.routing import TopK
+from minimoe.routing import HashTopK, TopK
 
 pytest.importorskip("transformers", minversion="5", reason="the bench extra: pip install -e '.[bench]'")  # fmt: skip
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
@@ -146,3 +146,152 @@ def test_a_required_setting_is_refused_naming_it():
     block.experts.config.expert_selection_fn = "sigmoid"
     with pytest.raises(ValueError, match="expert_selection_fn='softmax', got 'sigmoid'"):
         interop.from_hf(block)
+
+
+# ---- routers whose blocks do not convert: the rule alone, against the HF router --------------
+
+
+def family(name):
+    return next(f for f in FAMILIES if f.name == name)
+
+
+def dense(idx, weights, num_experts):
+    """(T, k) indices and weights as (T, E) mask and weights."""
+    mask = torch.zeros(idx.shape[0], num_experts, dtype=torch.bool).scatter_(1, idx, True)
+    return mask, torch.zeros(idx.shape[0], num_experts).scatter(1, idx, weights.float())
+
+
+def assert_same_rule(router, ours, mask, weights, hf_weights):
+    """Same choice and weights, and the same gradient on the HF router's parameters."""
+    assert torch.equal(ours.mask, mask)
+    torch.testing.assert_close(ours.weights, weights, atol=1e-6, rtol=1e-5)
+    mix = torch.randn(weights.shape, generator=torch.Generator().manual_seed(7))
+    params = [p for p in router.parameters() if p.requires_grad]
+    theirs = torch.autograd.grad((hf_weights * mix).sum(), params, retain_graph=True)
+    mine = torch.autograd.grad((ours.weights * mix).sum(), params)
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gpt_oss_router():
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    config = GptOssConfig(hidden_size=16, num_local_experts=8, num_experts_per_tok=2)
+    router = GptOssTopKRouter(config)
+    randomize(router)
+    logits, weights, idx = router(torch.randn(24, 16))  # logits include the Linear's bias
+    mask, w = dense(idx, weights, 8)
+    ours = family("gpt-oss").rule.router(config, "gpt-oss")(logits, training=True)
+    assert_same_rule(router, ours, mask, w, w)
+
+
+def test_llama4_router():
+    from transformers import Llama4TextConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+    config = Llama4TextConfig(hidden_size=16, num_local_experts=8, num_experts_per_tok=1)
+    router = Llama4Router(config)
+    randomize(router)
+    scores, logits = router(torch.randn(24, 16))  # (T, E): sigmoid of the chosen logit, else 0
+    ours = family("Llama-4").rule.router(config, "Llama-4")(logits, training=True)
+    assert_same_rule(router, ours, scores > 0, scores, scores)
+
+
+def test_deepseek_v4_routers_top_k_and_hash():
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
+
+    config = DeepseekV4Config(hidden_size=16, num_local_experts=8, num_experts_per_tok=2,
+                              vocab_size=32, routed_scaling_factor=1.5)  # fmt: skip
+    router = v4.DeepseekV4TopKRouter(config)
+    randomize(router)
+    x = torch.randn(24, 16)
+    logits, weights, idx = router(x)
+    spec = family("DeepSeek-V4").rule.router(config, "DeepSeek-V4")
+    ours = spec(logits, training=True, state={"bias": router.e_score_correction_bias})
+    mask, w = dense(idx, weights, 8)
+    assert_same_rule(router, ours, mask, w, w)
+
+    hashed = v4.DeepseekV4HashRouter(config)
+    randomize(hashed)
+    table = HashTopK(k=2, vocab_size=32, scaling=1.5).init_state(8)["table"]
+    hashed.tid2eid.copy_(table)
+    ids = torch.randint(0, 32, (24,), generator=torch.Generator().manual_seed(3))
+    logits, weights, idx = hashed(x, ids)
+    rule = HashTopK(k=2, vocab_size=32, scaling=1.5)
+    ours = rule(logits, training=True, state={"table": table}, token_ids=ids)
+    mask, w = dense(idx, weights, 8)
+    assert_same_rule(hashed, ours, mask, w, w)
+
+
+def test_dbrx_p_norm_rule():
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    config = DbrxConfig(d_model=16, ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 8,
+                                                "moe_top_k": 3, "moe_normalize_expert_weights": 2.0})  # fmt: skip
+    block = DbrxFFN(config)
+    randomize(block)
+    logits = block.router(torch.randn(1, 24, 16))
+    weights, idx = block.route_tokens_to_experts(logits)
+    ours = family("DBRX").rule.router(config.ffn_config, "DBRX")(logits, training=True)
+    mask, w = dense(idx, weights, 8)
+    assert_same_rule(block.router, ours, mask, w, w)
+
+
+def test_switch_router_with_capacity_per_sequence():
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers import modeling_switch_transformers as st
+
+    config = SwitchTransformersConfig(d_model=16, num_experts=4, expert_capacity=2,
+                                      router_jitter_noise=0.0)  # fmt: skip
+    router = st.SwitchTransformersTop1Router(config)
+    randomize(router)
+    kept, top, logits = router(torch.randn(3, 8, 16))  # (B, L, E) one-hot kept, (B, L, 1)
+    mask = kept.reshape(24, 4).bool()
+    assert (~mask.any(1)).sum() > 0  # some tokens dropped: the capacity is exercised
+    spec = family("Switch").rule.router(config, "Switch")
+    ours = spec(logits.reshape(24, 4), training=True, seq_len=8)
+    w = top.reshape(24, 1) * mask
+    assert_same_rule(router, ours, mask, w, w)
+
+
+def nllb(capacity: int, fraction: float):
+    from transformers import NllbMoeConfig
+
+    return NllbMoeConfig(d_model=16, num_experts=4, expert_capacity=capacity,
+                         moe_eval_capacity_token_fraction=fraction, moe_token_dropout=0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize(("training", "fraction"), [(True, 1.0), (False, 0.25)])
+def test_nllb_router_with_capacity(training, fraction):
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeTop2Router
+
+    config = nllb(3, fraction)
+    router = NllbMoeTop2Router(config).train(training)
+    randomize(router)
+    _, weights, logits = router(torch.randn(24, 16))  # weights: (T, E) gates after the drop
+    mask = weights > 0
+    assert mask.sum() < 48  # some pairs dropped
+    spec = family("NLLB-MoE").rule.router(config, "NLLB-MoE")
+    assert_same_rule(router, spec(logits, training=training), mask, weights, weights)
+
+
+def test_nllb_experts_do_not_follow_their_router():
+    """transformers 5.25's NllbMoeExperts one-hots the (T, E) 0/1 mask as if it held expert
+    indices: expert 1 runs on every first choice, expert 0 on every other gated pair."""
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
+
+    block = NllbMoeSparseMLP(nllb(24, 1.0), ffn_dim=8).eval()
+    randomize(block)
+    x = torch.randn(1, 12, 16)
+    with torch.no_grad():
+        first, gates, _ = block.router(x.view(12, 16))
+        out = block(x).view(12, 16)
+        runs = torch.stack([block.experts[f"expert_{e}"](x.view(12, 16)) for e in range(4)], 1)
+    intended = (gates[:, :, None] * runs).sum(1)  # expert e on the pairs routed to e
+    index = first.long()[:, :, None].expand(-1, -1, 16)  # (T, E, d): the mask's 0 or 1
+    defect = (gates[:, :, None] * runs.gather(1, index)).sum(1)  # expert 0 or 1 on each pair
+    torch.testing.assert_close(out, defect)
+    assert not torch.allclose(out, intended, atol=1e-3)
