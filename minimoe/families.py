@@ -10,7 +10,7 @@ Hugging Face's training code, for every row: routers return raw logits; ``load_b
 concatenates the logits of *all* layers before the product f * P (it balances the pooled load,
 not each layer's), does not divide f by k (it equals k, not 1, at perfect balance) and takes a
 softmax of the logits even for sigmoid routers; no code path updates a selection bias in training;
-only Switch and NLLB-MoE drop tokens and add a router z-loss.
+only Switch and NLLB-MoE drop tokens, and only Switch adds a router z-loss.
 """
 
 from __future__ import annotations
@@ -93,6 +93,16 @@ class DeepSeekV2Map(RouterMap):
         out = super().config_fields(router, family)
         grouped = router.n_group > 1
         return out | {"topk_method": "group_limited_greedy" if grouped else "greedy"}
+
+
+# modeling files of 5.25.0 that define ``load_balancing_loss_func`` (the others train no balance
+# loss in Hugging Face's code; Switch and Doge define their own)
+POOLED_BALANCE_LOSS = frozenset(
+    "dbrx deepseek_v4 ernie4_5_moe ernie4_5_vl_moe flex_olmo flint glm4v_moe glm5_next gpt_oss "
+    "granitemoe granitemoe_swa granitemoehybrid granitemoeshared jamba jetmoe laguna lara_mini "
+    "mellum minimax minimax_m2 minimax_m3_vl mixtral nllb_moe olmoe phimoe qwen2_moe qwen3_5_moe "
+    "qwen3_moe qwen3_next qwen3_omni_moe qwen3_vl_moe qwen4_exp".split()
+)
 
 
 @dataclass(frozen=True)
@@ -391,7 +401,7 @@ FAMILIES: tuple[Family, ...] = (
                           "normalize_router_prob_before_dropping": False}),
           refuse="DEFECT: its experts one-hot the 0/1 routing mask as if it held expert "
           "indices (expert 1 runs every first choice, expert 0 every other pair)",
-          trains="capacity drops tokens; a router z-loss",
+          trains="capacity drops tokens; no z-loss (its coefficient is read, unused)",
           notes="second expert sampled or random in training (second_expert_policy)"),
 )
 # fmt: on

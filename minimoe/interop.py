@@ -40,30 +40,36 @@ from torch import Tensor, nn
 from minimoe.families import FAMILIES, MIXTRAL, Family
 from minimoe.layer import MoE, MoEConfig
 
-_HINT = "install the bench extra: pip install -e '.[bench]'"
+_HINT = "install the bench extra (transformers 5.25.0): pip install -e '.[bench]'"
 _SILU = ("silu", "swish")  # transformers' names of the activation of SwiGLU
 
 
 def _classes(family: Family) -> tuple[type, type]:
     """(config class, block class) of ``family``, or an ImportError naming the bench extra."""
-    return _load(family.module, family.config, family.block)
+    config_cls, block_cls = _load(family.module, family.config, family.block)
+    if config_cls is None or block_cls is None:
+        raise ImportError(f"this transformers has no {family.name} ({family.block}); {_HINT}")
+    return config_cls, block_cls
 
 
 @functools.cache
-def _load(module: str, config: str, block: str) -> tuple[type, type]:
+def _load(module: str, config: str, block: str) -> tuple[type | None, type | None]:
+    """The classes, or (None, None) when this transformers has no such model (an older one)."""
     try:
         import transformers
-
-        base = f"transformers.models.{module}"
-        modeling = importlib.import_module(f"{base}.modeling_{module}")
-        configuration = importlib.import_module(f"{base}.configuration_{module}")
     except ImportError as err:
         raise ImportError(f"minimoe.interop needs transformers>=5; {_HINT}") from err
     if int(transformers.__version__.split(".")[0]) < 5:  # v4 keeps one nn.Linear per expert
         raise ImportError(
             f"minimoe.interop needs transformers>=5, found {transformers.__version__}; {_HINT}"
         )
-    return getattr(configuration, config), getattr(modeling, block)
+    base = f"transformers.models.{module}"
+    try:
+        modeling = importlib.import_module(f"{base}.modeling_{module}")
+        configuration = importlib.import_module(f"{base}.configuration_{module}")
+    except ModuleNotFoundError:
+        return None, None
+    return getattr(configuration, config, None), getattr(modeling, block, None)
 
 
 def family_of(obj: object, *, configs: bool = False) -> Family:
@@ -74,7 +80,9 @@ def family_of(obj: object, *, configs: bool = False) -> Family:
                 return family
         raise TypeError(f"no family named {obj!r}; the families: {[f.name for f in FAMILIES]}")
     for family in FAMILIES:
-        config_cls, block_cls = _classes(family)
+        config_cls, block_cls = _load(family.module, family.config, family.block)
+        if block_cls is None:
+            continue
         if type(obj) is block_cls or (configs and type(obj) is config_cls):
             return family
     kinds = ", ".join(

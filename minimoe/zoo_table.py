@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from minimoe.families import FAMILIES, Family, RouterMap
+from minimoe.families import FAMILIES, POOLED_BALANCE_LOSS, Family, RouterMap
 from minimoe.routing import CapacityTopK
 
 COLUMNS = (
@@ -22,6 +22,7 @@ COLUMNS = (
     "shared expert",
     "null / identity experts",
     "what HF trains",
+    "HF balance loss",
     "converts",
 )
 
@@ -39,15 +40,18 @@ A `config field` in backticks means the family's config sets it. The minimoe spe
 `tests/test_families.py`: same experts, weights, outputs and router gradients in float32, and an
 exact round trip.
 
-What Hugging Face's training code does, for every row:
+What Hugging Face's training code does, for every row with a balance loss in the last column
+but one (the DeepSeek-V3 relatives have none):
 
 - `load_balancing_loss_func` concatenates the router logits of *all* layers before the product
   f * P: it balances the load pooled over layers, not each layer's;
 - it does not divide f by k, so it equals k (not 1) at perfect balance;
-- it takes a softmax of the logits even for sigmoid routers (DeepSeek-V3's relatives);
+- it takes a softmax of the logits even for sigmoid routers, and re-selects the top k from that
+  softmax: for a biased, grouped or sigmoid router its f is not the load the router sent;
 - no code path updates a selection bias (`e_score_correction_bias` and the like) in training:
   it is loaded, never learned (minimoe: `bias_rate` > 0 turns on Wang et al.'s update);
-- only Switch and NLLB-MoE drop tokens at a capacity and add a router z-loss.
+- only Switch and NLLB-MoE drop tokens at a capacity; only Switch adds a router z-loss
+  (NLLB-MoE's model reads `router_z_loss_coef` and never uses it).
 
 """
 
@@ -139,9 +143,23 @@ def describe(family: Family) -> dict[str, str]:
             "shared expert": shared,
             "null / identity experts": family.null_experts or "none",
             "what HF trains": trains,
+            "HF balance loss": _balance_loss(family),
             "converts": converts,
         }
     )
+
+
+def _balance_loss(family: Family) -> str:
+    """The balance loss in the family's HF training code (``load_balancing_loss_func``)."""
+    if family.module == "switch_transformers":
+        return "Switch's, on first choices; z-loss"
+    if family.module == "doge":
+        return "its own, over product keys"
+    if family.module not in POOLED_BALANCE_LOSS:
+        return "none"
+    rule = family.rule
+    sigmoid = rule is not None and rule.setting("score") not in ("softmax", "logits")
+    return "pooled over layers, k at balance" + (", softmax of a sigmoid router" if sigmoid else "")
 
 
 def zoo_table() -> str:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minimoe import MoE, MoEConfig
+from minimoe import MoE, MoEConfig, routing
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.routing import (
     CapacityTopK,
@@ -182,3 +182,12 @@ def test_refusals_name_the_field():
         MoE(MoEConfig(d_model=8, num_experts=4, router=HashTopK()))(rand(3, 8))
     with pytest.raises(ValueError, match="experts must have shape"):
         hash_top_k(rand(3, 4), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_the_zoo_specs_are_registered_and_round_trip():
+    for spec in [*RULES, HashTopK(k=3, vocab_size=50, seed=2)]:
+        assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
+    config = MoEConfig(
+        router=ScoreTopK(score="sigmoid", selection_bias=True, n_group=4, topk_group=2)
+    )
+    assert MoEConfig.from_dict(config.to_dict()) == config
