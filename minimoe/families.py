@@ -385,7 +385,7 @@ FAMILIES: tuple[Family, ...] = (
           refuse="training samples its experts and has its own gradient estimator"),
     _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
           selection="MLP router with states carried across layers, softmax, + bias, top-k",
-          null_experts="1 skip expert (bias -1): weight dropped", refuse="an MLP router"),
+          null_experts="1 skip expert (bias -1): weight dropped", refuse="its router is an MLP, not a Linear"),
     _like(QWEN3, "Switch", "switch_transformers", "SwitchTransformersSparseMLP",
           "SwitchTransformersConfig",
           rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity"},

@@ -124,9 +124,8 @@ def test_every_rule_step_is_exercised():
 @pytest.mark.parametrize("family", REFUSED, ids=[f.name for f in REFUSED])
 def test_refused_families_say_why(family):
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=E, router=TopK()))
-    reason = family.refuse or "no minimoe spec"
-    assert reason
-    with pytest.raises(ValueError, match=f"{family.name} does not convert"):
+    assert family.refuse  # every family that does not convert says why
+    with pytest.raises(ValueError, match=f"{family.name} does not convert: .{{12}}"):
         interop.to_hf(moe, like=family.name)
 
 
