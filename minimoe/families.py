@@ -50,7 +50,9 @@ class RouterMap:
         return self.spec(**self.constants, **self.settings(config))
 
     def settings(self, config: Any) -> dict[str, Any]:
-        return {spec: getattr(config, cfg) for cfg, spec in self.fields.items()}
+        """The spec settings ``config`` gives; a field left None keeps the spec's default."""
+        values = {spec: getattr(config, cfg) for cfg, spec in self.fields.items()}
+        return {spec: value for spec, value in values.items() if value is not None}
 
     def config_fields(self, router: Router, family: str) -> dict[str, Any]:
         """Config settings that give ``router``; ValueError naming the setting the family lacks."""
@@ -231,12 +233,12 @@ FAMILIES: tuple[Family, ...] = (
           refuse="two expert sets (text and vision) chosen by token type"),
     _like(QWEN3, "LongCat-Flash", "longcat_flash", "LongcatFlashMoE", "LongcatFlashConfig",
           rule=RouterMap(ScoreTopK, {"num_experts_per_tok": "k",
-                                     "routed_scaling_factor": "scaling"},
+                                     "routed_scaling_factor": "scaling",
+                                     "zero_expert_num": "identity_experts"},
                          {"selection_bias": True, "renormalize": False},
-                         {"zero_expert_num": 0, "router_bias": False}),
+                         {"router_bias": False}),
           num_experts="n_routed_experts", width="expert_ffn_hidden_size",
           router="router.classifier.weight", bias="router.e_score_correction_bias",
-          null_experts="zero_expert_num identity experts (output g x); converts only without",
           trains=_BIAS_TRAINS),
     _like(QWEN3, "Gemma-4", "gemma4", "Gemma4TextExperts", "Gemma4TextConfig", rule=None,
           selection="softmax of a normed router, top-k, renormalized, times a learned "

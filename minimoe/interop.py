@@ -10,6 +10,7 @@ Weights (every converting family keeps its routed experts stacked; s the shared 
 
     minimoe                  (shape)      Hugging Face
     gate.weight              (E, d)       the family's router weight (gate.weight, router.weight...)
+    gate_extra.weight        (m, d)       its last m rows: identity experts (LongCat-Flash)
     experts.gate_up          (E, 2h, d)   experts.gate_up_proj     rows [:h] gate, [h:] up (Aria: T)
     experts.down             (E, d, h)    experts.down_proj                              (Aria: T)
     shared.gate_up[0]        (2s, d)      <shared>.gate_proj; up_proj   (s, d) each
@@ -121,11 +122,14 @@ def _shared(block: nn.Module, family: Family) -> nn.Module | None:
 def _pairs(moe: MoE, block: nn.Module, family: Family) -> list[tuple[Tensor, Tensor]]:
     """(minimoe tensor, HF tensor) with the same layout, as in the table above (views of both)."""
     gate_up, down = _experts(block, family)
+    router, E = _get(block, family.router), moe.config.num_experts
     pairs = [
-        (moe.gate.weight, _get(block, family.router)),
+        (moe.gate.weight, router[:E]),
         (moe.experts.gate_up, gate_up),
         (moe.experts.down, down),
     ]
+    if moe.gate_extra is not None:  # LongCat-Flash: the identity experts' rows come last
+        pairs.append((moe.gate_extra.weight, router[E:]))
     if moe.shared is not None:
         mlp, s = _shared(block, family), moe.config.shared_hidden
         pairs += [
@@ -181,6 +185,8 @@ def from_hf(block: nn.Module) -> MoE:
     )
     moe = MoE(moe_config).to(device=gate_up.device, dtype=gate_up.dtype)
     moe.gate.to(_get(block, family.router).dtype)
+    if moe.gate_extra is not None:
+        moe.gate_extra.to(_get(block, family.router).dtype)
     if family.bias is not None and hasattr(moe.router_state, "bias"):
         moe.router_state.to(_get(block, family.bias).dtype)  # e.g. float32 in bf16 checkpoints
     _copy(_pairs(moe, block, family))

@@ -366,6 +366,8 @@ class MoE(nn.Module):
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
         out = combine(tokens, weights, kept, self.experts, path=c.dispatch)
+        if routing.identity is not None:  # identity experts: y += g x (LongCat-Flash)
+            out = out + routing.identity[:, None].to(out.dtype) * tokens
         if self.shared is not None:  # every token, dropped or not
             out = out + self._shared_output(tokens)
 

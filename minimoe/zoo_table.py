@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from minimoe.families import FAMILIES, POOLED_BALANCE_LOSS, Family, RouterMap
-from minimoe.routing import CapacityTopK
+from minimoe.routing import CapacityTopK, ScoreTopK
 
 COLUMNS = (
     "family",
@@ -132,6 +132,14 @@ def describe(family: Family) -> dict[str, str]:
         width = f"`{family.shared_width or family.width}`"
         count = f" x `{family.shared_count}`" if family.shared_count else ""
         shared = ("sigmoid-gated, " if family.shared_gate else "") + width + count
+    extra = []
+    if family.rule is not None and family.rule.spec is ScoreTopK:
+        for name, what in (("null_experts", "null (output 0)"), ("identity_experts", "identity")):
+            count = family.rule.setting(name)
+            if count not in (0, None):
+                extra.append(
+                    f"{_text(count)} {what}" + (" (output g x)" if what == "identity" else "")
+                )
     converts = "yes" if family.converts else f"no: {family.refuse}"
     if family.notes:
         converts += f" ({family.notes})"
@@ -141,7 +149,7 @@ def describe(family: Family) -> dict[str, str]:
         | rule
         | {
             "shared expert": shared,
-            "null / identity experts": family.null_experts or "none",
+            "null / identity experts": "; ".join(extra) or family.null_experts or "none",
             "what HF trains": trains,
             "HF balance loss": _balance_loss(family),
             "converts": converts,

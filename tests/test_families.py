@@ -20,9 +20,9 @@ REFUSED = [f for f in FAMILIES if not f.converts]
 # the spec settings a test router takes, per variant: every rule step on, then off
 VARIANTS = {
     "on": {"k": 2, "renormalize": True, "scaling": 2.5, "n_group": 4, "topk_group": 2,
-           "selection_bias": True, "softcap": 3.0, "norm_min": 1e-12},
+           "selection_bias": True, "softcap": 3.0, "norm_min": 1e-12, "identity_experts": 2},
     "off": {"k": 3, "renormalize": False, "scaling": 1.0, "n_group": 1, "topk_group": 1,
-            "selection_bias": False, "softcap": 0.0, "norm_min": 1e-12},
+            "selection_bias": False, "softcap": 0.0, "norm_min": 1e-12, "identity_experts": 0},
 }  # fmt: skip
 D, H, E = 32, 16, 8
 # config fields some families check against hidden_size = D
@@ -70,8 +70,9 @@ def hf_routing(block, x: torch.Tensor):
         block(x)
     handle.remove()
     idx, w = seen["idx"], seen["w"].float() * getattr(block, "routed_scaling_factor", 1.0)
-    mask = torch.zeros(idx.shape[0], E, dtype=torch.bool).scatter_(1, idx, True)
-    return mask, torch.zeros(idx.shape[0], E).scatter_(1, idx, w)
+    # LongCat-Flash sends identity-expert picks to a true expert with weight 0: count weights
+    chosen = torch.zeros(idx.shape[0], E).scatter_add_(1, idx, (w != 0).float())
+    return chosen > 0, torch.zeros(idx.shape[0], E).scatter_add_(1, idx, w)
 
 
 CASES = [pytest.param(f, v, id=f"{f.name}-{v}") for f in CONVERTS for v in VARIANTS]

@@ -191,3 +191,31 @@ def test_the_zoo_specs_are_registered_and_round_trip():
         router=ScoreTopK(score="sigmoid", selection_bias=True, n_group=4, topk_group=2)
     )
     assert MoEConfig.from_dict(config.to_dict()) == config
+
+
+def test_null_and_identity_experts_compete_and_drop_out():
+    # columns: 2 true experts, 1 null, 1 identity; softmax over all four, top-2, no renorm
+    logits = torch.tensor([[0.0, -9.0, 1.0, 2.0], [3.0, 2.0, -9.0, -9.0]])
+    r = score_top_k(logits, 2, renormalize=False, null_experts=1, identity_experts=1)
+    p = logits.softmax(-1)
+    assert r.mask.tolist() == [[False, False], [True, True]]  # token 0 chose null + identity
+    torch.testing.assert_close(r.identity, torch.stack([p[0, 3], torch.tensor(0.0)]))
+    torch.testing.assert_close(r.weights[1], p[1, :2])
+    assert r.probs.shape == (2, 2) and torch.allclose(r.probs.sum(1), torch.ones(2))
+
+
+def test_the_layer_adds_the_identity_experts_weight_times_x():
+    rule = ScoreTopK(k=2, identity_experts=2, renormalize=False)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))
+    assert moe.gate_extra.weight.shape == (2, 8)  # the identity experts' router rows
+    with torch.no_grad():
+        moe.gate_extra.weight.copy_(rand(2, 8))
+    x = rand(16, 8, seed=2)
+    out = moe(x)
+    assert out.routing.identity.gt(0).any()
+    without = out.output - out.routing.identity[:, None] * x
+    dense = sum(out.routing.weights[:, e, None] * moe.experts.expert(e, x) for e in range(4))
+    torch.testing.assert_close(without, dense, atol=1e-6, rtol=1e-5)
+    plain = score_top_k(rand(16, 4), 2)  # a routing without identity experts
+    both = type(out.routing).cat([out.routing, plain])
+    assert both.identity.shape == (32,) and both.identity[16:].eq(0).all()

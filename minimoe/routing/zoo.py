@@ -63,8 +63,16 @@ def score_top_k(
     topk_group: int = 1,
     group_score: str = "top2_sum",
     softcap: float = 0.0,
+    null_experts: int = 0,
+    identity_experts: int = 0,
 ) -> Routing:
     """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
+
+    ``logits`` (T, E + n + m): the last ``null_experts`` n and ``identity_experts`` m columns
+    are experts that compute nothing and compete in every step below: a null expert outputs 0
+    (AdaMoE, Zaya's skip expert), an identity expert outputs x (LongCat-Flash's zero-computation
+    experts; the Routing's ``identity`` carries their summed weight). A token that picks them
+    uses fewer true experts. The returned logits, mask and weights cover the E true experts.
 
     1. ``softcap`` c > 0: logits <- c tanh(logits / c) (Laguna, as Gemma 2 caps attention).
     2. s = ``score``(logits): softmax, sigmoid, sqrt(softplus) (DeepSeek-V4), or the logits.
@@ -79,11 +87,16 @@ def score_top_k(
     6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor).
 
     ``probs`` is the softmax of the (capped) logits for softmax and logit scores, else s
-    normalized over all experts (DeepSeek-V3's P_i).
+    normalized over all experts (DeepSeek-V3's P_i); over the true experts only, renormalized.
     """
     logits = check_logits(logits)
-    E = logits.shape[1]
-    check_int("k", k, 1, E)
+    C = logits.shape[1]  # columns: E true experts, then the null and identity ones
+    check_int("k", k, 1, C)
+    check_int("null_experts", null_experts, 0, C - 1)
+    check_int("identity_experts", identity_experts, 0, C - 1 - null_experts)
+    E = C - null_experts - identity_experts
+    if E < C and n_group > 1:
+        raise ValueError(f"n_group={n_group}: groups of null or identity experts are not defined")
     check_choice("score", score, tuple(SCORE_FUNCTIONS))
     check_choice("weight", weight, WEIGHTS)
     check_float("softcap", softcap, 0.0)
@@ -102,11 +115,22 @@ def score_top_k(
         g = torch.sigmoid(s) * mask
     if renormalize:
         g = _renormalize(g, norm_p, norm_eps, norm_min)
+    g = g * scaling
     if score in ("softmax", "logits"):
         probs = s if score == "softmax" else logits.softmax(dim=-1)
     else:
         probs = s / s.sum(dim=1, keepdim=True)  # (T, E) the normalized affinities
-    return Routing(logits=logits, probs=probs, mask=mask, weights=g * scaling)
+    if E == C:
+        return Routing(logits=logits, probs=probs, mask=mask, weights=g)
+    real = probs[:, :E]
+    identity = g[:, E + null_experts :].sum(dim=1) if identity_experts else None
+    return Routing(
+        logits=logits[:, :E],
+        probs=real / real.sum(dim=1, keepdim=True),
+        mask=mask[:, :E],
+        weights=g[:, :E],
+        identity=identity,
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,8 @@ class ScoreTopK:
     topk_group: int = 1
     group_score: str = "top2_sum"
     softcap: float = 0.0
+    null_experts: int = 0
+    identity_experts: int = 0
     balance_count: str = "first"
     dynamic_coef: float = 0.0
     name: ClassVar[str] = "score_top_k"
@@ -161,10 +187,18 @@ class ScoreTopK:
         check_int("topk_group", self.topk_group, 1, self.n_group)
         check_choice("group_score", self.group_score, GROUP_SCORES)
         check_float("softcap", self.softcap, 0.0)
+        check_int("null_experts", self.null_experts, 0)
+        check_int("identity_experts", self.identity_experts, 0)
+        if self.n_group > 1 and self.null_experts + self.identity_experts:
+            raise ValueError(f"n_group={self.n_group}: groups of null or identity experts")
         check_recipe(self)
 
+    def router_columns(self, num_experts: int) -> int:
+        """The true experts' logits, then the null and the identity experts' (E + n + m)."""
+        return num_experts + self.null_experts + self.identity_experts
+
     def check_experts(self, num_experts: int) -> None:
-        check_int("k", self.k, 1, num_experts)
+        check_int("k", self.k, 1, self.router_columns(num_experts))
         if num_experts % self.n_group:
             raise ValueError(f"n_group={self.n_group} does not divide num_experts={num_experts}")
         if self.k > self.topk_group * (num_experts // self.n_group):
@@ -173,13 +207,15 @@ class ScoreTopK:
             )
 
     def init_state(self, num_experts: int) -> dict[str, Tensor]:
-        return {"bias": torch.zeros(num_experts)} if self.selection_bias else {}
+        columns = self.router_columns(num_experts)
+        return {"bias": torch.zeros(columns)} if self.selection_bias else {}
 
     def update_state(self, state: dict[str, Tensor], stats) -> None:
         """b_i += u * sign(mean load - load_i); u = ``bias_rate`` (0: as Hugging Face, frozen)."""
         if self.bias_rate:
             load = stats.tokens_per_expert.float()  # (E,)
-            state["bias"] += self.bias_rate * torch.sign(load.mean() - load)
+            E = load.shape[0]  # the true experts' bias (null and identity ones keep theirs)
+            state["bias"][:E] += self.bias_rate * torch.sign(load.mean() - load)
 
     def __call__(
         self,
@@ -204,6 +240,8 @@ class ScoreTopK:
             topk_group=self.topk_group,
             group_score=self.group_score,
             softcap=self.softcap,
+            null_experts=self.null_experts,
+            identity_experts=self.identity_experts,
         )
 
 
