@@ -218,7 +218,8 @@ FAMILIES: tuple[Family, ...] = (
           shared="shared_expert", shared_width="shared_expert_intermediate_size"),
     _like(QWEN3, "DBRX", "dbrx", "DbrxFFN", "DbrxFFNConfig",
           rule=RouterMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"}),
-          refuse="experts as w1/v1/w2 rows of a nested ffn_config (not mapped)",
+          refuse="not mapped: its block keeps no config (sizes nested in ffn_config) and its "
+          "experts are w1/v1/w2 rows; its router rule is tested alone",
           notes="weights divided by their p-norm, p = moe_normalize_expert_weights"),
     # softmax with a selection bias
     _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
@@ -303,6 +304,7 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV3, "GLM-5-Next", "glm5_next", "Glm5NextTextMoE", "Glm5NextTextConfig",
           refuse=_CLAMPED),
     _like(DSV3, "HY-V4", "hy_v4", "HYV4MoE", "HYV4Config", refuse=_CLAMPED),
+    _like(DSV3, "HY-V4-VL", "hy_v4_vl", "HYV4VLMoE", "HYV4VLTextConfig", refuse=_CLAMPED),
     _like(DSV3, "Bailing-Hybrid", "bailing_hybrid", "BailingHybridMoE", "BailingHybridConfig",
           refuse=_CLAMPED),
     _like(DSV3, "Nemotron-H", "nemotron_h", "NemotronHMoE", "NemotronHConfig", shared_count=None,

@@ -295,3 +295,9 @@ def test_nllb_experts_do_not_follow_their_router():
     defect = (gates[:, :, None] * runs.gather(1, index)).sum(1)  # expert 0 or 1 on each pair
     torch.testing.assert_close(out, defect)
     assert not torch.allclose(out, intended, atol=1e-3)
+
+
+def test_every_family_names_classes_of_the_pinned_transformers():
+    for f in FAMILIES:
+        config_cls, block_cls = interop._classes(f)
+        assert config_cls.__name__ == f.config and block_cls.__name__ == f.block, f.name
