@@ -301,3 +301,29 @@ def test_every_family_names_classes_of_the_pinned_transformers():
     for f in FAMILIES:
         config_cls, block_cls = interop._classes(f)
         assert config_cls.__name__ == f.config and block_cls.__name__ == f.block, f.name
+
+
+@pytest.mark.parametrize("name", ["AFMoE", "ERNIE-4.5-MoE", "HY-V3", "LongCat-Flash", "Laguna"])
+def test_a_bfloat16_block_keeps_its_float32_router_and_bias(name):
+    f = family(name)
+    block = interop.to_hf(example(f, "on"), like=name)
+    randomize(block)
+    block.to(torch.bfloat16)
+    router = interop._get(block, f.router.rsplit(".", 1)[0])
+    router.float()  # as checkpoints load: router (and a bias kept beside it) in float32
+    *parents, leaf = f.bias.split(".")
+    holder = interop._get(block, ".".join(parents))
+    old = getattr(holder, leaf)
+    bias = old.detach().float()
+    setattr(
+        holder,
+        leaf,
+        torch.nn.Parameter(bias, False) if isinstance(old, torch.nn.Parameter) else bias,
+    )
+    moe = interop.from_hf(block)
+    assert moe.experts.gate_up.dtype == torch.bfloat16
+    assert moe.gate.weight.dtype == moe.router_state.bias.dtype == torch.float32
+    back = interop.to_hf(moe, like=block)
+    for key, t in block.state_dict().items():
+        assert back.state_dict()[key].dtype == t.dtype, key
+        assert torch.equal(back.state_dict()[key], t), key
