@@ -6,11 +6,12 @@ A family converts when a minimoe spec expresses its router (``rule``) and its bl
 a minimoe ``MoE`` computes: stacked SwiGLU (silu) experts without biases, optionally one shared
 MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and ``interop`` raises it.
 
-Hugging Face's training code, for every row: routers return raw logits; ``load_balancing_loss_func``
-concatenates the logits of *all* layers before the product f * P (it balances the pooled load,
-not each layer's), does not divide f by k (it equals k, not 1, at perfect balance) and takes a
-softmax of the logits even for sigmoid routers; no code path updates a selection bias in training;
-only Switch and NLLB-MoE drop tokens, and only Switch adds a router z-loss.
+Hugging Face's code: routers return raw logits; where a family trains a balance loss
+(``POOLED_BALANCE_LOSS``), ``load_balancing_loss_func`` concatenates the logits of *all* layers
+before the product f * P (it balances the pooled load, not each layer's), does not divide f by k
+(it equals k, not 1, at perfect balance) and takes a softmax of the logits even for sigmoid
+routers; no code path updates a selection bias in training; only Switch and NLLB-MoE drop
+tokens, and only Switch adds a router z-loss.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ _UNTRAINED = ("bias_rate", "balance_count", "dynamic_coef")  # not part of the f
 class RouterMap:
     """How a family's config sets its router: ``spec(**constants, **{spec field: config field})``.
 
-    ``requires``: config settings the conversion needs (the first value is the one ``to_hf``
-    writes; a falsy one also accepts None); others are refused naming the field.
+    ``requires``: config settings the conversion needs, which ``to_hf`` writes (a falsy one
+    also accepts None); ``from_hf`` refuses other values, naming the field.
     """
 
     spec: type
@@ -61,7 +62,7 @@ class RouterMap:
                 f"{family} cannot express router={router!r} (needs {self.spec.__name__})"
             )
         fixed = {f.name for f in fields(router)} - set(self.fields.values()) - set(_UNTRAINED)
-        default = self.spec(**self.constants, **{"k": router.k} if "k" in fixed else {})
+        default = self.spec(**({"k": router.k} | self.constants))  # k: from the config
         for name in sorted(fixed):
             if getattr(router, name) != getattr(default, name):
                 raise ValueError(
@@ -263,15 +264,15 @@ FAMILIES: tuple[Family, ...] = (
                          {"expert_selection_fn": "softmax",
                           "shared_expert_combination_strategy": "sum"}),
           num_experts="num_experts", shared="shared_experts", shared_count="num_shared_experts",
-          router="gate.weight", notes="expert_selection_fn='sigmoid' is ScoreTopK(score='logits', weight='sigmoid')"),
+          router="gate.weight",
+          notes="expert_selection_fn='sigmoid' is ScoreTopK(score='logits', weight='sigmoid')"),
     _like(GRANITE, "JetMoE", "jetmoe", "JetMoeMoE", "JetMoeConfig",
           refuse="an output bias after the experts"),
     _like(GRANITE, "gpt-oss", "gpt_oss", "GptOssMLP", "GptOssConfig",
           refuse=_GELU_MIX + "; the router Linear has a bias", trains="the router's Linear bias"),
     _like(GRANITE, "OpenAI-Privacy-Filter", "openai_privacy_filter", "OpenAIPrivacyFilterMLP",
           "OpenAIPrivacyFilterConfig", refuse=_GELU_MIX + "; the router Linear has a bias",
-          trains="the router's Linear bias",
-          notes="weights divided by k"),
+          trains="the router's Linear bias", notes="weights divided by k"),
     _like(GRANITE, "Doge", "doge", "DogeCDMoE", "DogeConfig", rule=None,
           selection="product keys: top-sqrt(E) of two key halves, top-k of their sums, softmax",
           refuse="rank-one embedding experts beside a dense MLP"),
@@ -308,7 +309,8 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV3, "Bailing-Hybrid", "bailing_hybrid", "BailingHybridMoE", "BailingHybridConfig",
           refuse=_CLAMPED),
     _like(DSV3, "Nemotron-H", "nemotron_h", "NemotronHMoE", "NemotronHConfig", shared_count=None,
-          shared_width="moe_shared_expert_intermediate_size", refuse="experts are not gated (relu^2) and may sit in a latent projection"),
+          shared_width="moe_shared_expert_intermediate_size",
+          refuse="experts are not gated (relu^2) and may sit in a latent projection"),
     _like(DSV3, "AFMoE", "afmoe", "AfmoeSparseMoeBlock", "AfmoeConfig",
           rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k", "route_scale": "scaling"}),
           num_experts="num_experts", router="router.gate.weight", bias="expert_bias",
@@ -366,8 +368,7 @@ FAMILIES: tuple[Family, ...] = (
           "shared experts' logits", refuse="the router also weighs the shared experts"),
     _like(DSV3, "Muse-Spark", "muse_spark", "MuseSparkMoE", "MuseSparkTextConfig",
           rule=None, selection="sigmoid of logits times output_multiplier, + bias, renormalized",
-          shared=None,
-          refuse="projections and norms around the experts"),
+          shared=None, refuse="projections and norms around the experts"),
     _like(DSV3, "DeepSeek-V4", "deepseek_v4", "DeepseekV4SparseMoeBlock", "DeepseekV4Config",
           rule=_score({"routed_scaling_factor": "scaling"}, score="sqrt_softplus",
                       selection_bias=True, norm_eps=1e-20),
@@ -389,7 +390,8 @@ FAMILIES: tuple[Family, ...] = (
           refuse="training samples its experts and has its own gradient estimator"),
     _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
           selection="MLP router with states carried across layers, softmax, + bias, top-k",
-          null_experts="1 skip expert (bias -1): weight dropped", refuse="its router is an MLP, not a Linear"),
+          null_experts="1 skip expert (bias -1): weight dropped",
+          refuse="its router is an MLP, not a Linear"),
     _like(QWEN3, "Switch", "switch_transformers", "SwitchTransformersSparseMLP",
           "SwitchTransformersConfig",
           rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity"},

@@ -288,9 +288,9 @@ def to_hf(moe: MoE, like: Any) -> nn.Module:
     """A Hugging Face block with the weights and routing of ``moe``, of the family of ``like``.
 
     ``like`` a block: its config with the MoE's settings (sizes, router) in place of its own;
-    ``like`` a family name: a new config (``hf_config`` adds other fields); ``like`` a config: the block is built from it, and every field the MoE
-    sets must agree (ValueError naming it). ValueError naming the setting when the MoE routes or
-    computes in a way the family cannot.
+    ``like`` a family name: a new config (``hf_config`` adds other fields); ``like`` a config:
+    the block is built from it, and every field the MoE sets must agree (ValueError naming it).
+    ValueError naming the setting when the MoE routes or computes in a way the family cannot.
     """
     if not isinstance(moe, MoE):
         raise TypeError(f"moe must be a minimoe MoE, got {type(moe).__name__}")

@@ -299,8 +299,9 @@ class CapacityTopK:
     at evaluation ``eval_capacity_fraction`` f > 0 gives ceil(f * T) slots instead (NLLB).
 
     Only these two Hugging Face families drop tokens (only Switch's code adds a router z-loss);
-    the recipe here is Switch's alpha = 1e-2 with ST-MoE's z-loss 1e-3. Their training-time extras are not rules of this spec: Switch's
-    input jitter, NLLB's sampled or random second expert and its padding mask.
+    the recipe here is Switch's alpha = 1e-2 with ST-MoE's z-loss 1e-3. Their training-time
+    extras are not rules of this spec: Switch's input jitter, NLLB's sampled or random second
+    expert and its padding mask.
     """
 
     k: int = 2
