@@ -2,8 +2,6 @@
 weights, the same experts, weights, outputs and gradients in float32, and an exact round trip;
 the refused families say why. Skipped without transformers (the bench extra)."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -20,7 +18,7 @@ REFUSED = [f for f in FAMILIES if not f.converts]
 # the spec settings a test router takes, per variant: every rule step on, then off
 VARIANTS = {
     "on": {"k": 2, "renormalize": True, "scaling": 2.5, "n_group": 4, "topk_group": 2,
-           "selection_bias": True, "softcap": 3.0, "norm_min": 1e-12, "identity_experts": 2},
+           "selection_bias": True, "softcap": 3.0, "norm_min": 0.6, "identity_experts": 2},
     "off": {"k": 3, "renormalize": False, "scaling": 1.0, "n_group": 1, "topk_group": 1,
             "selection_bias": False, "softcap": 0.0, "norm_min": 1e-12, "identity_experts": 0},
 }  # fmt: skip
@@ -98,8 +96,7 @@ def test_family_conforms(family, variant):
     # gradients, router included: ours written into a block by the same mapping
     out.output.pow(2).sum().backward()
     theirs.pow(2).sum().backward()
-    grads = dataclasses.replace(moe.config)  # same config: a fresh MoE holds our gradients
-    holder = MoE(grads)
+    holder = MoE(ours.config)  # holds our gradients as weights, to map them like weights
     with torch.no_grad():
         for g, p in zip(holder.parameters(), ours.parameters(), strict=True):
             g.copy_(p.grad)
