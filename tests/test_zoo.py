@@ -1,4 +1,4 @@
-"""The zoo's rules (minimoe/routing/zoo.py): hand-worked values, properties, refusals, and each
+"""The zoo's rules (minimoe/routing/zoo.py, capacity.py, hashing.py): hand-worked values, properties, refusals, and each
 rule against the Hugging Face router it was read from (those skip without transformers)."""
 
 import math

@@ -11,8 +11,9 @@ the decision was made; this package knows nothing of dispatch.
 Files: ``core.py`` (the Routing decision, shared checks, the one rule for ties, uncertainty
 measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adaptive, GW
 broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
-expert choice), ``zoo.py`` (the released models' rules as one composable spec, capacity inside
-the router, hash routing), and here the registry of names.
+expert choice), ``zoo.py`` (the released models' rules as one composable spec), ``capacity.py``
+(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), and here the
+registry of names.
 
 Notation (see PAPERS.md): T tokens, E experts, P = softmax(logits) in float32, S the
 set of experts a token is sent to, y = sum_{i in S} g_i * Expert_i(x).
@@ -45,6 +46,7 @@ from dataclasses import fields
 from typing import Any
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.routing.capacity import CapacityTopK, capacity_top_k
 from minimoe.routing.classic import (
     Adaptive,
     GWBroadcast,
@@ -72,6 +74,7 @@ from minimoe.routing.core import (
     top_gap,
     uncertainty,
 )
+from minimoe.routing.hashing import HashTopK, hash_top_k
 from minimoe.routing.production import (
     ExpertChoice,
     SigmoidTopK,
@@ -79,14 +82,7 @@ from minimoe.routing.production import (
     group_limited,
     sigmoid_top_k,
 )
-from minimoe.routing.zoo import (
-    CapacityTopK,
-    HashTopK,
-    ScoreTopK,
-    capacity_top_k,
-    hash_top_k,
-    score_top_k,
-)
+from minimoe.routing.zoo import ScoreTopK, score_top_k
 
 __all__ = [
     "ROUTERS",

@@ -1,4 +1,4 @@
-"""The routers of released models, as one composable rule, plus capacity and hash routing.
+"""The routers of released models, as one composable rule.
 
 Read from the modeling files of Hugging Face transformers (the version the ``bench`` extra pins);
 ``minimoe.families`` says which family uses which settings. Nearly every released router is
@@ -7,9 +7,8 @@ Read from the modeling files of Hugging Face transformers (the version the ``ben
     the chosen (s itself, or a softmax / sigmoid of the chosen logits) -> renormalization -> scale
 
 and ``ScoreTopK`` is that pipeline with one field per step; ``TopK`` and ``SigmoidTopK`` are two
-of its settings, kept as they are. Two rules do not fit it: routers with a capacity that drops
-tokens (Switch, NLLB-MoE: ``CapacityTopK``) and hash routing, where a fixed table of the token id
-chooses the experts (DeepSeek-V4's first layers: ``HashTopK``).
+of its settings, kept as they are. Rules that do not fit it: capacity inside the router
+(``capacity.py``) and hash routing (``hashing.py``).
 
 Top-k of the logits then a softmax over the k chosen (gpt-oss, Granite-MoE, JetMoE) is the same
 function of the logits as softmax, top-k, renormalize (exp(l_i) / sum_{j in S} exp(l_j) either
@@ -20,7 +19,6 @@ experts' logits in its denominator.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -243,178 +241,3 @@ class ScoreTopK:
             null_experts=self.null_experts,
             identity_experts=self.identity_experts,
         )
-
-
-# ---- capacity inside the router: Switch (top-1) and NLLB-MoE (top-2) -----------------------
-
-
-def capacity_top_k(
-    logits: Tensor,
-    k: int = 2,
-    capacity: int = 1,
-    seq_len: int | None = None,
-    normalize: str = "after_drop",
-) -> Routing:
-    """Top-k of the softmax with a fixed number of slots per expert, counted inside the router.
-
-    Slots go to first choices before second choices, earlier tokens first (GShard; Switch and
-    NLLB-MoE count this way), per sequence of ``seq_len`` tokens (Switch) or over all T (NLLB).
-    Pairs past ``capacity`` are dropped: their weight is 0 and the residual carries the token.
-    g = P on the kept pairs; ``normalize``: ``"none"`` (Switch: g = P_max), ``"before_drop"``
-    (g_i = P_i / sum of the k chosen, before dropping) or ``"after_drop"`` (over the kept ones:
-    a token that lost its second expert gets g = 1 on the first; NLLB-MoE's default).
-    """
-    logits = check_logits(logits)
-    T, E = logits.shape
-    check_int("k", k, 1, E)
-    check_int("capacity", capacity, 0)
-    check_choice("normalize", normalize, ("none", "before_drop", "after_drop"))
-    probs = logits.softmax(dim=-1)  # (T, E)
-    chosen = _mask_of_top(probs, k)
-    L = seq_len or max(T, 1)
-    if T % L:
-        raise ValueError(f"seq_len={seq_len} does not divide the {T} tokens")
-    first = (probs.argmax(dim=1, keepdim=True) == torch.arange(E, device=probs.device)) & chosen
-    seqs = T // L
-    # slot of each pair within its sequence: first choices in token order, then second choices
-    firsts = first.view(seqs, L, E).long()
-    seconds = (chosen & ~first).view(seqs, L, E).long()
-    slot1 = firsts.cumsum(dim=1) - 1
-    slot2 = seconds.cumsum(dim=1) - 1 + firsts.sum(dim=1, keepdim=True)
-    kept = ((firsts.bool() & (slot1 < capacity)) | (seconds.bool() & (slot2 < capacity))).view(T, E)
-    g = probs * chosen
-    if normalize == "before_drop":
-        g = g / g.sum(dim=1, keepdim=True)
-    g = g * kept
-    if normalize == "after_drop":
-        # NLLB clamps the sum at float32 eps: a token that lost both experts keeps g = 0
-        g = g / g.sum(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).eps)
-    return Routing(logits=logits, probs=probs, mask=kept, weights=g)
-
-
-@dataclass(frozen=True)
-class CapacityTopK:
-    """Switch (``k=1, normalize="none", per_sequence=True``) and NLLB-MoE's top-2 router:
-    ``capacity_top_k`` with ``expert_capacity`` slots (None: k * ceil(T / E), NLLB's default);
-    at evaluation ``eval_capacity_fraction`` f > 0 gives ceil(f * T) slots instead (NLLB).
-
-    Only these two Hugging Face families drop tokens (only Switch's code adds a router z-loss);
-    the recipe here is Switch's alpha = 1e-2 with ST-MoE's z-loss 1e-3. Their training-time
-    extras are not rules of this spec: Switch's input jitter, NLLB's sampled or random second
-    expert and its padding mask.
-    """
-
-    k: int = 2
-    expert_capacity: int | None = None
-    eval_capacity_fraction: float = 0.0
-    per_sequence: bool = False
-    normalize: str = "after_drop"
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
-    name: ClassVar[str] = "capacity_top_k"
-    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 1e-3}
-
-    def __post_init__(self) -> None:
-        check_int("k", self.k, 1)
-        if self.expert_capacity is not None:
-            check_int("expert_capacity", self.expert_capacity, 0)
-        check_float("eval_capacity_fraction", self.eval_capacity_fraction, 0.0)
-        check_bool("per_sequence", self.per_sequence)
-        check_choice("normalize", self.normalize, ("none", "before_drop", "after_drop"))
-        check_recipe(self)
-
-    def check_experts(self, num_experts: int) -> None:
-        check_int("k", self.k, 1, num_experts)
-
-    def capacity(self, num_tokens: int, num_experts: int, training: bool) -> int:
-        """Slots per expert for ``num_tokens`` tokens (per sequence when ``per_sequence``)."""
-        if not training and self.eval_capacity_fraction > 0:
-            return math.ceil(self.eval_capacity_fraction * num_tokens)
-        if self.expert_capacity is not None:
-            return self.expert_capacity
-        return self.k * math.ceil(num_tokens / num_experts)
-
-    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
-        L = seq_len if self.per_sequence and seq_len else logits.shape[0]
-        return capacity_top_k(
-            logits,
-            self.k,
-            self.capacity(L, logits.shape[1], training),
-            seq_len=L,
-            normalize=self.normalize,
-        )
-
-
-# ---- hash routing: the experts are a fixed function of the token id ------------------------
-
-
-def hash_top_k(
-    logits: Tensor, experts: Tensor, score: str = "sqrt_softplus", scaling: float = 1.0
-) -> Routing:
-    """S = ``experts`` (T, k), fixed by the token id (DeepSeek-V4's first layers: a frozen
-    token id -> experts table); g = s on S renormalized, times ``scaling``. The router's logits
-    only weigh the chosen experts: the choice is not learned (the "does learning the router
-    matter?" baseline). Repeated experts in a row of ``experts`` count once.
-    """
-    logits = check_logits(logits)
-    check_choice("score", score, ("softmax", "sigmoid", "sqrt_softplus"))
-    if experts.shape[0] != logits.shape[0] or experts.dim() != 2:
-        raise ValueError(
-            f"experts must have shape (tokens={logits.shape[0]}, k), got {tuple(experts.shape)}"
-        )
-    s = SCORE_FUNCTIONS[score](logits)  # (T, E)
-    mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, experts.long(), True)
-    g = _renormalize(s * mask, 1.0, 0.0, 0.0)
-    probs = s if score == "softmax" else s / s.sum(dim=1, keepdim=True)
-    return Routing(logits=logits, probs=probs, mask=mask, weights=g * scaling)
-
-
-@dataclass(frozen=True)
-class HashTopK:
-    """Hash routing (DeepSeek-V4's ``hash_moe`` layers): ``hash_top_k`` with the token id ->
-    experts table kept as router state (``table``, (vocab_size, k) long; initialised to a
-    fixed pseudo-random draw so a fresh layer spreads tokens evenly, ``seed`` picks it).
-
-    The layer sees hidden states, not token ids: a router that sets ``uses_token_ids`` is called
-    with ``token_ids=`` the (T,) ids that ``MoE.forward(x, token_ids=...)`` was given.
-    """
-
-    k: int = 2
-    vocab_size: int = 256
-    score: str = "sqrt_softplus"
-    scaling: float = 1.0
-    seed: int = 0
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
-    uses_token_ids: ClassVar[bool] = True
-    name: ClassVar[str] = "hash_top_k"
-    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 0.0, "z_coef": 0.0}
-
-    def __post_init__(self) -> None:
-        check_int("k", self.k, 1)
-        check_int("vocab_size", self.vocab_size, 1)
-        check_choice("score", self.score, ("softmax", "sigmoid", "sqrt_softplus"))
-        check_float("scaling", self.scaling, 0.0, low_open=True)
-        check_int("seed", self.seed, 0)
-        check_recipe(self)
-
-    def check_experts(self, num_experts: int) -> None:
-        check_int("k", self.k, 1, num_experts)
-
-    def init_state(self, num_experts: int) -> dict[str, Tensor]:
-        g = torch.Generator().manual_seed(self.seed)
-        keys = torch.rand(self.vocab_size, num_experts, generator=g)
-        return {"table": keys.argsort(dim=1)[:, : self.k]}  # k distinct experts per token id
-
-    def __call__(
-        self,
-        logits: Tensor,
-        *,
-        training: bool,
-        seq_len: int | None = None,
-        state: dict[str, Tensor],
-        token_ids: Tensor | None = None,
-    ) -> Routing:
-        if token_ids is None:
-            raise ValueError("hash routing needs token_ids: call MoE(x, token_ids=ids)")
-        return hash_top_k(logits, state["table"][token_ids.reshape(-1)], self.score, self.scaling)
