@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from minimoe.routing import CapacityTopK, Router, ScoreTopK, SigmoidTopK, TopK
+from minimoe.routing import CapacityTopK, Router, ScoreTopK, SigmoidTopK, SparseMixer, TopK
 
 # what a spec type always is, for the table (SigmoidTopK is DeepSeek-V3's rule)
 _IMPLIED: dict[type, dict[str, Any]] = {
@@ -385,9 +385,12 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV2, "DeepSeek-OCR2", "deepseek_ocr2", "DeepseekOcr2TextMoe", "DeepseekOcr2TextConfig"),
     _like(DSV2, "Unlimited-OCR", "unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextConfig"),
     # other rules
-    _like(QWEN3, "PhiMoE", "phimoe", "PhimoeSparseMoeBlock", "PhimoeConfig", rule=None,
-          selection="SparseMixer: top-2 by masked softmax; sampled (Gumbel) in training",
-          refuse="training samples its experts and has its own gradient estimator"),
+    _like(MIXTRAL, "PhiMoE", "phimoe", "PhimoeSparseMoeBlock", "PhimoeConfig",
+          rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps"}, {"k": 2},
+                         {"num_experts_per_tok": 2}),  # its code routes two rounds, whatever k
+          router="router.weight", trains="experts sampled (Gumbel), Heun's-method gradient",
+          notes="its inference rule; in training PhiMoE samples, minimoe routes as at inference; "
+          "input_jitter_noise scales the input in training"),
     _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
           selection="MLP router with states carried across layers, softmax, + bias, top-k",
           null_experts="1 skip expert (bias -1): weight dropped",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from minimoe.families import FAMILIES, POOLED_BALANCE_LOSS, Family, RouterMap
-from minimoe.routing import CapacityTopK, ScoreTopK
+from minimoe.routing import CapacityTopK, ScoreTopK, SparseMixer
 
 COLUMNS = (
     "family",
@@ -74,6 +74,15 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
             "score": "softmax",
             "selection": f"top-{_text(s('k'))}, {capacity}{per}, first choices first",
             "normalization": normalize.get(s("normalize"), _text(s("normalize"))),
+            "bias": "none",
+            "groups": "none",
+            "scaling": "1",
+        }
+    if rule.spec is SparseMixer:
+        return {
+            "score": "logits",
+            "selection": f"top-{_text(s('k'))}, round by round: the best remaining logit",
+            "normalization": "a softmax per round over logits within 2 eps (`router_jitter_noise`)",
             "bias": "none",
             "groups": "none",
             "scaling": "1",
@@ -166,7 +175,7 @@ def _balance_loss(family: Family) -> str:
     if family.module not in POOLED_BALANCE_LOSS:
         return "none"
     rule = family.rule
-    sigmoid = rule is not None and rule.setting("score") not in ("softmax", "logits")
+    sigmoid = rule is not None and rule.setting("score") in ("sigmoid", "sqrt_softplus")
     return "pooled over layers, k at balance" + (", softmax of a sigmoid router" if sigmoid else "")
 
 

@@ -18,9 +18,11 @@ REFUSED = [f for f in FAMILIES if not f.converts]
 # the spec settings a test router takes, per variant: every rule step on, then off
 VARIANTS = {
     "on": {"k": 2, "renormalize": True, "scaling": 2.5, "n_group": 4, "topk_group": 2,
-           "selection_bias": True, "softcap": 3.0, "norm_min": 0.6, "identity_experts": 2},
+           "selection_bias": True, "softcap": 3.0, "norm_min": 0.6, "identity_experts": 2,
+           "jitter_eps": 0.2},
     "off": {"k": 3, "renormalize": False, "scaling": 1.0, "n_group": 1, "topk_group": 1,
-            "selection_bias": False, "softcap": 0.0, "norm_min": 1e-12, "identity_experts": 0},
+            "selection_bias": False, "softcap": 0.0, "norm_min": 1e-12, "identity_experts": 0,
+            "jitter_eps": 0.0},
 }  # fmt: skip
 D, H, E = 32, 16, 8
 # config fields some families check against hidden_size = D
@@ -83,6 +85,7 @@ def test_family_conforms(family, variant):
     block = interop.to_hf(moe, like=config)
     randomize(block)
     ours = interop.from_hf(block)
+    block.eval(), ours.eval()  # PhiMoE samples its experts in training
     assert ours.config.router == moe.config.router  # the config maps back to the same spec
     x = torch.randn(2, 12, D, generator=torch.Generator().manual_seed(1))
     mask, weights = hf_routing(block, x.clone())

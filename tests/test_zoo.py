@@ -1,5 +1,5 @@
-"""The zoo's rules (minimoe/routing/zoo.py, capacity.py, hashing.py): hand-worked values, properties, refusals, and each
-rule against the Hugging Face router it was read from (those skip without transformers)."""
+"""The released models' rules (minimoe/routing/zoo.py, capacity.py, hashing.py): hand-worked
+values, properties and refusals; tests/test_families.py checks them against Hugging Face."""
 
 import math
 
@@ -12,9 +12,11 @@ from minimoe.routing import (
     CapacityTopK,
     HashTopK,
     ScoreTopK,
+    SparseMixer,
     capacity_top_k,
     hash_top_k,
     score_top_k,
+    sparse_mixer,
     top_k,
 )
 
@@ -105,6 +107,14 @@ def test_capacity_renormalizes_after_the_drop():
     assert before.weights[0].sum().item() < 1.0
 
 
+def test_sparse_mixer_rounds():
+    logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    narrow = sparse_mixer(logits, 2, jitter_eps=0.01)  # 1.9 is 5% below 2: masked, g = 1
+    assert narrow.weights.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    wide = sparse_mixer(logits, 2, jitter_eps=0.1)  # within 20%: round 1 shares with 1.9
+    torch.testing.assert_close(wide.weights, torch.tensor([[1 / (1 + math.exp(-0.1)), 1, 0, 0]]))
+
+
 def test_hash_routing_reads_the_table():
     r = hash_top_k(torch.zeros(2, 4), torch.tensor([[0, 3], [2, 1]]), score="sigmoid")
     assert r.mask.tolist() == [[True, False, False, True], [False, True, True, False]]
@@ -122,6 +132,7 @@ RULES = [
     ScoreTopK(n_group=4, topk_group=1, group_score="max", renormalize=False, norm_p=2.0),
     CapacityTopK(k=2, expert_capacity=5),
     CapacityTopK(k=1, expert_capacity=3, per_sequence=True, normalize="none"),
+    SparseMixer(k=3, jitter_eps=0.05),
 ]
 
 

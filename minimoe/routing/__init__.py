@@ -82,7 +82,7 @@ from minimoe.routing.production import (
     group_limited,
     sigmoid_top_k,
 )
-from minimoe.routing.zoo import ScoreTopK, score_top_k
+from minimoe.routing.zoo import ScoreTopK, SparseMixer, score_top_k, sparse_mixer
 
 __all__ = [
     "ROUTERS",
@@ -97,6 +97,7 @@ __all__ = [
     "Routing",
     "ScoreTopK",
     "SigmoidTopK",
+    "SparseMixer",
     "TopK",
     "TopP",
     "adaptive",
@@ -123,6 +124,7 @@ __all__ = [
     "router_to_dict",
     "score_top_k",
     "sigmoid_top_k",
+    "sparse_mixer",
     "top_gap",
     "top_k",
     "top_p",
@@ -145,6 +147,7 @@ ROUTERS: dict[str, type] = {
         ScoreTopK,
         CapacityTopK,
         HashTopK,
+        SparseMixer,
     )
 }
 
