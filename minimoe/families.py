@@ -221,7 +221,8 @@ FAMILIES: tuple[Family, ...] = (
           rule=RouterMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"}),
           refuse="not mapped: its block keeps no config (sizes nested in ffn_config) and its "
           "experts are w1/v1/w2 rows; its router rule is tested alone",
-          notes="weights divided by their p-norm, p = moe_normalize_expert_weights"),
+          notes="weights divided by their p-norm, p = moe_normalize_expert_weights; "
+          "DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model"),
     # softmax with a selection bias
     _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
           "Ernie4_5_MoeConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
