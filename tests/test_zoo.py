@@ -187,6 +187,10 @@ def test_refusals_name_the_field():
         MoEConfig(num_experts=8, router=ScoreTopK(n_group=3))
     with pytest.raises(ValueError, match="normalize"):
         CapacityTopK(normalize="later")
+    with pytest.raises(ValueError, match="norm_p"):
+        score_top_k(rand(4, 8), 2, norm_p=0.0)
+    with pytest.raises(ValueError, match="n_group=3"):
+        score_top_k(rand(4, 8), 2, n_group=3, topk_group=1)
     with pytest.raises(ValueError, match="seq_len=3"):
         capacity_top_k(rand(8, 4), 1, 2, seq_len=3)
     with pytest.raises(ValueError, match="token_ids"):

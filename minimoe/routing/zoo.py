@@ -74,7 +74,7 @@ def score_top_k(
 
     1. ``softcap`` c > 0: logits <- c tanh(logits / c) (Laguna, as Gemma 2 caps attention).
     2. s = ``score``(logits): softmax, sigmoid, sqrt(softplus) (DeepSeek-V4), or the logits.
-    3. S = the k largest s_i + b_i (``bias`` b, (E,), selects only: DeepSeek-V3, ERNIE 4.5,
+    3. S = the k largest s_i + b_i (``bias`` b, one per column, selects only: DeepSeek-V3, ERNIE,
        LongCat), within the token's ``topk_group`` best of ``n_group`` contiguous groups, a group
        scored by the sum of its two best (``group_score="top2_sum"``, DeepSeek-V3) or its best
        (``"max"``, DeepSeek-V2). No gradient flows through the choice.
@@ -97,7 +97,20 @@ def score_top_k(
         raise ValueError(f"n_group={n_group}: groups of null or identity experts are not defined")
     check_choice("score", score, tuple(SCORE_FUNCTIONS))
     check_choice("weight", weight, WEIGHTS)
+    check_bool("renormalize", renormalize)
+    check_float("norm_p", norm_p, 0.0, low_open=True)
+    check_float("norm_eps", norm_eps, 0.0)
+    check_float("norm_min", norm_min, 0.0)
+    check_float("scaling", scaling, 0.0, low_open=True)
     check_float("softcap", softcap, 0.0)
+    if n_group > 1:
+        check_int("n_group", n_group, 1, E)
+        check_int("topk_group", topk_group, 1, n_group)
+        check_choice("group_score", group_score, GROUP_SCORES)
+        if E % n_group or k > topk_group * (E // n_group):
+            raise ValueError(
+                f"n_group={n_group}, topk_group={topk_group} do not fit k={k} of {E} experts"
+            )
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     s = SCORE_FUNCTIONS[score](logits)  # (T, E)
@@ -136,7 +149,7 @@ class ScoreTopK:
     """A released model's top-k router: ``score_top_k`` with its settings (see the family table,
     ``python -m minimoe zoo``).
 
-    ``selection_bias=True`` keeps a bias b (E,) as router state (a buffer, no gradient) that only
+    ``selection_bias=True`` keeps a bias b (one per router column) as router state (a buffer, no gradient) that only
     selects. Hugging Face keeps it as ``e_score_correction_bias`` and no code path of it updates b
     in training: ``bias_rate`` (default 0, frozen) turns on Wang et al.'s update after each step,
     b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
