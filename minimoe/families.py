@@ -409,8 +409,9 @@ FAMILIES: tuple[Family, ...] = (
                                         "eval_capacity_fraction"}, {"k": 2},
                          {"second_expert_policy": "all", "batch_prioritized_routing": False,
                           "normalize_router_prob_before_dropping": False}),
-          refuse="DEFECT: its experts one-hot the 0/1 routing mask as if it held expert "
-          "indices (expert 1 runs every first choice, expert 0 every other pair)",
+          refuse="experts are Linear-relu-Linear modules with biases; and a DEFECT: they one-hot "
+          "the 0/1 routing mask as if it held expert indices (expert 1 runs every first "
+          "choice, expert 0 every other pair), so the block ignores its router",
           trains="capacity drops tokens; no z-loss (its coefficient is read, unused)",
           notes="second expert sampled or random in training (second_expert_policy)"),
 )
