@@ -79,8 +79,19 @@ positive_int = _number(int, 1)
 
 # flag (its argparse dest) -> (the spec field it sets, the routers it applies to)
 ROUTER_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "k": ("k", ("top_k", "noisy_top_k", "gw", "sigmoid_top_k")),  # gw: k of its top-k base
-    "renormalize": ("renormalize", ("top_k", "adaptive", "sigmoid_top_k")),
+    "k": (
+        "k",
+        (
+            "top_k",
+            "noisy_top_k",
+            "gw",
+            "sigmoid_top_k",
+            "score_top_k",
+            "capacity_top_k",
+            "hash_top_k",
+        ),
+    ),  # gw: k of its top-k base
+    "renormalize": ("renormalize", ("top_k", "adaptive", "sigmoid_top_k", "score_top_k")),
     "top_p": ("p", ("top_p",)),
     "top_p_rule": ("rule", ("top_p",)),
     "max_experts": ("max_experts", ("top_p",)),
@@ -89,11 +100,11 @@ ROUTER_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gw_threshold": ("threshold", ("gw",)),
     "gw_measure": ("measure", ("gw",)),
     "gw_max_slots": ("max_slots", ("gw",)),
-    "score": ("score", ("sigmoid_top_k",)),
+    "score": ("score", ("sigmoid_top_k", "score_top_k", "hash_top_k")),
     "bias_rate": ("bias_rate", ("sigmoid_top_k",)),
-    "n_group": ("n_group", ("sigmoid_top_k",)),
-    "topk_group": ("topk_group", ("sigmoid_top_k",)),
-    "scaling": ("scaling", ("sigmoid_top_k",)),
+    "n_group": ("n_group", ("sigmoid_top_k", "score_top_k")),
+    "topk_group": ("topk_group", ("sigmoid_top_k", "score_top_k")),
+    "scaling": ("scaling", ("sigmoid_top_k", "score_top_k", "hash_top_k")),
     "choice_capacity": ("capacity_factor", ("expert_choice",)),
 }
 
@@ -157,13 +168,27 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gw-max-slots", type=non_negative_int, help="broadcast tokens per sequence (gw)"
     )
-    g.add_argument("--score", choices=("sigmoid", "softmax"), help="scores (sigmoid_top_k)")
+    g.add_argument(
+        "--score",
+        choices=("sigmoid", "softmax", "sqrt_softplus", "logits"),
+        help="score function (sigmoid_top_k: sigmoid or softmax; score_top_k; hash_top_k)",
+    )
     g.add_argument(
         "--bias-rate", type=non_negative, help="u of the loss-free bias update (sigmoid_top_k)"
     )
-    g.add_argument("--n-group", type=positive_int, help="expert groups (sigmoid_top_k)")
-    g.add_argument("--topk-group", type=positive_int, help="groups a token may use (sigmoid_top_k)")
-    g.add_argument("--scaling", type=positive, help="routed scaling factor (sigmoid_top_k)")
+    g.add_argument(
+        "--n-group", type=positive_int, help="expert groups (sigmoid_top_k, score_top_k)"
+    )
+    g.add_argument(
+        "--topk-group",
+        type=positive_int,
+        help="groups a token may use (sigmoid_top_k, score_top_k)",
+    )
+    g.add_argument(
+        "--scaling",
+        type=positive,
+        help="routed scaling factor (sigmoid_top_k, score_top_k, hash_top_k)",
+    )
     g.add_argument(
         "--choice-capacity", type=positive, help="c: mean experts per token (expert_choice)"
     )

@@ -144,8 +144,6 @@ class MoEConfig:
         return cls(**data, router=router_from_dict(router) if isinstance(router, dict) else router)
 
 
-
-
 # old flat config field -> the router spec's setting (configs saved before router specs)
 _LEGACY = {
     "k": "k",
@@ -348,11 +346,15 @@ class MoE(nn.Module):
                 logits = torch.cat([logits, F.linear(x, self.gate_extra.weight.float())], dim=1)
         return logits
 
-    def route(self, tokens: Tensor, seq_len: int | None = None) -> Routing:
-        """The router's decision for (T, d) tokens."""
+    def route(
+        self, tokens: Tensor, seq_len: int | None = None, token_ids: Tensor | None = None
+    ) -> Routing:
+        """The router's decision for (T, d) tokens (``token_ids`` (T,): for hash routing)."""
         router = self.config.router
         state = dict(self.router_state.named_buffers())
         kwargs = {"state": state} if state else {}
+        if getattr(router, "uses_token_ids", False):
+            kwargs["token_ids"] = token_ids
         routing = router(
             self.router_logits(tokens), training=self.training, seq_len=seq_len, **kwargs
         )
@@ -365,7 +367,8 @@ class MoE(nn.Module):
             )
         return routing
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
+        """``token_ids`` (x's shape without d_model): only routers that route by token id read it."""
         c = self.config
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
@@ -378,12 +381,15 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, c.d_model)  # (T, d)
         # (B, L, d): rules per sequence (GW's slot cap, the sequence-wise loss)
         seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
-        routing = self.route(tokens, seq_len)
+        ids = None if token_ids is None else token_ids.reshape(-1)
+        routing = self.route(tokens, seq_len, ids)
         if self.stateful and self.training and torch.is_grad_enabled():
             self._count_stale_step()
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
         out = combine(tokens, weights, kept, self.experts, path=c.dispatch)
+        if routing.identity is not None:  # identity experts: y += g x (LongCat-Flash)
+            out = out + routing.identity[:, None].to(out.dtype) * tokens
         if self.shared is not None:  # every token, dropped or not
             out = out + self._shared_output(tokens)
 

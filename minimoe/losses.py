@@ -23,6 +23,11 @@ def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "f
     whose first choice is i; L_b = 1 at perfect balance and E when one expert takes all.
     ``count="selected"`` (Top-P paper): f_i = share of tokens whose selected set S (``mask``)
     contains i; not normalized, so it also grows when more experts fire.
+
+    One layer's tokens, as the layer computes it. Hugging Face's ``load_balancing_loss_func``
+    differs in three ways (docs/zoo.md): it pools the counts and probabilities of all layers
+    before the product, counts the k selected (``count="selected"``: k at balance, not 1), and
+    takes a softmax of the logits and its top k even for sigmoid or biased routers.
     """
     if count not in BALANCE_COUNTS:
         raise ValueError(f"load balance count must be one of {BALANCE_COUNTS}, got count={count!r}")

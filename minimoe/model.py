@@ -105,7 +105,8 @@ class Block(nn.Module):
         moe = config.moe
         self.ffn = MoE(moe) if use_moe else FFN(d, config.dense_width)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput | None]:
+    def forward(self, x: Tensor, idx: Tensor | None = None) -> tuple[Tensor, MoEOutput | None]:
+        """``idx`` (B, L) the token ids, for routers that route by them (hash routing)."""
         B, L, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # (B, L, d) each
         q, k, v = (
@@ -116,7 +117,7 @@ class Block(nn.Module):
         x = x + self.proj(att.transpose(1, 2).reshape(B, L, d))
         h = self.ln2(x)
         if isinstance(self.ffn, MoE):
-            moe_out = self.ffn(h)
+            moe_out = self.ffn(h, token_ids=idx)
             return x + moe_out.output, moe_out
         return x + self.ffn(h), None
 
@@ -160,7 +161,7 @@ class TinyTransformer(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(L, device=idx.device))  # (B, L, d)
         layers = []
         for block in self.blocks:
-            x, moe_out = block(x)
+            x, moe_out = block(x, idx)
             if moe_out is not None:
                 layers.append(moe_out)
         h = self.ln_f(x)  # (B, L, d)

@@ -13,7 +13,9 @@ from minimoe.routing import (
     Adaptive,
     ExpertChoice,
     GWBroadcast,
+    HashTopK,
     NoisyTopK,
+    ScoreTopK,
     SigmoidTopK,
     TopK,
     TopP,
@@ -66,6 +68,11 @@ def refused(argv: list[str], capsys, run=main) -> str:
             SigmoidTopK(score="softmax", scaling=2.5, renormalize=False),
         ),
         (["--router", "expert_choice", "--choice-capacity", "1.5"], ExpertChoice(1.5)),
+        (
+            [*"--router score_top_k --k 3 --score sigmoid --n-group 4 --topk-group 2".split()],
+            ScoreTopK(k=3, score="sigmoid", n_group=4, topk_group=2),
+        ),
+        (["--router", "hash_top_k", "--scaling", "1.5"], HashTopK(scaling=1.5)),
     ],
 )
 def test_router_flags_build_the_spec(flags, spec):

@@ -221,7 +221,8 @@ def test_registry_round_trip_and_errors():
         assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
     assert routing.router_from_name("top_p", p=0.3) == TopP(p=0.3)
     with pytest.raises(
-        ValueError, match=r"unknown router 'bogus'; choose from \['adaptive', 'expert_choice'"
+        ValueError,
+        match=r"unknown router 'bogus'; choose from \['adaptive', 'capacity_top_k', 'expert_choice'",
     ):
         routing.router_from_name("bogus")
     with pytest.raises(ValueError, match=r"has no setting \['k'\]"):

@@ -11,7 +11,9 @@ the decision was made; this package knows nothing of dispatch.
 Files: ``core.py`` (the Routing decision, shared checks, the one rule for ties, uncertainty
 measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adaptive, GW
 broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
-expert choice), and here the registry of names.
+expert choice), ``zoo.py`` (the released models' rules as one composable spec), ``capacity.py``
+(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), and here the
+registry of names.
 
 Notation: T tokens, E experts, P = softmax(logits) in float32, S the
 set of experts a token is sent to, y = sum_{i in S} g_i * Expert_i(x).
@@ -28,6 +30,8 @@ the length of the sequences the T tokens were flattened from (None: one sequence
 - ``router_columns(num_experts) -> int``: router outputs it reads (default E; noisy top-k
   reads E more, the noise logits, which come last and start at zero);
 - ``check_experts(num_experts)``: refuse settings that do not fit E (raise ValueError);
+- ``uses_token_ids = True``: the router is also called with ``token_ids=`` the (T,) token ids
+  given to ``MoE.forward`` (hash routing); routers without it never see them;
 - **state not trained by gradient** (a bias, a running count): ``init_state(num_experts)``
   returns named tensors that the layer keeps as buffers (saved with the model, moved with
   it); the router is then called with ``state=`` those buffers, and
@@ -42,6 +46,7 @@ from dataclasses import fields
 from typing import Any
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.routing.capacity import CapacityTopK, capacity_top_k
 from minimoe.routing.classic import (
     Adaptive,
     GWBroadcast,
@@ -70,6 +75,7 @@ from minimoe.routing.core import (
     top_gap,
     uncertainty,
 )
+from minimoe.routing.hashing import HashTopK, hash_top_k
 from minimoe.routing.production import (
     ExpertChoice,
     SigmoidTopK,
@@ -77,20 +83,26 @@ from minimoe.routing.production import (
     group_limited,
     sigmoid_top_k,
 )
+from minimoe.routing.zoo import ScoreTopK, SparseMixer, score_top_k, sparse_mixer
 
 __all__ = [
     "ROUTERS",
     "UNCERTAINTY",
     "Adaptive",
+    "CapacityTopK",
     "ExpertChoice",
     "GWBroadcast",
+    "HashTopK",
     "NoisyTopK",
     "Router",
     "Routing",
+    "ScoreTopK",
     "SigmoidTopK",
+    "SparseMixer",
     "TopK",
     "TopP",
     "adaptive",
+    "capacity_top_k",
     "check_bool",
     "check_choice",
     "check_experts",
@@ -103,6 +115,7 @@ __all__ = [
     "first_choice",
     "group_limited",
     "gw_broadcast",
+    "hash_top_k",
     "is_uncertain",
     "noisy_top_k",
     "normalized_entropy",
@@ -110,7 +123,9 @@ __all__ = [
     "router_from_dict",
     "router_from_name",
     "router_to_dict",
+    "score_top_k",
     "sigmoid_top_k",
+    "sparse_mixer",
     "top_expert",
     "top_gap",
     "top_k",
@@ -123,7 +138,19 @@ __all__ = [
 
 ROUTERS: dict[str, type] = {
     cls.name: cls
-    for cls in (TopK, NoisyTopK, TopP, Adaptive, GWBroadcast, SigmoidTopK, ExpertChoice)
+    for cls in (
+        TopK,
+        NoisyTopK,
+        TopP,
+        Adaptive,
+        GWBroadcast,
+        SigmoidTopK,
+        ExpertChoice,
+        ScoreTopK,
+        CapacityTopK,
+        HashTopK,
+        SparseMixer,
+    )
 }
 
 

@@ -27,6 +27,8 @@ class Routing:
     broadcast: (T,) bool, tokens sent to every expert by GW broadcast (None without it).
     uncertain: (T,) bool, tokens over the GW threshold, before the per-sequence slot cap.
     base_mask: (T, E) bool, the mask before GW broadcast (capacity is counted on its pairs).
+    identity: (T,) summed weight of the identity experts a token chose (LongCat-Flash's
+        zero-computation experts): the layer adds identity * x (None without them).
     """
 
     logits: Tensor
@@ -36,6 +38,7 @@ class Routing:
     broadcast: Tensor | None = None
     uncertain: Tensor | None = None
     base_mask: Tensor | None = None
+    identity: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -76,12 +79,13 @@ class Routing:
                 out[f.name] = torch.cat(
                     [r.base_mask if r.base_mask is not None else r.mask for r in parts]
                 )
-            elif f.name in ("broadcast", "uncertain"):
+            elif f.name in ("broadcast", "uncertain", "identity"):
+                kind = torch.float if f.name == "identity" else torch.bool
                 out[f.name] = torch.cat(
                     [
                         v
                         if v is not None
-                        else torch.zeros(r.num_tokens, dtype=torch.bool, device=r.mask.device)
+                        else torch.zeros(r.num_tokens, dtype=kind, device=r.mask.device)
                         for v, r in zip(values, parts)
                     ]
                 )

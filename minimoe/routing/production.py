@@ -30,16 +30,21 @@ def _scores(logits: Tensor, score: str) -> Tensor:
     return logits.sigmoid() if score == "sigmoid" else logits.softmax(dim=-1)
 
 
-def group_limited(choice: Tensor, n_group: int, topk_group: int) -> Tensor:
+GROUP_SCORES = ("top2_sum", "max")
+
+
+def group_limited(choice: Tensor, n_group: int, topk_group: int, by: str = "top2_sum") -> Tensor:
     """(T, E) selection scores with every expert outside the token's ``topk_group`` best groups
-    set to -inf (DeepSeek-V3 §2.1.2: a group scores the sum of its two best ``choice`` values).
+    set to -inf (DeepSeek-V3 §2.1.2: a group scores the sum of its two best ``choice`` values;
+    ``by="max"``: its best one, DeepSeek-V2's ``group_limited_greedy``).
 
     Experts are in ``n_group`` contiguous groups of E / n_group; at most topk_group groups, so a
     token reaches at most that many devices when each device holds a group (chapter 7).
     """
     T, E = choice.shape
     grouped = choice.view(T, n_group, E // n_group)  # (T, G, E/G)
-    group_score = grouped.topk(min(2, E // n_group), dim=-1).values.sum(dim=-1)  # (T, G)
+    top = 1 if by == "max" else min(2, E // n_group)
+    group_score = grouped.topk(top, dim=-1).values.sum(dim=-1)  # (T, G)
     allowed = _mask_of_top(group_score, topk_group)  # (T, G), ties to the lower group
     return grouped.masked_fill(~allowed[:, :, None], float("-inf")).view(T, E)
 

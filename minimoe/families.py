@@ -1,0 +1,418 @@
+"""The MoE families of Hugging Face transformers and their router rules, read from the modeling
+files of the version the ``bench`` extra pins (5.25.0); ``minimoe.interop`` converts by this
+table and the zoo table (``python -m minimoe zoo``, docs/zoo.md) is generated from it.
+
+A family converts when a minimoe spec expresses its router (``rule``) and its block computes what
+a minimoe ``MoE`` computes: stacked SwiGLU (silu) experts without biases, optionally one shared
+MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and ``interop`` raises it.
+
+Hugging Face's code: routers return raw logits; where a family trains a balance loss
+(``POOLED_BALANCE_LOSS``), ``load_balancing_loss_func`` concatenates the logits of *all* layers
+before the product f * P (it balances the pooled load, not each layer's), does not divide f by k
+(it equals k, not 1, at perfect balance) and takes a softmax of the logits even for sigmoid
+routers; no code path updates a selection bias in training; only Switch and NLLB-MoE drop
+tokens, and only Switch adds a router z-loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from minimoe.routing import CapacityTopK, Router, ScoreTopK, SigmoidTopK, SparseMixer, TopK
+
+# what a spec type always is, for the table (SigmoidTopK is DeepSeek-V3's rule)
+_IMPLIED: dict[type, dict[str, Any]] = {
+    TopK: {"score": "softmax", "weight": "score", "selection_bias": False, "n_group": 1},
+    SigmoidTopK: {"score": "sigmoid", "weight": "score", "selection_bias": True},
+    ScoreTopK: {},
+}
+_UNTRAINED = ("bias_rate", "balance_count", "dynamic_coef")  # not part of the forward rule
+
+
+@dataclass(frozen=True)
+class RouterMap:
+    """How a family's config sets its router: ``spec(**constants, **{spec field: config field})``.
+
+    ``requires``: config settings the conversion needs, which ``to_hf`` writes (a falsy one
+    also accepts None); ``from_hf`` refuses other values, naming the field.
+    """
+
+    spec: type
+    fields: dict[str, str]
+    constants: dict[str, Any] = field(default_factory=dict)
+    requires: dict[str, Any] = field(default_factory=dict)
+
+    def router(self, config: Any, family: str) -> Router:
+        for name, value in self.requires.items():
+            got = getattr(config, name, value)
+            if got != value and (value or got):
+                raise ValueError(f"{family} converts only with {name}={value!r}, got {got!r}")
+        return self.spec(**self.constants, **self.settings(config))
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        """The spec settings ``config`` gives; a field left None keeps the spec's default."""
+        values = {spec: getattr(config, cfg) for cfg, spec in self.fields.items()}
+        return {spec: value for spec, value in values.items() if value is not None}
+
+    def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        """Config settings that give ``router``; ValueError naming the setting the family lacks."""
+        if type(router) is not self.spec:
+            raise ValueError(
+                f"{family} cannot express router={router!r} (needs {self.spec.__name__})"
+            )
+        fixed = {f.name for f in fields(router)} - set(self.fields.values()) - set(_UNTRAINED)
+        default = self.spec(**({"k": router.k} | self.constants))  # k: from the config
+        for name in sorted(fixed):
+            if getattr(router, name) != getattr(default, name):
+                raise ValueError(
+                    f"{family} cannot express router={router!r} "
+                    f"(it needs {name}={getattr(default, name)!r})"
+                )
+        return {cfg: getattr(router, spec) for cfg, spec in self.fields.items()} | self.requires
+
+    def setting(self, name: str) -> Any:
+        """A setting as the table shows it: `config field` (a str in backticks) or a constant."""
+        by_field = {spec: cfg for cfg, spec in self.fields.items()}
+        if name in by_field:
+            return f"`{by_field[name]}`"
+        if name in self.constants:
+            return self.constants[name]
+        return _IMPLIED.get(self.spec, {}).get(name, getattr(self.spec(), name, None))
+
+
+class DeepSeekV2Map(RouterMap):
+    """DeepSeek-V2's ``topk_method``: ``"greedy"`` (no groups) or ``"group_limited_greedy"``."""
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        out = super().settings(config)
+        if config.topk_method == "greedy":  # n_group and topk_group may be None then
+            return out | {"n_group": 1, "topk_group": 1}
+        if config.topk_method != "group_limited_greedy":
+            raise ValueError(f"DeepSeek-V2 has no topk_method={config.topk_method!r}")
+        return out
+
+    def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        out = super().config_fields(router, family)
+        grouped = router.n_group > 1
+        return out | {"topk_method": "group_limited_greedy" if grouped else "greedy"}
+
+
+# modeling files of 5.25.0 that define ``load_balancing_loss_func`` (the others train no balance
+# loss in Hugging Face's code; Switch and Doge define their own)
+POOLED_BALANCE_LOSS = frozenset(
+    "dbrx deepseek_v4 ernie4_5_moe ernie4_5_vl_moe flex_olmo flint glm4v_moe glm5_next gpt_oss "
+    "granitemoe granitemoe_swa granitemoehybrid granitemoeshared jamba jetmoe laguna lara_mini "
+    "mellum minimax minimax_m2 minimax_m3_vl mixtral nllb_moe olmoe phimoe qwen2_moe qwen3_5_moe "
+    "qwen3_moe qwen3_next qwen3_omni_moe qwen3_vl_moe qwen4_exp".split()
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face MoE family: its router rule and where its block keeps each weight."""
+
+    name: str
+    module: str  # transformers.models.<module>.modeling_<module>
+    block: str
+    config: str  # a class of transformers.models.<module>.configuration_<module>
+    rule: RouterMap | None  # None: no minimoe spec expresses the router
+    num_experts: str = "num_experts"  # config fields
+    width: str = "moe_intermediate_size"
+    router: str = "gate.weight"  # path from the block of the router weight (E, d)
+    bias: str | None = None  # path from the block of the selection bias
+    layout: str = "stacked"  # experts: "stacked" (E, 2h, d), (E, d, h); "transposed" (Aria)
+    shared: str | None = None  # block attribute of the shared MLP (gate/up/down_proj)
+    shared_count: str | None = None  # config field: shared width = count * width
+    shared_width: str | None = None  # config field: the shared width (times count if both)
+    shared_gate: str | None = None  # block attribute of the shared expert's sigmoid gate
+    act: str | None = "hidden_act"  # None: silu, fixed in the code
+    selection: str = ""  # the rule in words where no spec expresses it
+    null_experts: str = ""
+    trains: str = ""  # beyond the router weight
+    notes: str = ""
+    refuse: str | None = None  # why interop refuses the block
+
+    @property
+    def converts(self) -> bool:
+        return self.rule is not None and self.refuse is None
+
+
+def _like(base: Family, name: str, module: str, block: str, config: str, **changes: Any) -> Family:
+    return replace(base, name=name, module=module, block=block, config=config, **changes)
+
+
+def _topk(norm: str | None = "norm_topk_prob", k: str = "num_experts_per_tok", **req) -> RouterMap:
+    """Softmax, top-k, renormalized as config field ``norm`` says (None: always)."""
+    return RouterMap(TopK, {k: "k"} | ({norm: "renormalize"} if norm else {}), requires=req)
+
+
+def _score(fields_: dict[str, str], k: str = "num_experts_per_tok", **constants) -> RouterMap:
+    return RouterMap(ScoreTopK, {k: "k"} | fields_, constants)
+
+
+_DSV3_FIELDS = {"n_group": "n_group", "topk_group": "topk_group", "norm_topk_prob": "renormalize"}
+_DSV3_RULE = RouterMap(
+    SigmoidTopK,
+    {"num_experts_per_tok": "k", **_DSV3_FIELDS, "routed_scaling_factor": "scaling"},
+)
+_BIAS_TRAINS = "selection bias: never (no update rule)"
+_CLAMPED = "experts: SwiGLU clamped at swiglu_limit, minimoe's swiglu has no clamp"
+_GELU_MIX = "experts: interleaved, clamped SwiGLU (alpha 1.702) with biases"
+_NORMED = "router input RMS-normed with a learned scale; learned per-expert output scales"
+
+MIXTRAL = Family("Mixtral", "mixtral", "MixtralSparseMoeBlock", "MixtralConfig",
+                 _topk(None, router_jitter_noise=0.0), "num_local_experts", "intermediate_size",
+                 notes="router_jitter_noise: input times U(1 - eps, 1 + eps) in training")  # fmt: skip
+OLMOE = _like(MIXTRAL, "OLMoE", "olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig", rule=_topk(),
+              num_experts="num_experts", notes="")  # fmt: skip
+QWEN2 = Family("Qwen2-MoE", "qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeConfig", _topk(),
+               shared="shared_expert", shared_width="shared_expert_intermediate_size",
+               shared_gate="shared_expert_gate")  # fmt: skip
+QWEN3 = _like(QWEN2, "Qwen3-MoE", "qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeConfig",
+              shared=None, shared_width=None, shared_gate=None)  # fmt: skip
+GRANITE = _like(MIXTRAL, "Granite-MoE", "granitemoe", "GraniteMoeMoE", "GraniteMoeConfig",
+                rule=_score({}, score="logits", weight="softmax", renormalize=False),
+                router="router.weight", notes="")  # fmt: skip
+DSV3 = Family("DeepSeek-V3", "deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config", _DSV3_RULE,
+              "n_routed_experts", bias="gate.e_score_correction_bias", shared="shared_experts",
+              shared_count="n_shared_experts", trains=_BIAS_TRAINS)  # fmt: skip
+DSV2 = _like(DSV3, "DeepSeek-V2", "deepseek_v2", "DeepseekV2Moe", "DeepseekV2Config",
+             rule=DeepSeekV2Map(ScoreTopK, {"num_experts_per_tok": "k", "n_group": "n_group",
+                                            "topk_group": "topk_group",
+                                            "routed_scaling_factor": "scaling"},
+                                {"renormalize": False, "group_score": "max"}),
+             bias=None, trains="", notes="groups only with topk_method='group_limited_greedy'; "
+             "the router ignores the config's norm_topk_prob")  # fmt: skip
+MISTRAL4 = _like(DSV3, "Mistral-4", "mistral4", "Mistral4MoE", "Mistral4Config",
+                 rule=_score(_DSV3_FIELDS | {"routed_scaling_factor": "scaling"},
+                             norm_eps=1e-20), bias=None, trains="")  # fmt: skip
+SIGMOID = _score({"norm_topk_prob": "renormalize"}, score="sigmoid")
+SIGMOID_BIAS = _score({}, score="sigmoid", selection_bias=True, norm_eps=1e-20)
+
+# fmt: off
+FAMILIES: tuple[Family, ...] = (
+    # softmax, top-k (renormalized or not)
+    MIXTRAL,
+    _like(MIXTRAL, "MiniMax", "minimax", "MiniMaxSparseMoeBlock", "MiniMaxConfig"),
+    OLMOE,
+    _like(OLMOE, "FlexOlmo", "flex_olmo", "FlexOlmoSparseMoeBlock", "FlexOlmoConfig"),
+    _like(OLMOE, "Jamba", "jamba", "JambaSparseMoeBlock", "JambaConfig", router="router.weight",
+          rule=RouterMap(TopK, {"num_experts_per_tok": "k"}, {"renormalize": False})),
+    _like(OLMOE, "HunYuan-MoE-V1", "hunyuan_v1_moe", "HunYuanMoEV1Moe", "HunYuanMoEV1Config",
+          rule=_topk(None, k="moe_topk"), router="gate.wg.weight", shared="shared_mlp",
+          shared_width="intermediate_size", notes="shared MLP as wide as an expert"),
+    QWEN2,
+    _like(QWEN2, "Qwen3.5-MoE", "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock",
+          "Qwen3_5MoeTextConfig", rule=_topk(None)),
+    _like(QWEN2, "Qwen3-Next", "qwen3_next", "Qwen3NextSparseMoeBlock", "Qwen3NextConfig"),
+    _like(QWEN2, "Qwen4-Exp", "qwen4_exp", "Qwen4ExpTextSparseMoeBlock", "Qwen4ExpTextConfig"),
+    _like(QWEN2, "Qwen3-Omni talker", "qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock",
+          "Qwen3OmniMoeTalkerTextConfig"),
+    QWEN3,
+    _like(QWEN3, "Qwen3-VL-MoE", "qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock",
+          "Qwen3VLMoeTextConfig", rule=_topk(None)),
+    _like(QWEN3, "Qwen3-Omni thinker", "qwen3_omni_moe",
+          "Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTextConfig"),
+    _like(QWEN3, "Mellum", "mellum", "MellumSparseMoeBlock", "MellumConfig"),
+    _like(QWEN3, "Lara-mini", "lara_mini", "LaraMiniSparseMoeBlock", "LaraMiniConfig",
+          shared="shared_expert", shared_width="shared_expert_intermediate_size"),
+    _like(QWEN3, "DBRX", "dbrx", "DbrxFFN", "DbrxFFNConfig",
+          rule=RouterMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"}),
+          refuse="not mapped: its block keeps no config (sizes nested in ffn_config) and its "
+          "experts are w1/v1/w2 rows; its router rule is tested alone",
+          notes="weights divided by their p-norm, p = moe_normalize_expert_weights; "
+          "DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model"),
+    # softmax with a selection bias
+    _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
+          "Ernie4_5_MoeConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
+          bias="gate.moe_statics.e_score_correction_bias", shared="shared_experts",
+          shared_count="moe_num_shared_experts", trains=_BIAS_TRAINS,
+          notes="renormalizes by max(sum, moe_norm_min)"),
+    _like(QWEN3, "ERNIE-4.5-VL-MoE", "ernie4_5_vl_moe", "Ernie4_5_VLMoeMoeBlock",
+          "Ernie4_5_VLMoeTextConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
+          bias="text_moe.gate.moe_statics.e_score_correction_bias", trains=_BIAS_TRAINS,
+          shared="shared_experts", shared_count="moe_num_shared_experts",
+          refuse="two expert sets (text and vision) chosen by token type"),
+    _like(QWEN3, "LongCat-Flash", "longcat_flash", "LongcatFlashMoE", "LongcatFlashConfig",
+          rule=RouterMap(ScoreTopK, {"num_experts_per_tok": "k",
+                                     "routed_scaling_factor": "scaling",
+                                     "zero_expert_num": "identity_experts"},
+                         {"selection_bias": True, "renormalize": False},
+                         {"router_bias": False}),
+          num_experts="n_routed_experts", width="expert_ffn_hidden_size",
+          router="router.classifier.weight", bias="router.e_score_correction_bias",
+          trains=_BIAS_TRAINS),
+    _like(QWEN3, "Gemma-4", "gemma4", "Gemma4TextExperts", "Gemma4TextConfig", rule=None,
+          selection="softmax of a normed router, top-k, renormalized, times a learned "
+          "per-expert scale", refuse=_NORMED, trains="its input scale and the per-expert scales"),
+    _like(QWEN3, "Diffusion-Gemma", "diffusion_gemma", "DiffusionGemmaTextExperts",
+          "DiffusionGemmaTextConfig", rule=None, selection="as Gemma-4", refuse=_NORMED,
+          trains="its input scale and the per-expert scales"),
+    # top-k of the logits, then a softmax over the k (= renormalized softmax top-k)
+    GRANITE,
+    _like(GRANITE, "Granite-MoE-SWA", "granitemoe_swa", "GraniteMoeSWAMoE", "GraniteMoeSWAConfig"),
+    _like(GRANITE, "Granite-MoE-Shared", "granitemoeshared", "GraniteMoeSharedMoE",
+          "GraniteMoeSharedConfig", notes="its shared MLP is in the decoder layer, outside"),
+    _like(GRANITE, "Granite-MoE-Hybrid", "granitemoehybrid", "GraniteMoeHybridMoE",
+          "GraniteMoeHybridConfig", notes="its shared MLP is in the decoder layer, outside"),
+    _like(GRANITE, "Aria", "aria", "AriaTextMoELayer", "AriaTextConfig",
+          rule=RouterMap(ScoreTopK, {"moe_topk": "k"}, GRANITE.rule.constants),
+          num_experts="moe_num_experts", layout="transposed", shared="shared_experts",
+          shared_count="moe_num_shared_experts", width="intermediate_size"),
+    _like(GRANITE, "Cohere2-MoE", "cohere2_moe", "Cohere2MoeSparseMoeBlock", "Cohere2MoeConfig",
+          rule=RouterMap(ScoreTopK, {"num_experts_per_tok": "k"}, GRANITE.rule.constants,
+                         {"expert_selection_fn": "softmax",
+                          "shared_expert_combination_strategy": "sum"}),
+          num_experts="num_experts", shared="shared_experts", shared_count="num_shared_experts",
+          router="gate.weight",
+          notes="expert_selection_fn='sigmoid' is ScoreTopK(score='logits', weight='sigmoid')"),
+    _like(GRANITE, "JetMoE", "jetmoe", "JetMoeMoE", "JetMoeConfig",
+          refuse="an output bias after the experts"),
+    _like(GRANITE, "gpt-oss", "gpt_oss", "GptOssMLP", "GptOssConfig",
+          refuse=_GELU_MIX + "; the router Linear has a bias", trains="the router's Linear bias"),
+    _like(GRANITE, "OpenAI-Privacy-Filter", "openai_privacy_filter", "OpenAIPrivacyFilterMLP",
+          "OpenAIPrivacyFilterConfig", refuse=_GELU_MIX + "; the router Linear has a bias",
+          trains="the router's Linear bias", notes="weights divided by k"),
+    _like(GRANITE, "Doge", "doge", "DogeCDMoE", "DogeConfig", rule=None,
+          selection="product keys: top-sqrt(E) of two key halves, top-k of their sums, softmax",
+          refuse="rank-one embedding experts beside a dense MLP"),
+    _like(GRANITE, "Llama-4", "llama4", "Llama4TextMoe", "Llama4TextConfig",
+          rule=_score({}, score="logits", weight="sigmoid", renormalize=False),
+          shared="shared_expert", refuse="the routing weight scales the expert's input"),
+    # sigmoid scores (DeepSeek-V3's rule and its relatives)
+    DSV3,
+    _like(DSV3, "DeepSeek-V3.2", "deepseek_v32", "DeepseekV32MoE", "DeepseekV32Config"),
+    _like(DSV3, "dots.llm1", "dots1", "Dots1MoE", "Dots1Config"),
+    _like(DSV3, "GLM-4-MoE", "glm4_moe", "Glm4MoeMoE", "Glm4MoeConfig"),
+    _like(DSV3, "GLM-4-MoE-Lite", "glm4_moe_lite", "Glm4MoeLiteMoE", "Glm4MoeLiteConfig"),
+    _like(DSV3, "GLM-4V-MoE", "glm4v_moe", "Glm4vMoeTextMoE", "Glm4vMoeTextConfig"),
+    _like(DSV3, "GLM-MoE-DSA", "glm_moe_dsa", "GlmMoeDsaMoE", "GlmMoeDsaConfig"),
+    _like(DSV3, "Kimi-Linear", "kimi_linear", "KimiLinearMoE", "KimiLinearConfig",
+          num_experts="num_experts"),
+    _like(DSV3, "MiniCPM5-MoE", "minicpm5_moe", "MiniCPM5MoeMoE", "MiniCPM5MoeConfig"),
+    _like(DSV3, "Solar-Open", "solar_open", "SolarOpenMoE", "SolarOpenConfig"),
+    _like(DSV3, "MiMo-V2-Flash", "mimo_v2_flash", "MiMoV2FlashMoE", "MiMoV2FlashConfig",
+          shared=None, shared_count=None),
+    _like(DSV3, "EXAONE-MoE", "exaone_moe", "ExaoneMoeSparseMoEBlock", "ExaoneMoeConfig",
+          num_experts="num_experts", shared_count="num_shared_experts"),
+    _like(DSV3, "dots3-note", "dots3_note", "Dots3NoteTextMoE", "Dots3NoteTextConfig",
+          shared_width="shared_experts_intermediate_size"),
+    _like(DSV3, "Beam", "beam", "BeamMoE", "BeamConfig", num_experts="num_experts", shared=None,
+          shared_count=None, notes="routed_scaling_factor scales the summed expert output"),
+    _like(DSV3, "AXK1", "axk1", "AXK1MoE", "AXK1Config", refuse="an RMSNorm after the experts"),
+    _like(DSV3, "AXK2", "axk2", "AXK2MoE", "AXK2Config", refuse="its groups mask excluded "
+          "experts to 0, not -inf: an excluded expert beats a negative biased score"),
+    _like(DSV3, "GLM-5-Next", "glm5_next", "Glm5NextTextMoE", "Glm5NextTextConfig",
+          refuse=_CLAMPED),
+    _like(DSV3, "HY-V4", "hy_v4", "HYV4MoE", "HYV4Config", refuse=_CLAMPED),
+    _like(DSV3, "HY-V4-VL", "hy_v4_vl", "HYV4VLMoE", "HYV4VLTextConfig", refuse=_CLAMPED),
+    _like(DSV3, "Bailing-Hybrid", "bailing_hybrid", "BailingHybridMoE", "BailingHybridConfig",
+          refuse=_CLAMPED),
+    _like(DSV3, "Nemotron-H", "nemotron_h", "NemotronHMoE", "NemotronHConfig", shared_count=None,
+          shared_width="moe_shared_expert_intermediate_size",
+          refuse="experts are not gated (relu^2) and may sit in a latent projection"),
+    _like(DSV3, "AFMoE", "afmoe", "AfmoeSparseMoeBlock", "AfmoeConfig",
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k", "route_scale": "scaling"}),
+          num_experts="num_experts", router="router.gate.weight", bias="expert_bias",
+          shared_count="num_shared_experts"),
+    _like(DSV3, "HY-V3", "hy_v3", "HYV3MoE", "HYV3Config", num_experts="num_experts",
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "router_scaling_factor": "scaling"}),
+          bias="e_score_correction_bias", shared_count="num_shared_experts"),
+    _like(DSV3, "MiniMax-M2", "minimax_m2", "MiniMaxM2SparseMoeBlock", "MiniMaxM2Config",
+          rule=replace(SIGMOID_BIAS, constants={"score": "sigmoid", "selection_bias": True},
+                       requires={"router_jitter_noise": 0.0}),
+          num_experts="num_local_experts", width="intermediate_size",
+          bias="e_score_correction_bias", shared=None, shared_count=None),
+    _like(DSV3, "MiniMax-M3-VL", "minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock",
+          "MiniMaxM3VLTextConfig", shared_count=None, shared_width="shared_intermediate_size",
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "routed_scaling_factor": "scaling"}),
+          refuse="experts: clamped (up + 1) * gate * sigmoid(alpha * gate), not SwiGLU"),
+    _like(DSV3, "Step-3.7", "step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig",
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "moe_router_scaling_factor": "scaling"}),
+          shared_count=None, shared_width="share_expert_dim", refuse=_CLAMPED),
+    _like(DSV3, "Laguna", "laguna", "LagunaSparseMoeBlock", "LagunaConfig",
+          rule=_score({"moe_router_logit_softcapping": "softcap",
+                       "moe_routed_scaling_factor": "scaling"},
+                      score="sigmoid", selection_bias=True),
+          num_experts="num_experts", shared_count=None,
+          shared_width="shared_expert_intermediate_size",
+          notes="logits soft-capped: c tanh(l / c); the scaling multiplies the summed output"),
+    _like(DSV3, "LFM2-MoE", "lfm2_moe", "Lfm2MoeSparseMoeBlock", "Lfm2MoeConfig",
+          rule=_score({"use_expert_bias": "selection_bias", "norm_topk_prob": "renormalize",
+                       "routed_scaling_factor": "scaling"}, score="sigmoid", norm_eps=1e-6),
+          num_experts="num_experts", bias="expert_bias", shared=None, shared_count=None, act=None),
+    _like(DSV3, "Kolibri-1", "kolibri1", "Kolibri1SparseMoeBlock", "Kolibri1Config",
+          rule=_score({"norm_topk_prob": "renormalize"}, score="logits", weight="sigmoid",
+                      selection_bias=True),
+          num_experts="num_experts", shared_count=None,
+          shared_width="shared_expert_intermediate_size",
+          notes="the bias is added to the logits; weights are the sigmoid of the chosen"),
+    _like(DSV3, "Flint", "flint", "FlintSparseMoeBlock", "FlintConfig", rule=SIGMOID,
+          num_experts="num_experts", bias=None, shared="shared_expert", shared_count=None,
+          shared_width="shared_expert_intermediate_size", trains=""),
+    _like(DSV3, "Ergo", "ergo", "ErgoMoE", "ErgoConfig",
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "moe_routed_scaling_factor": "scaling"}),
+          shared_count=None, shared_width="shared_intermediate_size",
+          refuse="a learned RMSNorm per expert after each expert"),
+    _like(DSV3, "Inkling-2", "inkling2", "Inkling2SparseMoeBlock", "Inkling2TextConfig",
+          rule=replace(SIGMOID_BIAS, fields={"num_experts_per_tok": "k",
+                                             "routed_scaling_factor": "scaling"}),
+          shared=None, refuse="experts: soft-capped SwiGLU",
+          notes="score = `scoring_func` (sigmoid by default)"),
+    _like(DSV3, "Inkling", "inkling", "InklingMoE", "InklingTextConfig", rule=None,
+          selection="sigmoid + bias selects; softmax of log-sigmoid over the chosen and the "
+          "shared experts' logits", refuse="the router also weighs the shared experts"),
+    _like(DSV3, "Muse-Spark", "muse_spark", "MuseSparkMoE", "MuseSparkTextConfig",
+          rule=None, selection="sigmoid of logits times output_multiplier, + bias, renormalized",
+          shared=None, refuse="projections and norms around the experts"),
+    _like(DSV3, "DeepSeek-V4", "deepseek_v4", "DeepseekV4SparseMoeBlock", "DeepseekV4Config",
+          rule=_score({"routed_scaling_factor": "scaling"}, score="sqrt_softplus",
+                      selection_bias=True, norm_eps=1e-20),
+          shared_count=None, shared_width="intermediate_size",
+          refuse=_CLAMPED + "; its first layers hash-route (HashTopK)",
+          notes="hash_moe layers: experts = tid2eid[token id] (HashTopK, needs token ids)"),
+    # softmax with groups
+    MISTRAL4,
+    _like(MISTRAL4, "Mistral-Large-4", "mistral_large4", "MistralLarge4TextMoE",
+          "MistralLarge4TextConfig",
+          rule=_score({"n_group": "n_group", "topk_group": "topk_group",
+                       "routed_scaling_factor": "scaling"}, norm_eps=1e-20)),
+    DSV2,
+    _like(DSV2, "DeepSeek-OCR2", "deepseek_ocr2", "DeepseekOcr2TextMoe", "DeepseekOcr2TextConfig"),
+    _like(DSV2, "Unlimited-OCR", "unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextConfig"),
+    # other rules
+    _like(MIXTRAL, "PhiMoE", "phimoe", "PhimoeSparseMoeBlock", "PhimoeConfig",
+          rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps"}, {"k": 2},
+                         {"num_experts_per_tok": 2}),  # its code routes two rounds, whatever k
+          router="router.weight", trains="experts sampled (Gumbel), Heun's-method gradient",
+          notes="its inference rule; in training PhiMoE samples, minimoe routes as at inference; "
+          "input_jitter_noise scales the input in training"),
+    _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
+          selection="MLP router with states carried across layers, softmax, + bias, top-k",
+          null_experts="1 skip expert (bias -1): weight dropped",
+          refuse="its router is an MLP, not a Linear"),
+    _like(QWEN3, "Switch", "switch_transformers", "SwitchTransformersSparseMLP",
+          "SwitchTransformersConfig",
+          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity"},
+                         {"k": 1, "per_sequence": True, "normalize": "none"},
+                         {"router_jitter_noise": 0.0}),
+          refuse="experts are one Linear-act-Linear module each (relu)",
+          trains="capacity drops tokens; a router z-loss", notes="input jitter in training"),
+    _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",
+          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
+                                        "moe_eval_capacity_token_fraction":
+                                        "eval_capacity_fraction"}, {"k": 2},
+                         {"second_expert_policy": "all", "batch_prioritized_routing": False,
+                          "normalize_router_prob_before_dropping": False}),
+          refuse="experts are Linear-relu-Linear modules with biases; and a DEFECT: they one-hot "
+          "the 0/1 routing mask as if it held expert indices (expert 1 runs every first "
+          "choice, expert 0 every other pair), so the block ignores its router",
+          trains="capacity drops tokens; no z-loss (its coefficient is read, unused)",
+          notes="second expert sampled or random in training (second_expert_policy)"),
+)
+# fmt: on

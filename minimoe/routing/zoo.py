@@ -1,0 +1,309 @@
+"""The routers of released models, as one composable rule.
+
+Read from the modeling files of Hugging Face transformers (the version the ``bench`` extra pins);
+``minimoe.families`` says which family uses which settings. Nearly every released router is
+
+    logits -> (soft cap) -> score s -> selection (s + bias, within groups, top k) -> weights g on
+    the chosen (s itself, or a softmax / sigmoid of the chosen logits) -> renormalization -> scale
+
+and ``ScoreTopK`` is that pipeline with one field per step; ``TopK`` and ``SigmoidTopK`` are two
+of its settings, kept as they are. Rules that do not fit it: capacity inside the router
+(``capacity.py``) and hash routing (``hashing.py``).
+
+Top-k of the logits then a softmax over the k chosen (gpt-oss, Granite-MoE, JetMoE) is the same
+function of the logits as softmax, top-k, renormalize (exp(l_i) / sum_{j in S} exp(l_j) either
+way), so the weights and their gradients agree up to rounding; the gradient differs from top-k of
+the softmax *without* renormalization (Jamba, DeepSeek-V2), where g_i = P_i keeps the other
+experts' logits in its denominator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_recipe
+from minimoe.routing.production import GROUP_SCORES, group_limited
+
+SCORE_FUNCTIONS = {
+    "softmax": lambda x: x.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,
+    "sqrt_softplus": lambda x: F.softplus(x).sqrt(),  # DeepSeek-V4
+    "logits": lambda x: x,  # select on the raw logits; ``weight`` says what the chosen get
+}
+WEIGHTS = ("score", "softmax", "sigmoid")
+
+
+def _renormalize(g: Tensor, p: float, eps: float, floor: float) -> Tensor:
+    """g / max(||g||_p + eps, floor) per row (the norm over the chosen: g is 0 elsewhere)."""
+    norm = g.sum(dim=1, keepdim=True) if p == 1 else g.norm(p=p, dim=1, keepdim=True)
+    return g / (norm + eps).clamp_min(max(floor, torch.finfo(g.dtype).tiny))
+
+
+def score_top_k(
+    logits: Tensor,
+    k: int = 2,
+    *,
+    score: str = "softmax",
+    weight: str = "score",
+    renormalize: bool = True,
+    norm_p: float = 1.0,
+    norm_eps: float = 0.0,
+    norm_min: float = 0.0,
+    scaling: float = 1.0,
+    bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "top2_sum",
+    softcap: float = 0.0,
+    null_experts: int = 0,
+    identity_experts: int = 0,
+) -> Routing:
+    """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
+
+    ``logits`` (T, E + n + m): the last ``null_experts`` n and ``identity_experts`` m columns
+    are experts that compute nothing and compete in every step below: a null expert outputs 0
+    (AdaMoE, Zaya's skip expert), an identity expert outputs x (LongCat-Flash's zero-computation
+    experts; the Routing's ``identity`` carries their summed weight). A token that picks them
+    uses fewer true experts. The returned logits, mask and weights cover the E true experts.
+
+    1. ``softcap`` c > 0: logits <- c tanh(logits / c) (Laguna, as Gemma 2 caps attention).
+    2. s = ``score``(logits): softmax, sigmoid, sqrt(softplus) (DeepSeek-V4), or the logits.
+    3. S = the k largest s_i + b_i (``bias`` b, one per column, selects only: DeepSeek-V3, ERNIE,
+       LongCat), within the token's ``topk_group`` best of ``n_group`` contiguous groups, a group
+       scored by the sum of its two best (``group_score="top2_sum"``, DeepSeek-V3) or its best
+       (``"max"``, DeepSeek-V2). No gradient flows through the choice.
+    4. g on S: ``weight="score"`` g_i = s_i; ``"softmax"`` softmax over the chosen s (top-k of the
+       logits then softmax: gpt-oss, Granite-MoE); ``"sigmoid"`` sigmoid of the chosen s (Llama 4).
+    5. ``renormalize``: g <- g / max(||g||_{norm_p} + norm_eps, norm_min) (DBRX's p-norm, ERNIE's
+       floor ``norm_min``; DeepSeek code adds eps = 1e-20).
+    6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor).
+
+    ``probs`` is the softmax of the (capped) logits for softmax and logit scores, else s
+    normalized over all experts (DeepSeek-V3's P_i); over the true experts only, renormalized.
+    """
+    logits = check_logits(logits)
+    C = logits.shape[1]  # columns: E true experts, then the null and identity ones
+    check_int("k", k, 1, C)
+    check_int("null_experts", null_experts, 0, C - 1)
+    check_int("identity_experts", identity_experts, 0, C - 1 - null_experts)
+    E = C - null_experts - identity_experts
+    if E < C and n_group > 1:
+        raise ValueError(f"n_group={n_group}: groups of null or identity experts are not defined")
+    check_choice("score", score, tuple(SCORE_FUNCTIONS))
+    check_choice("weight", weight, WEIGHTS)
+    check_bool("renormalize", renormalize)
+    check_float("norm_p", norm_p, 0.0, low_open=True)
+    check_float("norm_eps", norm_eps, 0.0)
+    check_float("norm_min", norm_min, 0.0)
+    check_float("scaling", scaling, 0.0, low_open=True)
+    check_float("softcap", softcap, 0.0)
+    if n_group > 1:
+        check_int("n_group", n_group, 1, E)
+        check_int("topk_group", topk_group, 1, n_group)
+        check_choice("group_score", group_score, GROUP_SCORES)
+        if E % n_group or k > topk_group * (E // n_group):
+            raise ValueError(
+                f"n_group={n_group}, topk_group={topk_group} do not fit k={k} of {E} experts"
+            )
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    s = SCORE_FUNCTIONS[score](logits)  # (T, E)
+    choice = s.detach() if bias is None else s.detach() + bias.to(s.dtype)
+    if n_group > 1:
+        choice = group_limited(choice, n_group, topk_group, by=group_score)
+    mask = _mask_of_top(choice, k)  # (T, E)
+    if weight == "score":
+        g = s * mask  # exactly 0 outside S
+    elif weight == "softmax":
+        g = s.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # softmax over the chosen k
+    else:
+        g = torch.sigmoid(s) * mask
+    if renormalize:
+        g = _renormalize(g, norm_p, norm_eps, norm_min)
+    g = g * scaling
+    if score in ("softmax", "logits"):
+        probs = s if score == "softmax" else logits.softmax(dim=-1)
+    else:
+        probs = s / s.sum(dim=1, keepdim=True)  # (T, E) the normalized affinities
+    if E == C:
+        return Routing(logits=logits, probs=probs, mask=mask, weights=g)
+    real = probs[:, :E]
+    identity = g[:, E + null_experts :].sum(dim=1) if identity_experts else None
+    return Routing(
+        logits=logits[:, :E],
+        probs=real / real.sum(dim=1, keepdim=True),
+        mask=mask[:, :E],
+        weights=g[:, :E],
+        identity=identity,
+    )
+
+
+@dataclass(frozen=True)
+class ScoreTopK:
+    """A released model's top-k router: ``score_top_k`` with its settings (see the family table,
+    ``python -m minimoe zoo``).
+
+    ``selection_bias=True`` keeps a bias b (one per router column) as router state (a buffer, no gradient) that only
+    selects. Hugging Face keeps it as ``e_score_correction_bias`` and no code path of it updates b
+    in training: ``bias_rate`` (default 0, frozen) turns on Wang et al.'s update after each step,
+    b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
+    """
+
+    k: int = 2
+    score: str = "softmax"
+    weight: str = "score"
+    renormalize: bool = True
+    norm_p: float = 1.0
+    norm_eps: float = 0.0
+    norm_min: float = 0.0
+    scaling: float = 1.0
+    selection_bias: bool = False
+    bias_rate: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    softcap: float = 0.0
+    null_experts: int = 0
+    identity_experts: int = 0
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "score_top_k"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_choice("score", self.score, tuple(SCORE_FUNCTIONS))
+        check_choice("weight", self.weight, WEIGHTS)
+        if self.weight != "score" and self.score != "logits":
+            raise ValueError(
+                f"weight={self.weight!r} applies to the chosen logits: it needs score='logits', "
+                f"got score={self.score!r}"
+            )
+        check_bool("renormalize", self.renormalize)
+        check_float("norm_p", self.norm_p, 0.0, low_open=True)
+        check_float("norm_eps", self.norm_eps, 0.0)
+        check_float("norm_min", self.norm_min, 0.0)
+        check_float("scaling", self.scaling, 0.0, low_open=True)
+        check_bool("selection_bias", self.selection_bias)
+        check_float("bias_rate", self.bias_rate, 0.0)
+        if self.bias_rate and not self.selection_bias:
+            raise ValueError(f"bias_rate={self.bias_rate} needs selection_bias=True")
+        check_int("n_group", self.n_group, 1)
+        check_int("topk_group", self.topk_group, 1, self.n_group)
+        check_choice("group_score", self.group_score, GROUP_SCORES)
+        check_float("softcap", self.softcap, 0.0)
+        check_int("null_experts", self.null_experts, 0)
+        check_int("identity_experts", self.identity_experts, 0)
+        if self.n_group > 1 and self.null_experts + self.identity_experts:
+            raise ValueError(f"n_group={self.n_group}: groups of null or identity experts")
+        check_recipe(self)
+
+    def router_columns(self, num_experts: int) -> int:
+        """The true experts' logits, then the null and the identity experts' (E + n + m)."""
+        return num_experts + self.null_experts + self.identity_experts
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, self.router_columns(num_experts))
+        if num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} does not divide num_experts={num_experts}")
+        if self.k > self.topk_group * (num_experts // self.n_group):
+            raise ValueError(
+                f"k={self.k} is more than the experts of topk_group={self.topk_group} groups"
+            )
+
+    def init_state(self, num_experts: int) -> dict[str, Tensor]:
+        columns = self.router_columns(num_experts)
+        return {"bias": torch.zeros(columns)} if self.selection_bias else {}
+
+    def update_state(self, state: dict[str, Tensor], stats) -> None:
+        """b_i += u * sign(mean load - load_i); u = ``bias_rate`` (0: as Hugging Face, frozen)."""
+        if self.bias_rate:
+            load = stats.tokens_per_expert.float()  # (E,)
+            E = load.shape[0]  # the true experts' bias (null and identity ones keep theirs)
+            state["bias"][:E] += self.bias_rate * torch.sign(load.mean() - load)
+
+    def __call__(
+        self,
+        logits: Tensor,
+        *,
+        training: bool,
+        seq_len: int | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> Routing:
+        return score_top_k(
+            logits,
+            self.k,
+            score=self.score,
+            weight=self.weight,
+            renormalize=self.renormalize,
+            norm_p=self.norm_p,
+            norm_eps=self.norm_eps,
+            norm_min=self.norm_min,
+            scaling=self.scaling,
+            bias=state["bias"] if self.selection_bias else None,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            group_score=self.group_score,
+            softcap=self.softcap,
+            null_experts=self.null_experts,
+            identity_experts=self.identity_experts,
+        )
+
+
+# ---- PhiMoE's SparseMixer, at inference --------------------------------------------------
+
+
+def sparse_mixer(logits: Tensor, k: int = 2, jitter_eps: float = 0.01) -> Routing:
+    """PhiMoE's SparseMixer as it routes at inference (Liu et al. 2024, arXiv 2409.12136).
+
+    Round r = 1..k: e_r = the best logit not yet chosen (value m_r); g_r = the softmax, at e_r,
+    over the not-yet-chosen logits l_j close to m_r, (m_r - l_j) / max(|l_j|, m_r) <= 2 eps
+    (``jitter_eps``); the others are masked out. Each round is its own softmax: no
+    renormalization. In training PhiMoE samples e_r (Gumbel) and estimates the gradient by
+    Heun's method; this rule is the inference one in training too.
+    """
+    logits = check_logits(logits)
+    check_int("k", k, 1, logits.shape[1])
+    check_float("jitter_eps", jitter_eps, 0.0)
+    remaining = logits  # (T, E) chosen experts set to -inf, round after round
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    weights = torch.zeros_like(logits)
+    for _ in range(k):
+        top, chosen = remaining.max(dim=1, keepdim=True)  # (T, 1) each
+        far = (top - logits) / logits.abs().clamp(min=top) > 2 * jitter_eps  # (T, E)
+        g = remaining.masked_fill(far, float("-inf")).softmax(dim=1)  # (T, E)
+        weights = weights.scatter(1, chosen, g.gather(1, chosen))
+        mask = mask.scatter(1, chosen, True)
+        remaining = remaining.scatter(1, chosen, float("-inf"))
+    return Routing(logits=logits, probs=logits.softmax(dim=-1), mask=mask, weights=weights)
+
+
+@dataclass(frozen=True)
+class SparseMixer:
+    """PhiMoE's router at inference: ``sparse_mixer`` (k = 2 in PhiMoE). The training-time
+    sampling and its gradient estimator are not reproduced: in training it routes as at
+    inference."""
+
+    k: int = 2
+    jitter_eps: float = 0.01
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "sparse_mixer"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_float("jitter_eps", self.jitter_eps, 0.0)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        return sparse_mixer(logits, self.k, self.jitter_eps)

@@ -1,0 +1,236 @@
+"""The released models' rules (minimoe/routing/zoo.py, capacity.py, hashing.py): hand-worked
+values, properties and refusals; tests/test_families.py checks them against Hugging Face."""
+
+import math
+
+import pytest
+import torch
+
+from minimoe import MoE, MoEConfig, routing
+from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.routing import (
+    CapacityTopK,
+    HashTopK,
+    ScoreTopK,
+    SparseMixer,
+    capacity_top_k,
+    hash_top_k,
+    score_top_k,
+    sparse_mixer,
+    top_k,
+)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- hand-worked values ---------------------------------------------------------------------
+
+
+def test_softmax_rule_is_top_k_bit_for_bit():
+    logits = rand(64, 8)
+    assert torch.equal(score_top_k(logits, 2).weights, top_k(logits, 2).weights)
+    assert torch.equal(
+        score_top_k(logits, 3, renormalize=False).weights, top_k(logits, 3, False).weights
+    )
+
+
+def test_top_k_of_logits_then_softmax():
+    r = score_top_k(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), 2, score="logits", weight="softmax",
+                    renormalize=False)  # fmt: skip
+    e = math.e
+    torch.testing.assert_close(r.weights, torch.tensor([[e / (e + 1), 1 / (e + 1), 0.0, 0.0]]))
+
+
+def test_top_k_then_softmax_has_the_gradient_of_renormalized_softmax_top_k():
+    """exp(l_i) / sum_S exp(l_j) either way: the same function, so the same gradient; only
+    top-k of the softmax without renormalization differs (the other logits stay in P_i)."""
+    logits = rand(32, 8).requires_grad_()
+    mix = rand(32, 8, seed=1)
+
+    def grad(**rule):
+        (score_top_k(logits, 2, **rule).weights * mix).sum().backward()
+        g, logits.grad = logits.grad.clone(), None
+        return g
+
+    then_softmax = grad(score="logits", weight="softmax", renormalize=False)
+    torch.testing.assert_close(then_softmax, grad(), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(then_softmax, grad(renormalize=False), atol=1e-3)
+
+
+def test_the_bias_selects_and_never_weighs():
+    bias = torch.tensor([0.0, 1.0, 0.0, 2.0], requires_grad=True)
+    r = score_top_k(torch.zeros(1, 4), 2, score="sigmoid", bias=bias)
+    assert r.mask.tolist() == [[False, True, False, True]]
+    assert r.weights.tolist() == [[0.0, 0.5, 0.0, 0.5]]  # sigmoid(0) renormalized
+    assert not r.weights.requires_grad  # no path from the bias to the weights
+
+
+def test_p_norm_floor_soft_cap_and_sqrt_softplus():
+    probs = torch.tensor([[0.6, 0.3, 0.1]])
+    pnorm = score_top_k(probs.log(), 2, norm_p=2.0).weights  # DBRX
+    torch.testing.assert_close(pnorm, torch.tensor([[0.6, 0.3, 0.0]]) / math.sqrt(0.45))
+    floor = score_top_k(probs.log(), 1, norm_min=0.75).weights  # ERNIE: max(sum, floor)
+    torch.testing.assert_close(floor, torch.tensor([[0.6 / 0.75, 0.0, 0.0]]))
+    capped = score_top_k(torch.tensor([[10.0, 0.0]]), 1, score="sigmoid", softcap=3.0)
+    torch.testing.assert_close(capped.logits, torch.tensor([[3 * math.tanh(10 / 3), 0.0]]))
+    root = score_top_k(torch.tensor([[1.0, 0.0]]), 1, score="sqrt_softplus", renormalize=False)
+    assert root.weights[0, 0].item() == pytest.approx(math.sqrt(math.log1p(math.e)))
+
+
+def test_groups_by_max_and_by_the_sum_of_two_differ():
+    logits = torch.tensor([[3.0, -5.0, 2.5, 2.5]])  # group 0 has the best expert, group 1 two good
+    by_max = score_top_k(logits, 2, n_group=2, topk_group=1, group_score="max")
+    by_sum = score_top_k(logits, 2, n_group=2, topk_group=1)
+    assert by_max.mask.tolist() == [[True, True, False, False]]
+    assert by_sum.mask.tolist() == [[False, False, True, True]]
+
+
+def test_capacity_counts_first_choices_first_per_sequence():
+    logits = torch.tensor([[2.0, 0.0]] * 4)  # every token prefers expert 0
+    one = capacity_top_k(logits, 1, capacity=1, normalize="none")
+    assert one.mask[:, 0].tolist() == [True, False, False, False]
+    per_seq = capacity_top_k(logits, 1, capacity=1, seq_len=2, normalize="none")
+    assert per_seq.mask[:, 0].tolist() == [True, False, True, False]
+    two = capacity_top_k(logits, 2, capacity=2)  # second choices wait for every first choice
+    assert two.mask.tolist() == [[True, True], [True, True], [False, False], [False, False]]
+    assert two.weights[0].tolist() == pytest.approx(torch.softmax(logits[0], 0).tolist())
+
+
+def test_capacity_renormalizes_after_the_drop():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 2.0, -1.0], [2.0, 1.0, -1.0]])
+    after = capacity_top_k(logits, 2, capacity=1)  # token 2 loses both experts
+    before = capacity_top_k(logits, 2, capacity=1, normalize="before_drop")
+    assert after.mask[2].tolist() == [False, False, False] and after.weights[2].sum() == 0
+    assert after.weights[0].sum().item() == pytest.approx(1.0)  # lost its second: g = 1
+    assert before.weights[0].sum().item() < 1.0
+
+
+def test_sparse_mixer_rounds():
+    logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    narrow = sparse_mixer(logits, 2, jitter_eps=0.01)  # 1.9 is 5% below 2: masked, g = 1
+    assert narrow.weights.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    wide = sparse_mixer(logits, 2, jitter_eps=0.1)  # within 20%: round 1 shares with 1.9
+    torch.testing.assert_close(wide.weights, torch.tensor([[1 / (1 + math.exp(-0.1)), 1, 0, 0]]))
+
+
+def test_hash_routing_reads_the_table():
+    r = hash_top_k(torch.zeros(2, 4), torch.tensor([[0, 3], [2, 1]]), score="sigmoid")
+    assert r.mask.tolist() == [[True, False, False, True], [False, True, True, False]]
+    assert r.weights[r.mask].tolist() == [0.5] * 4
+
+
+# ---- properties -----------------------------------------------------------------------------
+
+RULES = [
+    ScoreTopK(k=3),
+    ScoreTopK(score="logits", weight="softmax", renormalize=False),
+    ScoreTopK(score="logits", weight="sigmoid", selection_bias=True),
+    ScoreTopK(score="sigmoid", selection_bias=True, n_group=4, topk_group=2, scaling=2.5),
+    ScoreTopK(score="sqrt_softplus", selection_bias=True, norm_eps=1e-20, softcap=2.0),
+    ScoreTopK(n_group=4, topk_group=1, group_score="max", renormalize=False, norm_p=2.0),
+    CapacityTopK(k=2, expert_capacity=5),
+    CapacityTopK(k=1, expert_capacity=3, per_sequence=True, normalize="none"),
+    SparseMixer(k=3, jitter_eps=0.05),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[f"{type(r).__name__}{i}" for i, r in enumerate(RULES)])
+def test_weights_vanish_outside_the_selection_and_groups_hold(rule):
+    logits = rand(40, 8)
+    init = getattr(rule, "init_state", lambda num_experts: {})
+    state = {k: torch.randn(v.shape) for k, v in init(8).items()}
+    r = rule(logits, training=True, seq_len=10, **({"state": state} if state else {}))
+    assert torch.equal(r.weights[~r.mask], torch.zeros((~r.mask).sum()))
+    assert (r.weights[r.mask] >= 0).all()
+    assert (r.mask.sum(1) <= getattr(rule, "k", 8)).all()
+    if getattr(rule, "n_group", 1) > 1:  # at most topk_group groups per token
+        groups = r.mask.view(40, rule.n_group, -1).any(-1).sum(1)
+        assert (groups <= rule.topk_group).all()
+
+
+def test_the_bias_is_state_and_frozen_unless_asked():
+    rule = ScoreTopK(score="sigmoid", selection_bias=True)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))
+    assert [n for n, _ in moe.named_buffers()] == ["router_state.bias"]
+    assert not any("bias" in n for n, _ in moe.named_parameters())
+    stats = moe(rand(16, 8)).stats
+    moe.update_router_state(stats)
+    assert moe.router_state.bias.abs().sum() == 0  # bias_rate 0: as Hugging Face, frozen
+    moe.replace_config(router=ScoreTopK(score="sigmoid", selection_bias=True, bias_rate=0.1))
+    moe.update_router_state(stats)
+    assert moe.router_state.bias.abs().sum() > 0
+
+
+def test_hash_routing_through_the_layer_and_the_model():
+    rule = HashTopK(k=2, vocab_size=16)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))
+    ids = torch.tensor([[3, 3, 5]])
+    r = moe(rand(1, 3, 8), token_ids=ids).routing
+    assert torch.equal(r.mask[0], r.mask[1])  # the same token id, the same experts
+    table = moe.router_state.table
+    assert (table.sort(1).values.diff(dim=1) > 0).all()  # k distinct experts per token id
+    model = TinyTransformer(ModelConfig(vocab_size=16, moe=moe.config))
+    out = model(torch.randint(0, 16, (2, 6)))
+    assert all(m.routing.mask.sum(1).eq(2).all() for m in out.layers)
+
+
+def test_refusals_name_the_field():
+    with pytest.raises(ValueError, match="weight='softmax'.*score='logits'"):
+        ScoreTopK(weight="softmax")
+    with pytest.raises(ValueError, match="bias_rate"):
+        ScoreTopK(bias_rate=0.1)
+    with pytest.raises(ValueError, match="group_score"):
+        ScoreTopK(group_score="mean")
+    with pytest.raises(ValueError, match="n_group=3"):
+        MoEConfig(num_experts=8, router=ScoreTopK(n_group=3))
+    with pytest.raises(ValueError, match="normalize"):
+        CapacityTopK(normalize="later")
+    with pytest.raises(ValueError, match="norm_p"):
+        score_top_k(rand(4, 8), 2, norm_p=0.0)
+    with pytest.raises(ValueError, match="n_group=3"):
+        score_top_k(rand(4, 8), 2, n_group=3, topk_group=1)
+    with pytest.raises(ValueError, match="seq_len=3"):
+        capacity_top_k(rand(8, 4), 1, 2, seq_len=3)
+    with pytest.raises(ValueError, match="token_ids"):
+        MoE(MoEConfig(d_model=8, num_experts=4, router=HashTopK()))(rand(3, 8))
+    with pytest.raises(ValueError, match="experts must have shape"):
+        hash_top_k(rand(3, 4), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_the_zoo_specs_are_registered_and_round_trip():
+    for spec in [*RULES, HashTopK(k=3, vocab_size=50, seed=2)]:
+        assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
+    config = MoEConfig(
+        router=ScoreTopK(score="sigmoid", selection_bias=True, n_group=4, topk_group=2)
+    )
+    assert MoEConfig.from_dict(config.to_dict()) == config
+
+
+def test_null_and_identity_experts_compete_and_drop_out():
+    # columns: 2 true experts, 1 null, 1 identity; softmax over all four, top-2, no renorm
+    logits = torch.tensor([[0.0, -9.0, 1.0, 2.0], [3.0, 2.0, -9.0, -9.0]])
+    r = score_top_k(logits, 2, renormalize=False, null_experts=1, identity_experts=1)
+    p = logits.softmax(-1)
+    assert r.mask.tolist() == [[False, False], [True, True]]  # token 0 chose null + identity
+    torch.testing.assert_close(r.identity, torch.stack([p[0, 3], torch.tensor(0.0)]))
+    torch.testing.assert_close(r.weights[1], p[1, :2])
+    assert r.probs.shape == (2, 2) and torch.allclose(r.probs.sum(1), torch.ones(2))
+
+
+def test_the_layer_adds_the_identity_experts_weight_times_x():
+    rule = ScoreTopK(k=2, identity_experts=2, renormalize=False)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))
+    assert moe.gate_extra.weight.shape == (2, 8)  # the identity experts' router rows
+    with torch.no_grad():
+        moe.gate_extra.weight.copy_(rand(2, 8))
+    x = rand(16, 8, seed=2)
+    out = moe(x)
+    assert out.routing.identity.gt(0).any()
+    without = out.output - out.routing.identity[:, None] * x
+    dense = sum(out.routing.weights[:, e, None] * moe.experts.expert(e, x) for e in range(4))
+    torch.testing.assert_close(without, dense, atol=1e-6, rtol=1e-5)
+    plain = score_top_k(rand(16, 4), 2)  # a routing without identity experts
+    both = type(out.routing).cat([out.routing, plain])
+    assert both.identity.shape == (32,) and both.identity[16:].eq(0).all()
