@@ -13,7 +13,7 @@ import argparse
 import statistics
 from collections.abc import Callable, Iterable
 
-from course import testbed, text
+from course import stats, testbed, text
 from course.common import load_json
 
 TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
@@ -29,7 +29,13 @@ def _stats(values: Iterable[float]) -> tuple[float, float, float, int]:
 
 
 def _row(chapter: str, router: str, quantity: str, values, data: str, recipe: str) -> dict:
+    """One number over seeds: its mean and range; a paired difference (`` - `` in its name)
+    gets its 95% t-interval instead of the range (uncorrected: each chapter corrects its own
+    family of comparisons)."""
     mean, low, high, seeds = _stats(values)
+    if " - " in quantity and seeds > 1:
+        interval = stats.compare(list(values), [0.0] * seeds)
+        low, high = interval.low, interval.high
     return {
         "chapter": chapter,
         "router": router,
@@ -236,11 +242,16 @@ def headline_rows() -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table: the mean over seeds and its range."""
     lines = [
-        "| chapter | router | quantity | mean (range over seeds) | data and model | losses |",
+        "| chapter | router | quantity | mean (range over seeds; differences: 95% interval) | data and model | losses |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        value = f"{r['mean']:.3g} ({r['low']:.3g} to {r['high']:.3g}, {r['seeds']} seeds)"
+        if " - " in r["quantity"]:
+            value = (
+                f"{r['mean']:+.3g} [95%: {r['low']:+.3g} to {r['high']:+.3g}, {r['seeds']} seeds]"
+            )
+        else:
+            value = f"{r['mean']:.3g} ({r['low']:.3g} to {r['high']:.3g}, {r['seeds']} seeds)"
         lines.append(
             f"| {r['chapter']} | {r['router']} | {r['quantity']} | {value} | {r['data']} | {r['recipe']} |"
         )

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from course import harness, testbed
+from course import balance, harness, testbed
 from course.harness import Run
 from minimoe.layer import MoEConfig
 from minimoe.routing import TopK, TopP
@@ -127,3 +127,23 @@ def test_merge_joins_processes_run_side_by_side(tmp_path):
             [tmp_path / "a" / "results.json", tmp_path / "all" / "results.json"],
             tmp_path / "x",
         )
+
+
+HARNESS_EXPERIMENTS = [testbed.Testbed, testbed.TestbedDirichlet, balance.Balance]
+
+
+@pytest.mark.parametrize("cls", HARNESS_EXPERIMENTS, ids=lambda c: c.name)
+def test_every_cached_result_matches_its_declared_runs(cls):
+    exp = cls()
+    results = harness.load(exp)  # refuses a stored config that differs from the declared one
+    assert set(results.runs) == set(exp.runs), "every declared run is cached, and nothing else"
+    assert results.seeds == list(exp.seeds)
+    for run in exp.runs:
+        assert results.seeds_of(run) == list(exp.seeds), f"{run}: every seed"
+        for seed in exp.seeds:
+            record = results.record(run, seed)
+            assert record["curve"]["step"][-1] == exp.setup.steps, "trained to the declared steps"
+            assert record["measures"] == {
+                k: v[-1] for k, v in record["curve"].items() if k != "step"
+            }
+    assert results.data["setup"] == harness.json.loads(harness.json.dumps(exp.header("")["setup"]))
