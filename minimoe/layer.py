@@ -359,11 +359,13 @@ class MoE(nn.Module):
         routing = self.route(tokens, seq_len)
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
-        out = combine(tokens, weights, kept, self.experts, path=c.dispatch)
+        k = getattr(c.router, "k", None)  # None: the mean experts per token
+        fixed = k if isinstance(k, int) and not isinstance(k, bool) else None
+        # compiled, a router with k experts per token dispatches T * k pairs: fixed shapes
+        out = combine(tokens, weights, kept, self.experts, path=c.dispatch, k=fixed)
         if self.shared is not None:  # every token, dropped or not
             out = out + self._shared_output(tokens)
 
-        k = getattr(c.router, "k", None)  # None: the mean experts per token
         losses = {
             "load_balance": load_balance_loss(routing.probs, routing.mask, count=c.balance_counts),
             "z_loss": z_loss(routing.logits),

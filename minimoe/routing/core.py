@@ -106,7 +106,9 @@ def check_logits(logits: Tensor) -> Tensor:
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
-    if logits.numel() and not torch.isfinite(logits).all():
+    if torch.compiler.is_compiling():  # no branch on values: an assert that does not sync
+        torch._assert_async(torch.isfinite(logits).all(), "logits must be finite")
+    elif logits.numel() and not torch.isfinite(logits).all():
         bad = logits[~torch.isfinite(logits)].flatten()[0].item()
         raise ValueError(f"logits must be finite, found {bad}")
     return logits.float()
