@@ -8,6 +8,14 @@ their outputs with the combine weights; a shared expert (DeepSeekMoE, Qwen2-MoE)
 configured, is added for every token. The layer returns the output beside the routing,
 the auxiliary losses and the statistics: nothing is stored on the module, so re-running a
 cell never double-counts a loss. ``fine_grained`` splits every expert into m narrower ones.
+
+``torch.compile(layer)`` trains and infers with every router. Under compilation the experts run
+as one custom operator (minimoe/compiled.py) and a router with a ``k`` dispatches T * k pairs,
+so dropless top-k, noisy top-k and sigmoid routing are one graph, fullgraph or not. Top-p,
+adaptive, GW broadcast and expert choice send a data-dependent number of pairs: without
+fullgraph the graph breaks at that count (``nonzero``); ``fullgraph=True`` traces it as an
+unbacked size. A capacity counts its slots on the host (``int(...)`` in ``kept_pairs``): a graph
+break, and ``fullgraph=True`` refuses it. Checks of values assert without a host sync there.
 """
 
 from __future__ import annotations

@@ -82,8 +82,9 @@ def run_split(jobs: list[Callable[[], None]]) -> None:
         with torch.inference_mode() if inference else torch.no_grad():
             job()
 
-    if len(jobs) == 1:  # nothing to share: this thread, with its usual intra-op threads
-        jobs[0]()
+    if len(jobs) <= 1:  # nothing to share: this thread, with its usual intra-op threads
+        for job in jobs:
+            job()
         return
     futures = [_executor(len(jobs) - 1).submit(one_core, job) for job in jobs[1:]]
     errors: list[BaseException] = []

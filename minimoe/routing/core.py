@@ -93,7 +93,10 @@ class Routing:
 
 
 def check_logits(logits: Tensor) -> Tensor:
-    """Validate router logits and return them as float32 (the router runs in float32)."""
+    """Validate router logits and return them as float32 (the router runs in float32).
+
+    Under ``torch.compile`` finiteness is an asynchronous assert (RuntimeError, no host sync).
+    """
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
