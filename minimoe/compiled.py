@@ -68,12 +68,14 @@ def expert_ffn_backward(
     """The gradients of ``expert_ffn``'s y for x, gate_up and down."""
     rows = _counts(x, counts)
     threads = _threads(x, rows, min_experts)
+    # contiguous: the gradients take their operands' layout, and the fake below promises it
+    gate_up, down = gate_up.contiguous(), down.contiguous()
     return ffn_backward(grad_y, x, gate_up, down, h, a, rows, activation, threads)
 
 
 @expert_ffn_backward.register_fake
 def _(grad_y, x, gate_up, down, h, a, counts, activation, min_experts):
-    return torch.empty_like(x), torch.empty_like(gate_up), torch.empty_like(down)
+    return x.new_empty(x.shape), gate_up.new_empty(gate_up.shape), down.new_empty(down.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
