@@ -3,8 +3,8 @@
 Under compilation the rows per expert are a (E,) tensor whose values the compiler cannot know,
 so it cannot trace a loop over experts; and it refuses ``F.grouped_mm`` in float32 on CPU
 ("Expected inputs of BF16 type"). ``expert_ffn`` is opaque to it instead: the compiled graph
-sees a (N, d) -> (N, d) operator with fixed output shapes, so it neither breaks the graph nor
-syncs inside the traced code. At run time the operator reads the counts and runs
+sees a (N, d) -> (N, d) operator with fixed output shapes and does not break. At run time the
+operator reads the counts on the host (on CUDA a sync, as in the eager layer) and runs
 ``minimoe.threaded``'s per-expert matmuls, dealt out to threads where the eager layer would
 deal them (CPU, OpenMP, enough experts with rows), and its written-out backward.
 """
