@@ -152,6 +152,19 @@ def test_nonfinite_logits_are_refused_when_compiled():
         torch.compile(moe, backend="eager", fullgraph=True)(tokens())
 
 
+def test_router_state_updated_between_steps_reaches_the_compiled_layer():
+    torch.manual_seed(0)
+    router = SigmoidTopK(k=1, bias_rate=0.5, renormalize=False)
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=E, router=router))
+    compiled = torch.compile(moe, backend="eager", fullgraph=True)
+    x = torch.randn(64, D)
+    for _ in range(3):
+        out = compiled(x)
+        assert torch.equal(out.routing.mask, moe(x).routing.mask)
+        moe.update_router_state(out.stats)  # b += 0.5 sign(mean load - load): routes move
+    assert moe.router_state.bias.abs().sum() > 0
+
+
 # ---- graph breaks -------------------------------------------------------------------------
 
 
