@@ -18,6 +18,8 @@ Everything below is measured in one run, on one set of weights:
    device, and torch.cuda.max_memory_allocated per step on CUDA.
 4. Rows per expert: one expert's fwd+bwd time per row on 32 to 2048 rows, against the cost per
    row at 2048 rows (a routed layer gives each expert ~T * k / E rows).
+5. torch.compile (full runs, or ``--compile``): the dense FFN and the top-2 layer, eager and
+   compiled (the layer with ``fullgraph=True``), fwd+bwd at T=2048, interleaved in one table.
 
 Timing: warm-up rounds, then the median of N rounds; in each round every variant runs once,
 in alternating order (ABC.., ..CBA) so that drift and background load hit all of them alike;
@@ -76,6 +78,10 @@ TARGET_SIGMOID = 1.05  # issue 12: the sigmoid/bias router costs <= 5% over top-
 TARGET_E64 = 1.5  # issue 12: sorted fwd+bwd <= 1.5x dense at T=2048 with E=64 fine-grained experts
 NO_THREADS = "sorted, grouped kernel"  # the target check's control: minimoe.threaded off
 TARGET_E64_ROUNDS = 25  # the table's 9 rounds include HF's block (seconds a step): more, alone
+# issue 25: torch.compile'd top-2 (sorted) fwd+bwd <= this x the eager dense FFN, T=2048, CPU
+TARGET_COMPILED = {8: 1.10, 64: 1.5}
+COMPILE_TOKENS = 2048
+COMPILE_ROUNDS = 15
 
 MALLOC_KEEP_BYTES = 2**30  # --malloc keep: allocations up to 1 GiB reuse freed memory
 BUSY_SHARE = 0.05  # warn when other processes used more than this share of the CPU
@@ -433,6 +439,75 @@ def bench_tokens(
     }
 
 
+def compiled_table(
+    models: dict[str, nn.Module], E: int, warmup: int, rounds: int, device: torch.device, seed: int
+) -> None:
+    """The dense FFN and the default top-2 layer, eager and ``torch.compile``d, fwd+bwd at
+    T=2048: ratios of the same rounds (the compiled variants' first call, timed apart, compiles)."""
+    torch._dynamo.reset()
+    dense, moe = models["dense"], models["top2-sorted"]
+    variants = {
+        "dense": dense,
+        "dense compiled": torch.compile(dense),
+        "top2 eager": moe,
+        "top2 compiled": torch.compile(moe, fullgraph=True),
+    }
+    gen = torch.Generator().manual_seed(seed + COMPILE_TOKENS)
+    x = torch.randn(COMPILE_TOKENS, D_MODEL, generator=gen).to(device).requires_grad_(True)
+    grad_out = torch.randn(COMPILE_TOKENS, D_MODEL, generator=gen).to(device)
+    params = [x, *dense.parameters(), *moe.parameters()]
+
+    def step(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            out = model(x)
+            out, aux = (out, 0.0) if isinstance(out, Tensor) else (out.output, out.aux_loss)
+            ((out * grad_out).sum() + aux).backward()
+
+        return run
+
+    def reset() -> None:
+        for p in params:
+            p.grad = None
+
+    compile_s, grads = {}, {}
+    for name, model in variants.items():  # compiles; the gradients checked against eager
+        reset()
+        start = time.perf_counter()
+        step(model)()
+        synchronize(device)
+        compile_s[name] = time.perf_counter() - start
+        grads[name] = [p.grad for p in params if p.grad is not None]
+    err = max(
+        (a - b).abs().max().item()
+        for a, b in zip(grads["top2 compiled"], grads["top2 eager"], strict=True)
+    )
+    t = interleaved({n: step(m) for n, m in variants.items()}, rounds, warmup, device, before=reset)
+    target = TARGET_COMPILED.get(E)
+    print(
+        f"\n#### 5. torch.compile, E={E}, T={COMPILE_TOKENS}, fwd+bwd, median of {rounds} "
+        "interleaved rounds (ratios: medians of the per-round ratios)"
+    )
+    print(
+        f"first call (compiles): dense {compile_s['dense compiled']:.1f} s, top-2 layer "
+        f"{compile_s['top2 compiled']:.1f} s; max|grad compiled - grad eager| = {err:.2e}\n"
+    )
+    print("| variant | ms | x dense | x dense compiled | x top2 eager |")
+    print("|---|---:|---:|---:|---:|")
+    for n in variants:
+        print(
+            f"| {n} | {t[n] * 1e3:.1f} | {t.ratio(n, 'dense'):.2f}x "
+            f"| {t.ratio(n, 'dense compiled'):.2f}x | {t.ratio(n, 'top2 eager'):.2f}x |"
+        )
+    if target is not None:
+        r = t.ratio("top2 compiled", "dense")
+        ok = verdict(r <= target) if device.type == "cpu" else "- (CPU target)"
+        print(
+            f"\ntarget (issue 25): compiled top-2 fwd+bwd <= {target}x dense at T={COMPILE_TOKENS},"
+            f" E={E}, on CPU: {r:.2f}x, {ok}"
+        )
+    torch._dynamo.reset()
+
+
 # ---- printing --------------------------------------------------------------------------------
 
 
@@ -631,6 +706,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time torch.compile'd dense and top-2 at T=2048, float32 (default: on, off with --quick)",
+    )
+    parser.add_argument(
         "--malloc",
         choices=("glibc", "keep"),
         default="glibc",
@@ -749,6 +830,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"same without minimoe.threaded: {ratio('top2-sorted')}, "
                 f"{verdict(r64 <= TARGET_E64)}; {NO_THREADS}: {ratio(NO_THREADS)}"
             )
+        if (args.compile if args.compile is not None else not args.quick) and autocast is None:
+            rounds = args.repeats or (QUICK_REPEATS if args.quick else COMPILE_ROUNDS)
+            compiled_table(models, E, warmup_for(E), rounds, device, args.seed)
         if E == experts[0]:  # the experts have the same size for every E
             print_rows_table(
                 models["top2-sorted"].experts, warmup_for(E), 10 if args.quick else 30, device

@@ -31,7 +31,7 @@ DISPATCH_PATHS = ("sorted", "loop")
 
 class ExpertsLike(Protocol):
     def expert(self, e: int, x: Tensor) -> Tensor: ...
-    def grouped(self, x: Tensor, counts: list[int]) -> Tensor: ...
+    def grouped(self, x: Tensor, counts: list[int] | Tensor) -> Tensor: ...
 
 
 def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float | None) -> int | None:
@@ -83,23 +83,53 @@ class SortedPairs(NamedTuple):
 
     token: Tensor  # (N,) token index of each pair
     expert: Tensor  # (N,) expert index of each pair
-    counts: list[int]  # pairs per expert, length E
+    counts: list[int] | Tensor  # pairs per expert, length E (a tensor under torch.compile)
 
 
-def sort_by_expert(mask: Tensor) -> SortedPairs:
-    """The pairs of a (T, E) mask grouped by expert, for contiguous per-expert slices."""
-    expert_major = mask.t().nonzero()  # (N, 2) rows (expert, token), expert-major, token order
-    expert, token = expert_major.unbind(dim=1)
-    counts = torch.bincount(expert, minlength=mask.shape[1]).tolist()
+def sort_by_expert(mask: Tensor, k: int | None = None) -> SortedPairs:
+    """The pairs of a (T, E) mask grouped by expert, for contiguous per-expert slices.
+
+    Under ``torch.compile`` the counts stay a tensor (no host sync), and with ``k`` (no token
+    has more than k experts) the pairs are T * k, a shape the compiler knows: a token with
+    fewer than k experts is given filler pairs with experts outside its mask, which the
+    combine weighs 0. Without ``k`` the number of pairs depends on the mask: a graph break.
+    """
+    if not torch.compiler.is_compiling():
+        expert_major = mask.t().nonzero()  # (N, 2) rows (expert, token), expert-major, token order
+        expert, token = expert_major.unbind(dim=1)
+        counts = torch.bincount(expert, minlength=mask.shape[1]).tolist()
+        return SortedPairs(token=token, expert=expert, counts=counts)
+    num_tokens, num_experts = mask.shape
+    if k is None:
+        expert, token = mask.t().nonzero().unbind(dim=1)
+    else:
+        k = min(k, num_experts)
+        torch._assert_async((mask.sum(dim=1) <= k).all(), f"a token has more than k={k} experts")
+        # (T, k) each token's experts first, in expert order; then all pairs by expert, stable
+        chosen = (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :k].reshape(-1)
+        order = chosen.argsort(stable=True)  # (T * k,) expert-major, token order within
+        expert, token = chosen[order], order // k
+    counts = torch.zeros(num_experts, dtype=torch.long, device=mask.device)
+    counts = counts.index_add(0, expert, torch.ones_like(expert))
     return SortedPairs(token=token, expert=expert, counts=counts)
 
 
-def combine_sorted(x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike) -> Tensor:
-    """y_t = sum_{e: mask[t, e]} weights[t, e] * Expert_e(x_t), via sort-gather-scatter."""
-    pairs = sort_by_expert(mask)
+def combine_sorted(
+    x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike, k: int | None = None
+) -> Tensor:
+    """y_t = sum_{e: mask[t, e]} weights[t, e] * Expert_e(x_t), via sort-gather-scatter.
+
+    ``k``: no token has more than k experts (under ``torch.compile``: fixed shapes, see
+    ``sort_by_expert``; ignored otherwise).
+    """
+    pairs = sort_by_expert(mask, k)
     # index_select, not x[token]: its backward is an index_add, not a slower accumulating index_put
     expert_out = experts.grouped(x.index_select(0, pairs.token), pairs.counts)  # (N, d) gather, run
-    gate = weights.t()[mask.t()].to(x.dtype)[:, None]  # (N, 1), the pairs' expert-major order
+    if isinstance(pairs.counts, Tensor):  # compiled: look the weights up; filler pairs get 0
+        picked = mask[pairs.token, pairs.expert]  # (N,)
+        gate = torch.where(picked, weights[pairs.token, pairs.expert], 0).to(x.dtype)[:, None]
+    else:
+        gate = weights.t()[mask.t()].to(x.dtype)[:, None]  # (N, 1), the pairs' expert-major order
     # sum in x's dtype: under autocast the experts return bfloat16, the float32 stream stays float32
     return torch.zeros_like(x).index_add_(0, pairs.token, expert_out.to(x.dtype) * gate)
 
@@ -119,9 +149,20 @@ COMBINE = {"sorted": combine_sorted, "loop": combine_loop}
 
 
 def combine(
-    x: Tensor, weights: Tensor, mask: Tensor, experts: ExpertsLike, path: str = "sorted"
+    x: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    experts: ExpertsLike,
+    path: str = "sorted",
+    k: int | None = None,
 ) -> Tensor:
-    """Dispatch x (T, d) to the experts by ``mask`` and combine with ``weights``: (T, d)."""
+    """Dispatch x (T, d) to the experts by ``mask`` and combine with ``weights``: (T, d).
+
+    Under ``torch.compile`` both paths take the sorted one (the loop's per-expert sizes would
+    break the graph once per expert); ``k`` bounds the experts per token (``combine_sorted``).
+    """
     if path not in COMBINE:
         raise ValueError(f"unknown dispatch path {path!r}; choose from {DISPATCH_PATHS}")
+    if path == "sorted" or torch.compiler.is_compiling():
+        return combine_sorted(x, weights, mask, experts, k)
     return COMBINE[path](x, weights, mask, experts)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minimoe.checks import check_choice, check_int
+from minimoe.compiled import expert_ffn
 from minimoe.threaded import ThreadedExperts, activate, openmp_backend
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -103,8 +104,12 @@ class Experts(nn.Module):
         """Expert e on its tokens: (n, d) -> (n, d)."""
         return self._ffn(x, self.gate_up[e], self.down[e])
 
-    def grouped(self, x: Tensor, counts: list[int]) -> Tensor:
+    def grouped(self, x: Tensor, counts: list[int] | Tensor) -> Tensor:
         """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d).
+
+        ``counts`` as a (E,) tensor (what the dispatch passes under ``torch.compile``): the
+        experts run as one custom operator the compiler does not look into
+        (minimoe.compiled), in the compute dtype (autocast's, if on), threaded as below.
 
         On CPU with several torch threads, no autocast and at least
         ``CPU_THREADED_MIN_EXPERTS`` experts with rows, the experts are dealt out to threads,
@@ -114,6 +119,17 @@ class Experts(nn.Module):
         per-expert weight gradients), all experts run in two grouped GEMMs; elsewhere, and if
         that kernel refuses the shapes, one matmul per expert.
         """
+        if isinstance(counts, Tensor):
+            dtype = compute_dtype(x)
+            y, _, _ = expert_ffn(
+                x.to(dtype),
+                self.gate_up.to(dtype),
+                self.down.to(dtype),
+                counts,
+                self.activation,
+                CPU_THREADED_MIN_EXPERTS,
+            )
+            return y
         if _threaded_usable(x, self.gate_up, counts):
             threads = torch.get_num_threads()
             return ThreadedExperts.apply(

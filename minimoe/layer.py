@@ -8,7 +8,16 @@ their outputs with the combine weights; a shared expert (DeepSeekMoE, Qwen2-MoE)
 configured, is added for every token. The layer returns the output beside the routing,
 the auxiliary losses and the statistics: no loss is stored on the module, so re-running a
 cell never double-counts a loss (a stateful router's layer counts its training forwards since
-the last state update, only to warn when a loop never updates it). ``fine_grained`` splits every expert into m narrower ones.
+the last state update, only to warn when a loop never updates it). ``fine_grained`` splits
+every expert into m narrower ones.
+
+``torch.compile(layer)`` trains and infers with every router. Under compilation the experts run
+as one custom operator (minimoe/compiled.py) and a router with a ``k`` dispatches T * k pairs,
+so dropless top-k, noisy top-k and sigmoid routing are one graph, fullgraph or not. Top-p,
+adaptive, GW broadcast and expert choice send a data-dependent number of pairs: without
+fullgraph the graph breaks at that count (``nonzero``); ``fullgraph=True`` traces it as an
+unbacked size. A capacity counts its slots on the host (``int(...)`` in ``kept_pairs``): a graph
+break, and ``fullgraph=True`` refuses it. Checks of values assert without a host sync there.
 """
 
 from __future__ import annotations
@@ -387,13 +396,15 @@ class MoE(nn.Module):
             self._count_stale_step()
         kept = kept_pairs(routing, c.capacity_factor)
         weights = routing.weights * kept if c.capacity_factor is not None else routing.weights
-        out = combine(tokens, weights, kept, self.experts, path=c.dispatch)
+        k = getattr(c.router, "k", None)  # None: the mean experts per token
+        fixed = k if isinstance(k, int) and not isinstance(k, bool) else None
+        # compiled, a router with k experts per token dispatches T * k pairs: fixed shapes
+        out = combine(tokens, weights, kept, self.experts, path=c.dispatch, k=fixed)
         if routing.identity is not None:  # identity experts: y += g x (LongCat-Flash)
             out = out + routing.identity[:, None].to(out.dtype) * tokens
         if self.shared is not None:  # every token, dropped or not
             out = out + self._shared_output(tokens)
 
-        k = getattr(c.router, "k", None)  # None: the mean experts per token
         losses = {
             "load_balance": load_balance_loss(routing.probs, routing.mask, count=c.balance_counts),
             "z_loss": z_loss(routing.logits),

@@ -36,7 +36,9 @@ def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "f
         return probs.new_zeros(())
     if count == "first":
         first = top_expert(probs)  # (T,) the library's one first-choice rule
-        f = torch.bincount(first, minlength=num_experts).to(probs.dtype) / num_tokens  # (E,)
+        # counted by index_add, not bincount: a fixed (E,) shape that torch.compile can trace
+        hits = first.new_zeros(num_experts).index_add_(0, first, torch.ones_like(first))
+        f = hits.to(probs.dtype) / num_tokens  # (E,)
     else:
         if mask is None:
             raise ValueError("load balance count='selected' needs the routing mask")

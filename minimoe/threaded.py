@@ -82,8 +82,9 @@ def run_split(jobs: list[Callable[[], None]]) -> None:
         with torch.inference_mode() if inference else torch.no_grad():
             job()
 
-    if len(jobs) == 1:  # nothing to share: this thread, with its usual intra-op threads
-        jobs[0]()
+    if len(jobs) <= 1:  # nothing to share: this thread, with its usual intra-op threads
+        for job in jobs:
+            job()
         return
     futures = [_executor(len(jobs) - 1).submit(one_core, job) for job in jobs[1:]]
     errors: list[BaseException] = []
@@ -119,6 +120,84 @@ def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
     return torch.ops.aten.gelu_backward(grad, h)
 
 
+def _starts(counts: Sequence[int]) -> list[int]:
+    """Row offsets of the experts' slices: expert e owns rows starts[e]:starts[e + 1]."""
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return starts
+
+
+def ffn_forward(
+    x: Tensor, gate_up: Tensor, down: Tensor, counts: list[int], activation: str, threads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = down_e(act(gate_up_e x)) for rows sorted by expert, the experts dealt into ``threads``
+    groups (1: this thread alone). Returns y and, for ``ffn_backward``, the pre-activation h and
+    the activation a."""
+    x = x.contiguous()  # its row slices are matmul operands
+    n, width, hidden = x.shape[0], gate_up.shape[1], down.shape[2]
+    starts = _starts(counts)
+    h = x.new_empty(n, width)  # pre-activation, kept for backward
+    a = x.new_empty(n, hidden)  # activation, kept for backward
+    y = x.new_empty(n, down.shape[1])
+
+    def job(experts: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            for e in experts:
+                s, t = starts[e], starts[e + 1]
+                torch.mm(x[s:t], gate_up[e].t(), out=h[s:t])
+                activate(h[s:t], activation, out=a[s:t])
+                torch.mm(a[s:t], down[e].t(), out=y[s:t])
+
+        return run
+
+    run_split([job(g) for g in balanced_groups(counts, threads)])
+    return y, h, a
+
+
+def ffn_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+    h: Tensor,
+    a: Tensor,
+    counts: list[int],
+    activation: str,
+    threads: int,
+    needs: Sequence[bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``ffn_forward`` for x, gate_up and down (None where ``needs`` is False)."""
+    starts = _starts(counts)
+    x, grad_y = x.contiguous(), grad_y.contiguous()
+    grad_x = torch.empty_like(x) if needs[0] else None
+    grad_gate_up = torch.empty_like(gate_up) if needs[1] else None
+    grad_down = torch.empty_like(down) if needs[2] else None
+    for e, c in enumerate(counts):  # experts without rows get zero gradients
+        if c == 0:
+            for g in (grad_gate_up, grad_down):
+                if g is not None:
+                    g[e].zero_()
+
+    def job(experts: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            for e in experts:
+                s, t = starts[e], starts[e + 1]
+                gy = grad_y[s:t]
+                if grad_down is not None:
+                    torch.mm(gy.t(), a[s:t], out=grad_down[e])
+                grad_h = _activation_backward(gy @ down[e], h[s:t], activation)
+                if grad_gate_up is not None:
+                    torch.mm(grad_h.t(), x[s:t], out=grad_gate_up[e])
+                if grad_x is not None:
+                    torch.mm(grad_h, gate_up[e], out=grad_x[s:t])
+
+        return run
+
+    run_split([job(g) for g in balanced_groups(counts, threads)])
+    return grad_x, grad_gate_up, grad_down
+
+
 class ThreadedExperts(torch.autograd.Function):
     """y = down_e(act(gate_up_e x)) for rows sorted by expert, experts spread over threads."""
 
@@ -133,61 +212,26 @@ class ThreadedExperts(torch.autograd.Function):
         threads: int,
     ) -> Tensor:
         """x (N, d) sorted by expert with ``counts[e]`` rows for expert e; ``threads`` groups."""
-        x = x.contiguous()  # its row slices are matmul operands
-        n, width, hidden = x.shape[0], gate_up.shape[1], down.shape[2]
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        h = x.new_empty(n, width)  # pre-activation, kept for backward
-        a = x.new_empty(n, hidden)  # activation, kept for backward
-        y = x.new_empty(n, down.shape[1])
-
-        def job(experts: list[int]) -> Callable[[], None]:
-            def run() -> None:
-                for e in experts:
-                    s, t = starts[e], starts[e + 1]
-                    torch.mm(x[s:t], gate_up[e].t(), out=h[s:t])
-                    activate(h[s:t], activation, out=a[s:t])
-                    torch.mm(a[s:t], down[e].t(), out=y[s:t])
-
-            return run
-
-        groups = balanced_groups(counts, threads)
-        run_split([job(g) for g in groups])
+        x = x.contiguous()
+        y, h, a = ffn_forward(x, gate_up, down, counts, activation, threads)
         ctx.save_for_backward(x, gate_up, down, h, a)
-        ctx.counts, ctx.starts, ctx.groups, ctx.activation = counts, starts, groups, activation
+        ctx.counts, ctx.activation, ctx.threads = counts, activation, threads
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
         x, gate_up, down, h, a = ctx.saved_tensors
-        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
-        starts, activation = ctx.starts, ctx.activation
-        grad_y = grad_y.contiguous()
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_gate_up = torch.empty_like(gate_up) if need_gate_up else None
-        grad_down = torch.empty_like(down) if need_down else None
-        for e, c in enumerate(ctx.counts):  # experts without rows get zero gradients
-            if c == 0:
-                for g in (grad_gate_up, grad_down):
-                    if g is not None:
-                        g[e].zero_()
-
-        def job(experts: list[int]) -> Callable[[], None]:
-            def run() -> None:
-                for e in experts:
-                    s, t = starts[e], starts[e + 1]
-                    gy = grad_y[s:t]
-                    if grad_down is not None:
-                        torch.mm(gy.t(), a[s:t], out=grad_down[e])
-                    grad_h = _activation_backward(gy @ down[e], h[s:t], activation)
-                    if grad_gate_up is not None:
-                        torch.mm(grad_h.t(), x[s:t], out=grad_gate_up[e])
-                    if grad_x is not None:
-                        torch.mm(grad_h, gate_up[e], out=grad_x[s:t])
-
-            return run
-
-        run_split([job(g) for g in ctx.groups])
-        return grad_x, grad_gate_up, grad_down, None, None, None
+        grads = ffn_backward(
+            grad_y,
+            x,
+            gate_up,
+            down,
+            h,
+            a,
+            ctx.counts,
+            ctx.activation,
+            ctx.threads,
+            needs=ctx.needs_input_grad[:3],
+        )
+        return *grads, None, None, None

@@ -98,7 +98,10 @@ class Routing:
 
 
 def check_logits(logits: Tensor) -> Tensor:
-    """Validate router logits and return them as float32 (the router runs in float32)."""
+    """Validate router logits and return them as float32 (the router runs in float32).
+
+    Under ``torch.compile`` finiteness is an asynchronous assert (RuntimeError, no host sync).
+    """
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -111,7 +114,9 @@ def check_logits(logits: Tensor) -> Tensor:
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
-    if logits.numel() and not torch.isfinite(logits).all():
+    if torch.compiler.is_compiling():  # no branch on values: an assert that does not sync
+        torch._assert_async(torch.isfinite(logits).all(), "logits must be finite")
+    elif logits.numel() and not torch.isfinite(logits).all():
         bad = logits[~torch.isfinite(logits)].flatten()[0].item()
         raise ValueError(f"logits must be finite, found {bad}")
     return logits.float()
