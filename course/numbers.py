@@ -13,7 +13,7 @@ import argparse
 import statistics
 from collections.abc import Callable, Iterable
 
-from course import stats, testbed, text
+from course import balance, harness, stats, testbed, text
 from course.common import load_json
 
 TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
@@ -47,6 +47,53 @@ def _row(chapter: str, router: str, quantity: str, values, data: str, recipe: st
         "data": data,
         "recipe": recipe,
     }
+
+
+def balance_rows() -> list[dict]:
+    results = harness.load(balance.Balance())
+    data, recipe = (
+        "Shakespeare bytes, 2-layer LM, 1200 steps (cosine), dropless",
+        "balance 1e-2, no z-loss",
+    )
+
+    def versus(a: str, b: str) -> list[float]:
+        return list(results.compare(a, b, "loss").diffs)
+
+    vs = "held-out loss - {} (nats)"
+    return [
+        _row(
+            "1",
+            "top-1, no L_b",
+            vs.format("with L_b"),
+            versus("top-1 no L_b", "top-1"),
+            data,
+            recipe,
+        ),
+        _row(
+            "1",
+            "top-2, no L_b",
+            vs.format("with L_b"),
+            versus("top-2 no L_b", "top-2"),
+            data,
+            recipe,
+        ),
+        _row(
+            "1",
+            "top-2",
+            vs.format("dense FFN, top-2's FLOPs"),
+            versus("top-2", "dense, top-2's FLOPs"),
+            data,
+            recipe,
+        ),
+        _row(
+            "1",
+            "top-2",
+            vs.format("dense FFN, all experts' parameters"),
+            versus("top-2", "dense, all experts' parameters"),
+            data,
+            recipe,
+        ),  # fmt: skip
+    ]
 
 
 def topp_rows() -> list[dict]:
@@ -227,7 +274,8 @@ def modern_rows() -> list[dict]:
 def headline_rows() -> list[dict]:
     """Every chapter's headline numbers, in chapter order."""
     rows = (
-        gw_rows()
+        balance_rows()
+        + gw_rows()
         + topp_rows()
         + adaptive_rows()
         + testbed_rows()
@@ -235,7 +283,7 @@ def headline_rows() -> list[dict]:
         + compare_rows()
         + modern_rows()
     )
-    order = {"3": 0, "4": 1, "5": 2, "4-6": 3, "4-5": 4, "6": 5, "8": 6}
+    order = {"1": -1, "3": 0, "4": 1, "5": 2, "4-6": 3, "4-5": 4, "6": 5, "8": 6}
     return sorted(rows, key=lambda r: order[r["chapter"]])
 
 
