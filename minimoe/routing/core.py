@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from minimoe.checks import check_choice, check_float
+from minimoe.checks import check_choice, check_float, require
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,62 @@ def _check_probs(probs: Tensor, name: str = "probs") -> None:
             f"{sums.flatten()[0].item():.4g} with min {probs.min().item():.4g}: logits? "
             "take their softmax first"
         )
+
+
+def check_routing(
+    routing: Any, num_tokens: int, num_experts: int, who: str, values: bool = True
+) -> Routing:
+    """Refuse a decision the layer cannot use, naming the field (``who`` names the router).
+
+    Types, shapes and dtypes are checked on the host; with ``values``, also the values (finite,
+    weights only inside the mask, a routed token with some nonzero weight) with ``require``: no
+    host sync on a GPU, but about 1 ms per layer at T=2048, E=64 on one CPU core.
+    """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"{who} returned {type(routing).__name__}, not a Routing")
+    T, E = num_tokens, num_experts
+    wanted = {"mask": (T, E), "weights": (T, E), "probs": (T, E), "logits": None}
+    wanted |= {"broadcast": (T,), "uncertain": (T,), "base_mask": (T, E)}
+    device = routing.mask.device if isinstance(routing.mask, Tensor) else None
+    for name, shape in wanted.items():
+        value = getattr(routing, name)
+        if value is None and name in ("broadcast", "uncertain", "base_mask"):
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{who} returned Routing.{name}={value!r}, not a tensor")
+        got = tuple(value.shape)
+        if (got != shape) if shape else (len(got) != 2 or got[0] != T):
+            expected = shape or f"({T}, columns)"
+            raise ValueError(f"{who} returned Routing.{name} of shape {got}, expected {expected}")
+        boolean = name in ("mask", "broadcast", "uncertain", "base_mask")
+        if boolean != (value.dtype == torch.bool) or not (boolean or value.is_floating_point()):
+            kind = "bool" if boolean else "floating point"
+            raise TypeError(f"{who} returned Routing.{name} of dtype {value.dtype}, not {kind}")
+        if value.device != device:
+            raise ValueError(
+                f"{who} returned Routing.{name} on {value.device}, the mask on {device}"
+            )
+    if not values:
+        return routing
+    for name in ("logits", "probs", "weights"):
+        value = getattr(routing, name)
+        if value.numel():  # aminmax: one pass, NaN propagates
+            require(
+                torch.isfinite(torch.stack(torch.aminmax(value))).all(),
+                f"{who} returned non-finite Routing.{name}",
+                lambda v=value: f"found {v[~torch.isfinite(v)].flatten()[0].item()}",
+            )
+    mask, weights = routing.mask, routing.weights
+    require(
+        ((weights != 0) > mask).any().logical_not(),
+        f"{who} returned nonzero Routing.weights outside Routing.mask (they would be ignored)",
+    )
+    if weights.numel():  # float reductions per row: faster on CPU than a bool tensor's any(dim)
+        require(
+            ((weights.abs().amax(dim=1) > 0) | (mask.sum(dim=1) == 0)).all(),
+            f"{who} returned all-zero Routing.weights for a token its mask sends to experts",
+        )
+    return routing
 
 
 def check_recipe(spec: Any) -> None:
