@@ -195,9 +195,43 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
 CHECKPOINT_FORMAT = 1  # {"format", "sha256", "payload"}: the torch.save bytes of the checkpoint
 
 
+def _check_loadable(ckpt: dict) -> None:
+    """Refuse, before any file is touched, what ``load_checkpoint`` (weights_only) would refuse:
+    each extra on its own, so the error names it; then the config. The weights are tensors."""
+    parts = {f"extra {k}": {k: v} for k, v in ckpt["extra"].items()}
+    parts["config"] = ckpt["config"]
+    for name, value in parts.items():
+        buffer, saved = io.BytesIO(), False
+        try:
+            torch.save(value, buffer)
+            saved = True
+            torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        except Exception as err:  # noqa: BLE001  (pickling and weights_only raise many kinds)
+            shown = value[name[6:]] if name.startswith("extra ") else value
+            why = "would not load with weights_only=True" if saved else f"cannot be saved ({err})"
+            raise TypeError(
+                f"save_checkpoint: {name}={shown!r} ({type(shown).__name__}) {why}; use plain "
+                "Python numbers, strings, lists, dicts or tensors"
+            ) from err
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a minimoe checkpoint (read lazily: mmap, weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except _UNREADABLE:
+        return False
+    return isinstance(ckpt, dict) and ("format" in ckpt or "kind" in ckpt)
+
+
 def _write_checkpoint(path: Path, ckpt: dict) -> None:
+    _check_loadable(ckpt)
+    if path.is_dir() or (path.exists() and not _is_checkpoint(path)):
+        raise FileExistsError(
+            f"{path} exists and is not a minimoe checkpoint: not replacing it (delete it first)"
+        )
     buffer = io.BytesIO()
-    torch.save(ckpt, buffer)  # fails here, before any file is touched, on an unpicklable extra
+    torch.save(ckpt, buffer)
     raw = buffer.getvalue()
     wrapped = {
         "format": CHECKPOINT_FORMAT,
@@ -250,8 +284,10 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict:
 def save_checkpoint(model: TinyTransformer | MoERegressor, path: str | Path, **extra) -> None:
     """Save the config and weights (loadable with ``weights_only=True``), with a checksum.
 
-    The file is written next to ``path`` and renamed over it: a failed save leaves ``path``
-    as it was.
+    Every part must load again with ``weights_only=True`` (extras: plain numbers, strings,
+    lists, dicts, tensors), or nothing is written. The file is written next to ``path`` and
+    renamed over it: a failed save leaves ``path`` as it was; a file there that is not a
+    checkpoint is never replaced.
     """
     if isinstance(model, TinyTransformer):
         kind, config = "transformer", model.config.to_dict()
@@ -277,6 +313,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     (such as the shipped data/gw_pretrained.pt) still load, unverified.
     """
     ckpt = _read_checkpoint(Path(path), map_location)
+    if ckpt.get("kind") not in ("transformer", "regressor"):
+        raise ValueError(
+            f"checkpoint {path} has unknown kind {ckpt.get('kind')!r}; this minimoe reads "
+            "transformer, regressor"
+        )
     if ckpt["kind"] == "transformer":
         model: nn.Module = TinyTransformer(ModelConfig(**ckpt["config"]))
     else:
