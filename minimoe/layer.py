@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.checks import check_bool, check_choice, check_float, check_int, require
 from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_capacity
 from minimoe.experts import ACTIVATIONS, Experts
 from minimoe.losses import dynamic_loss, load_balance_loss, sequence_balance_loss, z_loss
@@ -332,9 +332,14 @@ class MoE(nn.Module):
         router = self.config.router
         state = dict(self.router_state.named_buffers())
         kwargs = {"state": state} if state else {}
-        routing = router(
-            self.router_logits(tokens), training=self.training, seq_len=seq_len, **kwargs
-        )
+        logits = self.router_logits(tokens)  # (T, C)
+        if logits.numel():  # aminmax: one pass over (T, C), NaN propagates
+            require(
+                torch.isfinite(torch.stack(torch.aminmax(logits))).all(),
+                "router logits are not finite: the MoE input or the router weights hold inf or nan",
+                lambda: _why_not_finite(tokens, self.gate.weight),
+            )
+        routing = router(logits, training=self.training, seq_len=seq_len, **kwargs)
         # the type's name, not the repr: a constant string under torch.compile. The library's
         # routers build valid decisions (their tests): only others' values are checked
         who = f"router {type(router).__name__}"
@@ -346,6 +351,11 @@ class MoE(nn.Module):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
                 f"MoE expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
+            )
+        if x.device.type == "meta":
+            raise ValueError(
+                "MoE input is on the meta device: routing reads values, and meta tensors have "
+                "none; build the model on a real device (or model.to_empty(device=...))"
             )
         if x.dim() < 1 or x.shape[-1] != c.d_model:
             raise ValueError(
@@ -430,6 +440,16 @@ class MoE(nn.Module):
                 broadcast_ratio=share(routing.broadcast),
                 flops=flops,
             )
+
+
+def _why_not_finite(tokens: Tensor, gate: Tensor) -> str:
+    """Which input made the router logits inf or nan (on the failure path only)."""
+    for name, t in (("the MoE input", tokens), ("the router weights (gate)", gate)):
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            row = bad.flatten(1).any(1).nonzero()[0, 0].item()
+            return f"{name} holds {t[bad][0].item()} (first in row {row})"
+    return f"they overflowed float32 (largest |input| {tokens.abs().max().item():.3g})"
 
 
 def _library_router(router: object) -> bool:

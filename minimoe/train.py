@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minimoe.analysis import max_violation
+from minimoe.checks import check_bool
 from minimoe.data import Batch
 from minimoe.layer import MoEConfig, moe_layers
 from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
@@ -58,6 +59,8 @@ class TrainConfig:
                 raise TypeError(f"{name} must be an int, got {name}={value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={value!r}")
+        check_bool("freeze_router", self.freeze_router)
+        check_bool("progress", self.progress)
         if self.seed >= 2**32:  # numpy's seed range
             raise ValueError(f"seed must be < 2**32, got seed={self.seed!r}")
         for name in ("lr", "weight_decay", "grad_clip"):
@@ -112,10 +115,24 @@ def train(
     """Train ``model`` for ``config.steps`` steps with AdamW; returns the History.
 
     ``callback(step, model, output)`` runs after every step (e.g. to record statistics).
+    ``freeze_router`` freezes the routers for this call only; parameters a user froze stay frozen.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    frozen = [p for r in routers(model) for p in r.parameters() if p.requires_grad]
+    if not config.freeze_router:
+        return _train(model, get_batch, config, evaluate, callback)
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _train(model, get_batch, config, evaluate, callback)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _train(model, get_batch, config, evaluate, callback) -> History:
     generator = seed_everything(config.seed)
-    for r in routers(model):
-        r.requires_grad_(not config.freeze_router)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     history = History()
@@ -130,7 +147,13 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False)
     for step in bar:
-        batch = {k: v.to(device) for k, v in get_batch(generator).items()}
+        batch = get_batch(generator)
+        if not isinstance(batch, dict):
+            raise TypeError(
+                f"get_batch must return a dict of the model's keyword arguments "
+                f"({{'idx': ..., 'targets': ...}} or {{'x': ..., 'y': ...}}), got {type(batch).__name__}"
+            )
+        batch = {k: v.to(device) for k, v in batch.items()}
         # the routers turn autocast off for themselves: router logits stay float32
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(**batch)
@@ -183,9 +206,15 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
     losses, ept = [], []
     device = next(model.parameters()).device
     for batch in batches:
+        if not isinstance(batch, dict):
+            raise TypeError(
+                f"batches must hold dicts of keyword arguments, got {type(batch).__name__}"
+            )
         out = model(**{k: v.to(device) for k, v in batch.items()})
         losses.append(out.loss.item())
         ept.append(np.mean([m.stats.experts_per_token.item() for m in out.layers]))
+    if not losses:
+        raise ValueError("mean_loss got no batches: the mean of nothing is not a loss")
     return {"loss": float(np.mean(losses)), "experts_per_token": float(np.mean(ept))}
 
 
