@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from course.common import (
+    DistinctSeeds,
     add_experiment_args,
     add_setup_args,
     load_json,
@@ -221,7 +222,9 @@ def paired(results: dict, a: str, b: str, metric: str = "rel_error") -> dict[int
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("testbed", help="every router on the known-answer mixture testbed")
     add_setup_args(p, TestbedSetup())
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], action=DistinctSeeds
+    )
     p.add_argument(
         "--routers",
         nargs="+",

@@ -218,7 +218,7 @@ def moe_config_from_args(args: argparse.Namespace, **changes: Any) -> MoEConfig:
 
 def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--steps", type=non_negative_int, default=steps)
+    g.add_argument("--steps", type=positive_int, default=steps)  # 0 steps: no train loss
     g.add_argument("--batch-size", type=positive_int, default=32)
     g.add_argument("--lr", type=positive, default=3e-3)
     g.add_argument("--seed", type=non_negative_int, default=0)
@@ -264,7 +264,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="text", choices=["text", "multitask"])
     p.add_argument("--layers", type=positive_int, default=2)
     p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--block-size", type=positive_int, default=64)
+    p.add_argument("--block-size", type=positive_int, default=None, help="text only (default 64)")
     p.add_argument("--moe-every", type=positive_int, default=1)
     p.add_argument(
         "--expert-parallel",
@@ -283,6 +283,15 @@ def main(args: argparse.Namespace) -> dict:
         # gradient_sync clips the global norm in its own hook, before a GradScaler could unscale
         raise ValueError("--autocast float16 does not combine with --expert-parallel; use bfloat16")
     moe = moe_config_from_args(args)
+    if args.moe_every > args.layers:
+        raise UsageError(
+            f"--moe-every {args.moe_every} with --layers {args.layers} builds no MoE layer "
+            "(every moe_every-th layer is MoE): give --moe-every <= --layers"
+        )
+    if args.data == "multitask" and args.block_size is not None:
+        raise UsageError(
+            "--block-size applies to --data text; the multitask sequences have their own length"
+        )
     if args.expert_parallel and not dist.is_initialized():  # under torchrun: join its group
         args.device = parallel.init_distributed(args.device)
         try:
@@ -293,7 +302,7 @@ def main(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     if args.data == "text":
         corpus = byte_corpus()
-        vocab, block = BYTE_VOCAB_SIZE, args.block_size
+        vocab, block = BYTE_VOCAB_SIZE, args.block_size or 64
         get_batch = lm_batches(corpus, args.batch_size, block)
         probe = lm_batches(corpus, 64, block, split="val")(torch.Generator().manual_seed(1))
     else:
