@@ -177,6 +177,14 @@ def from_hf(block: nn.Module) -> MoE:
             f"minimoe has no router jitter; the block has jitter_noise={block.jitter_noise}"
         )
     gate = block.gate
+    E = block.experts.gate_up_proj.shape[0]
+    if family.sigmoid and gate.num_group > 1 and E // gate.num_group < 2:
+        # HF scores a group by its two best experts (topk(2)): its own forward fails on this block
+        raise ValueError(
+            f"the {family.name} block has n_group={gate.num_group} over {E} experts, fewer than "
+            "2 per group: a group is scored by its two best experts, and Hugging Face's own "
+            "forward cannot run it (use n_group <= num_experts / 2)"
+        )
     if family.sigmoid:
         router = SigmoidTopK(
             k=gate.top_k,

@@ -319,3 +319,10 @@ def test_batch_samplers_refuse_empty_and_float_batches():
         D.lm_batches(_corpus(), 4, 0)
     batch = D.lm_batches(_corpus(), 3, 5)(torch.Generator().manual_seed(0))
     assert batch["idx"].shape == batch["targets"].shape == (3, 5)
+
+
+def test_a_corpus_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path} is not UTF-8 text \\(byte 3"):
+        D.load_text(path)

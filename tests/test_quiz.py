@@ -124,3 +124,13 @@ def test_the_widget_checks_and_reads_as_text():
     assert choice_row.children[1].value == "Pick an answer first."
     plain = box._repr_mimebundle_()["text/plain"]
     assert "1. How many?" in plain and "(b) y" in plain and "quiz.answer" in plain
+
+
+def test_a_question_refuses_negative_decimals_and_choice_questions_without_choices():
+    with pytest.raises(ValueError, match="decimals must be an int in \\[0, 15\\], got decimals=-1"):
+        quiz.number("How many?", "0" * 16, decimals=-1)
+    for choices in ([], ["only"], "abc"):
+        with pytest.raises(ValueError, match="a choice question needs a sequence of 2 or more"):
+            quiz.choice("Which?", choices, "0" * 16)
+    with pytest.raises(ValueError, match="choices must be distinct"):
+        quiz.choice("Which?", ["a", "a"], "0" * 16)
