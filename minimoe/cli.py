@@ -295,9 +295,13 @@ def main(args: argparse.Namespace) -> dict:
     if args.expert_parallel and not dist.is_initialized():  # under torchrun: join its group
         args.device = parallel.init_distributed(args.device)
         try:
-            return main(args)
+            summary = main(args)
+            # rank 0 writes the results after the others are done: no rank tears the group down
+            # (which a busy machine has seen abort) while another still works
+            dist.barrier()
         finally:
             dist.destroy_process_group()
+        return summary
     rank = dist.get_rank() if args.expert_parallel else 0
     seed_everything(args.seed)
     if args.data == "text":

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -529,4 +531,13 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> str:
         device, backend = f"cuda:{os.environ.get('LOCAL_RANK', '0')}", "nccl"
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    # torchrun stops the other ranks with SIGTERM when one fails: as an exception, so that
+    # cleanups run (a checkpoint being written removes its temporary file)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return device
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
