@@ -115,23 +115,14 @@ def train(
     """Train ``model`` for ``config.steps`` steps with AdamW; returns the History.
 
     ``callback(step, model, output)`` runs after every step (e.g. to record statistics).
-    ``freeze_router`` freezes the routers for this call only; parameters a user froze stay frozen.
+    ``freeze_router`` freezes the routers (they stay frozen, as the GW recipe's model is);
+    without it their ``requires_grad`` is left as the user set it, never switched back on.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    frozen = [p for r in routers(model) for p in r.parameters() if p.requires_grad]
-    if not config.freeze_router:
-        return _train(model, get_batch, config, evaluate, callback)
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        return _train(model, get_batch, config, evaluate, callback)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
-def _train(model, get_batch, config, evaluate, callback) -> History:
+    if config.freeze_router:
+        for r in routers(model):
+            r.requires_grad_(False)
     generator = seed_everything(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -33,14 +33,14 @@ def test_a_router_frozen_by_hand_stays_frozen():
     assert torch.equal(model.moe.gate.weight, before)
 
 
-def test_freeze_router_freezes_for_that_call_only():
+def test_freeze_router_freezes_and_a_later_call_does_not_unfreeze():
     model = _regressor()
     before = model.moe.gate.weight.clone()
     train(model, _batches, TrainConfig(steps=3, lr=0.1, freeze_router=True, progress=False))
-    assert torch.equal(model.moe.gate.weight, before)
-    assert model.moe.gate.weight.requires_grad  # as the user left it
     train(model, _batches, TrainConfig(steps=3, lr=0.1, progress=False))
-    assert not torch.equal(model.moe.gate.weight, before)
+    assert not model.moe.gate.weight.requires_grad
+    assert torch.equal(model.moe.gate.weight, before)
+    assert not torch.equal(model.moe.experts.down, _regressor().moe.experts.down)  # it trained
 
 
 def test_mean_loss_of_no_batch_is_refused_not_nan():
