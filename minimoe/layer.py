@@ -30,9 +30,11 @@ from minimoe.routing import (
     TopK,
     check_experts,
     check_routing,
+    library_router,
     router_columns,
     router_from_dict,
     router_to_dict,
+    update_state,
 )
 
 
@@ -343,7 +345,7 @@ class MoE(nn.Module):
         # the type's name, not the repr: a constant string under torch.compile. The library's
         # routers build valid decisions (their tests): only others' values are checked
         who = f"router {type(router).__name__}"
-        trusted = _library_router(router)
+        trusted = library_router(router)
         return check_routing(routing, tokens.shape[0], self.config.num_experts, who, not trusted)
 
     def forward(self, x: Tensor) -> MoEOutput:
@@ -401,22 +403,8 @@ class MoE(nn.Module):
     def update_router_state(self, stats: MoEStats) -> None:
         """After an optimizer step: let a stateful router update its buffers from the step's
         statistics (the training loop calls this; ``ExpertParallelMoE`` sums counts first)."""
-        if not self.stateful:
-            return
-        router, buffers = self.config.router, dict(self.router_state.named_buffers())
-        state = dict(buffers)
-        router.update_state(state, stats)
-        # a hook that rebinds (state["b"] = state["b"] + 1) instead of changing b in place
-        for name, value in state.items():
-            old = buffers.get(name)
-            if old is None or not isinstance(value, Tensor) or value.shape != old.shape:
-                got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
-                raise ValueError(
-                    f"update_state of {router!r} set state[{name!r}] to {got}: it may only "
-                    "update the tensors of init_state, keeping their shapes"
-                )
-            if value is not old:
-                old.copy_(value)
+        if self.stateful:
+            update_state(self.config.router, dict(self.router_state.named_buffers()), stats)
 
     def _stats(self, routing: Routing, kept: Tensor) -> MoEStats:
         with torch.no_grad():
@@ -450,13 +438,6 @@ def _why_not_finite(tokens: Tensor, gate: Tensor) -> str:
             row = bad.flatten(1).any(1).nonzero()[0, 0].item()
             return f"{name} holds {t[bad][0].item()} (first in row {row})"
     return f"they overflowed float32 (largest |input| {tokens.abs().max().item():.3g})"
-
-
-def _library_router(router: object) -> bool:
-    """A spec of minimoe.routing, wrapping (GW's ``base``) only such specs."""
-    base = getattr(router, "base", None)
-    own = type(router).__module__.startswith("minimoe.routing.")
-    return own and (base is None or _library_router(base))
 
 
 def _rename_noise(state_dict: dict, prefix: str, *args) -> None:

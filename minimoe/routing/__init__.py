@@ -65,10 +65,12 @@ from minimoe.routing.core import (
     entropy,
     first_choice,
     is_uncertain,
+    library_router,
     normalized_entropy,
     router_columns,
     top_gap,
     uncertainty,
+    update_state,
 )
 from minimoe.routing.production import (
     ExpertChoice,
@@ -98,6 +100,7 @@ __all__ = [
     "check_int",
     "check_logits",
     "check_routing",
+    "library_router",
     "check_threshold",
     "entropy",
     "expert_choice",
@@ -116,6 +119,7 @@ __all__ = [
     "top_k",
     "top_p",
     "uncertainty",
+    "update_state",
 ]
 
 

@@ -314,3 +314,27 @@ def check_experts(router: Router, num_experts: int) -> None:
     hook = getattr(router, "check_experts", None)
     if hook is not None:
         hook(num_experts)
+
+
+def update_state(router: Router, state: dict[str, Tensor], stats: Any) -> None:
+    """Run the router's ``update_state(state, stats)`` hook on its state tensors, in place; a hook
+    that rebinds an entry (``state["b"] = state["b"] + 1``) has the new values copied in."""
+    given = dict(state)
+    router.update_state(given, stats)
+    for name, value in given.items():
+        old = state.get(name)
+        if old is None or not isinstance(value, Tensor) or value.shape != old.shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+            raise ValueError(
+                f"update_state of {router!r} set state[{name!r}] to {got}: it may only "
+                "update the tensors of init_state, keeping their shapes"
+            )
+        if value is not old:
+            old.copy_(value)
+
+
+def library_router(router: Router) -> bool:
+    """A spec of minimoe.routing, wrapping (GW's ``base``) only such specs."""
+    base = getattr(router, "base", None)
+    own = type(router).__module__.startswith("minimoe.routing.")
+    return own and (base is None or library_router(base))
