@@ -204,9 +204,10 @@ def _run(group: _Group, timeout: float) -> None:
         if all(p.exitcode is not None for p in group.procs):
             group.receive()
             return
-        if failed_at is None and (
-            group.failures or any(p.exitcode not in (None, 0) for p in group.procs)
-        ):
+        group.receive()  # what a rank sent before it ended is in the pipe by now
+        died = [r for r, p in enumerate(group.procs) if p.exitcode not in (None, 0)]
+        # a rank that returned its result and then died tearing down is no failure
+        if failed_at is None and (group.failures or set(died) - set(group.returned)):
             failed_at = time.monotonic()  # the others may wait on the failed one
         now = time.monotonic()
         if failed_at is not None and now - failed_at > FAILURE_GRACE_S:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from test_routers import CountingTopK
 
 from minimoe import cli as train_cli
+from minimoe.launcher import FAILURE_GRACE_S
 from minimoe.layer import MoE, MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.parallel import (
@@ -390,6 +391,17 @@ def _one_forward_more_on_rank_0() -> int:
 
 
 @pytest.mark.slow  # two launches
+def _rank_1_aborts_on_exit_while_rank_0_works() -> int:
+    import atexit
+    import time
+
+    if dist.get_rank() == 1:
+        atexit.register(os.abort)  # after its result is sent: a teardown that aborts
+    else:
+        time.sleep(FAILURE_GRACE_S + 2)  # still working when rank 1 dies
+    return dist.get_rank()
+
+
 def test_every_ranks_fate_is_reported():
     with pytest.raises(
         RuntimeError, match="rank 1 exited with status 0 without returning a result"
@@ -398,6 +410,8 @@ def test_every_ranks_fate_is_reported():
     with pytest.raises(Exception, match=r"the same number of times.*rank 1 returned") as info:
         launch(_one_forward_more_on_rank_0, world_size=2, timeout=30)
     assert "rank 0 of 2 failed" in str(info.value)
+    # a rank that returned and then died on its way out is no failure: the others go on
+    assert launch(_rank_1_aborts_on_exit_while_rank_0_works, world_size=2, timeout=60) == [0, 1]
 
 
 def _abort_once(marker: str) -> str:
