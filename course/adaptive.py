@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from course import common, harness
 from course.common import (
+    DistinctSeeds,
     Timings,
     add_experiment_args,
     add_setup_args,
@@ -410,7 +411,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_setup_args(
         p, Setup(steps=600)
     )  # the notebook's Setup, trained three times as long, on three seeds
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], action=DistinctSeeds
+    )
     p.add_argument("--thresholds", type=non_negative, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     p.add_argument("--timing-repeats", type=positive_int, default=20)
     add_experiment_args(p, out="runs/adaptive")

@@ -23,6 +23,7 @@ from minimoe.cli import (
     non_negative,
     non_negative_int,
     positive,
+    positive_int,
     router_from_flags,
     write_json,
 )
@@ -82,20 +83,41 @@ def moe_changes(named: dict[str, Any]) -> dict[str, Any]:
     return {"router": router_from_flags(named.get("router", "top_k"), **flags)} | rest
 
 
+# Setup fields for which 0 means something (evaluate only at the end, no fine-tuning, a seed, a
+# threshold); every other size, count, period and rate must be > 0 (0 windows score nothing, a
+# block of 0 divides by zero, a period of 0 never comes)
+MAY_BE_ZERO = ("eval_every", "finetune_steps", "task_seed", "gw_threshold")
+
+
 def add_setup_args(p: argparse.ArgumentParser, defaults: Setup) -> None:
     """A flag per field of ``defaults`` but seed and device (the commands take ``--seeds`` and
     ``--device``), its value the default; numbers out of range are refused by argparse."""
     for f in fields(defaults):
         if f.name not in ("seed", "device"):
             value = getattr(defaults, f.name)
-            check = non_negative if isinstance(value, float) else non_negative_int
-            check = str if isinstance(value, str) else check
+            real = isinstance(value, float) or f.name == "capacity_factor"
+            if isinstance(value, str):
+                check = str
+            elif f.name in MAY_BE_ZERO:
+                check = non_negative if real else non_negative_int
+            else:
+                check = positive if real else positive_int
             p.add_argument(
                 "--" + f.name.replace("_", "-"),
-                type=positive if f.name == "lr" else check,
+                type=check,
                 default=value,
                 help="default: %(default)s",
             )
+
+
+class DistinctSeeds(argparse.Action):
+    """``--seeds 0 1 2``: each seed once (a repeated seed would count one run as two)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            parser.error(f"{option_string}: each seed once, got {repeated} more than once")
+        setattr(namespace, self.dest, values)
 
 
 def setup_from_args(cls: type[Setup], args: argparse.Namespace, seed: int) -> Setup:
@@ -110,7 +132,7 @@ def add_experiment_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--threads",
-        type=non_negative_int,
+        type=positive_int,
         default=None,
         help="torch CPU threads (tiny models: 1 is fastest)",
     )
@@ -125,7 +147,7 @@ def add_experiment_args(p: argparse.ArgumentParser, out: str) -> None:
 
 def set_threads(args: argparse.Namespace) -> None:
     """Apply --threads, if given."""
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from course import common, harness
 from course.adaptive import time_train_steps
 from course.common import (
+    DistinctSeeds,
     Timings,
     add_experiment_args,
     add_setup_args,
@@ -562,7 +563,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             eval_every=100,
         ),
     )
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], action=DistinctSeeds
+    )
     p.add_argument(
         "--runs",
         nargs="+",

@@ -31,8 +31,15 @@ from course.common import (
     set_threads,
     write_csv,
 )
-from minimoe.cli import non_negative, non_negative_int, positive, positive_int, write_json
-from minimoe.data import Batch, ByteCorpus, byte_corpus, lm_batches, load_text
+from minimoe.cli import (
+    UsageError,
+    non_negative,
+    non_negative_int,
+    positive,
+    positive_int,
+    write_json,
+)
+from minimoe.data import BYTE_VOCAB_SIZE, Batch, ByteCorpus, byte_corpus, lm_batches, load_text
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.routing import TopK
@@ -153,7 +160,16 @@ def pretrain(
 def load_pretrained(path: str | Path | None = None) -> TinyTransformer:
     """The shipped pretrained model (data/gw_pretrained.pt), or another checkpoint saved by
     ``pretrain``, in eval mode."""
-    return load_checkpoint(cached(CHECKPOINT) if path is None else path)
+    model = load_checkpoint(cached(CHECKPOINT) if path is None else path)
+    if not isinstance(model, TinyTransformer) or model.config.vocab_size != BYTE_VOCAB_SIZE:
+        what = type(model).__name__
+        if isinstance(model, TinyTransformer):
+            what += f" with vocab_size={model.config.vocab_size}"
+        raise ValueError(
+            f"checkpoint {path} holds a {what}; GW fine-tuning needs a byte-level "
+            f"TinyTransformer (vocab_size={BYTE_VOCAB_SIZE}), as pretrain saves"
+        )
+    return model
 
 
 def load_cached(path: str | Path | None = None) -> dict:
@@ -412,7 +428,10 @@ def main(args: argparse.Namespace) -> list[dict]:
         if args.pretrain_only:
             return []
     else:
-        model = load_pretrained(args.checkpoint)
+        try:
+            model = load_pretrained(args.checkpoint)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     _, corpus = corpora()
     runs = recipes(
         args.threshold,

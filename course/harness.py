@@ -36,7 +36,14 @@ from torch import nn
 
 import minimoe
 from course import stats
-from course.common import DATA, add_experiment_args, add_setup_args, set_threads, write_csv
+from course.common import (
+    DATA,
+    DistinctSeeds,
+    add_experiment_args,
+    add_setup_args,
+    set_threads,
+    write_csv,
+)
 from minimoe.cli import non_negative_int
 from minimoe.layer import MoEConfig
 from minimoe.routing import Router
@@ -200,7 +207,13 @@ class Experiment:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(self.name, help=self.help)
         add_setup_args(p, self.setup)
-        p.add_argument("--seeds", type=non_negative_int, nargs="+", default=list(self.seeds))
+        p.add_argument(
+            "--seeds",
+            type=non_negative_int,
+            nargs="+",
+            default=list(self.seeds),
+            action=DistinctSeeds,
+        )
         p.add_argument("--runs", nargs="+", default=None, help=f"from {list(self.runs)}")
         add_experiment_args(p, out=f"runs/{self.name}")
         p.set_defaults(func=func)

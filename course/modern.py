@@ -27,6 +27,7 @@ from torch import nn
 from course import common, harness
 from course.adaptive import time_train_steps
 from course.common import (
+    DistinctSeeds,
     add_experiment_args,
     add_setup_args,
     load_json,
@@ -430,7 +431,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "modern", help="loss-free balancing, expert choice, shared and fine-grained experts"
     )
     add_setup_args(p, Setup())
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], action=DistinctSeeds
+    )
     p.add_argument(
         "--runs",
         nargs="+",

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import ipywidgets as widgets
 
+from minimoe.checks import check_int
+
 
 @dataclass(frozen=True)
 class Question:
@@ -27,6 +29,15 @@ class Question:
     decimals: int = 0  # a number is compared after rounding to this many decimals
     hint: str = ""  # shown after a wrong answer
 
+    def __post_init__(self) -> None:
+        check_int("decimals", self.decimals, 0, 15)  # float formatting: no negative places
+        if len(set(self.choices)) != len(self.choices) or len(self.choices) > 26:
+            raise ValueError(
+                f"choices must be distinct and at most 26 (letters a-z), got {list(self.choices)}"
+            )
+        if not all(isinstance(c, str) and c.strip() for c in self.choices):
+            raise ValueError(f"choices must be non-empty strings, got {list(self.choices)}")
+
 
 def number(text: str, digest: str, decimals: int = 0, hint: str = "") -> Question:
     """A question answered with a number, rounded to ``decimals`` before the comparison."""
@@ -35,6 +46,10 @@ def number(text: str, digest: str, decimals: int = 0, hint: str = "") -> Questio
 
 def choice(text: str, choices: Sequence[str], digest: str, hint: str = "") -> Question:
     """A multiple-choice question; the answer is one of ``choices`` (or its letter, a, b, ...)."""
+    if isinstance(choices, str) or len(choices) < 2:
+        raise ValueError(
+            f"a choice question needs a sequence of 2 or more choices, got {choices!r}"
+        )
     return Question(text, digest, tuple(choices), 0, hint)
 
 

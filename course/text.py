@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from course import common, testbed
 from course import compare as cx
 from course.common import (
+    DistinctSeeds,
     add_experiment_args,
     add_setup_args,
     load_json,
@@ -172,7 +173,9 @@ def load_results(path: str | Path | None = None) -> dict:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("text", help="top-p and adaptive gating on text: experts by difficulty")
     add_setup_args(p, TextSetup())
-    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], action=DistinctSeeds
+    )
     p.add_argument("--routers", nargs="+", choices=list(ROUTERS), default=list(ROUTERS))
     add_experiment_args(p, out="runs/text")
     p.set_defaults(func=main)

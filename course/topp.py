@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from course import common
 from course.common import (
+    DistinctSeeds,
     add_experiment_args,
     add_setup_args,
     load_json,
@@ -362,6 +363,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=non_negative_int,
         nargs="+",
         default=[0, 1, 2],
+        action=DistinctSeeds,
         help="seeds (every run)",
     )
     p.add_argument(

@@ -62,7 +62,12 @@ class RoutingRecorder:
         return hook
 
     def routing(self, layer: int) -> Routing:
-        """All tokens recorded at MoE layer ``layer`` (0 = lowest), as one Routing."""
+        """All tokens recorded at MoE layer ``layer`` (0 = lowest; -1 = the top), as one Routing."""
+        n = len(self.layers)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+            raise IndexError(
+                f"layer must be an int in [{-n}, {n - 1}]: the model has {n} MoE layers, got layer={layer!r}"
+            )
         return Routing.cat(self.records[layer])
 
     def __len__(self) -> int:

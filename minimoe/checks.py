@@ -4,8 +4,12 @@ TypeError/ValueError that names the parameter and the bad value. Imports nothing
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any
+
+import torch
+from torch import Tensor
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
@@ -45,3 +49,19 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
     return value
+
+
+def require(ok: Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
+    """A check of tensor values that costs no host sync where a sync is dear.
+
+    ``ok`` is a 0-dim bool tensor. Eager on CPU: a ValueError with ``message`` (and ``detail()``,
+    computed only on failure) when it is False. On an accelerator, and under ``torch.compile``:
+    ``torch._assert_async``, which fails the next synchronizing call with ``message`` instead of
+    stopping the host here (and leaves the compiled graph whole). Meta tensors have no values.
+    """
+    if ok.device.type == "meta":
+        return
+    if ok.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message + (f": {detail()}" if detail is not None else ""))

@@ -244,7 +244,7 @@ def moe_config_from_args(args: argparse.Namespace, **changes: Any) -> MoEConfig:
 
 def add_run_args(p: argparse.ArgumentParser, steps: int = 300) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--steps", type=non_negative_int, default=steps, help="optimizer steps")
+    g.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps")
     g.add_argument("--batch-size", type=positive_int, default=32, help="sequences per step")
     g.add_argument("--lr", type=positive, default=3e-3, help="AdamW learning rate")
     g.add_argument("--seed", type=non_negative_int, default=0, help="weights, batches, noise")
@@ -346,7 +346,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="text", choices=["text", "multitask"], help="training data")
     p.add_argument("--layers", type=positive_int, default=2, help="transformer blocks")
     p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
-    p.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence")
+    p.add_argument(
+        "--block-size", type=positive_int, default=None, help="tokens per sequence, text only (64)"
+    )
     p.add_argument("--moe-every", type=positive_int, default=1, help="an MoE FFN every n blocks")
     p.add_argument(
         "--expert-parallel",
@@ -365,17 +367,30 @@ def main(args: argparse.Namespace) -> dict:
         # gradient_sync clips the global norm in its own hook, before a GradScaler could unscale
         raise ValueError("--autocast float16 does not combine with --expert-parallel; use bfloat16")
     moe = moe_config_from_args(args)
+    if args.moe_every > args.layers:
+        raise UsageError(
+            f"--moe-every {args.moe_every} with --layers {args.layers} builds no MoE layer "
+            "(every moe_every-th layer is MoE): give --moe-every <= --layers"
+        )
+    if args.data == "multitask" and args.block_size is not None:
+        raise UsageError(
+            "--block-size applies to --data text; the multitask sequences have their own length"
+        )
     if args.expert_parallel and not dist.is_initialized():  # under torchrun: join its group
         args.device = parallel.init_distributed(args.device)
         try:
-            return main(args)
+            summary = main(args)
+            # rank 0 writes the results after the others are done: no rank tears the group down
+            # (which a busy machine has seen abort) while another still works
+            dist.barrier()
         finally:
             dist.destroy_process_group()
+        return summary
     rank = dist.get_rank() if args.expert_parallel else 0
     seed_everything(args.seed)
     if args.data == "text":
         corpus = byte_corpus()
-        vocab, block = BYTE_VOCAB_SIZE, args.block_size
+        vocab, block = BYTE_VOCAB_SIZE, args.block_size or 64
         get_batch = lm_batches(corpus, args.batch_size, block)
         probe = lm_batches(corpus, 64, block, split="val")(torch.Generator().manual_seed(1))
     else:

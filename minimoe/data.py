@@ -428,7 +428,13 @@ def load_text(path: str | Path | None = None) -> str:
         raise FileNotFoundError(
             f"no text file at {path}; pass a UTF-8 text file, or no path for the default corpus"
         )
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start : err.start + 1]!r}); "
+            "pass a UTF-8 text file"
+        ) from None
 
 
 @dataclass

@@ -56,6 +56,24 @@ def expert_capacity(num_pairs: int, num_experts: int, capacity_factor: float | N
     return math.ceil(capacity_factor * num_pairs / num_experts)
 
 
+def _check_decision(mask: Tensor, values: Tensor, name: str) -> None:
+    """A (T, E) bool mask and a floating (T, E) ``name`` on its device (shapes only: no sync)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(
+            f"mask must be a (tokens, experts) bool tensor, got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+        )
+    if not isinstance(values, Tensor) or not values.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got {getattr(values, 'dtype', type(values).__name__)}"
+        )
+    if values.shape != mask.shape or values.device != mask.device:
+        raise ValueError(
+            f"{name} of shape {tuple(values.shape)} on {values.device} does not match the mask, "
+            f"{tuple(mask.shape)} on {mask.device}"
+        )
+
+
 def apply_capacity(mask: Tensor, probs: Tensor, capacity: int | None) -> Tensor:
     """Keep at most ``capacity`` tokens per expert: (T, E) bool -> (T, E) bool kept.
 
@@ -64,6 +82,11 @@ def apply_capacity(mask: Tensor, probs: Tensor, capacity: int | None) -> Tensor:
     """
     if capacity is None:
         return mask
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(
+            f"capacity must be an int >= 0 (slots per expert), got capacity={capacity!r}"
+        )
+    _check_decision(mask, probs, "probs")
     num_tokens, num_experts = mask.shape
     order = probs.masked_fill(~mask, -1.0).argsort(dim=1, descending=True, stable=True)  # (T, E)
     rank = torch.empty_like(order).scatter_(
@@ -163,6 +186,12 @@ def combine(
     """
     if path not in COMBINE:
         raise ValueError(f"unknown dispatch path {path!r}; choose from {DISPATCH_PATHS}")
+    _check_decision(mask, weights, "weights")
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != mask.shape[0]:
+        raise ValueError(
+            f"x must have shape (tokens={mask.shape[0]}, d_model), the mask's tokens, got "
+            f"{tuple(getattr(x, 'shape', ()))}"
+        )
     if path == "sorted" or torch.compiler.is_compiling():
         return combine_sorted(x, weights, mask, experts, k)
     return COMBINE[path](x, weights, mask, experts)

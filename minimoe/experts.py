@@ -16,9 +16,8 @@ from torch import Tensor, nn
 
 from minimoe.checks import check_choice, check_int
 from minimoe.compiled import expert_ffn
-from minimoe.threaded import ThreadedExperts, activate, openmp_backend
+from minimoe.threaded import ACTIVATIONS, ThreadedExperts, activate, check_counts, openmp_backend
 
-ACTIVATIONS = ("swiglu", "gelu")
 _GROUPED_MM_FAILED: list[str] = []  # once it fails, stop trying
 # On CPU the grouped kernel beats one matmul per expert only when the groups are small: measured
 # (float32, d_model 256, SwiGLU width 512, 2 cores) 0.67x the loop's time at 16 rows per expert,
@@ -130,6 +129,8 @@ class Experts(nn.Module):
                 CPU_THREADED_MIN_EXPERTS,
             )
             return y
+        if not torch.compiler.is_compiling():  # counts are host ints: no sync to check them
+            check_counts(counts, x.shape[0], self.num_experts)
         if _threaded_usable(x, self.gate_up, counts):
             threads = torch.get_num_threads()
             return ThreadedExperts.apply(

@@ -172,13 +172,22 @@ def from_hf(block: nn.Module) -> MoE:
         )
     gate_up, _ = _experts(block, family)
     E, two_h, d = gate_up.shape  # (E, 2h, d)
+    router = family.rule.router(config, family.name)
+    groups = getattr(router, "n_group", 1)
+    if groups > 1 and getattr(router, "group_score", "top2_sum") == "top2_sum" and E // groups < 2:
+        # HF scores a group by its two best experts (topk(2)): its own forward fails on this block
+        raise ValueError(
+            f"the {family.name} block has n_group={groups} over {E} experts, fewer than 2 per "
+            "group: a group is scored by its two best experts, and Hugging Face's own forward "
+            "cannot run it (use n_group <= num_experts / 2)"
+        )
     mlp = _shared(block, family)
     shared = 0 if mlp is None else mlp.down_proj.weight.shape[1]  # (d, s); width 0 adds zero
     moe_config = MoEConfig(
         d_model=d,
         d_hidden=two_h // 2,
         num_experts=E,
-        router=family.rule.router(config, family.name),
+        router=router,
         activation="swiglu",
         shared_hidden=shared,
         shared_gate=family.shared_gate is not None and shared > 0,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.checks import check_bool, check_choice, check_float, check_int, require
 from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_capacity
 from minimoe.experts import ACTIVATIONS, Experts
 from minimoe.losses import dynamic_loss, load_balance_loss, sequence_balance_loss, z_loss
@@ -40,9 +40,12 @@ from minimoe.routing import (
     Routing,
     TopK,
     check_experts,
+    check_routing,
+    library_router,
     router_columns,
     router_from_dict,
     router_to_dict,
+    update_state,
 )
 
 STALE_AFTER = 100  # training forwards of a stateful router without a state update: warn
@@ -364,17 +367,19 @@ class MoE(nn.Module):
         kwargs = {"state": state} if state else {}
         if getattr(router, "uses_token_ids", False):
             kwargs["token_ids"] = token_ids
-        routing = router(
-            self.router_logits(tokens), training=self.training, seq_len=seq_len, **kwargs
-        )
-        if not isinstance(routing, Routing):
-            raise TypeError(f"router {router!r} returned {type(routing).__name__}, not a Routing")
-        if routing.mask.shape != (tokens.shape[0], self.config.num_experts):
-            raise ValueError(
-                f"router {router!r} returned a mask of shape {tuple(routing.mask.shape)}, "
-                f"expected ({tokens.shape[0]}, {self.config.num_experts})"
+        logits = self.router_logits(tokens)  # (T, C)
+        if logits.numel():  # aminmax: one pass over (T, C), NaN propagates
+            require(
+                torch.isfinite(torch.stack(torch.aminmax(logits))).all(),
+                "router logits are not finite: the MoE input or the router weights hold inf or nan",
+                lambda: _why_not_finite(tokens, self.gate.weight),
             )
-        return routing
+        routing = router(logits, training=self.training, seq_len=seq_len, **kwargs)
+        # the type's name, not the repr: a constant string under torch.compile. The library's
+        # routers build valid decisions (their tests): only others' values are checked
+        who = f"router {type(router).__name__}"
+        trusted = library_router(router)
+        return check_routing(routing, tokens.shape[0], self.config.num_experts, who, not trusted)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
         """``token_ids`` (x's shape without d_model): only routers that route by token id read it."""
@@ -382,6 +387,11 @@ class MoE(nn.Module):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
                 f"MoE expects a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
+            )
+        if x.device.type == "meta":
+            raise ValueError(
+                "MoE input is on the meta device: routing reads values, and meta tensors have "
+                "none; build the model on a real device (or model.to_empty(device=...))"
             )
         if x.dim() < 1 or x.shape[-1] != c.d_model:
             raise ValueError(
@@ -435,7 +445,7 @@ class MoE(nn.Module):
         """After an optimizer step: let a stateful router update its buffers from the step's
         statistics (the training loop calls this; ``ExpertParallelMoE`` sums counts first)."""
         if self.stateful:
-            self.config.router.update_state(dict(self.router_state.named_buffers()), stats)
+            update_state(self.config.router, dict(self.router_state.named_buffers()), stats)
             self._stale_steps = 0
 
     def _count_stale_step(self) -> None:
@@ -475,6 +485,16 @@ class MoE(nn.Module):
                 broadcast_ratio=share(routing.broadcast),
                 flops=flops,
             )
+
+
+def _why_not_finite(tokens: Tensor, gate: Tensor) -> str:
+    """Which input made the router logits inf or nan (on the failure path only)."""
+    for name, t in (("the MoE input", tokens), ("the router weights (gate)", gate)):
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            row = bad.flatten(1).any(1).nonzero()[0, 0].item()
+            return f"{name} holds {t[bad][0].item()} (first in row {row})"
+    return f"they overflowed float32 (largest |input| {tokens.abs().max().item():.3g})"
 
 
 def _rename_noise(state_dict: dict, prefix: str, *args) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimoe.checks import check_float, check_int
+from minimoe.checks import check_float, check_int, require
 from minimoe.layer import MoE, MoEConfig, MoEOutput, moe_layers
 from minimoe.routing import Router
 
@@ -47,6 +47,11 @@ class ModelConfig:
             check_int(name, getattr(self, name), 1)
         if self.dense_hidden is not None:
             check_int("dense_hidden", self.dense_hidden, 1)
+        if self.moe_every > self.n_layers:
+            raise ValueError(
+                f"moe_every={self.moe_every} with n_layers={self.n_layers} builds no MoE layer "
+                "(layer i is MoE when (i + 1) % moe_every == 0): moe_every must be <= n_layers"
+            )
         check_int("num_classes", self.num_classes, 0)
         check_float("dropout", self.dropout, 0.0, 1.0)
         if self.d_model % self.n_heads:
@@ -148,6 +153,11 @@ class TinyTransformer(nn.Module):
         if idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
             raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         B, L = idx.shape
+        if idx.device.type == "meta":
+            raise ValueError(
+                "idx is on the meta device: meta tensors have no token ids; build the model and "
+                "its inputs on a real device (or model.to_empty(device=...))"
+            )
         if B == 0 or L == 0:
             raise ValueError(f"idx is an empty batch of shape {tuple(idx.shape)}")
         lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one device sync, not two
@@ -177,6 +187,13 @@ class TinyTransformer(nn.Module):
         logits = self.lm_head(h)  # (B, L, vocab)
         loss = None
         if targets is not None:
+            if not isinstance(targets, Tensor) or targets.shape != idx.shape:
+                raise ValueError(
+                    f"targets must have idx's shape {tuple(idx.shape)}, got "
+                    f"{tuple(getattr(targets, 'shape', ()))}"
+                )
+            # the mean over no token is nan: refused here, not reported as a diverged loss
+            require((targets != -100).any(), "targets are all -100 (ignored): no token to score")
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits, loss, aux, layers)
 
@@ -198,6 +215,12 @@ class MoERegressor(nn.Module):
     def forward(self, x: Tensor, y: Tensor | None = None) -> ModelOutput:
         moe_out = self.moe(x)
         pred = self.head(moe_out.output)  # (N, out_dim)
+        if y is not None and (not isinstance(y, Tensor) or y.shape != pred.shape):
+            # mse_loss would broadcast a (N,) or (N, 1) target against (N, out_dim), with a warning
+            raise ValueError(
+                f"y must have the prediction's shape {tuple(pred.shape)} (out_dim="
+                f"{self.head.out_features}), got {tuple(getattr(y, 'shape', ()))}"
+            )
         loss = F.mse_loss(pred, y) if y is not None else None
         return ModelOutput(pred, loss, moe_out.aux_loss, [moe_out])
 

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
-import socket
-import time
-import traceback
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -42,12 +40,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from minimoe.data import Batch
 from minimoe.experts import Experts
+from minimoe.launcher import launch
 from minimoe.layer import MoE, MoEConfig, MoEStats
 
 __all__ = [
@@ -65,6 +63,7 @@ __all__ = [
     "pairs_to_ranks",
     "shard_batch",
     "shard_batches",
+    "structure",
     "sync_gradients",
 ]
 
@@ -327,13 +326,47 @@ class ExpertParallelMoE(MoE):
         return moe
 
 
+def structure(model: nn.Module) -> list[str]:
+    """What must be equal on every rank: each module's name and class, each parameter's and
+    buffer's name, shape and dtype, and the model's ``config`` if it has one (values may differ)."""
+    lines = [f"module {n or '.'}: {type(m).__name__}" for n, m in model.named_modules()]
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        lines += [f"{kind} {n}: {tuple(t.shape)} {t.dtype}" for n, t in named]
+    config = getattr(model, "config", None)
+    return lines + ([f"config: {config!r}"] if config is not None else [])
+
+
+def _check_same_structure(model: nn.Module, group: Group) -> None:
+    """Refuse, on every rank alike, models whose structures differ (else the ranks run different
+    models, or a broadcast of unequal tensors aborts the process)."""
+    mine = structure(model)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            first = next(
+                (i for i, (a, b) in enumerate(zip(everyone[0], theirs)) if a != b),
+                min(len(theirs), len(everyone[0])),
+            )
+            line = {
+                r: s[first] if first < len(s) else "(nothing)"
+                for r, s in ((0, everyone[0]), (rank, theirs))
+            }
+            raise ValueError(
+                f"the model differs across ranks: rank 0 has {line[0]!r}, rank {rank} has "
+                f"{line[rank]!r} (every rank must build the same model)"
+            )
+
+
 def make_expert_parallel(model: nn.Module, group: Group = None) -> nn.Module:
     """Replace every MoE layer of ``model`` in place by its ExpertParallelMoE share; return it.
 
-    Every parameter and buffer is first broadcast from the group's first rank, so all ranks start
-    from the same model whatever seed each used to build it.
+    The model's structure (``structure``) is first compared across ranks, then every parameter
+    and buffer is broadcast from the group's first rank, so all ranks start from the same model
+    whatever seed each used to build it.
     """
     _rank_and_world(group)
+    _check_same_structure(model, group)
     with torch.no_grad():
         _broadcast_from_first([*model.parameters(), *model.buffers()], group)
     if isinstance(model, MoE):
@@ -498,150 +531,13 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> str:
         device, backend = f"cuda:{os.environ.get('LOCAL_RANK', '0')}", "nccl"
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    # torchrun stops the other ranks with SIGTERM when one fails: as an exception, so that
+    # cleanups run (a checkpoint being written removes its temporary file)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return device
 
 
-def _worker(
-    rank: int,
-    world_size: int,
-    port: int,
-    backend: str,
-    timeout: float,
-    results,
-    fn: Callable,
-    args: tuple,
-) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-    )
-    torch.set_num_threads(1)  # one core per process
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
-    )
-    try:
-        results.put((rank, None, fn(*args)))
-    except Exception as err:  # to launch, which picks the failing rank's error among all ranks'
-        results.put((rank, _failure(err), None))
-    finally:
-        dist.destroy_process_group()
-
-
-# a rank whose peer failed sees the broken connection: the peer's error is the one to report
-_COMMUNICATION_ERRORS = getattr(dist, "DistError", ())  # gloo raises plain RuntimeErrors too
-_COMMUNICATION_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
-
-
-def _failure(err: Exception) -> dict:
-    """A worker's exception as plain data: its class (if it pickles), message and traceback."""
-    try:
-        cls = pickle.dumps(type(err))  # by reference: a class defined inside a function fails
-    except Exception:
-        cls = None
-    communication = isinstance(err, _COMMUNICATION_ERRORS) or any(
-        m in str(err) for m in _COMMUNICATION_MESSAGES
-    )
-    return {
-        "cls": cls,
-        "name": type(err).__qualname__,
-        "message": str(err),
-        "traceback": traceback.format_exc(),
-        "communication": communication,
-    }
-
-
-class _RemoteTraceback(Exception):
-    """A worker's traceback, as text: the ``__cause__`` of the error that ``launch`` raises."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-def _rank_error(failures: dict[int, dict], world_size: int) -> Exception:
-    """The first failure that is not a broken connection (else the first), as an exception of
-    its own class whose message names the rank."""
-    rank, failure = next(
-        ((r, f) for r, f in failures.items() if not f["communication"]),
-        next(iter(failures.items())),
-    )
-    message = f"rank {rank} of {world_size} failed: {failure['message']}"
-    try:
-        err = pickle.loads(failure["cls"])(message)
-    except Exception:  # no class, or one that is not built from a message
-        err = None
-    if not isinstance(err, Exception):
-        err = RuntimeError(
-            f"rank {rank} of {world_size} raised {failure['name']}: {failure['message']}"
-        )
-    err.__cause__ = _RemoteTraceback(f"rank {rank}:\n{failure['traceback']}")
-    return err
-
-
-FAILURE_GRACE_S = 5.0  # after a rank fails, how long launch waits for the others to report
-
-
-def launch(
-    fn: Callable,
-    world_size: int = 2,
-    args: tuple = (),
-    timeout: float = 60.0,
-    backend: str = "gloo",
-) -> list:
-    """Run ``fn(*args)`` in ``world_size`` fresh processes joined on 127.0.0.1; return each rank's
-    result. A watchdog kills them all after ``timeout`` seconds, so a hung collective fails
-    instead of blocking. If a worker raises, its exception is raised here: the same class, the
-    message prefixed with the rank, the worker's traceback as ``__cause__`` (not the broken
-    connections that the other ranks then see)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # free now; the workers bind it a moment later
-    results = mp.get_context("spawn").SimpleQueue()
-    procs = mp.start_processes(
-        _worker,
-        args=(world_size, port, backend, timeout, results, fn, args),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline, got, failures = time.monotonic() + timeout, {}, {}  # failures in order of arrival
-
-    def receive() -> None:
-        while not results.empty():
-            rank, failure, value = results.get()
-            if failure is None:
-                got[rank] = value
-            else:
-                failures[rank] = failure
-
-    try:
-        while True:
-            receive()
-            try:
-                if procs.join(timeout=0.2):
-                    break
-            except mp.ProcessExitedException:
-                receive()
-                if len(got) == world_size:  # every rank delivered its result, then one crashed
-                    break  # on its way out (gloo's teardown has aborted so, rarely): work done
-                raise
-            if failures:  # the other ranks may wait on the failed one: give them a moment only
-                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
-            if time.monotonic() > deadline:
-                if failures:
-                    break
-                raise TimeoutError(
-                    f"{world_size} workers still running after {timeout:.0f} s: killed"
-                )
-    finally:
-        for p in procs.processes:
-            if p.is_alive():
-                p.kill()
-    receive()
-    if failures:
-        raise _rank_error(failures, world_size)
-    return [got.get(r) for r in range(world_size)]
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

@@ -102,8 +102,27 @@ def run_split(jobs: list[Callable[[], None]]) -> None:
         raise errors[0]
 
 
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+def check_counts(counts: Sequence[int], rows: int, num_experts: int) -> None:
+    """Rows sorted by expert: ``counts`` holds one count >= 0 per expert, summing to ``rows``
+    (else some rows would be computed by no expert, or some outputs never written)."""
+    if len(counts) != num_experts:
+        raise ValueError(
+            f"counts has {len(counts)} entries, expected one per expert ({num_experts})"
+        )
+    for e, c in enumerate(counts):
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"counts[{e}] must be an int >= 0, got counts[{e}]={c!r}")
+    if sum(counts) != rows:
+        raise ValueError(f"counts sum to {sum(counts)}, but x has {rows} rows")
+
+
 def activate(h: Tensor, activation: str, out: Tensor | None = None) -> Tensor:
     """SwiGLU's silu(gate) * up, or GELU, of the pre-activation h (into ``out`` if given)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got activation={activation!r}")
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return torch.mul(F.silu(gate), up, out=out)
@@ -212,7 +231,8 @@ class ThreadedExperts(torch.autograd.Function):
         threads: int,
     ) -> Tensor:
         """x (N, d) sorted by expert with ``counts[e]`` rows for expert e; ``threads`` groups."""
-        x = x.contiguous()
+        check_counts(counts, x.shape[0], gate_up.shape[0])
+        x = x.contiguous()  # its row slices are matmul operands
         y, h, a = ffn_forward(x, gate_up, down, counts, activation, threads)
         ctx.save_for_backward(x, gate_up, down, h, a)
         ctx.counts, ctx.activation, ctx.threads = counts, activation, threads

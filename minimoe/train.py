@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minimoe.analysis import max_violation
+from minimoe.checks import check_bool
 from minimoe.data import Batch
 from minimoe.layer import MoEConfig, moe_layers
 from minimoe.model import ModelConfig, MoERegressor, TinyTransformer
@@ -61,6 +62,8 @@ class TrainConfig:
                 raise TypeError(f"{name} must be an int, got {name}={value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={value!r}")
+        check_bool("freeze_router", self.freeze_router)
+        check_bool("progress", self.progress)
         if self.seed >= 2**32:  # numpy's seed range
             raise ValueError(f"seed must be < 2**32, got seed={self.seed!r}")
         for name in ("lr", "weight_decay", "grad_clip"):
@@ -147,10 +150,15 @@ def train(
     """Train ``model`` for ``config.steps`` steps with AdamW; returns the History.
 
     ``callback(step, model, output)`` runs after every step (e.g. to record statistics).
+    ``freeze_router`` freezes the routers (they stay frozen, as the GW recipe's model is);
+    without it their ``requires_grad`` is left as the user set it, never switched back on.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.freeze_router:
+        for r in routers(model):
+            r.requires_grad_(False)
     generator = seed_everything(config.seed)
-    for r in routers(model):
-        r.requires_grad_(not config.freeze_router)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = None
@@ -170,7 +178,13 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     bar = tqdm(range(1, config.steps + 1), disable=not config.progress, leave=False)
     for step in bar:
-        batch = {k: v.to(device) for k, v in get_batch(generator).items()}
+        batch = get_batch(generator)
+        if not isinstance(batch, dict):
+            raise TypeError(
+                f"get_batch must return a dict of the model's keyword arguments "
+                f"({{'idx': ..., 'targets': ...}} or {{'x': ..., 'y': ...}}), got {type(batch).__name__}"
+            )
+        batch = {k: v.to(device) for k, v in batch.items()}
         # the routers turn autocast off for themselves: router logits stay float32
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(**batch)
@@ -225,9 +239,15 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
     losses, ept = [], []
     device = next(model.parameters()).device
     for batch in batches:
+        if not isinstance(batch, dict):
+            raise TypeError(
+                f"batches must hold dicts of keyword arguments, got {type(batch).__name__}"
+            )
         out = model(**{k: v.to(device) for k, v in batch.items()})
         losses.append(out.loss.item())
         ept.append(np.mean([m.stats.experts_per_token.item() for m in out.layers]))
+    if not losses:
+        raise ValueError("mean_loss got no batches: the mean of nothing is not a loss")
     return {"loss": float(np.mean(losses)), "experts_per_token": float(np.mean(ept))}
 
 
@@ -237,9 +257,43 @@ def mean_loss(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
 CHECKPOINT_FORMAT = 1  # {"format", "sha256", "payload"}: the torch.save bytes of the checkpoint
 
 
+def _check_loadable(ckpt: dict) -> None:
+    """Refuse, before any file is touched, what ``load_checkpoint`` (weights_only) would refuse:
+    each extra on its own, so the error names it; then the config. The weights are tensors."""
+    parts = {f"extra {k}": {k: v} for k, v in ckpt["extra"].items()}
+    parts["config"] = ckpt["config"]
+    for name, value in parts.items():
+        buffer, saved = io.BytesIO(), False
+        try:
+            torch.save(value, buffer)
+            saved = True
+            torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        except Exception as err:  # noqa: BLE001  (pickling and weights_only raise many kinds)
+            shown = value[name[6:]] if name.startswith("extra ") else value
+            why = "would not load with weights_only=True" if saved else f"cannot be saved ({err})"
+            raise TypeError(
+                f"save_checkpoint: {name}={shown!r} ({type(shown).__name__}) {why}; use plain "
+                "Python numbers, strings, lists, dicts or tensors"
+            ) from err
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a minimoe checkpoint (read lazily: mmap, weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except _UNREADABLE:
+        return False
+    return isinstance(ckpt, dict) and ("format" in ckpt or "kind" in ckpt)
+
+
 def _write_checkpoint(path: Path, ckpt: dict) -> None:
+    _check_loadable(ckpt)
+    if path.is_dir() or (path.exists() and not _is_checkpoint(path)):
+        raise FileExistsError(
+            f"{path} exists and is not a minimoe checkpoint: not replacing it (delete it first)"
+        )
     buffer = io.BytesIO()
-    torch.save(ckpt, buffer)  # fails here, before any file is touched, on an unpicklable extra
+    torch.save(ckpt, buffer)
     raw = buffer.getvalue()
     wrapped = {
         "format": CHECKPOINT_FORMAT,
@@ -292,8 +346,10 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict:
 def save_checkpoint(model: TinyTransformer | MoERegressor, path: str | Path, **extra) -> None:
     """Save the config and weights (loadable with ``weights_only=True``), with a checksum.
 
-    The file is written next to ``path`` and renamed over it: a failed save leaves ``path``
-    as it was.
+    Every part must load again with ``weights_only=True`` (extras: plain numbers, strings,
+    lists, dicts, tensors), or nothing is written. The file is written next to ``path`` and
+    renamed over it: a failed save leaves ``path`` as it was; a file there that is not a
+    checkpoint is never replaced.
     """
     if isinstance(model, TinyTransformer):
         kind, config = "transformer", model.config.to_dict()
@@ -319,6 +375,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     (such as the shipped data/gw_pretrained.pt) still load, unverified.
     """
     ckpt = _read_checkpoint(Path(path), map_location)
+    if ckpt.get("kind") not in ("transformer", "regressor"):
+        raise ValueError(
+            f"checkpoint {path} has unknown kind {ckpt.get('kind')!r}; this minimoe reads "
+            "transformer, regressor"
+        )
     if ckpt["kind"] == "transformer":
         model: nn.Module = TinyTransformer(ModelConfig(**ckpt["config"]))
     else:

@@ -11,7 +11,31 @@ import numpy as np
 from torch import Tensor
 
 from minimoe.analysis import capacity_report, experts_per_token, experts_per_token_by_group
-from minimoe.routing import top_p
+from minimoe.routing import check_logits, top_p
+
+
+def _checked_logits(
+    logits: Sequence[Tensor], groups: Tensor | None = None
+) -> tuple[list[Tensor], Tensor | None]:
+    """Per-layer (T, E) logits and (T,) groups, checked before any slider draws (an error inside
+    a widget's output is easy to miss): one list of finite float tensors of one shape."""
+    if isinstance(logits, Tensor) or not isinstance(logits, Sequence) or not logits:
+        raise TypeError(
+            f"logits must be a list of (tokens, experts) tensors, one per MoE layer, "
+            f"got {type(logits).__name__}"
+        )
+    checked = [check_logits(lg) for lg in logits]
+    shapes = {tuple(lg.shape) for lg in checked}
+    if len(shapes) > 1:
+        raise ValueError(f"logits of every layer must have one shape, got {sorted(shapes)}")
+    if groups is not None and (
+        not isinstance(groups, Tensor) or groups.shape != checked[0].shape[:1]
+    ):
+        raise ValueError(
+            f"groups must be a ({checked[0].shape[0]},) tensor, one label per token, "
+            f"got {tuple(getattr(groups, 'shape', ()))}"
+        )
+    return checked, groups
 
 
 def explorer(draw: Callable[..., None], **controls: widgets.Widget) -> widgets.VBox:
@@ -22,6 +46,7 @@ def explorer(draw: Callable[..., None], **controls: widgets.Widget) -> widgets.V
 
 def capacity_explorer(logits: Tensor) -> widgets.VBox:
     """Top-k with a capacity factor on recorded router logits (T, E): demand, slots, drops."""
+    logits = check_logits(logits)
     num_experts = logits.shape[1]
 
     def draw(k: int, capacity_factor: float, dropless: bool) -> None:
@@ -56,6 +81,7 @@ def top_p_explorer(
 ) -> widgets.VBox:
     """Top-P on recorded router logits, one (T, E) tensor per MoE layer: experts per token per
     layer as p moves, split by ``groups`` (T,) (e.g. the task of each token) when given."""
+    logits, groups = _checked_logits(logits, groups)
     num_experts = logits[0].shape[1]
     layers = np.arange(len(logits))
 
@@ -144,6 +170,7 @@ def adaptive_explorer(
     per group of ``groups`` (T,) (e.g. each token's task; negative labels are left out)."""
     from minimoe.routing import adaptive
 
+    logits, groups = _checked_logits(logits, groups)
     grid = np.linspace(0, 1, 41)
 
     def draw(threshold: float, gap: str) -> None:

@@ -150,3 +150,13 @@ def test_max_violation_of_a_routing_is_that_of_its_tokens_per_expert():
 def test_max_violation_refuses_an_empty_load(load, error, match):
     with pytest.raises(error, match=match):
         analysis.max_violation(load)
+
+
+def test_routing_of_a_layer_out_of_range_names_the_layer_count():
+    layer = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4))
+    with analysis.RoutingRecorder(layer) as rec:
+        layer(torch.randn(3, 4))
+    assert rec.routing(-1).num_tokens == 3  # the top layer, as a list reads it
+    for bad in (1, -2, "0"):
+        with pytest.raises(IndexError, match=r"the model has 1 MoE layers, got layer="):
+            rec.routing(bad)

@@ -198,3 +198,51 @@ def test_readme_lists_every_router_name():
     start = readme.index(line)
     listed = readme[start : readme.index(")", start)]
     assert all(f"`{name}`" in listed for name in ROUTERS), sorted(ROUTERS)
+
+
+def test_zero_steps_is_refused_not_reported_as_a_nan_loss(capsys):
+    assert "argument --steps: must be an int >= 1, got '0'" in refused(
+        ["train", *TINY, "--steps", "0"], capsys
+    )
+
+
+def test_block_size_with_multitask_data_is_refused_not_ignored(capsys):
+    err = refused(["train", *TINY, "--data", "multitask"], capsys)  # TINY gives --block-size
+    assert "--block-size applies to --data text" in err
+
+
+def test_moe_every_past_the_layers_is_refused_naming_both_flags(capsys):
+    err = refused(["train", *TINY, "--moe-every", "3"], capsys)  # TINY: --layers 1
+    assert "--moe-every 3 with --layers 1 builds no MoE layer" in err
+
+
+@pytest.mark.parametrize("command", ["testbed", "compare", "topp", "adaptive", "text", "modern"])
+def test_a_seed_given_twice_is_refused(command, capsys):
+    err = refused([command, "--seeds", "0", "1", "0"], capsys, course_main)
+    assert "--seeds: each seed once, got [0] more than once" in err
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("gw", "--threads"),
+        ("compare", "--threads"),
+        ("compare", "--eval-windows"),
+        ("compare", "--block-size"),
+        ("modern", "--record-every"),
+        ("text", "--track-every"),
+        ("testbed", "--n-test"),
+    ],
+)
+def test_a_zero_that_would_be_ignored_or_divide_is_refused(command, flag, capsys):
+    err = refused([command, flag, "0"], capsys, course_main)
+    assert f"argument {flag}: must be an int >= 1, got '0'" in err
+
+
+def test_zero_stays_allowed_where_it_means_something():
+    from course import compare
+
+    parser = argparse.ArgumentParser()
+    compare.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["compare", "--eval-every", "0", "--finetune-steps", "0"])
+    assert (args.eval_every, args.finetune_steps) == (0, 0)

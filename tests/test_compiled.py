@@ -146,9 +146,9 @@ def test_nonfinite_logits_are_refused_when_compiled():
     moe = layer("top_k")
     with torch.no_grad():
         moe.gate.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="logits must be finite"):
+    with pytest.raises(ValueError, match="logits (must be|are not) finite"):
         moe(tokens())
-    with pytest.raises(RuntimeError, match="logits must be finite"):
+    with pytest.raises(RuntimeError, match="logits (must be|are not) finite"):
         torch.compile(moe, backend="eager", fullgraph=True)(tokens())
 
 

@@ -339,3 +339,10 @@ def test_dirichlet_mixing_weighs_each_input_by_its_tag():
     assert not torch.allclose(t.weights[t.level == 2].max(1).values, torch.tensor(0.5)), "unequal"
     with pytest.raises(ValueError, match="mixing"):
         D.make_mixture_task(100, mixing="uniform")
+
+
+def test_a_corpus_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path} is not UTF-8 text \\(byte 3"):
+        D.load_text(path)

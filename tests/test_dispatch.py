@@ -278,3 +278,39 @@ def test_expert_capacity_rejects_non_finite_and_non_numbers(capacity_factor):
 def test_expert_capacity_checks_its_counts(num_pairs, num_experts, error, match):
     with pytest.raises(error, match=match):
         expert_capacity(num_pairs, num_experts, 1.0)
+
+
+@pytest.mark.parametrize("capacity", [-1, 2.5, True, "2"])
+def test_a_capacity_that_is_not_a_slot_count_is_refused(capacity):
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=f"capacity must be an int >= 0.*capacity={capacity!r}"):
+        apply_capacity(mask, torch.full((4, 2), 0.5), capacity)
+
+
+@pytest.mark.parametrize(
+    "mask, values, error, words",
+    [
+        (torch.ones(4, 2), torch.ones(4, 2), TypeError, "mask must be a .* bool tensor"),
+        (torch.ones(4, 2, dtype=torch.bool), torch.ones(4, 3), ValueError, r"of shape \(4, 3\)"),
+        (
+            torch.ones(4, 2, dtype=torch.bool),
+            torch.ones(4, 2, dtype=torch.long),
+            TypeError,
+            "must be a floating-point tensor",
+        ),
+    ],
+)
+def test_apply_capacity_and_combine_refuse_mismatched_decisions(mask, values, error, words):
+    with pytest.raises(error, match=words.replace("of shape", "probs of shape")):
+        apply_capacity(mask, values, 2)
+    experts = Experts(num_experts=2, d_model=4, d_hidden=4)
+    with pytest.raises(error, match=words.replace("of shape", "weights of shape")):
+        combine(torch.randn(4, 4), values, mask, experts)
+
+
+def test_combine_refuses_inputs_of_other_tokens():
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"x must have shape \(tokens=4, d_model\), .* \(5, 4\)"):
+        combine(
+            torch.randn(5, 4), mask.float(), mask, Experts(num_experts=2, d_model=4, d_hidden=4)
+        )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from minimoe.experts import Experts
+from minimoe.threaded import ThreadedExperts, activate
 
 TOL = 1e-10  # float64: only rounding separates the same formula
 
@@ -75,3 +77,34 @@ def test_an_expert_split_into_m_finer_ones_is_their_sum():
         x = torch.randn(5, 8, dtype=torch.float64)
         assert _max_diff(fine.dense(x).sum(dim=1), coarse.expert(0, x)) < TOL
         assert m * fine.flops_per_assignment() == coarse.flops_per_assignment()
+
+
+# counts that do not describe x's rows: too few, too many, a negative one, one per expert missing
+BAD_COUNTS = {
+    "sum_short": ([3] * 31 + [2], "counts sum to 95, but x has 96 rows"),
+    "sum_long": ([3] * 31 + [4], "counts sum to 97, but x has 96 rows"),
+    "negative": ([6, -3] + [3] * 30, r"counts\[1\] must be an int >= 0, got counts\[1\]=-3"),
+    "length": ([3] * 31, "counts has 31 entries, expected one per expert \\(32\\)"),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the threaded path (32 experts with rows)
+@pytest.mark.parametrize("case", BAD_COUNTS)
+def test_every_grouped_path_refuses_counts_that_miss_rows(case, threads):
+    counts, message = BAD_COUNTS[case]
+    ex = Experts(num_experts=32, d_model=16, d_hidden=16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.raises(ValueError, match=message):
+            ex.grouped(torch.randn(96, 16), counts)
+        if threads == 2 and case != "length":  # the autograd Function itself, called directly
+            with pytest.raises(ValueError, match=message):
+                ThreadedExperts.apply(torch.randn(96, 16), ex.gate_up, ex.down, counts, "gelu", 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_unknown_activation_is_refused_not_computed_as_gelu():
+    with pytest.raises(ValueError, match="activation must be one of .*, got activation='relu'"):
+        activate(torch.randn(2, 4), "relu")

@@ -238,3 +238,18 @@ def test_command_writes_table_and_plot(tmp_path):
 def test_inference_cost_refuses_an_unknown_reference():
     with pytest.raises(ValueError, match="'top-9'"):
         gwx.inference_cost({}, {"idx": torch.zeros(1, 4, dtype=torch.long)}, reference="top-9")
+
+
+def test_a_checkpoint_that_is_no_byte_level_transformer_is_refused(tmp_path, capsys):
+    from minimoe.model import MoERegressor
+    from minimoe.train import save_checkpoint
+
+    ckpt = tmp_path / "toy.pt"
+    save_checkpoint(MoERegressor(4, 2, MoEConfig(d_model=4, d_hidden=4, num_experts=4)), ckpt)
+    with pytest.raises(ValueError, match="holds a MoERegressor; GW fine-tuning needs a byte-level"):
+        gwx.load_pretrained(ckpt)
+    from course.__main__ import main as course_main
+
+    with pytest.raises(SystemExit):
+        course_main(["gw", "--checkpoint", str(ckpt), "--out", str(tmp_path)])
+    assert f"--checkpoint {ckpt}: checkpoint" in capsys.readouterr().err

@@ -61,9 +61,12 @@ def hf_config(family: str):
     )
 
 
-def hf_block(family: str) -> nn.Module:
-    """A small block of ``family`` with every parameter and buffer random (the router bias too)."""
+def hf_block(family: str, **changes) -> nn.Module:
+    """A small block of ``family`` with every parameter and buffer random (the router bias too);
+    ``changes`` set fields of its config first."""
     config = hf_config(family)
+    for name, value in changes.items():
+        setattr(config, name, value)
     module, cls = HF[family][1].split(".")
     modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     block = getattr(modeling, cls)(config)  # the experts hold uninitialised memory
@@ -263,3 +266,31 @@ def test_imports_without_transformers(monkeypatch):
         module.to_mixtral(moe)
     with pytest.raises(ImportError, match=r"bench"):
         module.from_hf(nn.Linear(8, 8))
+
+
+def test_a_deepseek_block_hf_cannot_run_is_refused_with_the_reason():
+    block = hf_block(
+        "deepseek_v3", n_group=8
+    )  # 8 experts: one per group, HF scores a group by its best two
+    with pytest.raises(RuntimeError):
+        block(torch.randn(2, 3, 32))  # Hugging Face's own forward fails
+    with pytest.raises(ValueError, match="n_group=8 over 8 experts, fewer than 2 per group"):
+        interop.from_hf(block)
+
+
+def test_a_qwen2_block_without_a_shared_expert_converts_to_none():
+    config = hf_config("qwen2_moe")
+    config.shared_expert_intermediate_size = 0  # Qwen2-MoE models without a shared expert
+    modeling = importlib.import_module("transformers.models.qwen2_moe.modeling_qwen2_moe")
+    block = modeling.Qwen2MoeSparseMoeBlock(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in [*block.parameters(), *block.buffers()]:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    moe = interop.from_hf(block)
+    assert (moe.config.shared_hidden, moe.config.shared_gate, moe.shared) == (0, False, None)
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))  # (B, L, d)
+    with torch.no_grad():
+        theirs = block.eval()(x.clone())
+        torch.testing.assert_close(moe.eval()(x).output, theirs, atol=1e-5, rtol=0)
+    assert theirs.abs().max() > 0.1

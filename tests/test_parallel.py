@@ -7,7 +7,11 @@ One launch of 2 processes runs every distributed check (they share the start-up 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -15,14 +19,18 @@ import torch.distributed as dist
 from test_routers import CountingTopK
 
 from minimoe import cli as train_cli
+from minimoe.launcher import FAILURE_GRACE_S
 from minimoe.layer import MoE, MoEConfig
+from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.parallel import (
     Exchange,
     ExpertParallelMoE,
+    clip_grad_norm_,
     launch,
     make_expert_parallel,
     pairs_to_ranks,
     shard_batch,
+    sync_gradients,
 )
 from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
 from minimoe.train import load_checkpoint
@@ -159,6 +167,55 @@ def _stateful_check() -> float:
     return _max_diff(ep.router_state.seen, moe.router_state.seen)
 
 
+@dataclasses.dataclass(frozen=True)
+class StatsTopK(TopK):
+    """Top-k that keeps the float statistics its update sees (a mean, not a count)."""
+
+    def init_state(self, num_experts):
+        return {"experts_per_token": torch.zeros(()), "broadcast_ratio": torch.zeros(())}
+
+    def __call__(self, logits, *, training, seq_len=None, state):
+        return super().__call__(logits, training=training, seq_len=seq_len)
+
+    def update_state(self, state, stats):
+        state["experts_per_token"].copy_(stats.experts_per_token)
+        state["broadcast_ratio"].copy_(stats.broadcast_ratio)
+
+
+def _float_stats_check() -> float:
+    """A stateful router sees the same float statistics (means over tokens) in both layers."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, router=StatsTopK(k=2)))
+    x = torch.randn(4, 6, 16)
+    ep = ExpertParallelMoE.from_moe(moe)
+    ep.update_router_state(ep(x[rank * 4 // world : (rank + 1) * 4 // world]).stats)
+    moe.update_router_state(moe(x).stats)
+    assert moe.router_state.experts_per_token == 2.0  # top-2: a mean, which a sum would double
+    return _max_diff(ep.router_state.experts_per_token, moe.router_state.experts_per_token)
+
+
+def _clip_check() -> dict[str, float]:
+    """clip_grad_norm_ over the expert-parallel layer = torch's over the single-process one."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, shared_hidden=16))
+    x = torch.randn(4, 6, 16)
+    ep = ExpertParallelMoE.from_moe(moe)
+    ep(x[rank * 4 // world : (rank + 1) * 4 // world]).output.square().mean().backward()
+    sync_gradients(ep)  # the gradients of the mean loss over the equal shards
+    total = clip_grad_norm_(ep, max_norm=1e-3)  # far below the norm: every gradient is scaled
+    moe(x).output.square().mean().backward()
+    ref_total = torch.nn.utils.clip_grad_norm_(moe.parameters(), max_norm=1e-3)
+    experts = slice(ep.experts.first, ep.experts.first + ep.experts.local.num_experts)
+    return {
+        "total_norm": _max_diff(total, ref_total),
+        "gate": _max_diff(ep.gate.weight.grad, moe.gate.weight.grad),
+        "experts": _max_diff(ep.experts.local.down.grad, moe.experts.down.grad[experts]),
+        "shared": _max_diff(ep.shared.down.grad, moe.shared.down.grad),
+    }
+
+
 def _all_checks(out_dir: str) -> dict:
     """Runs on each of the 2 ranks."""
     rank = dist.get_rank()
@@ -170,7 +227,12 @@ def _all_checks(out_dir: str) -> dict:
         ),
         "mismatch": _error(lambda: ExpertParallelMoE(MoEConfig(router=TopP(p=0.3 + 0.1 * rank)))),
         "batch": _error(lambda: shard_batch({"idx": torch.zeros(3, 4)})),
+        # the same MoE layers in models that differ elsewhere: the vocabulary, the layer count
+        "vocabulary": _error(lambda: make_expert_parallel(_lm(vocab_size=32 * (rank + 1)))),
+        "layers": _error(lambda: make_expert_parallel(_lm(n_layers=1 + rank))),
     }
+    results["float_stats"] = _float_stats_check()
+    results["clip"] = _clip_check()
     torch.manual_seed(rank)  # different weights on each rank: make_expert_parallel takes rank 0's
     model = make_expert_parallel(torch.nn.Sequential(MoE(MoEConfig(num_experts=4))))
     weights = model[0].gate.weight.detach().clone()
@@ -178,6 +240,11 @@ def _all_checks(out_dir: str) -> dict:
     results["same_router"] = _max_diff(weights, model[0].gate.weight)
     results["train"] = _run_train([*TRAIN_ARGS, "--expert-parallel", "--out", out_dir])
     return results
+
+
+def _lm(**changes) -> TinyTransformer:
+    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4)
+    return TinyTransformer(ModelConfig(**{"vocab_size": 32, "n_heads": 2, "moe": moe} | changes))
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +273,23 @@ def test_clear_errors_on_every_rank(two_ranks):
         assert "differs across ranks in ['router']" in errors["mismatch"]
         assert "not divisible by the world size 2" in errors["batch"]
         assert results["same_router"] == 0.0
+
+
+def test_models_that_differ_outside_the_moe_config_are_refused_on_every_rank(two_ranks):
+    for results in two_ranks[0]:
+        errors = results["errors"]
+        assert re.search(r"rank 0 has 'parameter tok_emb.weight: \(32, 16\)", errors["vocabulary"])
+        assert "rank 1 has 'parameter tok_emb.weight: (64, 16)" in errors["vocabulary"]
+        assert "model differs across ranks" in errors["layers"]
+
+
+def test_float_statistics_are_averaged_over_ranks_not_summed(two_ranks):
+    assert all(results["float_stats"] == 0.0 for results in two_ranks[0])
+
+
+def test_clipping_counts_every_ranks_experts_once(two_ranks):
+    for results in two_ranks[0]:
+        assert max(results["clip"].values()) <= 1e-6, results["clip"]
 
 
 def test_training_matches_single_process(two_ranks, tmp_path):
@@ -293,3 +377,71 @@ def test_failing_rank_error_reaches_the_caller():
     with pytest.raises(ValueError, match=r"rank 1 .*boom") as info:
         launch(_fail_on_rank_1, world_size=2, timeout=30)
     assert "_fail_on_rank_1" in str(info.value.__cause__)  # the worker's traceback
+
+
+def _exit_quietly_on_rank_1() -> int:
+    if dist.get_rank() == 1:
+        os._exit(0)  # no result, no exception, status 0
+    return 0
+
+
+def _one_forward_more_on_rank_0() -> int:
+    torch.manual_seed(0)
+    ep = ExpertParallelMoE.from_moe(MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=2)))
+    for _ in range(1 + (dist.get_rank() == 0)):
+        ep(torch.randn(3, 8))
+    return dist.get_rank()
+
+
+@pytest.mark.slow  # two launches
+def _rank_1_aborts_on_exit_while_rank_0_works() -> int:
+    import atexit
+    import time
+
+    if dist.get_rank() == 1:
+        atexit.register(os.abort)  # after its result is sent: a teardown that aborts
+    else:
+        time.sleep(FAILURE_GRACE_S + 2)  # still working when rank 1 dies
+    return dist.get_rank()
+
+
+def test_every_ranks_fate_is_reported():
+    with pytest.raises(
+        RuntimeError, match="rank 1 exited with status 0 without returning a result"
+    ):
+        launch(_exit_quietly_on_rank_1, world_size=2, timeout=30)
+    with pytest.raises(Exception, match=r"the same number of times.*rank 1 returned") as info:
+        launch(_one_forward_more_on_rank_0, world_size=2, timeout=30)
+    assert "rank 0 of 2 failed" in str(info.value)
+    # a rank that returned and then died on its way out is no failure: the others go on
+    assert launch(_rank_1_aborts_on_exit_while_rank_0_works, world_size=2, timeout=60) == [0, 1]
+
+
+def _abort_once(marker: str) -> str:
+    """Unpickled in each new process before it joins: the first one to get here dies (SIGABRT)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return marker
+    os.abort()
+
+
+class _AbortsOnce:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_abort_once, (self.marker,))
+
+
+def _rank(_: object) -> int:
+    return dist.get_rank()
+
+
+@pytest.mark.slow  # the group starts twice
+def test_a_rank_that_dies_at_start_up_restarts_the_group(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ranks = launch(_rank, world_size=2, args=(_AbortsOnce(str(tmp_path / "died")),), timeout=30)
+    assert ranks == [0, 1]
+    assert any("died by signal SIGABRT before joining" in str(w.message) for w in caught)

@@ -38,6 +38,27 @@ def test_sigmoid_top_k_by_hand():
     torch.testing.assert_close(plain.weights, torch.tensor([[0.9, 0.6, 0, 0]]))
 
 
+def test_groups_left_out_stay_out_when_biased_scores_are_negative():
+    # 6 experts in 2 groups of 3; s = 0.5 everywhere, so the bias alone decides: s + b is
+    # group 0: (-0.05, -0.05, -0.05), best two sum -0.1; group 1: (0.1, 0.0, -3.0), sum 0.1
+    bias = torch.tensor([-0.55, -0.55, -0.55, -0.4, -0.5, -3.5])
+    r = sigmoid_top_k(torch.zeros(1, 6), k=3, bias=bias, n_group=2, topk_group=1)
+    # group 1 only, even its -3.0: a left-out expert masked with 0 would beat it (0 > -3)
+    assert r.mask.nonzero()[:, 1].tolist() == [3, 4, 5]
+    assert routing.group_limited(torch.full((1, 4), -1.0), 2, 1)[0, 2:].isneginf().all()
+
+
+def test_a_router_swapped_for_a_variant_keeps_its_state():
+    layer = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, router=SigmoidTopK()))
+    layer.router_state.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    layer.replace_config(router=SigmoidTopK(bias_rate=0.0))  # freeze the bias: not zero it
+    assert layer.router_state.bias.tolist() == pytest.approx([0.1, -0.2, 0.3, 0.0])
+    layer.replace_config(router=routing.TopK())  # no state: the bias goes
+    assert dict(layer.router_state.named_buffers()) == {}
+    layer.replace_config(router=SigmoidTopK())  # fresh state
+    assert layer.router_state.bias.tolist() == [0.0] * 4
+
+
 def test_softmax_scores_with_a_bias():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     p = logits.softmax(-1)

@@ -162,3 +162,13 @@ def test_as_html_hides_hint_and_answer_and_keeps_the_maths():
     answers = page.split('<details class="quiz-answer"><summary>Answer</summary>')[1:]
     assert [a.split("</details>")[0] for a in answers] == ["<p>3</p>", "<p>(b) y</p>"]
     assert page.count('<details class="quiz-hint">') == 1
+
+
+def test_a_question_refuses_negative_decimals_and_choice_questions_without_choices():
+    with pytest.raises(ValueError, match="decimals must be an int in \\[0, 15\\], got decimals=-1"):
+        quiz.number("How many?", "0" * 16, decimals=-1)
+    for choices in ([], ["only"], "abc"):
+        with pytest.raises(ValueError, match="a choice question needs a sequence of 2 or more"):
+            quiz.choice("Which?", choices, "0" * 16)
+    with pytest.raises(ValueError, match="choices must be distinct"):
+        quiz.choice("Which?", ["a", "a"], "0" * 16)

@@ -283,6 +283,110 @@ def test_a_router_that_returns_a_wrong_shape_is_refused():
         MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, router=bad))(torch.randn(5, 4))
 
 
+def _nan_at_0(t):
+    return t.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(math.nan))
+
+
+# a valid top-2 decision, spoilt in one field -> (error type, the words that name the field)
+SPOILT = {
+    "nan_weights": (
+        lambda r: dataclasses.replace(r, weights=_nan_at_0(r.weights)),
+        ValueError,
+        "non-finite Routing.weights",
+    ),
+    "weights_outside_mask": (
+        lambda r: dataclasses.replace(r, weights=r.probs),
+        ValueError,
+        "Routing.weights outside Routing.mask",
+    ),
+    "zero_weights": (
+        lambda r: dataclasses.replace(r, weights=torch.zeros_like(r.weights)),
+        ValueError,
+        "all-zero Routing.weights",
+    ),
+    "nan_probs": (
+        lambda r: dataclasses.replace(r, probs=_nan_at_0(r.probs)),
+        ValueError,
+        "non-finite Routing.probs",
+    ),
+    "inf_logits": (
+        lambda r: dataclasses.replace(r, logits=r.logits.clone().fill_(math.inf)),
+        ValueError,
+        "non-finite Routing.logits",
+    ),
+    "weights_shape": (
+        lambda r: dataclasses.replace(r, weights=r.weights[:, :2]),
+        ValueError,
+        r"Routing.weights of shape \(5, 2\), expected \(5, 4\)",
+    ),
+    "no_logits": (
+        lambda r: dataclasses.replace(r, logits=None),
+        TypeError,
+        "Routing.logits=None, not a tensor",
+    ),
+    "float_mask": (
+        lambda r: dataclasses.replace(r, mask=r.mask.float()),
+        TypeError,
+        "Routing.mask of dtype torch.float32, not bool",
+    ),
+    "broadcast_shape": (
+        lambda r: dataclasses.replace(r, broadcast=r.mask),
+        ValueError,
+        r"Routing.broadcast of shape \(5, 4\), expected \(5,\)",
+    ),
+    "not_a_routing": (lambda r: (r.mask, r.weights), TypeError, "returned tuple, not a Routing"),
+}
+
+
+@pytest.mark.parametrize("case", SPOILT)
+def test_a_custom_routers_decision_is_checked_naming_the_field(case):
+    spoil, error, words = SPOILT[case]
+
+    def bad(logits, *, training, seq_len=None):
+        return spoil(routing.top_k(logits, 2))
+
+    layer = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, router=bad))
+    with pytest.raises(error, match=words):
+        layer(torch.randn(5, 4))
+
+
+def test_a_nan_in_the_balancing_bias_is_refused_not_routed_to_no_expert():
+    layer = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, router=routing.SigmoidTopK()))
+    layer.router_state.bias[1] = math.nan
+    with pytest.raises(ValueError, match="bias of sigmoid_top_k .* not finite"):
+        layer(torch.randn(5, 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class RebindingTopK(TopK):
+    """A stateful router whose update rebinds its state (state["seen"] = ...), not in place."""
+
+    def init_state(self, num_experts):
+        return {"seen": torch.zeros(num_experts)}
+
+    def __call__(self, logits, *, training, seq_len=None, state):
+        return routing.top_k(logits, self.k)
+
+    def update_state(self, state, stats):
+        state["seen"] = state["seen"] + stats.tokens_per_expert
+
+
+def test_an_update_that_rebinds_the_state_is_kept():
+    layer = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, router=RebindingTopK(k=2)))
+    layer.update_router_state(layer(torch.randn(5, 4)).stats)
+    assert layer.router_state.seen.sum() == 10  # 5 tokens, 2 experts each
+
+
+def test_an_update_that_changes_the_states_shape_is_refused():
+    class Growing(RebindingTopK):
+        def update_state(self, state, stats):
+            state["seen"] = torch.zeros(7)
+
+    layer = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, router=Growing(k=2)))
+    with pytest.raises(ValueError, match=r"state\['seen'\] to shape \(7,\)"):
+        layer.update_router_state(layer(torch.randn(5, 4)).stats)
+
+
 # ---- a router with state that gradients do not train ------------------------------------------
 
 
@@ -505,3 +609,13 @@ def test_renormalized_top_1_really_gives_the_router_no_gradient():
 def test_config_with_flat_router_settings_says_routers_are_specs(kwargs, text):
     with pytest.raises(TypeError, match=re.escape(text)):
         MoEConfig(**kwargs)
+
+
+def test_a_custom_base_under_gw_broadcast_is_checked_too():
+    def nan_weights(logits, *, training, seq_len=None):
+        r = routing.top_k(logits, 2)
+        return dataclasses.replace(r, weights=r.weights * math.nan)
+
+    gw = GWBroadcast(nan_weights, threshold=1.0)  # no token broadcast: the base's weights stay
+    with pytest.raises(ValueError, match="non-finite Routing.weights"):
+        MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, router=gw))(torch.randn(5, 4))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.routing import (
+    Routing,
     adaptive,
     entropy,
     gw_broadcast,
@@ -425,3 +426,24 @@ def test_adaptive_properties(logits, threshold, renormalize):
 def test_bad_input_raises_naming_the_value(call, error, text):
     with pytest.raises(error, match=re.escape(text)):
         call()
+
+
+def test_cat_takes_the_mask_of_a_part_without_a_base_mask():
+    with_base = Routing(
+        logits=torch.zeros(2, 3),
+        probs=torch.full((2, 3), 1 / 3),
+        mask=torch.ones(2, 3, dtype=torch.bool),  # broadcast to every expert...
+        weights=torch.full((2, 3), 1 / 3),
+        broadcast=torch.tensor([True, False]),
+        base_mask=torch.tensor([[True, False, False], [False, True, False]]),  # ...from top-1
+    )
+    plain = top_k(torch.tensor([[0.0, 0.0, 1.0]]), 1)
+    both = Routing.cat([with_base, plain])
+    assert both.base_mask.tolist() == [
+        [True, False, False],
+        [False, True, False],
+        [False, False, True],
+    ]
+    assert both.broadcast.tolist() == [True, False, False]
+    assert both.uncertain is None
+    assert Routing.cat([plain, plain]).base_mask is None

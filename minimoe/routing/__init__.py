@@ -65,15 +65,18 @@ from minimoe.routing.core import (
     Routing,
     check_experts,
     check_logits,
+    check_routing,
     check_threshold,
     entropy,
     first_choice,
     is_uncertain,
+    library_router,
     normalized_entropy,
     router_columns,
     top_expert,
     top_gap,
     uncertainty,
+    update_state,
 )
 from minimoe.routing.hashing import HashTopK, hash_top_k
 from minimoe.routing.production import (
@@ -109,6 +112,8 @@ __all__ = [
     "check_float",
     "check_int",
     "check_logits",
+    "check_routing",
+    "library_router",
     "check_threshold",
     "entropy",
     "expert_choice",
@@ -131,6 +136,7 @@ __all__ = [
     "top_k",
     "top_p",
     "uncertainty",
+    "update_state",
 ]
 
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.checks import check_bool, check_choice, check_float, check_int, require
 from minimoe.routing.core import (
     Routing,
     _mask_of_top,
@@ -81,6 +81,11 @@ def sigmoid_top_k(
         )
     check_bool("renormalize", renormalize)
     check_float("scaling", scaling, 0.0, low_open=True)
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (E,):
+            raise ValueError(f"bias must be a tensor of shape ({E},), got {bias!r}")
+        # a NaN bias selects no expert for any token: every output would be 0
+        require(torch.isfinite(bias).all(), "bias of sigmoid_top_k (router state) is not finite")
     s = _scores(logits, score)  # (T, E)
     choice = (
         s.detach() if bias is None else s.detach() + bias.to(s.dtype)
