@@ -246,6 +246,9 @@ def write(out: Path, data: dict) -> Path:
             f.close()
             os.unlink(f.name)
             raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # a temporary file is private; results are not
     os.replace(f.name, path)
     rows = [{"run": r["run"], "seed": r["seed"], **r["measures"]} for r in data["results"]]
     if rows:

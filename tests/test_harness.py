@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -147,3 +148,10 @@ def test_every_cached_result_matches_its_declared_runs(cls):
                 k: v[-1] for k, v in record["curve"].items() if k != "step"
             }
     assert results.data["setup"] == harness.json.loads(harness.json.dumps(exp.header("")["setup"]))
+
+
+def test_results_are_written_readable_like_any_file(tmp_path):
+    Tiny(replace(TINY, steps=2)).run_all(tmp_path, names=["top-2"], seeds=[0], progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
