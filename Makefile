@@ -79,11 +79,11 @@ site/node_modules/.installed: site/package.json site/package-lock.json
 	cd site && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Re-execute every notebook in place, top to bottom in a fresh kernel (outputs are committed).
+# Re-execute every notebook in place, top to bottom in a fresh kernel (outputs are committed), with
+# nbclient's own command (nbconvert's --execute hung on a busy 2-core machine, its kernel idle).
 notebooks: dev
 	for nb in notebooks/[0-9]*.ipynb; do \
-	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 $$nb || exit 1; \
+	  $(VENV)/bin/jupyter execute --inplace --timeout=600 --kernel_name=python3 $$nb || exit 1; \
 	done
 
 lint: dev
