@@ -50,7 +50,7 @@ from torch import Tensor, nn
 import minimoe.experts as experts_module
 from course.common import Timings, interleaved, synchronize
 from minimoe.layer import MoE, MoEConfig
-from minimoe.routing import Adaptive, SigmoidTopK, TopK, TopP, adaptive
+from minimoe.routing import Adaptive, ScoreTopK, SigmoidTopK, TopK, TopP, adaptive
 
 try:
     from minimoe.interop import to_mixtral
@@ -75,6 +75,11 @@ HF = "hf-mixtral"
 TARGET_ADAPTIVE = 1.15  # adaptive time ratio within 1.15x of its FLOP ratio (either side)
 SIGMOID = "sigmoid-bias"  # DeepSeek-V3's router: sigmoid scores, top-k on scores + bias
 TARGET_SIGMOID = 1.05  # issue 12: the sigmoid/bias router costs <= 5% over top-2 at the layer
+# issue 23: the router zoo's rules cost <= 5% over top-2 at the layer (same target)
+ZOO = {
+    "zoo logits-softmax": ScoreTopK(k=K, score="logits", weight="softmax"),  # gpt-oss, Granite
+    "zoo sqrt-softplus+bias": ScoreTopK(k=K, score="sqrt_softplus", selection_bias=True),  # V4
+}
 TARGET_E64 = 1.5  # issue 12: sorted fwd+bwd <= 1.5x dense at T=2048 with E=64 fine-grained experts
 NO_THREADS = "sorted, grouped kernel"  # the target check's control: minimoe.threaded off
 TARGET_E64_ROUNDS = 25  # the table's 9 rounds include HF's block (seconds a step): more, alone
@@ -327,7 +332,7 @@ def build(device: torch.device, seed: int, one_expert_share: float, num_experts:
         f"top-p {TOP_P}": replace(config, router=TopP(p=TOP_P)),
         "adaptive": replace(config, router=Adaptive(threshold=ADAPTIVE_THRESHOLD)),
         SIGMOID: replace(config, router=SigmoidTopK(k=K)),  # its bias buffer starts at zero
-    }
+    } | {name: replace(config, router=router) for name, router in ZOO.items()}
     models: dict[str, nn.Module] = {}
     for name, cfg in variants.items():
         m = MoE(cfg).to(device)
@@ -593,7 +598,7 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for T, r in results.items():
         base_flops = r["stats"]["top2-sorted"]["flops"]
-        for n in ("top2-sorted", f"top-p {TOP_P}", "adaptive", SIGMOID):
+        for n in ("top2-sorted", f"top-p {TOP_P}", "adaptive", SIGMOID, *ZOO):
             s = r["stats"][n]
             flop_ratio = s["flops"] / base_flops
             fb, f = r["fwd_bwd"][n], r["fwd"][n]
@@ -604,7 +609,7 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
             if n == "adaptive":
                 ok = 1 / TARGET_ADAPTIVE <= quotient <= TARGET_ADAPTIVE
                 target = verdict(ok)
-            elif n == SIGMOID:
+            elif n == SIGMOID or n in ZOO:
                 target = f"time ratio <= {TARGET_SIGMOID}: {verdict(fb_ratio <= TARGET_SIGMOID)}"
             print(
                 f"| {T} | {n} | {s['experts_per_token']:.3f} | {s['one_expert']:.1%} "
