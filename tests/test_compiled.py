@@ -18,11 +18,15 @@ from minimoe.experts import Experts
 from minimoe.layer import MoE, MoEConfig
 from minimoe.routing import (
     Adaptive,
+    CapacityTopK,
     ExpertChoice,
     GWBroadcast,
+    HashTopK,
     NoisyTopK,
     Routing,
+    ScoreTopK,
     SigmoidTopK,
+    SparseMixer,
     TopK,
     TopP,
     top_k,
@@ -42,6 +46,18 @@ ROUTERS = {
     "expert_choice": (ExpertChoice(capacity_factor=2.0), {}),
     "capacity": (TopK(k=2), {"capacity_factor": 1.0}),
 }
+# the router zoo's rules (minimoe.routing.zoo, capacity, hashing): one compiled inductor step for
+# the stateful one, fullgraph on the eager backend for all (hash routing: test below)
+ZOO = {
+    "zoo logits-softmax": (ScoreTopK(k=2, score="logits", weight="softmax"), {}),
+    "zoo sqrt-softplus+bias": (ScoreTopK(k=2, score="sqrt_softplus", selection_bias=True), {}),
+    "zoo sigmoid groups": (ScoreTopK(k=2, score="sigmoid", n_group=2, topk_group=1), {}),
+    "zoo null experts": (ScoreTopK(k=2, null_experts=2), {}),
+    "zoo identity experts": (ScoreTopK(k=2, identity_experts=1), {}),
+    "zoo sparse mixer": (SparseMixer(k=2), {}),
+    "zoo capacity in the router": (CapacityTopK(k=2), {}),
+}
+ROUTERS |= ZOO
 BREAKS = ("capacity",)  # counts its capacity on the host: int(base.sum())
 
 
@@ -197,6 +213,14 @@ def test_fullgraph_takes_every_dropless_router(name):
     torch.compile(layer(name), backend="eager", fullgraph=True)(tokens())
 
 
+def test_hash_routing_compiles_whole_with_its_token_ids():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=E, router=HashTopK(k=2, vocab_size=32)))
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(moe, backend="eager", fullgraph=True)(tokens(), token_ids=ids)
+    torch.testing.assert_close(compiled.output, moe(tokens(), token_ids=ids).output, **CLOSE)
+
+
 def test_capacity_breaks_the_graph_where_it_counts_on_the_host():
     counter = CompileCounter()
     torch.compile(layer("capacity"), backend=counter)(tokens())
@@ -232,7 +256,7 @@ def assert_like_eager(got, want) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("name", [n for n in ROUTERS if n not in ZOO] + ["zoo sqrt-softplus+bias"])
 def test_compiled_layer_trains_as_eager(name):
     """One compiled training step per router: fullgraph for every dropless one."""
     moe = layer(name)
