@@ -117,11 +117,19 @@ class Experiment:
 
     # ---- what the harness does -----------------------------------------------------------
 
-    def train_config(self, run: Run, seed: int, progress: bool) -> TrainConfig:
+    def train_config(
+        self, run: Run, seed: int, progress: bool, steps: int | None = None
+    ) -> TrainConfig:
+        """The run's TrainConfig; ``steps``: only the first steps of the declared schedule."""
         s = self.setup
         schedule = getattr(s, "lr_schedule", "constant")
         base = TrainConfig(
-            steps=s.steps, lr=s.lr, seed=seed, eval_every=self.eval_every, lr_schedule=schedule
+            steps=s.steps if steps is None else steps,
+            schedule_steps=s.steps,
+            lr=s.lr,
+            seed=seed,
+            eval_every=self.eval_every,
+            lr_schedule=schedule,
         )
         return replace(base, progress=progress, **run.train)
 
@@ -132,15 +140,18 @@ class Experiment:
             for name, run in self.runs.items()
         }
 
-    def run_one(self, name: str, seed: int, progress: bool = False) -> dict:
-        """Train run ``name`` on ``seed``; its measures, curve and extras."""
+    def run_one(
+        self, name: str, seed: int, progress: bool = False, steps: int | None = None
+    ) -> dict:
+        """Train run ``name`` on ``seed``; its measures, curve and extras. ``steps``: only the
+        first steps of the run, on its declared schedule: its curve is the cached one's prefix."""
         if name not in self.runs:
             raise ValueError(f"unknown run {name!r}; declared: {list(self.runs)}")
         run = self.runs[name]
         get_batch, held_out = self.data(seed)
         model = self.model(run.moe_config(self.base_moe()), seed).to(self.setup.device)
         start = time.perf_counter()
-        config = self.train_config(run, seed, progress)
+        config = self.train_config(run, seed, progress, steps)
         history = train(model, get_batch, config, evaluate=lambda m: self.evaluate(m, held_out))
         seconds = time.perf_counter() - start
         steps = [s for s, _ in history.evals]

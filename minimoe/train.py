@@ -53,6 +53,9 @@ class TrainConfig:
     # "constant" | "cosine": the learning rate decays to 0 by the last step, so a run ends
     # where it stops improving rather than where it was cut off
     lr_schedule: str = "constant"
+    # the schedule's length, if longer than ``steps``: train the first ``steps`` of a longer run
+    # (to check a cached run by its first steps); None: ``steps``
+    schedule_steps: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -62,6 +65,14 @@ class TrainConfig:
                 raise TypeError(f"{name} must be an int, got {name}={value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={value!r}")
+        if self.schedule_steps is not None:
+            value = self.schedule_steps
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TypeError(f"schedule_steps must be an int, got schedule_steps={value!r}")
+            if value < self.steps:
+                raise ValueError(
+                    f"schedule_steps must be >= steps={self.steps}, got schedule_steps={value!r}"
+                )
         check_bool("freeze_router", self.freeze_router)
         check_bool("progress", self.progress)
         if self.seed >= 2**32:  # numpy's seed range
@@ -163,8 +174,9 @@ def train(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = None
     if config.lr_schedule == "cosine":  # step s (1-based) trains at lr * (1 + cos(pi (s-1)/S)) / 2
+        length = max(1, config.schedule_steps or config.steps)  # S
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, config.steps)))
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / length))
         )
     history = History()
     model.train()

@@ -155,3 +155,13 @@ def test_results_are_written_readable_like_any_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_the_first_steps_of_a_run_are_its_cached_curves_prefix(tmp_path):
+    exp = Tiny(replace(TINY, steps=8, lr_schedule="cosine"))
+    full = exp.run_all(tmp_path, names=["top-2"], seeds=[0], progress=False).record("top-2", 0)
+    first = exp.run_one("top-2", 0, steps=4)  # the first half, on the 8-step schedule
+    assert first["curve"]["step"] == [2, 4]
+    assert first["curve"]["rel_error"] == full["curve"]["rel_error"][:2]
+    short = Tiny(replace(TINY, steps=4, lr_schedule="cosine")).run_one("top-2", 0)
+    assert short["curve"]["rel_error"][-1] != full["curve"]["rel_error"][1], "another schedule"

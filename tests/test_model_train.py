@@ -465,3 +465,20 @@ def test_model_config_refuses_bad_values(field, value):
         (ValueError, TypeError), match=re.escape(field) if field != "moe" else "bogus"
     ):
         ModelConfig(**{field: value})
+
+
+def test_schedule_steps_trains_the_first_steps_of_a_longer_schedule(monkeypatch):
+    task = make_toy_task(256, seed=0)
+    model = MoERegressor(task.x.shape[1], task.y.shape[1], MoEConfig(d_model=task.x.shape[1]))
+    seen, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    config = TrainConfig(steps=2, schedule_steps=4, lr=0.1, lr_schedule="cosine", progress=False)
+    train(model, toy_batches(task, 32), config)
+    assert seen == pytest.approx([0.1, 0.1 * (1 + 2**-0.5) / 2]), "the 4-step cosine's first two"
+    with pytest.raises(ValueError, match="schedule_steps must be >= steps=4, got schedule_steps=2"):
+        TrainConfig(steps=4, schedule_steps=2)
