@@ -61,7 +61,13 @@ def require(ok: Tensor, message: str, detail: Callable[[], str] | None = None) -
     """
     if ok.device.type == "meta":
         return
-    if ok.device.type != "cpu" or torch.compiler.is_compiling():
+    if not host_checkable(ok):
         torch._assert_async(ok, message)
     elif not bool(ok):
         raise ValueError(message + (f": {detail()}" if detail is not None else ""))
+
+
+def host_checkable(t: Tensor) -> bool:
+    """Whether reading ``t``'s values here is cheap: eager on the CPU (no device sync, no graph
+    break). Elsewhere a check of values is ``require``'s asynchronous assert."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()

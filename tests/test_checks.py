@@ -47,3 +47,13 @@ def test_require_compiles_whole_and_still_refuses():
     assert compiled(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
     with pytest.raises(RuntimeError, match="x must be finite"):
         compiled(torch.tensor([1.0, math.inf]))
+
+
+def test_only_eager_cpu_values_are_read_on_the_host():
+    from minimoe.checks import host_checkable
+    from minimoe.routing import check_logits
+
+    assert host_checkable(torch.zeros(()))
+    assert not host_checkable(torch.zeros((), device="meta"))
+    # meta logits have no values: checked for shape and dtype only, never read
+    assert check_logits(torch.empty(4, 3, device="meta")).device.type == "meta"

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from minimoe.checks import check_bool, check_choice, check_float, require
+from minimoe.checks import check_bool, check_choice, check_float, host_checkable, require
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ class Routing:
 def check_logits(logits: Tensor) -> Tensor:
     """Validate router logits and return them as float32 (the router runs in float32).
 
-    Under ``torch.compile`` finiteness is an asynchronous assert (RuntimeError, no host sync).
+    On an accelerator and under ``torch.compile`` finiteness is an asynchronous assert
+    (``checks.require``: RuntimeError, no host sync).
     """
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -114,11 +115,13 @@ def check_logits(logits: Tensor) -> Tensor:
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
-    if torch.compiler.is_compiling():  # no branch on values: an assert that does not sync
-        torch._assert_async(torch.isfinite(logits).all(), "logits must be finite")
-    elif logits.numel() and not torch.isfinite(logits).all():
-        bad = logits[~torch.isfinite(logits)].flatten()[0].item()
-        raise ValueError(f"logits must be finite, found {bad}")
+    if logits.numel():
+        finite = torch.isfinite(logits).all()  # () bool
+        if not host_checkable(finite):
+            require(finite, "logits must be finite")
+        elif not finite:
+            bad = logits[~torch.isfinite(logits)].flatten()[0].item()
+            raise ValueError(f"logits must be finite, found {bad}")
     return logits.float()
 
 
