@@ -377,6 +377,13 @@ class Results:
             drifts.append(stats.tail_drift(steps, gap))
         return sum(drifts) / len(drifts)
 
+    def differences(self, a: str, b: str, measure: str) -> list[float]:
+        """``a`` minus ``b`` on ``measure``, one per seed both have."""
+        seeds = self.seeds_of(a, b)
+        return [
+            x - y for x, y in zip(self.values(a, measure, seeds), self.values(b, measure, seeds))
+        ]
+
     def compare(
         self, a: str, b: str, measure: str, lower_is_better: bool = True
     ) -> stats.Comparison:

@@ -57,7 +57,7 @@ def balance_rows() -> list[dict]:
     )
 
     def versus(a: str, b: str) -> list[float]:
-        return list(results.compare(a, b, "loss").diffs)
+        return results.differences(a, b, "loss")
 
     vs = "held-out loss - {} (nats)"
     return [
@@ -195,11 +195,10 @@ def compare_rows() -> list[dict]:
 def testbed_rows() -> list[dict]:
     results = testbed.load()
 
-    def overall(router: str, key: str) -> list[float]:
-        return results.values(router, key)
+    overall = results.values  # (run, measure) -> one value per seed, over all test inputs
 
     def versus(router: str, other: str) -> list[float]:
-        return list(results.compare(router, other, "rel_error").diffs)
+        return results.differences(router, other, "rel_error")
 
     vs = "test error - top-2 (share of variance)"
     return [

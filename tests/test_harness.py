@@ -56,6 +56,7 @@ def test_results_format_and_the_checks_on_load(tmp_path):
         ]
     )
     assert c.drift is not None
+    assert loaded.differences("top-1", "top-2", "rel_error") == list(c.diffs)
 
     changed = Tiny(TINY)
     changed.runs = {"top-2": Run(TopK(k=2), losses="course")}  # same name, other recipe
