@@ -50,4 +50,4 @@ class Balance(ByteLM):
 
 
 def add_parser(sub) -> None:
-    Balance().add_parser(sub, Balance.main)
+    Balance().add_parser(sub)

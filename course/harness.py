@@ -9,7 +9,7 @@ results format, ``results.json``:
     {"format", "experiment", "command", "versions", "setup", "seeds",
      "runs": {name: {"moe": MoEConfig.to_dict(), "train": TrainConfig changes}},
      "results": [{"run", "seed", "measures": {name: float}, "curve": {"step": [...], ...},
-                  "seconds", "extra": {...}}]}
+                  "train_loss": [every len // 100-th step's], "seconds", "extra": {...}}]}
 
 The router is saved as data (``router_to_dict``), never by a command-line flag, so renaming a
 flag breaks no cache; ``load`` refuses a file whose runs differ from the declared ones.
@@ -87,7 +87,6 @@ class Experiment:
     runs: dict[str, Run]
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     eval_every: int = 100  # steps between held-out evaluations (the curve)
-    curve_measure: str = "loss"  # the held-out measure the converged rule reads
     help: str = ""
 
     def __init__(self, setup: Any | None = None) -> None:
@@ -108,7 +107,8 @@ class Experiment:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, held_out: Any) -> dict[str, float]:
-        """Held-out measures (floats), ``curve_measure`` among them."""
+        """Held-out measures (floats): the final ones, and every ``eval_every`` steps the curve
+        the converged rule reads."""
         raise NotImplementedError
 
     def extra(self, model: nn.Module, held_out: Any, history: History) -> dict:
@@ -213,9 +213,8 @@ class Experiment:
 
     # ---- the command line ----------------------------------------------------------------
 
-    def add_parser(
-        self, sub: argparse._SubParsersAction, func: Callable
-    ) -> argparse.ArgumentParser:
+    def add_parser(self, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        """``python -m course <name>``: a flag per setup field, ``--seeds``, ``--runs``."""
         p = sub.add_parser(self.name, help=self.help)
         add_setup_args(p, self.setup)
         p.add_argument(
@@ -227,7 +226,7 @@ class Experiment:
         )
         p.add_argument("--runs", nargs="+", default=None, help=f"from {list(self.runs)}")
         add_experiment_args(p, out=f"runs/{self.name}")
-        p.set_defaults(func=func)
+        p.set_defaults(func=type(self).main)
         return p
 
     @classmethod

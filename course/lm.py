@@ -81,9 +81,8 @@ class ByteLM(Experiment):
         return ModelConfig(BYTE_VOCAB_SIZE, s.block_size, n_layers=s.n_layers, n_heads=4, moe=moe)
 
     def data(self, seed: int):
-        return lm_batches(corpus(), self.setup.batch_size, self.setup.block_size), held_out(
-            self.setup
-        )
+        s = self.setup
+        return lm_batches(corpus(), s.batch_size, s.block_size), held_out(s)
 
     def model(self, moe: MoEConfig, seed: int) -> TinyTransformer:
         """The seed's draw of the base model, copied into this run's wherever the shapes agree

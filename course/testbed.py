@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -72,12 +73,19 @@ class TestbedSetup:
     seed: int = 0
     device: str = "cpu"
 
-    def tasks(self, seed: int | None = None) -> tuple[MixtureTask, MixtureTask]:
+    def train_set(self, seed: int | None = None) -> MixtureTask:
         seed = self.seed if seed is None else seed
-        task = dict(seed=self.task_seed, mixing=self.mixing)
-        train_set = make_mixture_task(self.n_train, sample_seed=1000 + seed, **task)
-        test_set = make_mixture_task(self.n_test, sample_seed=TEST_SAMPLE_SEED, **task)
-        return train_set, test_set
+        return make_mixture_task(self.n_train, sample_seed=1000 + seed, **self._task())
+
+    def test_set(self) -> MixtureTask:
+        """The same test samples for every seed."""
+        return make_mixture_task(self.n_test, sample_seed=TEST_SAMPLE_SEED, **self._task())
+
+    def tasks(self, seed: int | None = None) -> tuple[MixtureTask, MixtureTask]:
+        return self.train_set(seed), self.test_set()
+
+    def _task(self) -> dict:
+        return {"seed": self.task_seed, "mixing": self.mixing}
 
     def moe(self, d_model: int) -> MoEConfig:
         return MoEConfig(
@@ -142,23 +150,20 @@ class Testbed(Experiment):
     runs = RUNS
     seeds = (0, 1, 2, 3, 4)
     eval_every = 200
-    curve_measure = "rel_error"
+
+    @cached_property
+    def test_set(self) -> MixtureTask:
+        return self.setup.test_set()
 
     def base_moe(self) -> MoEConfig:
-        return self.setup.moe(self._test().x.shape[1])
-
-    def _test(self) -> MixtureTask:
-        if getattr(self, "_test_set", None) is None:
-            self._test_set = self.setup.tasks()[1]
-        return self._test_set
+        return self.setup.moe(self.test_set.x.shape[1])
 
     def data(self, seed: int):
-        train_set, test_set = self.setup.tasks(seed)
-        return toy_batches(train_set, self.setup.batch_size), test_set
+        return toy_batches(self.setup.train_set(seed), self.setup.batch_size), self.test_set
 
     def model(self, moe: MoEConfig, seed: int) -> MoERegressor:
         torch.manual_seed(seed)
-        return MoERegressor(moe.d_model, self._test().y.shape[1], moe)
+        return MoERegressor(moe.d_model, self.test_set.y.shape[1], moe)
 
     def evaluate(self, model: MoERegressor, held_out: MixtureTask) -> dict[str, float]:
         return flat(measure(model, held_out), held_out)
@@ -193,4 +198,4 @@ def load(mixing: str = "equal", path=None) -> harness.Results:
 
 def add_parser(sub) -> None:
     for cls in EXPERIMENTS:
-        cls().add_parser(sub, cls.main)
+        cls().add_parser(sub)
