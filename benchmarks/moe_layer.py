@@ -822,8 +822,7 @@ def main(argv: list[str] | None = None) -> None:
             t = t["fwd_bwd"]
 
             def ratio(name: str, t: Timings = t) -> str:
-                per_round = [a / b for a, b in zip(t.rounds[name], t.rounds["dense"])]
-                q = statistics.quantiles(per_round, n=4)
+                q = statistics.quantiles(t.ratios(name, "dense"), n=4)
                 return (
                     f"{t.ratio(name, 'dense'):.2f}x (quartiles of the rounds {q[0]:.2f}-{q[2]:.2f})"
                 )

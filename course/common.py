@@ -225,19 +225,21 @@ class Timings:
     def __getitem__(self, name: str) -> float:
         return statistics.median(self.rounds[name])
 
-    def ratio(self, name: str, reference: str) -> float:
+    def ratios(self, name: str, reference: str) -> list[float]:
+        """time(name) / time(reference), round by round."""
         for n in (name, reference):
             if n not in self.rounds:
                 raise ValueError(f"no timings for {n!r}; timed: {list(self.rounds)}")
         pairs = zip(self.rounds[name], self.rounds[reference], strict=True)
-        return statistics.median(t / t_ref for t, t_ref in pairs)
+        return [t / t_ref for t, t_ref in pairs]
+
+    def ratio(self, name: str, reference: str) -> float:
+        return statistics.median(self.ratios(name, reference))
 
     def band(self, name: str, reference: str) -> str:
         """The ratio with its noise band, for printing (never for an assert): the median and
         the quartiles of the per-round ratios, e.g. ``"0.91x (0.88-0.95)"``."""
-        self.ratio(name, reference)  # checks both names
-        pairs = zip(self.rounds[name], self.rounds[reference], strict=True)
-        ratios = [t / t_ref for t, t_ref in pairs]
+        ratios = self.ratios(name, reference)
         q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         return f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
 
