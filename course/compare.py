@@ -413,14 +413,19 @@ def _run_colors(summary: list[dict]) -> dict[str, tuple]:
     return {r["run"]: cmap(i % 20) for i, r in enumerate(summary)}
 
 
-def _error_bars(rows: list[dict], intervals: dict | None) -> list[list[float]] | list[float]:
-    """Per run, the corrected interval of its paired difference to top-2 (``intervals``: run ->
-    ``stats.Comparison``, as (below, above) the mean); without them, the std over seeds."""
-    if intervals is None:
-        return [r["loss_vs_top2_std"] for r in rows]
-    bars = [intervals.get(r["run"]) for r in rows]
-    below = [0.0 if c is None else c.mean - c.low for c in bars]  # top-2 itself: no bar
-    return [below, [0.0 if c is None else c.high - c.mean for c in bars]]
+def _error_bars(rows: list[dict], intervals: dict | None) -> list[list[list[float]]]:
+    """Per run, [[below], [above]] its mean: the corrected interval of its paired difference to
+    top-2 (``intervals``: run -> ``stats.Comparison``; top-2 itself none), else the std over
+    seeds both ways."""
+    bars = []
+    for r in rows:
+        c = None if intervals is None else intervals.get(r["run"])
+        if intervals is None:
+            below = above = r["loss_vs_top2_std"]
+        else:
+            below, above = (0.0, 0.0) if c is None else (c.mean - c.low, c.high - c.mean)
+        bars.append([[below], [above]])
+    return bars
 
 
 def plot_pareto(
@@ -447,7 +452,7 @@ def plot_pareto(
         ax.errorbar(
             x[i],
             y[i],
-            yerr=[[bars[0][i]], [bars[1][i]]] if intervals is not None else bars[i],
+            yerr=bars[i],
             fmt="o" if front[i] else "s",
             capsize=3,
             color=colors[r["run"]],
@@ -484,12 +489,8 @@ def plot_near_top2(
     ax = ax if ax is not None else plt.subplots(figsize=(5.5, 4), layout="constrained")[1]
     colors = _run_colors(summary)
     rows = [r for r in summary if abs(r[cost] - 1) <= near]
-    bars = _error_bars(rows, intervals)
-    for i, r in enumerate(rows):
-        xerr = [[bars[0][i]], [bars[1][i]]] if intervals is not None else bars[i]
-        ax.errorbar(
-            r["loss_vs_top2"], i, xerr=xerr, fmt="o", capsize=3, color=colors[r["run"]]
-        )  # fmt: skip
+    for i, (r, xerr) in enumerate(zip(rows, _error_bars(rows, intervals))):
+        ax.errorbar(r["loss_vs_top2"], i, xerr=xerr, fmt="o", capsize=3, color=colors[r["run"]])
     ax.axvline(0, color="k", lw=1)
     ax.set(
         yticks=range(len(rows)),
