@@ -118,6 +118,24 @@ def expert_choice(logits: Tensor, capacity_factor: float = 2.0) -> Routing:
     return Routing(logits=logits, probs=probs, mask=mask, weights=probs * mask)
 
 
+def check_groups(k: int, n_group: int, topk_group: int, num_experts: int) -> None:
+    """Group-limited selection can choose k experts: the groups divide the experts, and the
+    topk_group groups a token may use hold at least k of them."""
+    if num_experts % n_group:
+        raise ValueError(f"n_group={n_group} does not divide num_experts={num_experts}")
+    if k > topk_group * (num_experts // n_group):
+        raise ValueError(f"k={k} is more than the experts of topk_group={topk_group} groups")
+
+
+@torch.no_grad()
+def loss_free_update(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> None:
+    """Wang et al.'s update, in place: b_i += u * sign(mean load - load_i) over the experts
+    counted (the first ``len(tokens_per_expert)`` entries of ``bias``): overloaded experts
+    become less attractive."""
+    load = tokens_per_expert.float()  # (E,) this step's tokens per expert
+    bias[: load.shape[0]] += rate * torch.sign(load.mean() - load)
+
+
 @dataclass(frozen=True)
 class SigmoidTopK:
     """DeepSeek-V3's router with auxiliary-loss-free balancing: ``sigmoid_top_k`` with a bias b.
@@ -159,20 +177,13 @@ class SigmoidTopK:
 
     def check_experts(self, num_experts: int) -> None:
         check_int("k", self.k, 1, num_experts)
-        if num_experts % self.n_group:
-            raise ValueError(f"n_group={self.n_group} does not divide num_experts={num_experts}")
-        if self.k > self.topk_group * (num_experts // self.n_group):
-            raise ValueError(
-                f"k={self.k} is more than the experts of topk_group={self.topk_group} groups"
-            )
+        check_groups(self.k, self.n_group, self.topk_group, num_experts)
 
     def init_state(self, num_experts: int) -> dict[str, Tensor]:
         return {"bias": torch.zeros(num_experts)}
 
     def update_state(self, state: dict[str, Tensor], stats) -> None:
-        """b_i += u * sign(mean load - load_i): overloaded experts become less attractive."""
-        load = stats.tokens_per_expert.float()  # (E,) this step's tokens per expert
-        state["bias"] += self.bias_rate * torch.sign(load.mean() - load)
+        loss_free_update(state["bias"], stats.tokens_per_expert, self.bias_rate)
 
     def __call__(
         self,

@@ -28,7 +28,12 @@ from torch import Tensor
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
 from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_recipe
-from minimoe.routing.production import GROUP_SCORES, group_limited
+from minimoe.routing.production import (
+    GROUP_SCORES,
+    check_groups,
+    group_limited,
+    loss_free_update,
+)
 
 SCORE_FUNCTIONS = {
     "softmax": lambda x: x.softmax(dim=-1),
@@ -210,12 +215,7 @@ class ScoreTopK:
 
     def check_experts(self, num_experts: int) -> None:
         check_int("k", self.k, 1, self.router_columns(num_experts))
-        if num_experts % self.n_group:
-            raise ValueError(f"n_group={self.n_group} does not divide num_experts={num_experts}")
-        if self.k > self.topk_group * (num_experts // self.n_group):
-            raise ValueError(
-                f"k={self.k} is more than the experts of topk_group={self.topk_group} groups"
-            )
+        check_groups(self.k, self.n_group, self.topk_group, num_experts)
 
     def init_state(self, num_experts: int) -> dict[str, Tensor]:
         columns = self.router_columns(num_experts)
@@ -223,10 +223,8 @@ class ScoreTopK:
 
     def update_state(self, state: dict[str, Tensor], stats) -> None:
         """b_i += u * sign(mean load - load_i); u = ``bias_rate`` (0: as Hugging Face, frozen)."""
-        if self.bias_rate:
-            load = stats.tokens_per_expert.float()  # (E,)
-            E = load.shape[0]  # the true experts' bias (null and identity ones keep theirs)
-            state["bias"][:E] += self.bias_rate * torch.sign(load.mean() - load)
+        if self.bias_rate:  # the true experts' bias (null and identity ones keep theirs)
+            loss_free_update(state["bias"], stats.tokens_per_expert, self.bias_rate)
 
     def __call__(
         self,
