@@ -83,10 +83,9 @@ def moe_changes(named: dict[str, Any]) -> dict[str, Any]:
     return {"router": router_from_flags(named.get("router", "top_k"), **flags)} | rest
 
 
-# Setup fields for which 0 means something (evaluate only at the end, no fine-tuning, a seed, a
-# threshold); every other size, count, period and rate must be > 0 (0 windows score nothing, a
+# Setup fields for which 0 means something (evaluate only at the end, a seed); every other size, count, period and rate must be > 0 (0 windows score nothing, a
 # block of 0 divides by zero, a period of 0 never comes)
-MAY_BE_ZERO = ("eval_every", "finetune_steps", "task_seed", "gw_threshold")
+MAY_BE_ZERO = ("eval_every", "task_seed")
 
 
 def add_setup_args(p: argparse.ArgumentParser, defaults: Setup) -> None:

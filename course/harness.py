@@ -66,6 +66,10 @@ class Run:
     losses: str = "paper"
     moe: Mapping[str, Any] = field(default_factory=dict)
     train: Mapping[str, Any] = field(default_factory=dict)
+    # a run that fine-tunes another: it starts from that run's model at step
+    # ``Experiment.continue_at()``, with a fresh optimizer, on the batches that run sees from
+    # there, its learning-rate schedule continued; its curve counts steps from the start
+    continues: str | None = None
 
     def __post_init__(self) -> None:
         if self.losses not in LOSS_RECIPES:
@@ -80,7 +84,10 @@ class Run:
 
 
 class Experiment:
-    """A chapter's experiment; subclasses set the class attributes and the four methods."""
+    """A chapter's experiment; subclasses set the class attributes and the four methods.
+
+    Runs are trained in their declared order, so a run that another ``continues`` comes first
+    (its snapshot is kept for the seed; without it, its first steps are trained again)."""
 
     name: str  # results live in data/<name>/
     setup_class: type  # a dataclass with a ``seed`` field and a ``device`` field
@@ -91,6 +98,7 @@ class Experiment:
 
     def __init__(self, setup: Any | None = None) -> None:
         self.setup = setup if setup is not None else self.setup_class()
+        self._snapshots: dict[tuple[str, int, int], dict] = {}  # (run, seed, step) -> weights
 
     # ---- what a chapter declares ---------------------------------------------------------
 
@@ -111,21 +119,39 @@ class Experiment:
         the converged rule reads."""
         raise NotImplementedError
 
-    def extra(self, model: nn.Module, held_out: Any, history: History) -> dict:
+    def recorder(self, name: str) -> Callable[[int, nn.Module, Any], None] | None:
+        """A per-step training callback (``train``'s ``callback``) for run ``name``, handed to
+        ``extra`` afterwards as ``record``; none by default."""
+        return None
+
+    def extra(self, model: nn.Module, held_out: Any, history: History, record: Any) -> dict:
         """Anything else a chapter keeps per (run, seed) (JSON data); nothing by default."""
         return {}
+
+    def continue_at(self) -> int:
+        """The step a continuing run starts from: the last ``finetune_steps`` of the setup's."""
+        s = self.setup
+        finetune = getattr(s, "finetune_steps", None)
+        if finetune is None or not 0 < finetune < s.steps:
+            raise ValueError(
+                f"a continuing run needs 0 < finetune_steps < steps, got finetune_steps="
+                f"{finetune!r} of steps={s.steps}"
+            )
+        return s.steps - finetune
 
     # ---- what the harness does -----------------------------------------------------------
 
     def train_config(
-        self, run: Run, seed: int, progress: bool, steps: int | None = None
+        self, run: Run, seed: int, progress: bool, steps: int | None = None, start: int = 0
     ) -> TrainConfig:
-        """The run's TrainConfig; ``steps``: only the first steps of the declared schedule."""
+        """The run's TrainConfig: ``steps`` steps (default: to the end) of the declared schedule
+        from step ``start`` on."""
         s = self.setup
         schedule = getattr(s, "lr_schedule", "constant")
         base = TrainConfig(
-            steps=s.steps if steps is None else steps,
+            steps=s.steps - start if steps is None else steps,
             schedule_steps=s.steps,
+            start_step=start,
             lr=s.lr,
             seed=seed,
             eval_every=self.eval_every,
@@ -135,28 +161,67 @@ class Experiment:
 
     def declared(self) -> dict[str, dict]:
         """Every run's config as data, as ``results.json`` stores it."""
-        return {
-            name: {"moe": run.moe_config(self.base_moe()).to_dict(), "train": dict(run.train)}
-            for name, run in self.runs.items()
-        }
+        declared = {}
+        for name, run in self.runs.items():
+            moe = run.moe_config(self.base_moe()).to_dict()
+            declared[name] = {"moe": moe, "train": dict(run.train)}
+            if run.continues is not None:
+                declared[name] |= {"continues": run.continues, "from_step": self.continue_at()}
+        return declared
+
+    def _start(self, run: Run, seed: int) -> tuple[nn.Module, int]:
+        """A run's model before training, and the step it starts at: the seed's draw at 0, or
+        for a continuing run the source's snapshot (its weights in this run's config)."""
+        model = self.model(run.moe_config(self.base_moe()), seed).to(self.setup.device)
+        if run.continues is None:
+            return model, 0
+        at = self.continue_at()
+        key = (run.continues, seed, at)
+        if key not in self._snapshots:  # the source's first steps again, on its schedule
+            self._train(run.continues, seed, False, at)
+        model.load_state_dict(self._snapshots[key])
+        return model, at
+
+    def _train(self, name: str, seed: int, progress: bool, steps: int | None = None):
+        """Train run ``name`` on ``seed`` (``steps``: only its first steps); (model, history,
+        record, seconds, start step). Keeps the snapshots later runs continue from."""
+        if name not in self.runs:
+            raise ValueError(f"unknown run {name!r}; declared: {list(self.runs)}")
+        run = self.runs[name]
+        get_batch, held_out = self.data(seed)
+        model, start = self._start(run, seed)
+        if start:  # the batches the source sees from its step ``start`` on
+            get_batch = _skipping(get_batch, start)
+        config = self.train_config(run, seed, progress, steps, start)
+        wanted = {self.continue_at() for r in self.runs.values() if r.continues == name}
+        record = self.recorder(name)
+
+        def callback(step: int, model: nn.Module, out: Any) -> None:
+            if record is not None:
+                record(step, model, out)
+            if start + step in wanted:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                self._snapshots[(name, seed, start + step)] = state
+
+        began = time.perf_counter()
+        history = train(
+            model,
+            get_batch,
+            config,
+            evaluate=lambda m: self.evaluate(m, held_out),
+            callback=callback,
+        )
+        return model, history, record, time.perf_counter() - began, start, held_out
 
     def run_one(
         self, name: str, seed: int, progress: bool = False, steps: int | None = None
     ) -> dict:
         """Train run ``name`` on ``seed``; its measures, curve and extras. ``steps``: only the
         first steps of the run, on its declared schedule: its curve is the cached one's prefix."""
-        if name not in self.runs:
-            raise ValueError(f"unknown run {name!r}; declared: {list(self.runs)}")
-        run = self.runs[name]
-        get_batch, held_out = self.data(seed)
-        model = self.model(run.moe_config(self.base_moe()), seed).to(self.setup.device)
-        start = time.perf_counter()
-        config = self.train_config(run, seed, progress, steps)
-        history = train(model, get_batch, config, evaluate=lambda m: self.evaluate(m, held_out))
-        seconds = time.perf_counter() - start
-        steps = [s for s, _ in history.evals]
-        curve = {"step": steps} | {
-            k: [e[k] for _, e in history.evals] for k in history.evals[-1][1]
+        model, history, record, seconds, start, held_out = self._train(name, seed, progress, steps)
+        evals = history.evals
+        curve = {"step": [start + s for s, _ in evals]} | {
+            k: [e[k] for _, e in evals] for k in evals[-1][1]
         }
         return {
             "run": name,
@@ -165,7 +230,7 @@ class Experiment:
             "curve": curve,
             "train_loss": history.loss[:: max(1, len(history.loss) // 100)],
             "seconds": seconds,
-            "extra": self.extra(model, held_out, history),
+            "extra": self.extra(model, held_out, history, record),
         }
 
     def header(self, command: str) -> dict:
@@ -234,7 +299,24 @@ class Experiment:
         set_threads(args)
         names = {f.name for f in fields(cls.setup_class)} - {"seed"}
         exp = cls(cls.setup_class(**{n: getattr(args, n) for n in names}))
-        return exp.run_all(args.out, args.runs, args.seeds, progress=not args.no_progress)
+        command = getattr(args, "command_line", None)  # as typed (minimoe.cli.run_commands)
+        return exp.run_all(args.out, args.runs, args.seeds, not args.no_progress, command)
+
+
+def _skipping(get_batch: Callable, skip: int) -> Callable:
+    """``get_batch`` that first draws (and drops) ``skip`` batches from the trainer's generator:
+    a continued run sees the batches its source sees from step ``skip`` on."""
+    skipped = False
+
+    def get(generator: torch.Generator):
+        nonlocal skipped
+        if not skipped:
+            for _ in range(skip):
+                get_batch(generator)
+            skipped = True
+        return get_batch(generator)
+
+    return get
 
 
 def _command_line() -> str:
@@ -353,9 +435,16 @@ class Results:
         return sorted(set.intersection(*have))
 
     def values(self, run: str, measure: str, seeds: Iterable[int] | None = None) -> list[float]:
-        """``measure`` of ``run``, one value per seed (all its seeds by default)."""
+        """``measure`` of ``run``, one value per seed (all its seeds by default): a held-out
+        measure, or else a number the chapter keeps in ``extra``."""
         seeds = self.seeds_of(run) if seeds is None else seeds
-        return [self.record(run, s)["measures"][measure] for s in seeds]
+        values = []
+        for s in seeds:
+            r = self.record(run, s)
+            if measure not in r["measures"] and measure not in r.get("extra", {}):
+                raise KeyError(f"run {run!r} has no measure {measure!r}: {list(r['measures'])}")
+            values.append(r["measures"].get(measure, r.get("extra", {}).get(measure)))
+        return values
 
     def curve(self, run: str, seed: int, measure: str) -> dict[int, float] | None:
         """``measure`` of ``run`` on ``seed`` at each evaluated step; None if not recorded."""

@@ -1,22 +1,22 @@
 """Chapter 8: routing since 2024 (``python -m course modern``): sigmoid scores balanced by an
 auxiliary loss or by a bias with no loss (Wang et al. 2024, DeepSeek-V3), expert choice, shared
-and fine-grained experts, on chapter 6's tiny byte-level language model.
+and fine-grained experts, on chapter 1's tiny byte-level language model (``course.lm.ByteLM``),
+on the experiment harness.
 
 For every seed all runs start from the same weights (a shared expert and the router of the
 fine-grained model are drawn fresh; fine-grained experts are the coarse ones cut into pieces)
-and see the same batches in the same order; no run has a capacity limit. Sigmoid runs train
-without the z-loss, as in Wang et al. Balance is measured as MaxVio = (max load - mean load) /
-mean load: MaxVio_batch per training step (the mean over the last quarter of the steps),
-MaxVio_global over the held-out set. ``causal_leak`` measures how much the earlier positions of
-a window change when only its last bytes change: 0 for a causal router.
+and see the same batches in the same order; the learning rate decays to zero, so every run ends
+where it stops improving; no run has a capacity limit. Sigmoid runs train without the z-loss, as
+in Wang et al. Balance is measured as MaxVio = (max load - mean load) / mean load: MaxVio_batch
+per training step (the mean over the last quarter of the steps), MaxVio_global over the held-out
+set. ``causal_leak`` measures how much the earlier positions of a window change when only its
+last bytes change: 0 for a causal router.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
 import torch
@@ -24,59 +24,57 @@ import torch.nn.functional as F
 from matplotlib.axes import Axes
 from torch import nn
 
-from course import common, harness
-from course.adaptive import time_train_steps
-from course.common import (
-    DistinctSeeds,
-    add_experiment_args,
-    add_setup_args,
-    load_json,
-    seed_means,
-    set_threads,
-    setup_from_args,
-    write_seed_results,
-)
-from course.compare import BatchStream, eval_batches
+from course import harness
+from course.compare import time_against
+from course.harness import Run
+from course.lm import ByteLM, LMSetup
 from minimoe.analysis import RoutingRecorder, expert_count_shares, experts_per_token, max_violation
-from minimoe.cli import non_negative_int, positive_int
-from minimoe.data import BYTE_VOCAB_SIZE, Batch, ByteCorpus, byte_corpus
-from minimoe.layer import fine_grained, moe_layers
-from minimoe.model import ModelConfig, TinyTransformer
+from minimoe.data import Batch
+from minimoe.layer import MoEConfig, moe_layers
+from minimoe.model import TinyTransformer
 from minimoe.routing import ExpertChoice, Routing, SigmoidTopK
-from minimoe.train import TrainConfig, train
+from minimoe.train import History
 
-U = 1e-2  # our bias rate: Wang et al.'s u = 1e-3 moves the bias 0.6 at most in 600 steps
+U = 1e-2  # our bias rate: Wang et al.'s u = 1e-3 moves the bias 1.2 at most in 1200 steps
+M = 4  # fine-grained: every expert cut into M, M times as many chosen
+H = LMSetup().d_hidden
 
 
-def sigmoid(alpha: float = 0.0, **router) -> dict:
-    """MoEConfig changes: a SigmoidTopK (bias frozen unless ``bias_rate``), no z-loss, and Wang
-    et al.'s balance loss alpha * sum_i f_i P_i, f_i = E / (k T) * tokens choosing i: the
-    library's loss counting every selected expert, divided by k."""
+def sigmoid(alpha: float = 0.0, moe: dict | None = None, **router) -> Run:
+    """A SigmoidTopK run (bias frozen unless ``bias_rate``), no z-loss, and Wang et al.'s balance
+    loss alpha * sum_i f_i P_i, f_i = E / (k T) * tokens choosing i: the library's loss counting
+    every selected expert, divided by k; ``moe``: other MoEConfig changes."""
     spec = SigmoidTopK(**({"bias_rate": 0.0} | router))
-    return {"router": spec, "z_coef": 0.0, "balance_coef": alpha / spec.k} | (
+    loss = {"z_coef": 0.0, "balance_coef": alpha / spec.k} | (
         {"balance_count": "selected"} if alpha else {}
     )
+    return Run(spec, losses="course", moe=loss | (moe or {}))
 
 
-# name -> MoEConfig changes; "shared": a shared expert as wide as a routed one;
-# "fine_grained": m, every expert cut into m (layer.fine_grained)
-RUNS: dict[str, dict] = {
+# "shared": a shared expert as wide as a routed one; fine-grained: E M experts of width h / M,
+# k M chosen, the routed output scaled by M (the renormalized k M weights are 1 / M of the
+# coarse ones each: unscaled, the routed output starts at about 1 / M of the coarse model's)
+SHARED = {"shared_hidden": H}
+FINE = {"num_experts": LMSetup().num_experts * M, "d_hidden": H // M}
+RUNS: dict[str, Run] = {
     "no balancing": sigmoid(),
     "aux 1e-3": sigmoid(1e-3),  # Wang et al.'s baseline alpha
     "aux 1e-2": sigmoid(1e-2),  # the course's alpha
-    "seq aux 1e-3": sigmoid() | {"seq_balance_coef": 1e-3},  # DeepSeek-V3's sequence-wise loss
+    "seq aux 1e-3": sigmoid(moe={"seq_balance_coef": 1e-3}),  # DeepSeek-V3's sequence-wise loss
     "loss-free 1e-3": sigmoid(bias_rate=1e-3),  # the paper's u
     "loss-free 1e-2": sigmoid(bias_rate=U),
     "loss-free 1e-1": sigmoid(bias_rate=1e-1),  # too large
-    "loss-free + seq": sigmoid(bias_rate=U) | {"seq_balance_coef": 1e-4},  # DeepSeek-V3's recipe
+    "loss-free + seq": sigmoid(bias_rate=U, moe={"seq_balance_coef": 1e-4}),  # DeepSeek-V3's
     "softmax aux 1e-3": sigmoid(1e-3, score="softmax"),  # Wang et al.'s softmax ablation
     "softmax loss-free": sigmoid(score="softmax", bias_rate=U),
-    "expert choice": sigmoid() | {"router": ExpertChoice(capacity_factor=2.0)},  # no losses
+    "expert choice": Run(ExpertChoice(capacity_factor=2.0), losses="paper", moe={"z_coef": 0.0}),
     # k=1: renormalized, g = s / s = 1 would give the router no gradient
-    "shared + top-1": sigmoid(k=1, renormalize=False, bias_rate=U) | {"shared": True},
-    "gated shared + top-1": sigmoid(k=1, renormalize=False, bias_rate=U)
-    | {"shared": True, "shared_gate": True},  # Qwen2-MoE
-    "fine-grained": sigmoid(bias_rate=U) | {"fine_grained": 4},  # E = 32, k = 8
+    "shared + top-1": sigmoid(k=1, renormalize=False, bias_rate=U, moe=SHARED),
+    "gated shared + top-1": sigmoid(  # Qwen2-MoE's sigmoid gate on the shared expert
+        k=1, renormalize=False, bias_rate=U, moe=SHARED | {"shared_gate": True}
+    ),
+    "fine-grained": sigmoid(k=2 * M, bias_rate=U, scaling=float(M), moe=FINE),
+    "fine-grained unscaled": sigmoid(k=2 * M, bias_rate=U, moe=FINE),
 }
 BALANCING = list(RUNS)[:10]  # the top-2 runs that differ only in how they balance
 BASE = "loss-free 1e-2"  # the top-2 that expert choice, shared and fine-grained are compared with
@@ -91,31 +89,22 @@ VERSUS = dict.fromkeys(
         "softmax aux 1e-3",
     ],
     "aux 1e-3",
-) | {"softmax loss-free": "softmax aux 1e-3", "gated shared + top-1": "shared + top-1"}
+) | {
+    "softmax loss-free": "softmax aux 1e-3",
+    "gated shared + top-1": "shared + top-1",
+    "fine-grained unscaled": "fine-grained",
+}
 
 
 def versus(name: str) -> str:
     return VERSUS.get(name, BASE)
 
 
-@dataclass
-class Setup(common.Setup):
-    """The chapter's scale (the defaults: about 25 s per run on one core)."""
-
-    block_size: int = 32
-    eval_windows: int = 512  # held-out windows of block_size bytes, scored in batches of batch_size
-    record_every: int = 20  # trajectory points: MaxVio_batch and training loss, averaged
-    bias_every: int = 40  # trajectory points of the balancing bias
-
-
-def model_config(setup: Setup, name: str) -> ModelConfig:
-    """The tiny LM of run ``name``."""
-    changes = dict(RUNS[name])
-    m = changes.pop("fine_grained", 1)
-    if changes.pop("shared", False):
-        changes["shared_hidden"] = setup.d_hidden
-    config = setup.model_config(BYTE_VOCAB_SIZE, setup.block_size, **changes)
-    return replace(config, moe=fine_grained(config.moe, m)) if m > 1 else config
+def family() -> list[tuple[str, str, str]]:
+    """The chapter's comparisons of held-out loss: every run against the run it is paired
+    with, and the bias against the course's stronger auxiliary loss."""
+    pairs = [(n, versus(n), "loss") for n in RUNS if versus(n) != n]
+    return pairs + [("loss-free 1e-2", "aux 1e-2", "loss")]
 
 
 def split_experts(gate_up: torch.Tensor, down: torch.Tensor, m: int) -> tuple[torch.Tensor, ...]:
@@ -128,34 +117,15 @@ def split_experts(gate_up: torch.Tensor, down: torch.Tensor, m: int) -> tuple[to
     return pieces, down.view(E, d, m, h // m).transpose(1, 2).reshape(E * m, d, h // m)
 
 
-def build_model(setup: Setup, name: str) -> TinyTransformer:
-    """Run ``name``'s model with the seed's initial weights: those of BASE wherever the shapes
-    agree; fine-grained experts are BASE's cut into pieces (``split_experts``); a shared expert
-    and the fine-grained router are the model's own seeded draw."""
-    torch.manual_seed(setup.seed)
-    init = TinyTransformer(model_config(setup, BASE)).state_dict()
-    torch.manual_seed(setup.seed)
-    model = TinyTransformer(model_config(setup, name))
-    own = model.state_dict()
-    load = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
-    m = RUNS[name].get("fine_grained", 1)
-    for key in [k for k in init if k.endswith("experts.gate_up")] if m > 1 else []:
-        down = key.replace("gate_up", "down")
-        load[key], load[down] = split_experts(init[key], init[down], m)
-    fresh = set(own) - set(load)
-    assert all(".shared" in k or k.endswith(("gate.weight", "bias")) for k in fresh), fresh
-    model.load_state_dict(load, strict=False)
-    return model.to(setup.device)
-
-
 # ---- measures ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[Batch]) -> dict:
-    """Held-out loss (nats per byte) and accuracy; MaxVio_global per layer (over all the held-out
-    tokens), experts per token, the share of (token, layer) pairs routed to no expert, and the
-    shares of pairs routed to 0, 1, 2, ... experts."""
+def evaluate(model: nn.Module, batches: list[Batch]) -> tuple[dict[str, float], dict]:
+    """Held-out loss (nats per byte) and accuracy; MaxVio_global (over all the held-out tokens,
+    mean over layers), experts per token and the share of (token, layer) pairs routed to no
+    expert; and, beside them, MaxVio_global per layer and the shares of pairs routed to 0, 1,
+    2, ... experts."""
     model.eval()
     device = next(model.parameters()).device
     loss = correct = tokens = 0.0
@@ -168,14 +138,15 @@ def evaluate(model: nn.Module, batches: list[Batch]) -> dict:
             tokens += b["targets"].numel()
     routings = [rec.routing(i) for i in range(len(rec))]
     counts = expert_count_shares(Routing.cat(routings))  # over every (token, layer) pair
-    return {
+    per_layer = [max_violation(r) for r in routings]
+    measures = {
         "loss": loss / tokens,
         "accuracy": correct / tokens,
-        "maxvio_global_layers": [max_violation(r) for r in routings],
+        "maxvio_global": statistics.fmean(per_layer),
         "experts_per_token": statistics.fmean(experts_per_token(r) for r in routings),
         "unrouted": counts.get(0, 0.0),
-        "expert_counts": [round(v, 5) for v in counts.values()],
     }
+    return measures, {"maxvio_global_layers": per_layer, "expert_counts": list(counts.values())}
 
 
 @torch.no_grad()
@@ -234,110 +205,116 @@ def window_means(values: list[float], every: int) -> list[float]:
     return [round(statistics.fmean(values[i : i + every]), 4) for i in range(0, len(values), every)]
 
 
-# ---- one seed --------------------------------------------------------------------------------
+RECORD_EVERY = 20  # trajectory points: MaxVio_batch and training loss, averaged
+BIAS_EVERY = 40  # trajectory points of the balancing bias
 
 
-def train_run(setup: Setup, corpus: ByteCorpus, name: str, batches: list[Batch]) -> dict:
-    """Run ``name`` trained from the seed's weights: its model, row measures and curves."""
-    model, trace = build_model(setup, name), Trace(setup.bias_every)
-    config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=False)
-    start = time.perf_counter()
-    history = train(model, BatchStream(corpus, setup), config, callback=trace)
-    seconds = time.perf_counter() - start
-    final = evaluate(model, batches)
-    batch_vio = [statistics.fmean(v) for v in history.max_violation]  # mean over layers
-    last = batch_vio[-max(1, len(batch_vio) // 4) :]
-    row = {
-        "loss": final["loss"],
-        "accuracy": final["accuracy"],
-        "maxvio_batch": statistics.fmean(last),
-        "maxvio_global": statistics.fmean(final["maxvio_global_layers"]),
-        "experts_per_token": final["experts_per_token"],
-        "unrouted": final["unrouted"],
-        "train_unrouted": statistics.fmean(trace.unrouted),
-        **causal_leak(model, batches[0]),
-        "step_ms": 1000 * seconds / max(setup.steps, 1),
-        "train_seconds": seconds,
-    }
-    curves = {
-        "steps": list(range(setup.record_every, setup.steps + 1, setup.record_every)),
-        "maxvio_batch": window_means(batch_vio, setup.record_every),
-        "train_loss": window_means(history.loss, setup.record_every),
-        "maxvio_global_layers": [round(v, 4) for v in final["maxvio_global_layers"]],
-        "expert_counts": final["expert_counts"],
-        "bias_steps": list(range(setup.bias_every, setup.steps + 1, setup.bias_every)),
-        "bias": [[[round(b, 4) for b in layer] for layer in p] for p in trace.bias] or None,
-    }
-    return {"model": model, "row": row, "curves": curves}
+class Modern(ByteLM):
+    name = "modern"
+    help = "chapter 8: loss-free balancing, expert choice, shared and fine-grained experts"
+    runs = RUNS
+    seeds = (0, 1, 2, 3, 4)
+
+    def model(self, moe: MoEConfig, seed: int) -> TinyTransformer:
+        """The seed's draw of the base model wherever the shapes agree (``ByteLM.model``);
+        fine-grained experts are its experts cut into pieces (``split_experts``); a shared
+        expert and the fine-grained router are the model's own seeded draw."""
+        model = super().model(moe, seed)
+        m = moe.num_experts // self.setup.num_experts
+        if m > 1:
+            torch.manual_seed(seed)
+            base = TinyTransformer(self.model_config(self.base_moe())).state_dict()
+            load = {}
+            for key in [k for k in base if k.endswith("experts.gate_up")]:
+                down = key.replace("gate_up", "down")
+                load[key], load[down] = split_experts(base[key], base[down], m)
+            model.load_state_dict(load, strict=False)
+        return model
+
+    def evaluate(self, model: nn.Module, held_out: list[Batch]) -> dict[str, float]:
+        return evaluate(model, held_out)[0]
+
+    def recorder(self, name: str) -> Trace:
+        return Trace(BIAS_EVERY)
+
+    def extra(self, model: nn.Module, held_out, history: History, record: Trace) -> dict:
+        """MaxVio_batch (mean over layers and the last quarter of the steps) and its trajectory,
+        the training loss's, the share of unrouted training tokens, MaxVio_global per layer, the
+        shares of expert counts, the bias trajectory, the causal leak, and the training step's
+        time relative to a fresh BASE model's (interleaved)."""
+        batch_vio = [statistics.fmean(v) for v in history.max_violation]  # mean over layers
+        last = batch_vio[-max(1, len(batch_vio) // 4) :]
+        _, beside = evaluate(model, held_out)
+        get_batch, _ = self.data(self._seed)
+        batch = get_batch(torch.Generator().manual_seed(self._seed))
+        ref = self.model(self.runs[BASE].moe_config(self.base_moe()), self._seed)
+        times = time_against(model, ref.to(self.setup.device), batch)
+        steps = len(history.loss)
+        return {
+            "maxvio_batch": statistics.fmean(last),
+            "train_unrouted": statistics.fmean(record.unrouted),
+            **causal_leak(model, held_out[0]),
+            "step_ratio": times["step_ratio"],
+            "curves": {
+                "steps": list(range(RECORD_EVERY, steps + 1, RECORD_EVERY)),
+                "maxvio_batch": window_means(batch_vio, RECORD_EVERY),
+                "train_loss": window_means(history.loss, RECORD_EVERY),
+                "bias_steps": list(range(BIAS_EVERY, steps + 1, BIAS_EVERY)),
+                "bias": [[[round(b, 4) for b in layer] for layer in p] for p in record.bias]
+                or None,
+            }
+            | {k: [round(v, 5) for v in vs] for k, vs in beside.items()},
+        }
+
+    def run_one(self, name: str, seed: int, progress: bool = False, steps=None) -> dict:
+        self._seed = seed  # for ``extra``
+        return super().run_one(name, seed, progress, steps)
 
 
-def with_partners(names: list[str]) -> list[str]:
-    """``names`` and the runs they are paired with, in RUNS's order."""
-    wanted = set(names) | {versus(n) for n in names}
-    return [n for n in RUNS if n in wanted]
+def load(path=None) -> harness.Results:
+    """The cached comparison (data/modern/), checked against the declared runs."""
+    return harness.load(Modern(), path)
 
 
-def run_seed(
-    setup: Setup, names: list[str] | None = None, timing_repeats: int = 10, progress: bool = True
-) -> dict:
-    """Every run of ``names`` (default: all; their partners always) for one seed: a row each,
-    the curves, the configs, and the training step's time relative to BASE (interleaved)."""
-    names = with_partners(names or list(RUNS))
-    corpus = byte_corpus()
-    batches = eval_batches(corpus, setup)
-    runs = {}
-    for name in names:
-        runs[name] = train_run(setup, corpus, name, batches)
-        if progress:
-            r = runs[name]["row"]
-            print(
-                f"  seed {setup.seed} {name:>20}: held-out loss {r['loss']:.4f}, MaxVio_global "
-                f"{r['maxvio_global']:.3f} ({r['train_seconds']:.0f} s)",
-                flush=True,
-            )
-    models = {n: r["model"] for n, r in runs.items()}
-    step = time_train_steps(models, BatchStream(corpus, setup)(None), repeats=timing_repeats)
-    reference = BASE if BASE in models else names[0]
+SCALARS = "maxvio_batch train_unrouted leak_loss leak_logits leak_routes".split()
+
+
+def summary(results: harness.Results) -> list[dict]:
+    """Per run (declared order): its partner (``versus``; itself if the partner was not run), the mean over seeds of every measure
+    and of the scalar extras, the training step's time relative to BASE's (``step_ratio``: the
+    mean of the per-seed medians), and the standard deviation over seeds (``*_std``) of the
+    loss, the paired difference ``loss_vs`` and the two MaxVio."""
     rows = []
-    for name, r in runs.items():
-        vs = versus(name) if versus(name) in runs else name
-        row = {"run": name, "seed": setup.seed, "versus": vs} | r["row"]
-        row["loss_vs"] = row["loss"] - runs[vs]["row"]["loss"]
-        row["step_ratio"] = step.ratio(name, reference)
-        rows.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
-    return {
-        "setup": asdict(setup),
-        "rows": rows,
-        "curves": {n: r["curves"] for n, r in runs.items()},
-        "configs": {n: r["model"].config.moe.to_dict() for n, r in runs.items()},
-    }
+    for run in [n for n in RUNS if n in results.runs]:
+        seeds = results.seeds_of(run)
+        records = [results.record(run, s) for s in seeds]
+        partner = versus(run) if versus(run) in results.runs else run  # itself: not run
+        row = {"run": run, "versus": partner}
+        for key in [*records[0]["measures"], *SCALARS]:
+            values = results.values(run, key, seeds)
+            row[key] = statistics.fmean(values)
+            if key in ("loss", "maxvio_batch", "maxvio_global"):
+                row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        diffs = results.differences(run, partner, "loss")
+        row["loss_vs"] = statistics.fmean(diffs)
+        row["loss_vs_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        row["step_ratio"] = statistics.fmean(r["extra"]["step_ratio"]["median"] for r in records)
+        rows.append(row)
+    return rows
 
 
-# ---- the table over seeds, the pictures -------------------------------------------------------
-
-COLUMNS = (
-    "loss loss_vs accuracy maxvio_batch maxvio_global experts_per_token unrouted train_unrouted "
-    "leak_loss leak_logits leak_routes step_ms step_ratio"
-).split()
-SPREAD = ("loss", "loss_vs", "maxvio_batch", "maxvio_global")
+def curves(results: harness.Results, run: str, seed: int) -> dict:
+    """Run ``run``'s training trajectories on ``seed`` (``Modern.extra``'s ``curves``)."""
+    return results.record(run, seed)["extra"]["curves"]
 
 
-def summarize(per_seed: list[dict]) -> list[dict]:
-    """Per run: its partner, the mean over seeds of every column, and the standard deviation over
-    seeds (``*_std``) of the loss, the paired difference and the two MaxVio."""
-    rows = [r for s in per_seed for r in s["rows"]]
-    partner = {r["run"]: r["versus"] for r in rows}
-    summary = seed_means(rows, "run", COLUMNS, std=SPREAD, digits=5)
-    return [{"run": r["run"], "versus": partner[r["run"]]} | r for r in summary]
-
-
-def plot_maxvio(per_seed: list[dict], names: list[str], ax: Axes | None = None) -> Axes:
-    """MaxVio_batch during training (mean over layers, seeds and ``record_every`` steps)."""
+def plot_maxvio(results: harness.Results, names: list[str], ax: Axes | None = None) -> Axes:
+    """MaxVio_batch during training (mean over layers, seeds and ``RECORD_EVERY`` steps)."""
     ax = ax if ax is not None else plt.subplots(figsize=(6, 3.5), layout="constrained")[1]
     for name in names:
-        curves = [s["curves"][name] for s in per_seed]
-        mean = [statistics.fmean(v) for v in zip(*(c["maxvio_batch"] for c in curves))]
-        ax.plot(curves[0]["steps"], mean, label=name)
+        per_seed = [curves(results, name, s) for s in results.seeds_of(name)]
+        mean = [statistics.fmean(v) for v in zip(*(c["maxvio_batch"] for c in per_seed))]
+        ax.plot(per_seed[0]["steps"], mean, label=name)
     ax.set(
         xlabel="training step", ylabel="MaxVio_batch", ylim=(0, None), title="Balance in training"
     )
@@ -367,48 +344,6 @@ def plot_bars(summary: list[dict], column: str, ax: Axes | None = None) -> Axes:
     return ax
 
 
-def write_results(per_seed: list[dict], out) -> list:
-    """results.json ({summary, per_seed}), results.csv, maxvio.png, bias.png, bars.png."""
-    summary = summarize(per_seed)
-    paths = write_seed_results(out, per_seed, summary)
-    names = [r["run"] for r in summary]
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-    plot_maxvio(per_seed, [n for n in names if n in BALANCING], ax)
-    figs = {"maxvio.png": fig}
-    stateful = [n for n in names if "loss-free" in n]  # 8 experts, top-2
-    fig, axes = plt.subplots(1, len(stateful), figsize=(3 * len(stateful), 3), layout="constrained")
-    for ax, name in zip(axes if len(stateful) > 1 else [axes], stateful):
-        plot_bias(per_seed[0]["curves"][name], 0, ax).set_title(name, fontsize=8)
-    figs["bias.png"] = fig
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    plot_bars(summary, "maxvio_global", axes[0])
-    plot_bars(summary, "loss_vs", axes[1]).set_ylabel("held-out loss - its partner's")
-    figs["bars.png"] = fig
-    for file, fig in figs.items():
-        fig.savefig(out / file, dpi=100)
-        plt.close(fig)
-        paths.append(out / file)
-    return paths
-
-
-def load_cached(path=None) -> dict:
-    """Results of the command; by default the shipped ones (data/modern/; see data/README.md)."""
-    return load_json(path, "modern/results.json")
-
-
-def as_results(cached: dict) -> harness.Results:
-    """The cached runs as the harness's results, for its paired statistics, with the training
-    loss as the curve (this cache records no held-out curve and predates the harness's format)."""
-    return harness.Results.from_rows(cached["per_seed"], "train_loss")
-
-
-def family() -> list[tuple[str, str, str]]:
-    """The chapter's comparisons of held-out loss: every run against the run it is paired
-    with, and the bias against the course's stronger auxiliary loss."""
-    pairs = [(n, versus(n), "loss") for n in RUNS if versus(n) != n]
-    return pairs + [("loss-free 1e-2", "aux 1e-2", "loss")]
-
-
 def print_table(summary: list[dict]) -> None:
     print(
         f"{'run':>20} {'loss':>6} {'vs':>16} {'':>16} {'MaxVio b':>8} {'MaxVio g':>8} "
@@ -423,39 +358,5 @@ def print_table(summary: list[dict]) -> None:
         )
 
 
-# ---- the command -----------------------------------------------------------------------------
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "modern", help="loss-free balancing, expert choice, shared and fine-grained experts"
-    )
-    add_setup_args(p, Setup())
-    p.add_argument(
-        "--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], action=DistinctSeeds
-    )
-    p.add_argument(
-        "--runs",
-        nargs="+",
-        default=list(RUNS),
-        choices=list(RUNS),
-        metavar="RUN",
-        help="default: all of " + ", ".join(map(repr, RUNS)) + " (with their partners)",
-    )
-    p.add_argument("--timing-repeats", type=positive_int, default=10)
-    add_experiment_args(p, "runs/modern")
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> list[dict]:
-    set_threads(args)
-    per_seed = [
-        run_seed(
-            setup_from_args(Setup, args, seed), args.runs, args.timing_repeats, not args.no_progress
-        )
-        for seed in args.seeds
-    ]
-    print_table(summarize(per_seed))
-    for path in write_results(per_seed, args.out):
-        print(f"wrote {path}")
-    return per_seed
+def add_parser(sub) -> None:
+    Modern().add_parser(sub)

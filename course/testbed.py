@@ -168,7 +168,7 @@ class Testbed(Experiment):
     def evaluate(self, model: MoERegressor, held_out: MixtureTask) -> dict[str, float]:
         return flat(measure(model, held_out), held_out)
 
-    def extra(self, model, held_out, history: History) -> dict:
+    def extra(self, model, held_out, history: History, record) -> dict:
         tenth = max(1, len(history.experts_per_token) // 10)
         epr = [layers[0] for layers in history.experts_per_token]
         return {

@@ -16,6 +16,8 @@ import argparse
 import importlib
 import json
 import math
+import shlex
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -320,6 +322,8 @@ def run_commands(
     for command in sub.choices.values():
         command.formatter_class = DefaultsHelpFormatter
     args = parser.parse_args(argv)
+    # the command as typed, for results that record the command that regenerates them
+    args.command_line = " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except UsageError as e:

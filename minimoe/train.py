@@ -56,10 +56,13 @@ class TrainConfig:
     # the schedule's length, if longer than ``steps``: train the first ``steps`` of a longer run
     # (to check a cached run by its first steps); None: ``steps``
     schedule_steps: int | None = None
+    # steps of the schedule already trained (a run continued from a snapshot at that step, with a
+    # fresh optimizer): step s of this run trains at the schedule's step start_step + s
+    start_step: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seed", "eval_every"):
+        for name in ("steps", "seed", "eval_every", "start_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral):
                 raise TypeError(f"{name} must be an int, got {name}={value!r}")
@@ -69,9 +72,10 @@ class TrainConfig:
             value = self.schedule_steps
             if isinstance(value, bool) or not isinstance(value, Integral):
                 raise TypeError(f"schedule_steps must be an int, got schedule_steps={value!r}")
-            if value < self.steps:
+            if value < self.start_step + self.steps:
                 raise ValueError(
-                    f"schedule_steps must be >= steps={self.steps}, got schedule_steps={value!r}"
+                    f"schedule_steps must be >= start_step + steps = "
+                    f"{self.start_step + self.steps}, got schedule_steps={value!r}"
                 )
         check_bool("freeze_router", self.freeze_router)
         check_bool("progress", self.progress)
@@ -173,10 +177,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = None
+    start = config.start_step
     if config.lr_schedule == "cosine":  # step s (1-based) trains at lr * (1 + cos(pi (s-1)/S)) / 2
-        length = max(1, config.schedule_steps or config.steps)  # S
+        length = max(1, config.schedule_steps or start + config.steps)  # S
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / length))
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * (start + s) / length))
         )
     history = History()
     model.train()

@@ -229,7 +229,7 @@ def test_a_seed_given_twice_is_refused(command, capsys):
         ("compare", "--threads"),
         ("compare", "--eval-windows"),
         ("compare", "--block-size"),
-        ("modern", "--record-every"),
+        ("modern", "--eval-windows"),
         ("text", "--track-every"),
         ("testbed", "--n-test"),
     ],
@@ -240,9 +240,16 @@ def test_a_zero_that_would_be_ignored_or_divide_is_refused(command, flag, capsys
 
 
 def test_zero_stays_allowed_where_it_means_something():
-    from course import compare
+    from course import adaptive, testbed
 
     parser = argparse.ArgumentParser()
-    compare.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["compare", "--eval-every", "0", "--finetune-steps", "0"])
-    assert (args.eval_every, args.finetune_steps) == (0, 0)
+    sub = parser.add_subparsers()
+    adaptive.add_parser(sub)
+    testbed.add_parser(sub)
+    assert parser.parse_args(["adaptive", "--eval-every", "0"]).eval_every == 0
+    assert parser.parse_args(["testbed", "--task-seed", "0"]).task_seed == 0
+
+
+def test_fine_tuning_no_steps_is_refused_by_argparse(capsys):
+    err = refused(["compare", "--finetune-steps", "0"], capsys, course_main)
+    assert "argument --finetune-steps: must be an int >= 1, got '0'" in err

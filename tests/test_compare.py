@@ -1,35 +1,33 @@
-"""Chapter 6's comparison: same start for every router, fair fine-tuning, the table, the command."""
+"""Chapter 6's comparison on the harness: same start for every router, fair fine-tuning from
+top-2's snapshot, dropless evaluation beside the capacity's, the table, the command."""
 
-import csv
 import json
-import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from course import compare as cx
+from course import harness
 from course.__main__ import main as cli
+from course.harness import Run
+from course.lm import held_out
 from minimoe.layer import moe_layers
 from minimoe.routing import GWBroadcast
-from minimoe.train import TrainConfig, train
 
-TINY = dict(
-    n_layers=1,
-    d_model=16,
-    d_hidden=16,
-    num_experts=4,
-    block_size=8,
-    batch_size=4,
-    steps=6,
-    finetune_steps=2,
-    eval_every=3,
-    eval_windows=8,
+TINY = cx.CompareSetup(
+    n_layers=1, d_model=16, block_size=8, batch_size=4, steps=6, finetune_steps=2, eval_windows=8
 )
 
 
+class Tiny(cx.Compare):
+    eval_every = 2
+
+
 @pytest.fixture(scope="module")
-def seed_result():
-    return cx.run_seed(cx.Setup(**TINY), timing_repeats=1, progress=False)
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    return Tiny(TINY).run_all(out, seeds=[0, 1], progress=False)
 
 
 def test_pareto_front_by_hand():
@@ -41,10 +39,10 @@ def test_pareto_front_by_hand():
 
 
 def test_every_router_starts_from_the_same_weights():
-    setup = cx.Setup(**TINY)
-    ref = dict(cx.build_model(setup, **cx.ROUTERS["top-2"]).named_parameters())
-    for name, moe in cx.ROUTERS.items():
-        model = cx.build_model(setup, **moe)
+    exp = cx.Compare(TINY)
+    models = {n: exp.model(r.moe_config(exp.base_moe()), 0) for n, r in cx.RUNS.items()}
+    ref = dict(models["top-2"].named_parameters())
+    for name, model in models.items():
         for key, p in model.named_parameters():
             if key.endswith("gate_extra.weight"):
                 assert name == "noisy top-2" and not p.any()  # softplus(0) noise scale to start
@@ -54,134 +52,133 @@ def test_every_router_starts_from_the_same_weights():
         assert model.config.moe.capacity_factor == (None if own_capacity else 1.25)
 
 
-def test_a_forked_stream_repeats_the_batches_of_the_one_that_goes_on(corpus):
-    stream = cx.BatchStream(corpus, cx.Setup(**TINY))
-    stream(None)
-    twin = stream.fork()
-    for _ in range(3):
-        a, b = (
-            stream(torch.Generator()),
-            twin(torch.Generator().manual_seed(5)),
-        )  # trainer's ignored
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_evaluate_counts_flops_drops_and_experts_by_hand(corpus):
-    setup = cx.Setup(**TINY)
-    batches = cx.eval_batches(corpus, setup)
+def test_evaluation_is_dropless_and_the_capacity_is_measured_beside_it():
+    exp = cx.Compare(TINY)
+    batches = held_out(TINY)
     assert len(batches) == 2 and batches[0]["idx"].shape == (4, 8)
     for name, experts in (("top-1", 1.0), ("top-2", 2.0), ("top-2 dropless", 2.0)):
-        model = cx.build_model(setup, **cx.ROUTERS[name])
+        model = exp.model(cx.RUNS[name].moe_config(exp.base_moe()), 0)
         m = cx.evaluate(model, batches)
         assert m["experts_per_token"] == experts
         per_pair = moe_layers(model)[0].experts.flops_per_assignment()
-        kept = experts * (1 - m["dropped_pairs"])  # pairs per token and layer that found a slot
-        assert m["flops_per_token"] == pytest.approx(kept * per_pair * setup.n_layers)
-        assert 1.0 <= m["load_imbalance"] <= setup.num_experts
+        assert m["flops_per_token"] == pytest.approx(experts * per_pair * TINY.n_layers)
+        assert 1.0 <= m["load_imbalance"] <= TINY.num_experts
+        with cx.dropless(model):
+            free = cx._pass(model.eval(), batches)
+        assert m["loss"] == free["loss"], "the headline loss is the dropless one"
+        assert model.config.moe.capacity_factor == moe_layers(model)[0].config.capacity_factor
         if "dropless" in name:
             assert m["dropped_pairs"] == m["dropped_tokens"] == 0.0
+            assert m["loss_at_capacity"] == m["loss"]
+        else:
+            assert m["dropped_pairs"] > 0, "an untrained router overfills some expert"
+            assert m["loss_at_capacity"] != m["loss"]
         if name == "top-1":  # one expert per token: a dropped pair is a dropped token
             assert m["dropped_tokens"] == pytest.approx(m["dropped_pairs"])
 
 
-def test_fine_tuning_starts_from_top2_at_the_right_step_on_its_batches(corpus, seed_result):
-    setup = cx.Setup(**TINY)
-    batches = cx.eval_batches(corpus, setup)
-    top2 = cx.train_router(setup, corpus, "top-2", batches)
-    snapshot, stream = top2.record.snapshot
-    # the snapshot is top-2 trained for steps - finetune_steps, exactly
-    short = cx.build_model(setup, **cx.ROUTERS["top-2"])
-    train(
-        short,
-        cx.BatchStream(corpus, setup),
-        TrainConfig(
-            steps=setup.steps - setup.finetune_steps, lr=setup.lr, seed=setup.seed, progress=False
-        ),
-    )
-    assert all(torch.equal(a, b) for a, b in zip(snapshot.parameters(), short.parameters()))
-    gw = cx.finetune_top2(setup, top2, "top-2 + GW", batches)
-    router = gw.model.config.moe.router
-    assert isinstance(router, GWBroadcast) and router.threshold == setup.gw_threshold
-    assert gw.model.config.moe.z_coef == 0
-    assert not any(
-        p.requires_grad for p in moe_layers(gw.model)[0].gate.parameters()
-    )  # frozen router
-    assert gw.curve["steps"][-1] == setup.steps and len(gw.record.steps) == setup.finetune_steps
-    assert seed_result["curves"]["top-2 + GW"]["steps"][0] > setup.steps - setup.finetune_steps
+def test_fine_tuning_continues_top2_from_its_snapshot_on_its_batches():
+    exp = Tiny(TINY)
+    branch = TINY.steps - TINY.finetune_steps
+    top2 = exp.run_one("top-2", 0)
+    after = exp.run_one("top-2 + plain FT", 0)  # from the snapshot kept while top-2 trained
+    fresh = Tiny(TINY).run_one("top-2 + plain FT", 0)  # top-2's first steps trained again
+    assert after["measures"] == fresh["measures"] and after["curve"] == fresh["curve"]
+    assert after["curve"]["step"] == [branch + 2] and top2["curve"]["step"][-1] == TINY.steps
+    # the snapshot is top-2 trained for its first `branch` steps, on its schedule
+    short, *_ = Tiny(TINY)._train("top-2", 0, False, branch)
+    snapshot = exp._snapshots[("top-2", 0, branch)]
+    assert all(torch.equal(snapshot[k], v) for k, v in short.state_dict().items())
+    # a fresh optimizer from the same weights on the same batches: one step of fine-tuning
+    # without any change of routing reproduces top-2's own next training loss only by chance,
+    # so check the batches instead: the continued run draws what top-2 draws from `branch`
+    get_batch, _ = exp.data(0)
+    g = torch.Generator().manual_seed(0)
+    drawn = [get_batch(g) for _ in range(branch + 1)]
+    skipping = harness._skipping(get_batch, branch)
+    assert torch.equal(skipping(torch.Generator().manual_seed(0))["idx"], drawn[-1]["idx"])
 
 
-def test_broadcasting_every_token_costs_all_experts_in_training_only(corpus):
-    setup = cx.Setup(**TINY | {"gw_threshold": 0.0})  # threshold 0: every token is broadcast
-    result = cx.run_seed(setup, ["top-2 + GW"], timing_repeats=1, progress=False)
-    gw = next(r for r in result["rows"] if r["run"] == "top-2 + GW")
-    first = setup.steps - setup.finetune_steps
-    expected = (first * 2 + setup.finetune_steps * setup.num_experts) / setup.steps
-    assert gw["train_experts_per_token"] == pytest.approx(expected, abs=1e-4)
-    assert gw["uncertain_share"] == gw["broadcast_share"] == 1.0  # no slot cap
-    assert gw["experts_per_token"] == 2.0  # inference is plain top-2
+def test_the_gw_run_is_chapter_3s_recipe_on_top2():
+    config = cx.RUNS["top-2 + GW"].moe_config(cx.Compare(TINY).base_moe())
+    assert isinstance(config.router, GWBroadcast) and config.router.threshold == cx.GW_THRESHOLD
+    assert config.z_coef == 0 and config.balance_coef == 1e-2  # top-2's own balance loss
+    assert cx.RUNS["top-2 + GW"].train == {"freeze_router": True}
+    assert cx.Compare().declared()["top-2 + GW"]["from_step"] == 800  # the last third of 1200
 
 
-def test_rows_and_summary(seed_result):
-    rows = {r["run"]: r for r in seed_result["rows"]}
-    assert list(rows) == ["top-2", *[n for n in cx.ROUTERS if n != "top-2"], *cx.FINETUNED]
+def test_broadcasting_every_token_costs_all_experts_in_training_only(tmp_path):
+    class All(Tiny):
+        runs = {
+            "top-2": cx.RUNS["top-2"],
+            "gw all": replace(cx.RUNS["top-2 + GW"], router=GWBroadcast(cx.TOP2, threshold=0.0)),
+        }
+
+    results = All(TINY).run_all(tmp_path, seeds=[0], progress=False)
+    gw = results.record("gw all", 0)
+    assert gw["extra"]["train"]["experts_per_token"] == TINY.num_experts
+    assert gw["extra"]["train"]["uncertain"] == gw["extra"]["train"]["broadcast"] == 1.0
+    assert gw["measures"]["experts_per_token"] == 2.0  # inference is plain top-2
+    branch = TINY.steps - TINY.finetune_steps
+    before = results.record("top-2", 0)["extra"]["train_before_branch"]["experts_per_token"]
+    own = gw["extra"]["train"]["experts_per_token"]
+    cx.RUNS["gw all"] = All.runs["gw all"]  # summary reads the declared runs
+    try:
+        row = {r["run"]: r for r in cx.summary(results, TINY)}["gw all"]
+    finally:
+        del cx.RUNS["gw all"]
+    expected = (branch * before + TINY.finetune_steps * own) / TINY.steps
+    assert row["train_experts_per_token"] == pytest.approx(expected)
+
+
+def test_summary_rows(tiny_results):
+    rows = {r["run"]: r for r in cx.summary(tiny_results, TINY)}
+    assert list(rows) == list(cx.RUNS)
     ref = rows["top-2"]
-    assert (
-        ref["loss_vs_top2"] == 0
-        and ref["flops_ratio"] == ref["train_step_ratio"] == ref["inference_ratio"] == 1
-    )
-    assert rows["top-1"]["experts_per_token"] == 1.0
+    assert ref["loss_vs_top2"] == 0 and ref["flops_ratio"] == ref["train_flops_ratio"] == 1
+    assert rows["top-1"]["experts_per_token"] == 1.0 and rows["top-1"]["flops_ratio"] == 0.5
     assert all(rows[n]["dropped_pairs"] == 0 for n in rows if "dropless" in n)
-    for r in rows.values():
-        assert r["loss_vs_top2"] == pytest.approx(r["loss"] - ref["loss"], abs=1e-4)
-    twice = [
-        seed_result,
-        {**seed_result, "rows": [r | {"loss": r["loss"] + 0.1} for r in seed_result["rows"]]},
-    ]
-    summary = {r["run"]: r for r in cx.summarize(twice)}
-    assert summary["top-1"]["loss"] == pytest.approx(rows["top-1"]["loss"] + 0.05, abs=1e-4)
-    assert summary["top-1"]["loss_std"] == pytest.approx(0.1 / math.sqrt(2), abs=1e-4)
-    assert summary["top-1"]["loss_vs_top2_std"] == 0.0  # the same paired difference in both
+    for name, r in rows.items():
+        diffs = tiny_results.differences(name, "top-2", "loss")
+        assert r["loss_vs_top2"] == pytest.approx(sum(diffs) / 2)
+        assert r["loss"] == pytest.approx(sum(tiny_results.values(name, "loss")) / 2)
+        assert r["step_ratio"] > 0 and r["inference_ratio"] > 0
+    gw = rows["top-2 + GW"]
+    branch = TINY.steps - TINY.finetune_steps
+    assert gw["train_step_ratio"] == pytest.approx(
+        (branch + TINY.finetune_steps * gw["step_ratio"]) / TINY.steps
+    )
 
 
-def test_plot_marks_the_front(seed_result):
-    summary = cx.summarize([seed_result])
-    ax = cx.plot_pareto(summary, "train_step_ratio")
-    assert ax.get_xlabel() == cx.COSTS["train_step_ratio"]
+def test_plot_marks_the_front(tiny_results):
+    summary = cx.summary(tiny_results, TINY)
+    ax = cx.plot_pareto(summary, "flops_ratio")
+    assert ax.get_xlabel() == cx.COSTS["flops_ratio"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(t.startswith("Pareto front") for t in legend)
     named = {t.get_text() for t in ax.texts}  # runs away from top-2's cost are named in place
-    far = {r["run"] for r in summary if abs(r["train_step_ratio"] - 1) > 0.05}
+    far = {r["run"] for r in summary if abs(r["flops_ratio"] - 1) > 0.05}
     assert named == far
-    near = cx.plot_near_top2(summary, "train_step_ratio")
+    near = cx.plot_near_top2(summary, "flops_ratio")
     labels = [t.get_text().split(" (")[0] for t in near.get_yticklabels()]
     assert labels == [r["run"] for r in summary if r["run"] not in far]
 
 
-def test_command_writes_table_and_plot(tmp_path, capsys):
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    cli(
-        [
-            "compare",
-            *flags,
-            "--seeds",
-            "0",
-            "1",
-            "--runs",
-            "top-2",
-            "top-p",
-            "--timing-repeats",
-            "1",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-        ]
+def test_the_command_writes_the_harness_format(tmp_path, capsys):
+    flags = "--n-layers 1 --d-model 16 --block-size 8 --batch-size 4 --steps 6 --finetune-steps 2"
+    cli(["compare", *flags.split(), "--eval-windows", "8", "--seeds", "0", "1"]
+        + ["--runs", "top-2", "top-p", "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+    results = harness.load(cx.Compare(TINY), tmp_path / "results.json")
+    assert results.runs == ["top-2", "top-p"] and results.seeds == [0, 1]
+    assert json.loads((tmp_path / "results.json").read_text())["command"].startswith(
+        "python -m course compare"
     )
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert [s["setup"]["seed"] for s in result["per_seed"]] == [0, 1]
-    assert [r["run"] for r in result["summary"]] == ["top-2", "top-p"]
-    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    assert [r["seed"] for r in rows] == ["0", "0", "1", "1", "mean", "mean"]
-    assert (tmp_path / "pareto.png").stat().st_size > 0
     assert "top-p" in capsys.readouterr().out
+
+
+def test_a_continuing_run_needs_a_branch_inside_the_run():
+    with pytest.raises(ValueError, match="finetune_steps=0 of steps=6"):
+        Tiny(replace(TINY, finetune_steps=0)).run_one("top-2 + GW", 0)
+    with pytest.raises(ValueError, match="unknown run 'top-3'"):
+        Tiny(TINY).run_one("top-3", 0)
+    assert Run(cx.TOP2).continues is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import matplotlib
 import numpy as np
@@ -480,5 +481,13 @@ def test_schedule_steps_trains_the_first_steps_of_a_longer_schedule(monkeypatch)
     config = TrainConfig(steps=2, schedule_steps=4, lr=0.1, lr_schedule="cosine", progress=False)
     train(model, toy_batches(task, 32), config)
     assert seen == pytest.approx([0.1, 0.1 * (1 + 2**-0.5) / 2]), "the 4-step cosine's first two"
-    with pytest.raises(ValueError, match="schedule_steps must be >= steps=4, got schedule_steps=2"):
+    with pytest.raises(ValueError, match="schedule_steps must be >= start_step \\+ steps = 4, got"):
         TrainConfig(steps=4, schedule_steps=2)
+    seen.clear()  # a run continued from step 2 of the same schedule: its last two steps
+    train(model, toy_batches(task, 32), replace(config, start_step=2))
+    assert seen == pytest.approx([0.05, 0.1 * (1 - 2**-0.5) / 2]), "the 4-step cosine's last two"
+    seen.clear()  # without schedule_steps the schedule ends with the run
+    train(model, toy_batches(task, 32), replace(config, start_step=2, schedule_steps=None))
+    assert seen == pytest.approx([0.05, 0.1 * (1 - 2**-0.5) / 2])
+    with pytest.raises(ValueError, match="start_step=-1"):
+        TrainConfig(start_step=-1)

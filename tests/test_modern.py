@@ -1,68 +1,63 @@
-"""Chapter 8's comparison: same start for every run, the leak measure, the command's table."""
-
-import csv
-import json
+"""Chapter 8's comparison on the harness: same start for every run, fine-grained experts cut
+from the coarse ones, Wang et al.'s loss, the leak measure, the command."""
 
 import pytest
 import torch
 
+from course import harness
 from course import modern as md
 from course.__main__ import main as cli
+from course.lm import LMSetup, held_out
 from minimoe.experts import Experts
 from minimoe.layer import moe_layers
 from minimoe.losses import load_balance_loss
 from minimoe.routing import sigmoid_top_k
 
-TINY = dict(
-    n_layers=1,
-    d_model=16,
-    d_hidden=16,
-    num_experts=4,
-    block_size=16,
-    batch_size=8,
-    steps=4,
-    eval_windows=16,
-    record_every=2,
-    bias_every=2,
-)
-FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+# the runs' widths are the chapter's (8 experts of 128); the rest is tiny
+TINY = LMSetup(n_layers=1, d_model=16, block_size=16, batch_size=8, steps=40, eval_windows=16)
 
 
-def test_the_command_writes_its_table(tmp_path):
-    args = ["modern", *FLAGS, "--seeds", "0", "1", "--runs", "expert choice", "fine-grained"]
-    cli([*args, "--timing-repeats", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "results.json").read_text())
-    names = [md.BASE, "expert choice", "fine-grained"]  # the partner runs too, in RUNS's order
-    assert [r["run"] for r in result["summary"]] == names
-    for s in result["per_seed"]:
-        rows = {r["run"]: r for r in s["rows"]}
-        assert rows["expert choice"]["versus"] == md.BASE
-        assert rows["expert choice"]["loss_vs"] == pytest.approx(
-            rows["expert choice"]["loss"] - rows[md.BASE]["loss"], abs=1e-5
-        )
-        assert rows["expert choice"]["maxvio_global"] == 0.0  # every expert exactly full
-        assert rows["fine-grained"]["experts_per_token"] == 8.0  # k m = 2 x 4
-        assert len(s["curves"][md.BASE]["bias"]) == TINY["steps"] // TINY["record_every"]
-        assert s["curves"]["expert choice"]["bias"] is None
-    with open(tmp_path / "results.csv") as f:
-        seeds = [r["seed"] for r in csv.DictReader(f)]
-    assert seeds == ["0"] * 3 + ["1"] * 3 + ["mean"] * 3
-    for png in ("maxvio.png", "bias.png", "bars.png"):
-        assert (tmp_path / png).stat().st_size > 0
+def model(name: str, setup: LMSetup = TINY):
+    exp = md.Modern(setup)
+    return exp.model(md.RUNS[name].moe_config(exp.base_moe()), setup.seed)
+
+
+def test_the_command_writes_its_results(tmp_path):
+    runs = [md.BASE, "expert choice", "fine-grained"]
+    flags = "--n-layers 1 --d-model 16 --block-size 16 --batch-size 8 --steps 40 --eval-windows 16"
+    cli(["modern", *flags.split(), "--seeds", "0", "1", "--runs", *runs]
+        + ["--threads", "1", "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+    results = harness.load(md.Modern(TINY), tmp_path / "results.json")
+    rows = {r["run"]: r for r in md.summary(results)}
+    assert list(rows) == runs
+    assert rows["expert choice"]["versus"] == md.BASE
+    assert rows["expert choice"]["loss_vs"] == pytest.approx(
+        rows["expert choice"]["loss"] - rows[md.BASE]["loss"]
+    )
+    assert results.values("expert choice", "maxvio_global") == [0.0, 0.0]  # exactly full
+    assert rows["fine-grained"]["experts_per_token"] == 8.0  # k m = 2 x 4
+    for s in (0, 1):
+        assert len(md.curves(results, md.BASE, s)["bias"]) == TINY.steps // md.BIAS_EVERY
+        assert md.curves(results, "expert choice", s)["bias"] is None
+        assert sum(md.curves(results, md.BASE, s)["expert_counts"]) == pytest.approx(1.0)
 
 
 def test_every_run_starts_from_the_same_weights():
-    setup = md.Setup(**TINY)
-    ref = dict(md.build_model(setup, md.BASE).named_parameters())
+    ref = dict(model(md.BASE).named_parameters())
+    coarse = moe_layers(model(md.BASE))[0].experts
     for name in md.RUNS:
-        model = md.build_model(setup, name)
-        for key, p in model.named_parameters():
+        m = model(name)
+        for key, p in m.named_parameters():
             if key in ref and ref[key].shape == p.shape:
                 assert torch.equal(p, ref[key]), (name, key)
-            else:  # drawn fresh: the shared expert and its gate, the fine-grained router and experts
-                assert ".shared" in key or name == "fine-grained", (name, key)
-        if name != "expert choice":
-            assert moe_layers(model)[0].config.capacity_factor is None  # no capacity limit
+            else:  # drawn fresh: the shared expert and its gate, the fine-grained router
+                assert ".shared" in key or "fine-grained" in name, (name, key)
+        assert moe_layers(m)[0].config.capacity_factor is None  # no capacity limit
+        if "fine-grained" in name:  # its experts are the coarse ones cut into pieces
+            fine = moe_layers(m)[0].experts
+            x = torch.randn(3, TINY.d_model, generator=torch.Generator().manual_seed(0))
+            pieces = sum(fine.expert(j, x) for j in range(md.M))
+            torch.testing.assert_close(pieces, coarse.expert(0, x))
 
 
 def test_fine_grained_experts_are_the_coarse_ones_cut_into_pieces(randn):
@@ -76,21 +71,30 @@ def test_fine_grained_experts_are_the_coarse_ones_cut_into_pieces(randn):
         torch.testing.assert_close(pieces, coarse.expert(e, x))
 
 
+def test_the_fine_grained_runs_differ_in_the_routed_scaling_only():
+    scaled, plain = (md.RUNS[n].moe_config(md.Modern().base_moe()) for n in md.RUNS if "fine" in n)
+    assert (scaled.num_experts, scaled.d_hidden, scaled.router.k) == (32, 32, 8)
+    assert scaled.router.scaling == md.M and plain.router.scaling == 1.0
+    a, b = (moe_layers(model(n))[0] for n in ("fine-grained", "fine-grained unscaled"))
+    h = torch.randn(10, TINY.d_model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # same weights: the scaled routed output is M times the other
+        torch.testing.assert_close(a(h).output, md.M * b(h).output)
+
+
 def test_the_aux_loss_is_wang_et_al_s(randn):
     logits = randn(12, 8)
     r = sigmoid_top_k(logits, k=2)
     s = logits.sigmoid()
     f = 8 / (2 * 12) * r.mask.float().sum(0)  # f_i = E / (k T) * tokens choosing i
     P = (s / s.sum(1, keepdim=True)).mean(0)  # mean normalized score
-    config = md.RUNS["aux 1e-3"]
+    config = md.RUNS["aux 1e-3"].moe
     ours = config["balance_coef"] * load_balance_loss(r.probs, r.mask, config["balance_count"])
     torch.testing.assert_close(ours, 1e-3 * (f * P).sum())
 
 
-def test_the_leak_is_zero_for_top_k_and_positive_for_expert_choice(corpus):
-    setup = md.Setup(**TINY)
-    batch = md.eval_batches(corpus, setup)[0]
-    causal = md.causal_leak(md.build_model(setup, md.BASE), batch)
+def test_the_leak_is_zero_for_top_k_and_positive_for_expert_choice():
+    batch = held_out(TINY)[0]
+    causal = md.causal_leak(model(md.BASE), batch)
     assert causal == {"leak_loss": 0.0, "leak_logits": 0.0, "leak_routes": 0.0}
-    leak = md.causal_leak(md.build_model(setup, "expert choice"), batch, positions=2)
+    leak = md.causal_leak(model("expert choice"), batch, positions=2)
     assert leak["leak_routes"] > 0 and leak["leak_loss"] > 0 and leak["leak_logits"] > 0
