@@ -220,17 +220,14 @@ class Compare(ByteLM):
         that others continue, over its steps before they branch), and the final model's
         training-step and inference time relative to a fresh top-2 model's (the median ratio
         over interleaved rounds, and its quartiles)."""
+        name, seed = self.current
         extra = {"train": record.means()}
-        if any(r.continues == self._current for r in self.runs.values()):
+        if any(r.continues == name for r in self.runs.values()):
             extra["train_before_branch"] = record.means(self.continue_at())
-        get_batch, _ = self.data(self._seed)
-        batch = get_batch(torch.Generator().manual_seed(self._seed))
-        ref = self.model(self.runs[REFERENCE].moe_config(self.base_moe()), self._seed)
+        get_batch, _ = self.data(seed)
+        batch = get_batch(torch.Generator().manual_seed(seed))
+        ref = self.model(self.runs[REFERENCE].moe_config(self.base_moe()), seed)
         return extra | time_against(model, ref.to(self.setup.device), batch)
-
-    def run_one(self, name: str, seed: int, progress: bool = False, steps=None) -> dict:
-        self._current, self._seed = name, seed  # for ``extra``
-        return super().run_one(name, seed, progress, steps)
 
 
 def time_against(model: nn.Module, reference: nn.Module, batch: Batch) -> dict[str, dict]:

@@ -99,6 +99,7 @@ class Experiment:
     def __init__(self, setup: Any | None = None) -> None:
         self.setup = setup if setup is not None else self.setup_class()
         self._snapshots: dict[tuple[str, int, int], dict] = {}  # (run, seed, step) -> weights
+        self.current: tuple[str, int] | None = None  # the (run, seed) being trained
 
     # ---- what a chapter declares ---------------------------------------------------------
 
@@ -190,8 +191,9 @@ class Experiment:
         run = self.runs[name]
         get_batch, held_out = self.data(seed)
         model, start = self._start(run, seed)
+        self.current = (name, seed)  # for ``recorder`` and ``extra``
         if start:  # the batches the source sees from its step ``start`` on
-            get_batch = _skipping(get_batch, start)
+            get_batch = skipping(get_batch, start)
         config = self.train_config(run, seed, progress, steps, start)
         wanted = {self.continue_at() for r in self.runs.values() if r.continues == name}
         record = self.recorder(name)
@@ -218,12 +220,18 @@ class Experiment:
     ) -> dict:
         """Train run ``name`` on ``seed``; its measures, curve and extras. ``steps``: only the
         first steps of the run, on its declared schedule: its curve is the cached one's prefix."""
+        return self.trained(name, seed, progress, steps)[1]
+
+    def trained(
+        self, name: str, seed: int, progress: bool = False, steps: int | None = None
+    ) -> tuple[nn.Module, dict]:
+        """``run_one``'s record, and the trained model."""
         model, history, record, seconds, start, held_out = self._train(name, seed, progress, steps)
         evals = history.evals
         curve = {"step": [start + s for s, _ in evals]} | {
             k: [e[k] for _, e in evals] for k in evals[-1][1]
         }
-        return {
+        return model, {
             "run": name,
             "seed": seed,
             "measures": dict(history.final_eval),
@@ -303,7 +311,7 @@ class Experiment:
         return exp.run_all(args.out, args.runs, args.seeds, not args.no_progress, command)
 
 
-def _skipping(get_batch: Callable, skip: int) -> Callable:
+def skipping(get_batch: Callable, skip: int) -> Callable:
     """``get_batch`` that first draws (and drops) ``skip`` batches from the trainer's generator:
     a continued run sees the batches its source sees from step ``skip`` on."""
     skipped = False

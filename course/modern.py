@@ -245,9 +245,10 @@ class Modern(ByteLM):
         batch_vio = [statistics.fmean(v) for v in history.max_violation]  # mean over layers
         last = batch_vio[-max(1, len(batch_vio) // 4) :]
         _, beside = evaluate(model, held_out)
-        get_batch, _ = self.data(self._seed)
-        batch = get_batch(torch.Generator().manual_seed(self._seed))
-        ref = self.model(self.runs[BASE].moe_config(self.base_moe()), self._seed)
+        seed = self.current[1]
+        get_batch, _ = self.data(seed)
+        batch = get_batch(torch.Generator().manual_seed(seed))
+        ref = self.model(self.runs[BASE].moe_config(self.base_moe()), seed)
         times = time_against(model, ref.to(self.setup.device), batch)
         steps = len(history.loss)
         return {
@@ -265,10 +266,6 @@ class Modern(ByteLM):
             }
             | {k: [round(v, 5) for v in vs] for k, vs in beside.items()},
         }
-
-    def run_one(self, name: str, seed: int, progress: bool = False, steps=None) -> dict:
-        self._seed = seed  # for ``extra``
-        return super().run_one(name, seed, progress, steps)
 
 
 def load(path=None) -> harness.Results:

@@ -13,10 +13,11 @@ import argparse
 import statistics
 from collections.abc import Callable, Iterable
 
-from course import balance, harness, stats, testbed, text
+from course import balance, compare, harness, modern, stats, testbed, text
 from course.common import load_json
 
 TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
+LM = "Shakespeare bytes, 2-layer LM, 1200 steps (cosine)"
 TOKENS = "graded token tasks"
 TESTBED = "mixture testbed (equal weights), 1 MoE layer, 4000 steps"
 COURSE = "course: balance 1e-2 + z-loss 1e-3"
@@ -52,7 +53,7 @@ def _row(chapter: str, router: str, quantity: str, values, data: str, recipe: st
 def balance_rows() -> list[dict]:
     results = harness.load(balance.Balance())
     data, recipe = (
-        "Shakespeare bytes, 2-layer LM, 1200 steps (cosine), dropless",
+        f"{LM}, dropless",
         "balance 1e-2, no z-loss",
     )
 
@@ -161,33 +162,33 @@ def text_rows() -> list[dict]:
 
 
 def compare_rows() -> list[dict]:
-    per_seed = load_json(None, "compare/results.json")["per_seed"]
-
-    def column(run: str, key: str, f: Callable[[float], float] = float) -> list[float]:
-        return [f(r[key]) for s in per_seed for r in s["rows"] if r["run"] == run]
-
-    data, recipe = f"{TEXT}, capacity 1.25", COURSE
+    results = compare.load()
+    data = f"{LM}, capacity 1.25 in training"
     epr, vs = "experts per token", "val loss - top-2 (nats)"
+
+    def versus(run: str) -> list[float]:
+        return results.differences(run, "top-2", "loss")
+
     return [
-        _row("6", "top-p 0.4", epr, column("top-p", "experts_per_token"), data, recipe),
-        _row("6", "top-p 0.4", vs, column("top-p", "loss_vs_top2"), data, recipe),
+        _row("6", "top-p 0.4", epr, results.values("top-p", "experts_per_token"), data, PAPER),
+        _row("6", "top-p 0.4", vs, versus("top-p"), data, PAPER),
         _row(
             "6",
             "adaptive 0.1",
             "two-expert share",  # 1 or 2 experts: the share on two is experts per token - 1
-            column("adaptive", "experts_per_token", lambda v: v - 1),
+            [v - 1 for v in results.values("adaptive", "experts_per_token")],
             data,
-            recipe,
+            PAPER,
         ),
-        _row("6", "adaptive 0.1", vs, column("adaptive", "loss_vs_top2"), data, recipe),
-        _row("6", "top-1", vs, column("top-1", "loss_vs_top2"), data, recipe),
+        _row("6", "adaptive 0.1", vs, versus("adaptive"), data, PAPER),
+        _row("6", "top-1", vs, versus("top-1"), data, PAPER),
         _row(
             "6",
             "top-2 + GW FT",
             vs,
-            column("top-2 + GW", "loss_vs_top2"),
+            versus("top-2 + GW"),
             data,
-            "course's; in fine-tuning router frozen, z-loss 0",
+            "top-2's; in fine-tuning router frozen, z-loss 0",
         ),
     ]
 
@@ -249,21 +250,15 @@ def gw_rows() -> list[dict]:
 
 
 def modern_rows() -> list[dict]:
-    per_seed = load_json(None, "modern/results.json")["per_seed"]
-
-    def column(run: str, key: str) -> list[float]:
-        return [r[key] for s in per_seed for r in s["rows"] if r["run"] == run]
-
-    data, recipe = TEXT, "as named"
+    results = modern.load()
+    data, recipe, vio = f"{LM}, dropless", "as named", "MaxVio_global"
     return [
-        _row(
-            "8", "aux loss 1e-3", "MaxVio_global", column("aux 1e-3", "maxvio_global"), data, recipe
-        ),
+        _row("8", "aux loss 1e-3", vio, results.values("aux 1e-3", "maxvio_global"), data, recipe),
         _row(
             "8",
             "loss-free u=1e-2",
-            "MaxVio_global",
-            column("loss-free 1e-2", "maxvio_global"),
+            vio,
+            results.values("loss-free 1e-2", "maxvio_global"),
             data,
             recipe,
         ),

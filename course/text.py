@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from course import common, testbed
-from course import compare as cx
 from course.common import (
     DistinctSeeds,
     add_experiment_args,
@@ -41,7 +40,8 @@ from course.common import (
 from course.gw import eval_batch
 from minimoe.analysis import ExpertsPerTokenTracker, RoutingRecorder
 from minimoe.cli import non_negative_int, write_json
-from minimoe.data import ByteCorpus, byte_corpus
+from minimoe.data import BYTE_VOCAB_SIZE, ByteCorpus, byte_corpus, lm_batches
+from minimoe.model import TinyTransformer
 from minimoe.routing import Router
 from minimoe.train import TrainConfig, train
 
@@ -55,7 +55,7 @@ QUINTILES = 5
 
 @dataclass
 class TextSetup(common.Setup):
-    """Chapter 6's model, data and held-out windows (``compare.Setup``), always dropless."""
+    """Chapter 6's model, data and held-out windows, always dropless."""
 
     capacity_factor: ClassVar[None] = None  # no capacity limit: the papers' setting
     block_size: int = 32
@@ -82,6 +82,15 @@ def quintiles(loss: Tensor) -> Tensor:
     return rank * QUINTILES // len(loss)
 
 
+def build_model(setup: TextSetup, **moe) -> TinyTransformer:
+    """The seed's draw of the model, the same for every router; ``moe``: MoEConfig fields."""
+    torch.manual_seed(setup.seed)
+    init = TinyTransformer(setup.model_config(BYTE_VOCAB_SIZE, setup.block_size)).state_dict()
+    model = TinyTransformer(setup.model_config(BYTE_VOCAB_SIZE, setup.block_size, **moe))
+    model.load_state_dict(init, strict=False)  # a router's own state (a bias) keeps its zeros
+    return model.to(setup.device)
+
+
 def run(
     setup: TextSetup,
     corpus: ByteCorpus,
@@ -94,13 +103,14 @@ def run(
     Returns the measurements and the loss of every held-out position."""
     router = ROUTERS[name]
     moe = {"router": router, **router.paper_losses}
-    model = cx.build_model(setup, **moe)
+    model = build_model(setup, **moe)
     held_out = eval_batch(corpus, setup.block_size, setup.eval_windows)
     tracker = ExpertsPerTokenTracker(held_out, every=setup.track_every)
     tracker(0, model)
     config = TrainConfig(steps=setup.steps, lr=setup.lr, seed=setup.seed, progress=progress)
     start = time.perf_counter()
-    history = train(model, cx.BatchStream(corpus, setup), config, callback=tracker)
+    batches = lm_batches(corpus, setup.batch_size, setup.block_size)  # the trainer's generator
+    history = train(model, batches, config, callback=tracker)
     seconds = time.perf_counter() - start
     loss, counts = position_losses_and_routing(model, held_out)
     groups = quintiles(loss) if difficulty is None else difficulty

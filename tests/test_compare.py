@@ -95,7 +95,7 @@ def test_fine_tuning_continues_top2_from_its_snapshot_on_its_batches():
     get_batch, _ = exp.data(0)
     g = torch.Generator().manual_seed(0)
     drawn = [get_batch(g) for _ in range(branch + 1)]
-    skipping = harness._skipping(get_batch, branch)
+    skipping = harness.skipping(get_batch, branch)
     assert torch.equal(skipping(torch.Generator().manual_seed(0))["idx"], drawn[-1]["idx"])
 
 
