@@ -126,6 +126,7 @@ def _settings(name: str, cls: type, routers: Mapping[str, type]) -> list[Setting
 def router_flags(routers: Mapping[str, type]) -> dict[str, tuple[Setting, ...]]:
     """Every flag of the specs ``routers`` (name -> frozen dataclass) by argparse dest, in the
     order of the routers and their fields: ``{"k": (top_k's k, ...), "top_p": (TopP.p,), ...}``.
+    Each spec is built with no arguments once, for its defaults.
 
     Raises TypeError where two routers would share a flag with another type, range or help, or
     one router would have it twice."""
