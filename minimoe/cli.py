@@ -4,9 +4,9 @@
 experts split over the processes (minimoe/parallel.py); the global batch is split over them too.
 
 Routers are named on the command line only: ``--router`` is a name of ``routing.ROUTERS`` and
-its settings are flags (``--k``, ``--top-p``, ...: ``ROUTER_FLAGS``), which
-``router_from_flags`` turns into a spec. A flag for another router is refused, and so is a
-number out of range, each with an error naming the flag. The course's chapter experiments have
+its settings are flags (``--k``, ``--top-p``, ...: ``ROUTER_FLAGS``) made from the specs' fields
+(minimoe/routing/flags.py), which ``router_from_flags`` turns into a spec. A flag for another
+router is refused, and so is a number out of range, each with an error naming the flag. The course's chapter experiments have
 their own command, ``python -m course``.
 """
 
@@ -19,7 +19,7 @@ import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from minimoe.data import (
 from minimoe.dispatch import DISPATCH_PATHS
 from minimoe.layer import MoEConfig, moe_layers
 from minimoe.model import ModelConfig, TinyTransformer
-from minimoe.routing import ROUTERS, UNCERTAINTY, Router, router_from_name
+from minimoe.routing import ROUTERS, Router, router_from_name
+from minimoe.routing.flags import Setting, router_flags
 from minimoe.train import TrainConfig, save_checkpoint, seed_everything, train
 
 
@@ -79,35 +80,14 @@ positive_int = _number(int, 1)
 
 # ---- routers from flags ---------------------------------------------------------------------
 
-# flag (its argparse dest) -> (the spec field it sets, the routers it applies to)
-ROUTER_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "k": (
-        "k",
-        (
-            "top_k",
-            "noisy_top_k",
-            "gw",
-            "sigmoid_top_k",
-            "score_top_k",
-            "capacity_top_k",
-            "hash_top_k",
-        ),
-    ),  # gw: k of its top-k base
-    "renormalize": ("renormalize", ("top_k", "adaptive", "sigmoid_top_k", "score_top_k")),
-    "top_p": ("p", ("top_p",)),
-    "top_p_rule": ("rule", ("top_p",)),
-    "max_experts": ("max_experts", ("top_p",)),
-    "adaptive_threshold": ("threshold", ("adaptive",)),
-    "adaptive_gap": ("gap", ("adaptive",)),
-    "gw_threshold": ("threshold", ("gw",)),
-    "gw_measure": ("measure", ("gw",)),
-    "gw_max_slots": ("max_slots", ("gw",)),
-    "score": ("score", ("sigmoid_top_k", "score_top_k", "hash_top_k")),
-    "bias_rate": ("bias_rate", ("sigmoid_top_k",)),
-    "n_group": ("n_group", ("sigmoid_top_k", "score_top_k")),
-    "topk_group": ("topk_group", ("sigmoid_top_k", "score_top_k")),
-    "scaling": ("scaling", ("sigmoid_top_k", "score_top_k", "hash_top_k")),
-    "choice_capacity": ("capacity_factor", ("expert_choice",)),
+# flag (its argparse dest) -> each router's field it sets (``Setting``: type, range, help), read
+# from the registered specs' fields: minimoe/routing/flags.py says how a field declares its flag
+ROUTER_FLAGS: dict[str, tuple[Setting, ...]] = router_flags(ROUTERS)
+NUMBERS = {
+    (int, True): positive_int,
+    (int, False): non_negative_int,
+    (float, True): positive,
+    (float, False): non_negative,
 }
 
 
@@ -117,28 +97,76 @@ def _flag(dest: str) -> str:
 
 def router_from_flags(name: str, **flags: Any) -> Router:
     """The spec of ``--router name`` and its flags by dest (``k=1``, ``top_p=0.3``), built by
-    ``routing.router_from_name``; ``--router gw`` wraps a top-k base (``--k``). A flag of
+    ``routing.router_from_name``; ``--router gw`` builds its top-k base from ``--k``. A flag of
     another router, or a value the spec refuses, is a ``UsageError`` naming the flag."""
-    for dest in flags:
+    settings: dict[str, Any] = {}
+    bases: dict[str, dict[str, Any]] = {}  # the settings of a router's base, by its field
+    for dest, value in flags.items():
         if dest not in ROUTER_FLAGS:
             raise UsageError(
                 f"unknown router flag {_flag(dest)}; choose from "
                 + ", ".join(_flag(d) for d in ROUTER_FLAGS)
             )
-        if name not in ROUTER_FLAGS[dest][1]:
+        field = {s.router: s.field for s in ROUTER_FLAGS[dest]}.get(name)
+        if field is None:
             raise UsageError(
-                f"{_flag(dest)} does not apply to --router {name} "
-                f"(it is a setting of {', '.join(ROUTER_FLAGS[dest][1])})"
+                f"{_flag(dest)} does not apply to --router {name} (it is a setting of "
+                f"{', '.join(s.router for s in ROUTER_FLAGS[dest])})"
             )
-    settings = {ROUTER_FLAGS[dest][0]: value for dest, value in flags.items()}
+        base, _, own = field.rpartition(".")  # "base.k": the k of the router's base
+        if base:
+            bases.setdefault(base, {})[own] = value
+        else:
+            settings[field] = value
     try:
-        if name == "gw":  # --k is its base's
-            base = {"k": settings.pop("k")} if "k" in settings else {}
-            settings["base"] = router_from_name("top_k", **base)
+        for f in fields(ROUTERS[name]) if bases else ():
+            if f.name in bases:  # built as the router its metadata names (gw: top_k)
+                settings[f.name] = router_from_name(f.metadata["base"], **bases[f.name])
         return router_from_name(name, **settings)
     except (TypeError, ValueError) as e:
         given = " ".join(f"{_flag(dest)} {value}" for dest, value in flags.items())
         raise UsageError(f"--router {name} {given}: {e}") from None
+
+
+def _router_help(settings: tuple[Setting, ...]) -> str:
+    """What the flag sets and in which routers, with a router's choices where it takes fewer
+    than the flag and the specs' defaults: "experts per token (top_k, ...; default 2)"."""
+    every = _choices(settings)
+    one_default = len({repr(s.default) for s in settings}) == 1
+    routers, noted = [], False
+    for s in settings:
+        outer = s.field.rpartition(".")[0]
+        notes = []
+        if s.choices is not None and len(s.choices) < len(every):
+            notes.append(", ".join(s.choices[:-1]) + f" or {s.choices[-1]}")
+        if not one_default and s.default is not None:
+            notes.append(f"default {s.default}")
+        noted |= bool(notes)
+        label = f"{s.router}'s {outer}" if outer else s.router
+        routers.append(f"{label}: {', '.join(notes)}" if notes else label)
+    default = settings[0].default
+    tail = f"; default {default}" if one_default and default is not None else ""
+    return f"{settings[0].help} ({('; ' if noted else ', ').join(routers)}{tail})"
+
+
+def _choices(settings: tuple[Setting, ...]) -> tuple[str, ...] | None:
+    """The choices of every router that has the flag, in order; None: the flag takes no choices."""
+    merged = dict.fromkeys(c for s in settings for c in s.choices or ())
+    return tuple(merged) or None
+
+
+def _add_router_args(g: argparse._ArgumentGroup) -> None:
+    """One option per router flag (``ROUTER_FLAGS``), defaulting to None: "not given"."""
+    for dest, settings in ROUTER_FLAGS.items():
+        kind, positive = settings[0].kind, settings[0].positive
+        option: dict[str, Any] = {"help": _router_help(settings)}
+        if kind is bool:
+            option["action"] = argparse.BooleanOptionalAction
+        elif kind in (int, float):
+            option["type"] = NUMBERS[kind, positive]
+        else:
+            option["choices"] = _choices(settings)
+        g.add_argument(_flag(dest), **option)
 
 
 def add_moe_args(p: argparse.ArgumentParser) -> None:
@@ -146,54 +174,7 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
     Router flags default to None ("not given": the spec's default)."""
     g = p.add_argument_group("router (flags of another router than --router are refused)")
     g.add_argument("--router", default="top_k", choices=sorted(ROUTERS), help="routing rule")
-    g.add_argument(
-        "--k", type=positive_int, help="experts per token (top_k, noisy_top_k, gw's base)"
-    )
-    g.add_argument(
-        "--renormalize",
-        action=argparse.BooleanOptionalAction,
-        help="renormalize combine weights over the chosen experts (top_k, adaptive)",
-    )
-    g.add_argument("--top-p", type=positive, help="cumulative probability to reach (top_p)")
-    g.add_argument("--top-p-rule", choices=("paper", "code"), help="cumsum >= p or > p (top_p)")
-    g.add_argument("--max-experts", type=positive_int, help="cap on experts per token (top_p)")
-    g.add_argument(
-        "--adaptive-threshold", type=non_negative, help="largest top-1/top-2 gap for two experts"
-    )
-    g.add_argument(
-        "--adaptive-gap", choices=("raw", "normalized"), help="p1 - p2 or its normalized form"
-    )
-    g.add_argument(
-        "--gw-threshold", type=non_negative, help="uncertainty at which GW broadcasts (gw)"
-    )
-    g.add_argument("--gw-measure", choices=sorted(UNCERTAINTY), help="uncertainty measure (gw)")
-    g.add_argument(
-        "--gw-max-slots", type=non_negative_int, help="broadcast tokens per sequence (gw)"
-    )
-    g.add_argument(
-        "--score",
-        choices=("sigmoid", "softmax", "sqrt_softplus", "logits"),
-        help="score function (sigmoid_top_k: sigmoid or softmax; score_top_k; hash_top_k)",
-    )
-    g.add_argument(
-        "--bias-rate", type=non_negative, help="u of the loss-free bias update (sigmoid_top_k)"
-    )
-    g.add_argument(
-        "--n-group", type=positive_int, help="expert groups (sigmoid_top_k, score_top_k)"
-    )
-    g.add_argument(
-        "--topk-group",
-        type=positive_int,
-        help="groups a token may use (sigmoid_top_k, score_top_k)",
-    )
-    g.add_argument(
-        "--scaling",
-        type=positive,
-        help="routed scaling factor (sigmoid_top_k, score_top_k, hash_top_k)",
-    )
-    g.add_argument(
-        "--choice-capacity", type=positive, help="c: mean experts per token (expert_choice)"
-    )
+    _add_router_args(g)
     g = p.add_argument_group("MoE layer")
     g.add_argument("--experts", type=positive_int, default=8, help="number of experts")
     g.add_argument("--d-model", type=positive_int, default=64, help="model width")

@@ -1,6 +1,8 @@
 """The command line: router flags become specs, and bad options are refused naming the flag."""
 
 import argparse
+from dataclasses import field, fields, make_dataclass
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
@@ -8,18 +10,22 @@ import pytest
 from course.__main__ import main as course_main
 from minimoe import cli
 from minimoe.__main__ import main
+from minimoe.layer import MoEConfig
 from minimoe.routing import (
     ROUTERS,
     Adaptive,
+    CapacityTopK,
     ExpertChoice,
     GWBroadcast,
     HashTopK,
     NoisyTopK,
     ScoreTopK,
     SigmoidTopK,
+    SparseMixer,
     TopK,
     TopP,
 )
+from minimoe.routing.flags import router_flags
 
 TINY = [
     *"--layers 1 --heads 2 --d-model 16 --d-hidden 16 --experts 4 --block-size 16 --batch-size 4 --steps 2 --no-progress --device cpu".split()
@@ -78,6 +84,99 @@ def refused(argv: list[str], capsys, run=main) -> str:
 def test_router_flags_build_the_spec(flags, spec):
     config = cli.moe_config_from_args(parse(flags))
     assert config.router == spec and config.num_experts == 8
+
+
+def as_flags(router) -> list[str]:
+    """The command line of ``router``: ``--router`` and a flag for each of its settings."""
+    argv = ["--router", router.name]
+    for dest, settings in cli.ROUTER_FLAGS.items():
+        for s in settings:
+            value = attrgetter(s.field)(router) if s.router == router.name else None
+            if isinstance(value, bool):
+                argv.append(f"--{'' if value else 'no-'}{dest.replace('_', '-')}")
+            elif value is not None:
+                argv.append(f"--{dest.replace('_', '-')}={value}")
+    return argv
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        *(cls() for cls in ROUTERS.values()),  # every registered router's defaults
+        TopP(p=0.3, rule="code", max_experts=2),
+        GWBroadcast(TopK(k=3), threshold=1.6, measure="entropy", max_slots=3),
+        SigmoidTopK(k=1, score="softmax", bias_rate=0.0, renormalize=False, scaling=2.5),
+        ScoreTopK(score="logits", weight="softmax", norm_p=2.0, softcap=30.0, null_experts=1),
+        ScoreTopK(selection_bias=True, bias_rate=0.01, n_group=4, topk_group=2, group_score="max"),
+        CapacityTopK(k=1, expert_capacity=4, per_sequence=True, normalize="none"),
+        HashTopK(k=1, vocab_size=64, score="softmax", seed=3),
+        SparseMixer(jitter_eps=0.1),
+    ],
+    ids=repr,
+)
+def test_a_spec_as_flags_parses_back_to_the_same_spec(spec):
+    argv = as_flags(spec)
+    assert cli.moe_config_from_args(parse(argv)).router == spec, argv
+
+
+def test_every_router_field_is_a_flag_or_says_why_not():
+    flagged = {(s.router, s.field) for settings in cli.ROUTER_FLAGS.values() for s in settings}
+    for name, cls in ROUTERS.items():
+        for f in fields(cls):
+            why_not = f.metadata.get("no_flag") or f.metadata.get("base")
+            assert ((name, f.name) in flagged) != bool(why_not), (
+                f"{cls.__name__}.{f.name}: a flag, or field(metadata={{'no_flag': why}})"
+            )
+
+
+def odd_router(k_type: type, default: object = 2, **metadata) -> type:
+    """A throwaway spec with one field ``k``."""
+    return make_dataclass("Odd", [("k", k_type, field(default=default, metadata=metadata))])
+
+
+@pytest.mark.parametrize(
+    "odd, error",
+    [
+        (
+            odd_router(float, help="experts per token", positive=True),
+            "--k would mean two things: top_k's k is an int >= 1, help 'experts per token'; "
+            "odd's k is a number > 0, help 'experts per token'",
+        ),
+        (odd_router(int, help="experts per token"), "odd's k is an int >= 0"),
+        (odd_router(int, help="keys", positive=True), "odd's k is an int >= 1, help 'keys'"),
+        (
+            odd_router(int, positive=True),
+            "Odd.k would be the router flag --k of 'odd' but has no help",
+        ),
+        (odd_router(int, help="experts per token", postive=True), "unknown metadata ['postive']"),
+        (odd_router(tuple, (), help="experts per token"), "its type <class 'tuple'> cannot be one"),
+    ],
+)
+def test_a_flag_that_would_mean_two_things_is_refused(odd, error):
+    with pytest.raises(TypeError) as e:
+        router_flags({"top_k": TopK, "odd": odd})
+    assert error in str(e.value)
+
+
+def test_a_field_with_its_own_flag_name_does_not_collide():
+    odd = odd_router(float, flag="odd_k", help="a number")
+    assert [s.field for s in router_flags({"top_k": TopK, "odd": odd})["odd_k"]] == ["k"]
+
+
+def test_router_flags_are_not_named_as_layer_fields():
+    # course.common.moe_changes tells router settings from MoEConfig fields by name
+    assert not set(cli.ROUTER_FLAGS) & {f.name for f in fields(MoEConfig)}
+
+
+def test_train_help_names_the_routers_of_each_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "experts per token (top_k, noisy_top_k, gw's base, sigmoid_top_k" in text
+    assert "(sigmoid_top_k: sigmoid or softmax, default sigmoid; score_top_k" in text
+    for dest, settings in cli.ROUTER_FLAGS.items():
+        assert f"--{dest.replace('_', '-')}" in text
+        assert all(s.router in text for s in settings)
 
 
 def test_every_registered_router_is_a_choice(capsys):

@@ -12,8 +12,8 @@ Files: ``core.py`` (the Routing decision, shared checks, the one rule for ties, 
 measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adaptive, GW
 broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
 expert choice), ``zoo.py`` (the released models' rules as one composable spec), ``capacity.py``
-(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), and here the
-registry of names.
+(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), ``flags.py`` (how a
+spec's fields declare their command-line flags), and here the registry of names.
 
 Notation: T tokens, E experts, P = softmax(logits) in float32, S the
 set of experts a token is sent to, y = sum_{i in S} g_i * Expert_i(x).

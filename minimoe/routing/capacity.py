@@ -6,14 +6,17 @@ drops. (minimoe's layer-level ``capacity_factor`` drops after routing, for any r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.routing import flags
 from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_recipe
+
+NORMALIZE = ("none", "before_drop", "after_drop")
 
 
 def capacity_top_k(
@@ -36,7 +39,7 @@ def capacity_top_k(
     T, E = logits.shape
     check_int("k", k, 1, E)
     check_int("capacity", capacity, 0)
-    check_choice("normalize", normalize, ("none", "before_drop", "after_drop"))
+    check_choice("normalize", normalize, NORMALIZE)
     probs = logits.softmax(dim=-1)  # (T, E)
     chosen = _mask_of_top(probs, k)
     L = seq_len or max(T, 1)
@@ -72,13 +75,30 @@ class CapacityTopK:
     expert and its padding mask.
     """
 
-    k: int = 2
-    expert_capacity: int | None = None
-    eval_capacity_fraction: float = 0.0
-    per_sequence: bool = False
-    normalize: str = "after_drop"
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    k: int = field(default=2, metadata=flags.K)
+    expert_capacity: int | None = field(
+        default=None, metadata={"help": "slots per expert; not given: k ceil(T / E)"}
+    )
+    eval_capacity_fraction: float = field(
+        default=0.0, metadata={"help": "f > 0: ceil(f T) slots per expert at evaluation"}
+    )
+    per_sequence: bool = field(
+        default=False,
+        metadata={
+            "flag": "capacity_per_sequence",
+            "help": "count the slots per sequence, as Switch",
+        },
+    )
+    normalize: str = field(
+        default="after_drop",
+        metadata={
+            "flag": "capacity_normalize",
+            "help": "weights normalized over the chosen experts: not, before or after the drops",
+            "choices": NORMALIZE,
+        },
+    )
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "capacity_top_k"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 1e-3}
 
@@ -88,7 +108,7 @@ class CapacityTopK:
             check_int("expert_capacity", self.expert_capacity, 0)
         check_float("eval_capacity_fraction", self.eval_capacity_fraction, 0.0)
         check_bool("per_sequence", self.per_sequence)
-        check_choice("normalize", self.normalize, ("none", "before_drop", "after_drop"))
+        check_choice("normalize", self.normalize, NORMALIZE)
         check_recipe(self)
 
     def check_experts(self, num_experts: int) -> None:

@@ -6,7 +6,7 @@ Top-K (Shazeer 2017, GShard, Switch, Mixtral), noisy top-k (Shazeer 2017), Top-P
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.routing import flags
 from minimoe.routing.core import (
+    UNCERTAINTY,
     Router,
     Routing,
     _from_mask,
@@ -28,6 +30,9 @@ from minimoe.routing.core import (
     router_columns,
     top_expert,
 )
+
+TOP_P_RULES = ("paper", "code")
+GAPS = ("raw", "normalized")
 
 # ---- the routing functions (what the notebooks build; the specs call them) ----------------
 
@@ -96,7 +101,7 @@ def top_p(
     """
     logits = check_logits(logits)
     check_float("p", p, 0.0, 1.0, low_open=True)
-    check_choice("rule", rule, ("paper", "code"))
+    check_choice("rule", rule, TOP_P_RULES)
     if max_experts is not None:
         check_int("max_experts", max_experts, 1)
     num_experts = logits.shape[1]
@@ -133,7 +138,7 @@ def adaptive(
     """
     logits = check_logits(logits)
     check_float("threshold", threshold, 0.0, 1.0)
-    check_choice("gap", gap, ("raw", "normalized"))
+    check_choice("gap", gap, GAPS)
     check_bool("renormalize", renormalize)
     probs = logits.softmax(dim=-1)  # (T, E)
     first = top_expert(probs)[:, None]  # (T, 1)
@@ -208,10 +213,11 @@ class TopK:
     Paper recipe: Switch balance loss on first choices, alpha = 1e-2; no z-loss (ST-MoE added it).
     """
 
-    k: int = 2
-    renormalize: bool | None = None  # None: True, with a warning at k=1 (no router gradient)
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    k: int = field(default=2, metadata=flags.K)
+    # None: True, with a warning at k=1 (no router gradient)
+    renormalize: bool | None = field(default=None, metadata=flags.RENORMALIZE)
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "top_k"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
 
@@ -236,9 +242,9 @@ class NoisyTopK:
     here the Switch loss (alpha = 1e-2) stands in for them.
     """
 
-    k: int = 2
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    k: int = field(default=2, metadata=flags.K)
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "noisy_top_k"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
 
@@ -265,17 +271,30 @@ class TopP:
     (``balance_count="selected"``), L_d the router entropy (beta = ``dynamic_coef``); no z-loss.
     """
 
-    p: float = 0.4
-    rule: str = "paper"  # "paper" (cumsum >= p) | "code" (official release: > p)
-    max_experts: int | None = None  # our addition: cap on experts per token
-    balance_count: str = "selected"
-    dynamic_coef: float = 1e-4
+    p: float = field(
+        default=0.4,
+        metadata={"flag": "top_p", "help": "cumulative probability to reach", "positive": True},
+    )
+    rule: str = field(
+        default="paper",
+        metadata={
+            "flag": "top_p_rule",
+            "help": "paper: cumsum >= p; code: > p, as the official release",
+            "choices": TOP_P_RULES,
+        },
+    )
+    max_experts: int | None = field(
+        default=None,
+        metadata={"help": "our addition: a cap on experts per token", "positive": True},
+    )
+    balance_count: str = field(default="selected", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=1e-4, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "top_p"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
 
     def __post_init__(self) -> None:
         check_float("p", self.p, 0.0, 1.0, low_open=True)
-        check_choice("rule", self.rule, ("paper", "code"))
+        check_choice("rule", self.rule, TOP_P_RULES)
         if self.max_experts is not None:
             check_int("max_experts", self.max_experts, 1)
         check_recipe(self)
@@ -292,17 +311,30 @@ class Adaptive:
     capacity limit; no z-loss.
     """
 
-    threshold: float = 0.1
-    gap: str = "raw"  # "raw" p1 - p2 | "normalized" (p1 - p2) / (p1 + p2)
-    renormalize: bool = False
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    threshold: float = field(
+        default=0.1,
+        metadata={
+            "flag": "adaptive_threshold",
+            "help": "largest top-1/top-2 gap that sends a token to two experts",
+        },
+    )
+    gap: str = field(
+        default="raw",
+        metadata={
+            "flag": "adaptive_gap",
+            "help": "raw: p1 - p2; normalized: (p1 - p2) / (p1 + p2)",
+            "choices": GAPS,
+        },
+    )
+    renormalize: bool = field(default=False, metadata=flags.RENORMALIZE)
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "adaptive"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
 
     def __post_init__(self) -> None:
         check_float("threshold", self.threshold, 0.0, 1.0)
-        check_choice("gap", self.gap, ("raw", "normalized"))
+        check_choice("gap", self.gap, GAPS)
         check_bool("renormalize", self.renormalize)
         check_recipe(self)
 
@@ -319,10 +351,24 @@ class GWBroadcast:
     the trainer's switch (``TrainConfig.freeze_router``).
     """
 
-    base: Router = TopK()
-    threshold: float = 0.75
-    measure: str = "normalized_entropy"  # or "entropy" (nats), as the released code
-    max_slots: int | None = None  # broadcast tokens per sequence, first tokens first
+    # the command line builds it as --router top_k with --k
+    base: Router = field(default=TopK(), metadata={"base": "top_k", "base_flags": ("k",)})
+    threshold: float = field(
+        default=0.75,
+        metadata={"flag": "gw_threshold", "help": "uncertainty at which a token is broadcast"},
+    )
+    measure: str = field(
+        default="normalized_entropy",
+        metadata={
+            "flag": "gw_measure",
+            "help": "uncertainty measure; entropy in nats, as the released code",
+            "choices": tuple(UNCERTAINTY),
+        },
+    )
+    max_slots: int | None = field(
+        default=None,
+        metadata={"flag": "gw_max_slots", "help": "broadcast tokens per sequence, the first ones"},
+    )
     name: ClassVar[str] = "gw"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-3, "z_coef": 0.0}
 

@@ -5,15 +5,18 @@ learning the router matter?".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from minimoe.checks import check_choice, check_float, check_int
+from minimoe.routing import flags
 from minimoe.routing.core import Routing, check_logits, check_recipe
 from minimoe.routing.zoo import SCORE_FUNCTIONS, _renormalize
+
+HASH_SCORES = ("softmax", "sigmoid", "sqrt_softplus")
 
 
 def hash_top_k(
@@ -25,7 +28,7 @@ def hash_top_k(
     matter?" baseline). Repeated experts in a row of ``experts`` count once.
     """
     logits = check_logits(logits)
-    check_choice("score", score, ("softmax", "sigmoid", "sqrt_softplus"))
+    check_choice("score", score, HASH_SCORES)
     if experts.shape[0] != logits.shape[0] or experts.dim() != 2:
         raise ValueError(
             f"experts must have shape (tokens={logits.shape[0]}, k), got {tuple(experts.shape)}"
@@ -47,13 +50,16 @@ class HashTopK:
     with ``token_ids=`` the (T,) ids that ``MoE.forward(x, token_ids=...)`` was given.
     """
 
-    k: int = 2
-    vocab_size: int = 256
-    score: str = "sqrt_softplus"
-    scaling: float = 1.0
-    seed: int = 0
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    k: int = field(default=2, metadata=flags.K)
+    vocab_size: int = field(
+        default=256,
+        metadata={"flag": "hash_vocab_size", "help": "token ids in the table", "positive": True},
+    )
+    score: str = field(default="sqrt_softplus", metadata=flags.SCORE | {"choices": HASH_SCORES})
+    scaling: float = field(default=1.0, metadata=flags.SCALING)
+    seed: int = field(default=0, metadata={"flag": "hash_seed", "help": "seed of the table's draw"})
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     uses_token_ids: ClassVar[bool] = True
     name: ClassVar[str] = "hash_top_k"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 0.0, "z_coef": 0.0}
@@ -61,7 +67,7 @@ class HashTopK:
     def __post_init__(self) -> None:
         check_int("k", self.k, 1)
         check_int("vocab_size", self.vocab_size, 1)
-        check_choice("score", self.score, ("softmax", "sigmoid", "sqrt_softplus"))
+        check_choice("score", self.score, HASH_SCORES)
         check_float("scaling", self.scaling, 0.0, low_open=True)
         check_int("seed", self.seed, 0)
         check_recipe(self)

@@ -8,13 +8,14 @@ returns a Routing, and a frozen spec that checks its settings and carries its pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int, require
+from minimoe.routing import flags
 from minimoe.routing.core import (
     Routing,
     _mask_of_top,
@@ -149,15 +150,17 @@ class SigmoidTopK:
     1's trap): use ``renormalize=False`` there.
     """
 
-    k: int = 2
-    score: str = "sigmoid"
-    bias_rate: float = 1e-3  # u
-    n_group: int = 1
-    topk_group: int = 1
-    renormalize: bool | None = None  # None: True, with a warning at k=1 (no router gradient)
-    scaling: float = 1.0  # routed scaling factor (2.5 in the DeepSeek-V3 release)
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    k: int = field(default=2, metadata=flags.K)
+    score: str = field(default="sigmoid", metadata=flags.SCORE | {"choices": SCORES})
+    bias_rate: float = field(default=1e-3, metadata=flags.BIAS_RATE)  # u
+    n_group: int = field(default=1, metadata=flags.N_GROUP)
+    topk_group: int = field(default=1, metadata=flags.TOPK_GROUP)
+    # None: True, with a warning at k=1 (no router gradient)
+    renormalize: bool | None = field(default=None, metadata=flags.RENORMALIZE)
+    # routed scaling factor (2.5 in the DeepSeek-V3 release)
+    scaling: float = field(default=1.0, metadata=flags.SCALING)
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "sigmoid_top_k"
     paper_losses: ClassVar[dict[str, float]] = {
         "balance_coef": 0.0,
@@ -210,9 +213,16 @@ class ExpertChoice:
     """Expert-choice routing (Zhou et al. 2022): ``expert_choice``; perfectly balanced by
     construction, so no balance loss in the paper's recipe. Not causal: see ``expert_choice``."""
 
-    capacity_factor: float = 2.0  # c: average experts per token
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    capacity_factor: float = field(
+        default=2.0,
+        metadata={
+            "flag": "choice_capacity",
+            "help": "c: mean experts per token; each expert takes c T / E tokens",
+            "positive": True,
+        },
+    )
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "expert_choice"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 0.0, "z_coef": 0.0}
 

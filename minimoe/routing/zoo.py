@@ -19,7 +19,7 @@ experts' logits in its denominator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
+from minimoe.routing import flags
 from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_recipe
 from minimoe.routing.production import (
     GROUP_SCORES,
@@ -160,24 +161,47 @@ class ScoreTopK:
     b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
     """
 
-    k: int = 2
-    score: str = "softmax"
-    weight: str = "score"
-    renormalize: bool = True
-    norm_p: float = 1.0
-    norm_eps: float = 0.0
-    norm_min: float = 0.0
-    scaling: float = 1.0
-    selection_bias: bool = False
-    bias_rate: float = 0.0
-    n_group: int = 1
-    topk_group: int = 1
-    group_score: str = "top2_sum"
-    softcap: float = 0.0
-    null_experts: int = 0
-    identity_experts: int = 0
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    k: int = field(default=2, metadata=flags.K)
+    score: str = field(
+        default="softmax", metadata=flags.SCORE | {"choices": tuple(SCORE_FUNCTIONS)}
+    )
+    weight: str = field(
+        default="score",
+        metadata={
+            "flag": "chosen_weight",
+            "help": "weights of the chosen experts: their score, or with --score logits a "
+            "softmax or sigmoid of their logits",
+            "choices": WEIGHTS,
+        },
+    )
+    renormalize: bool = field(default=True, metadata=flags.RENORMALIZE)
+    norm_p: float = field(
+        default=1.0, metadata={"help": "p of the p-norm that renormalizes", "positive": True}
+    )
+    norm_eps: float = field(default=0.0, metadata={"help": "eps added to that norm"})
+    norm_min: float = field(default=0.0, metadata={"help": "floor of that norm"})
+    scaling: float = field(default=1.0, metadata=flags.SCALING)
+    selection_bias: bool = field(
+        default=False,
+        metadata={"help": "keep a selection bias as router state; --bias-rate updates it"},
+    )
+    bias_rate: float = field(default=0.0, metadata=flags.BIAS_RATE)
+    n_group: int = field(default=1, metadata=flags.N_GROUP)
+    topk_group: int = field(default=1, metadata=flags.TOPK_GROUP)
+    group_score: str = field(
+        default="top2_sum",
+        metadata={
+            "help": "a group's score: the sum of its two best or its best",
+            "choices": GROUP_SCORES,
+        },
+    )
+    softcap: float = field(
+        default=0.0, metadata={"help": "c of the soft cap c tanh(l / c); 0: none"}
+    )
+    null_experts: int = field(default=0, metadata={"help": "experts that output 0"})
+    identity_experts: int = field(default=0, metadata={"help": "experts that output their input"})
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "score_top_k"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
 
@@ -288,10 +312,15 @@ class SparseMixer:
     sampling and its gradient estimator are not reproduced: in training it routes as at
     inference."""
 
-    k: int = 2
-    jitter_eps: float = 0.01
-    balance_count: str = "first"
-    dynamic_coef: float = 0.0
+    k: int = field(default=2, metadata=flags.K)
+    jitter_eps: float = field(
+        default=0.01,
+        metadata={
+            "help": "eps: logits within (m - l) / max(|l|, m) <= 2 eps of the best m compete"
+        },
+    )
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "sparse_mixer"
     paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
 
