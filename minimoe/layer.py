@@ -241,7 +241,8 @@ class MoEOutput(NamedTuple):
     output: Tensor  # (..., d_model), the input's shape
     routing: Routing  # over the flattened tokens (T, E)
     aux_loss: Tensor  # () weighted sum of the auxiliary losses: add it to the task loss
-    losses: dict[str, Tensor]  # unweighted: load_balance, z_loss, dynamic, sequence_balance
+    # unweighted: load_balance, z_loss, dynamic, sequence_balance, and the router's own (l1_reg)
+    losses: dict[str, Tensor]
     stats: MoEStats
 
 
@@ -429,6 +430,11 @@ class MoE(nn.Module):
             aux = aux + c.dynamic_beta * losses["dynamic"]
         if c.seq_balance_coef:  # only when on: configs without it keep their exact numbers
             aux = aux + c.seq_balance_coef * losses["sequence_balance"]
+        own = getattr(c.router, "aux_losses", None)  # a router's own loss (ReMoE's L1 on gates)
+        if own is not None:
+            for name, (coef, loss) in own(routing, dict(self.router_state.named_buffers())).items():
+                losses[name] = loss
+                aux = aux + coef * loss
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))
 
     def _shared_output(self, tokens: Tensor) -> Tensor:

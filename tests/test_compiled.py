@@ -23,6 +23,7 @@ from minimoe.routing import (
     GWBroadcast,
     HashTopK,
     NoisyTopK,
+    ReMoE,
     Routing,
     ScoreTopK,
     SigmoidTopK,
@@ -45,6 +46,7 @@ ROUTERS = {
     "noisy_top_k": (NoisyTopK(k=2), {}),
     "expert_choice": (ExpertChoice(capacity_factor=2.0), {}),
     "capacity": (TopK(k=2), {"capacity_factor": 1.0}),
+    "remoe": (ReMoE(l1_init=1e-2), {}),
 }
 # the router zoo's rules (minimoe.routing.zoo, capacity, hashing): one compiled inductor step for
 # the stateful one, fullgraph on the eager backend for all (hash routing: test below)

@@ -1,0 +1,118 @@
+"""Compute on demand: routers whose experts per token vary from token to token.
+
+ReMoE (a ReLU gate steered to a sparsity target), expert threshold routing (each expert's running
+score threshold) and SeqTopK (the top-k budget spent per sequence). Same interface as the other
+routers (``minimoe.routing``): a pure function on logits that returns a Routing, and a frozen
+spec that checks its settings, keeps its state and carries its paper's loss recipe. None of them
+has a fixed ``k``: their field ``experts_per_token`` is the mean they aim at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from minimoe.checks import check_bool, check_float
+from minimoe.routing.core import Routing, check_logits, check_recipe
+
+# a multiplied coefficient stays in float32's normal range, so that it can always come back
+_L1_RANGE = (torch.finfo(torch.float32).tiny, 1e30)
+
+
+# ---- ReMoE: a ReLU gate and an adaptive L1 penalty -----------------------------------------
+
+
+def relu_routing(logits: Tensor) -> Routing:
+    """ReMoE's router (Wang et al., ICLR 2025, arXiv 2412.14711): g = ReLU(logits), S = {i : g_i > 0}.
+
+    No softmax and no top-k: a token uses every expert whose gate is positive, with weight g_i
+    (not renormalized), so the number of experts varies and the gate is continuous. A token with
+    no positive gate uses no expert (the layer counts it in ``unrouted_tokens``). ``probs`` is
+    softmax(logits), for the losses and uncertainty measures that need a distribution.
+    """
+    logits = check_logits(logits)
+    gates = torch.relu(logits)  # (T, E)
+    return Routing(logits=logits, probs=logits.softmax(dim=-1), mask=gates > 0, weights=gates)
+
+
+def relu_l1_loss(gates: Tensor, mask: Tensor, experts_per_token: float | None = None) -> Tensor:
+    """ReMoE's sparsity penalty L_reg = (1/T) sum_t sum_i f_i g_ti over one layer's T tokens.
+
+    Load balanced (``experts_per_token`` k given): f_i = E / (k T) #{t : g_ti > 0}, counted without
+    gradient, so busy experts' gates are pushed down harder (the official code computes it with
+    Megatron's Switch balance loss, the gates in place of the probabilities). ``None``: f_i = 1,
+    the plain L1 norm of the gates.
+    """
+    T, E = gates.shape
+    if T == 0:
+        return gates.new_zeros(())
+    per_expert = gates.mean(dim=0)  # (E,) mean gate: the only gradient path
+    if experts_per_token is None:
+        return per_expert.sum()
+    f = mask.to(gates.dtype).sum(dim=0) * (E / (experts_per_token * T))  # (E,)
+    return (f * per_expert).sum()
+
+
+@dataclass(frozen=True)
+class ReMoE:
+    """ReMoE (Wang et al., ICLR 2025, arXiv 2412.14711): ``relu_routing`` plus lambda * L_reg.
+
+    The coefficient lambda is router state (a buffer, no gradient) that starts at ``l1_init``
+    (lambda_0 = 1e-8) and is multiplied after every optimizer step: by ``l1_multiplier`` (alpha =
+    1.2) when the step's sparsity 1 - (experts per token) / E is below the target 1 - k/E, else
+    divided by it. The layer adds lambda * L_reg (``relu_l1_loss``, reported as
+    ``losses["l1_reg"]``) to its aux loss. Paper and official code (thu-ml/ReMoE, Megatron
+    ``ReLURouter`` and ``training.py``) differ in two places, and we follow neither exactly:
+    at exactly the target the paper's alpha^sign(target - S) keeps lambda and the code divides
+    it (we follow the code); both keep one lambda for the whole model, updated from the sparsity
+    averaged over all layers, where here each layer keeps and steers its own. Paper recipe: no
+    other balance loss and no z-loss (the official ReLU router never applies the aux loss its
+    scripts configure). ``load_balance=False`` is the paper's unbalanced L1 ablation.
+    """
+
+    experts_per_token: float = 2.0  # k: the target sparsity is 1 - k/E
+    l1_init: float = 1e-8  # lambda_0
+    l1_multiplier: float = 1.2  # alpha (1 freezes lambda)
+    load_balance: bool = True
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "remoe"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 0.0, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_float("experts_per_token", self.experts_per_token, 0.0, low_open=True)
+        check_float("l1_init", self.l1_init, _L1_RANGE[0], _L1_RANGE[1])
+        check_float("l1_multiplier", self.l1_multiplier, 1.0)
+        check_bool("load_balance", self.load_balance)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_float("experts_per_token", self.experts_per_token, 0.0, num_experts, low_open=True)
+
+    def init_state(self, num_experts: int) -> dict[str, Tensor]:
+        return {"l1_coef": torch.tensor(self.l1_init)}
+
+    def update_state(self, state: dict[str, Tensor], stats) -> None:
+        """lambda *= alpha if the sparsity 1 - n/E is below 1 - k/E (n = this step's experts per
+        token, i.e. n > k), else lambda /= alpha; on the device, no host sync."""
+        coef = state["l1_coef"]
+        denser = stats.experts_per_token.to(coef.device) > self.experts_per_token
+        factor = torch.where(denser, self.l1_multiplier, 1.0 / self.l1_multiplier)
+        coef.copy_((coef * factor).clamp(*_L1_RANGE))
+
+    def aux_losses(self, routing: Routing, state: dict[str, Tensor]) -> dict[str, tuple]:
+        k = self.experts_per_token if self.load_balance else None
+        return {"l1_reg": (state["l1_coef"], relu_l1_loss(routing.weights, routing.mask, k))}
+
+    def __call__(
+        self,
+        logits: Tensor,
+        *,
+        training: bool,
+        seq_len: int | None = None,
+        state: dict[str, Tensor] | None = None,
+    ) -> Routing:
+        return relu_routing(logits)
