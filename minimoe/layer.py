@@ -235,6 +235,9 @@ class MoEStats(NamedTuple):
     )
     broadcast_ratio: Tensor  # () share of tokens broadcast to all experts, after the slot cap
     flops: Tensor  # () expert FLOPs: kept pairs and the shared expert (matmuls; no router)
+    # what a stateful router measured on these tokens for its update_state (its ``batch_measure`` hook;
+    # expert threshold routing: each expert's cutoff score); empty for the other routers
+    router_measure: Tensor
 
 
 class MoEOutput(NamedTuple):
@@ -478,6 +481,8 @@ class MoE(nn.Module):
             if self.shared is not None:
                 flops = flops + T * self.shared.flops_per_assignment()
 
+            measure = getattr(self.config.router, "batch_measure", None)
+
             def share(flags: Tensor | None) -> Tensor:
                 return flags.float().mean() if flags is not None and T else zero
 
@@ -490,6 +495,7 @@ class MoE(nn.Module):
                 uncertain_ratio=share(routing.uncertain),
                 broadcast_ratio=share(routing.broadcast),
                 flops=flops,
+                router_measure=routing.logits.new_zeros(0) if measure is None else measure(routing),
             )
 
 

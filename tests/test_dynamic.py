@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from minimoe import routing
 from minimoe.layer import MoE, MoEConfig, MoEStats
 from minimoe.model import ModelConfig, TinyTransformer
-from minimoe.routing import ReMoE, relu_l1_loss, relu_routing
+from minimoe.routing import (
+    ExpertThreshold,
+    ReMoE,
+    expert_cutoff,
+    expert_threshold,
+    relu_l1_loss,
+    relu_routing,
+)
 from minimoe.train import TrainConfig, train
 
 
@@ -176,8 +183,138 @@ def test_bad_settings_raise_naming_the_value(make, text):
         make()
 
 
-@pytest.mark.parametrize("spec", [ReMoE(), ReMoE(experts_per_token=1.5, load_balance=False)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ReMoE(),
+        ReMoE(experts_per_token=1.5, load_balance=False),
+        ExpertThreshold(experts_per_token=1.5, ema_decay=0.9, warmup_steps=10, renormalize=True),
+    ],
+)
 def test_registry_round_trip(spec):
     assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
     config = MoEConfig(router=spec)
     assert MoEConfig.from_dict(config.to_dict()) == config
+
+
+# ---- expert threshold routing --------------------------------------------------------------
+
+
+def test_expert_threshold_by_hand():
+    logits = torch.tensor([[1.0, -0.5, 0.2], [0.0, 0.5, -1.0], [-1.0, -1.0, -1.0]])
+    c = torch.tensor([0.5, 0.0, 0.2])
+    r = expert_threshold(logits, c)
+    # a score equal to its threshold clears it; the last token clears none
+    assert r.mask.tolist() == [[True, False, True], [False, True, False], [False, False, False]]
+    s = torch.sigmoid(logits)
+    torch.testing.assert_close(r.weights, s * r.mask)  # sigmoid scores, not renormalized
+    renormalized = expert_threshold(logits, c, renormalize=True).weights
+    torch.testing.assert_close(renormalized[0], s[0] * r.mask[0] / (s[0, 0] + s[0, 2]))
+    assert renormalized[2].abs().sum() == 0  # no expert: no weight, no 0 / 0
+
+
+def test_expert_cutoff_by_hand():
+    logits = torch.tensor([[3.0, 0.0], [1.0, 5.0], [2.0, 1.0], [0.0, 4.0]])
+    cutoff = expert_cutoff(logits, 1.0)  # k/E = 1/2 of 4 tokens: C = 2, the 2nd largest
+    assert cutoff.tolist() == [2.0, 4.0]
+    assert expert_threshold(logits, cutoff).tokens_per_expert.tolist() == [2, 2]
+    assert torch.isnan(expert_cutoff(logits[:0], 1.0)).all()  # no tokens: nothing measured
+
+
+def test_threshold_update_by_hand():
+    spec = ExpertThreshold(ema_decay=0.9)
+    state = spec.init_state(2)
+    spec.update_state(state, stats_with(router_measure=[2.0, 4.0]))  # the first: taken as is
+    torch.testing.assert_close(state["threshold"], torch.tensor([2.0, 4.0]))
+    spec.update_state(state, stats_with(router_measure=[0.0, 0.0]))  # c = 0.9 c + 0.1 cutoff
+    torch.testing.assert_close(state["threshold"], torch.tensor([1.8, 3.6]))
+    spec.update_state(state, stats_with(router_measure=[math.nan, math.nan]))  # no tokens
+    torch.testing.assert_close(state["threshold"], torch.tensor([1.8, 3.6]))
+    assert state["updates"].item() == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(2, 6), st.integers(0, 10_000), st.booleans())
+def test_threshold_routing_in_evaluation_reads_no_other_token(T, E, seed, warm):
+    """In evaluation a token's route is its own: another batch, the same rows."""
+    g = torch.Generator().manual_seed(seed)
+    logits, more = torch.randn(T, E, generator=g), torch.randn(5, E, generator=g)
+    spec = ExpertThreshold(experts_per_token=1.0, warmup_steps=3 if warm else 0)
+    state = {"threshold": torch.randn(E, generator=g), "updates": torch.zeros((), dtype=torch.long)}
+    alone = spec(logits, training=False, state=state)
+    order = torch.randperm(T + 5, generator=g)
+    mixed = spec(torch.cat([logits, more])[order], training=False, state=state)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(T + 5)
+    assert torch.equal(mixed.mask[back[:T]], alone.mask)
+    torch.testing.assert_close(mixed.weights[back[:T]], alone.weights)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(2, 8), st.floats(0.1, 1.0), st.integers(0, 10_000))
+def test_at_the_batch_cutoff_every_expert_gets_its_share(T, E, share, seed):
+    """The cutoff the thresholds track fills each expert with C = ceil(k T / E) of the batch."""
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(seed))  # no ties
+    k = share * E
+    load = expert_threshold(logits, expert_cutoff(logits, k)).tokens_per_expert
+    assert load.tolist() == [min(T, max(1, math.ceil(k * T / E)))] * E
+
+
+def test_warm_up_routes_by_the_batch_cutoff_in_training_only():
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    spec = ExpertThreshold(experts_per_token=1.0, warmup_steps=2)
+    state = spec.init_state(4)  # threshold 0
+    by_cutoff = expert_threshold(logits, expert_cutoff(logits, 1.0)).mask
+    by_state = expert_threshold(logits, state["threshold"]).mask
+    assert not torch.equal(by_cutoff, by_state)
+    assert torch.equal(spec(logits, training=True, state=state).mask, by_cutoff)
+    assert torch.equal(spec(logits, training=False, state=state).mask, by_state)
+    state["updates"].fill_(2)  # warmed up
+    assert torch.equal(spec(logits, training=True, state=state).mask, by_state)
+
+
+def test_thresholds_balance_a_skewed_router_without_a_loss():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 8, generator=g) + torch.tensor([2.0, 1, 0, 0, 0, 0, 0, 0])
+    spec = ExpertThreshold(experts_per_token=2.0, ema_decay=0.9)
+    state = spec.init_state(8)
+    before = spec(logits, training=True, state=state).tokens_per_expert
+    for _ in range(200):
+        r = spec(logits, training=True, state=state)
+        spec.update_state(state, stats_with(router_measure=spec.batch_measure(r)))
+    after = spec(logits, training=True, state=state).tokens_per_expert
+    assert before.max() > 2 * before.min()
+    assert (after - 128).abs().max() <= 1  # C = 2 * 512 / 8 = 128 tokens each
+
+
+def test_thresholds_move_only_after_optimizer_steps():
+    lm = tiny_lm(ExpertThreshold(experts_per_token=1.0, ema_decay=0.5))
+    cutoffs = []
+    history = train(
+        lm,
+        lambda g: {"idx": IDX, "targets": IDX},
+        TrainConfig(steps=3, progress=False),
+        callback=lambda step, m, out: cutoffs.append(out.layers[0].stats.router_measure),
+    )
+    assert all(math.isfinite(x) for x in history.loss)
+    expected = cutoffs[0]
+    for cut in cutoffs[1:]:
+        expected = 0.5 * expected + 0.5 * cut
+    state = lm.blocks[0].ffn.router_state
+    torch.testing.assert_close(state.threshold, expected)
+    lm(IDX)  # a training-mode forward changes nothing
+    lm.eval()
+    with torch.no_grad():
+        lm(IDX)
+    torch.testing.assert_close(state.threshold, expected)
+    assert state.updates.item() == 3
+
+
+def test_a_token_that_clears_no_threshold_is_counted_not_lost():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=ExpertThreshold()))
+    moe.router_state.threshold.fill_(1e9)  # nobody clears anything
+    x = torch.randn(2, 8, 8)
+    out = moe(x)
+    assert out.stats.unrouted_tokens == 16 and out.stats.dropped_tokens == 0
+    assert out.output.abs().sum() == 0  # no shared expert: the MoE adds nothing for them

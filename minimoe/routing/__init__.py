@@ -38,6 +38,9 @@ the length of the sequences the T tokens were flattened from (None: one sequence
   ``update_state(state, stats)`` is called by the training loop after each optimizer step
   with that step's ``MoEStats`` (under expert parallelism their counts are summed over the
   processes first). It is never called inside ``forward``: re-running a cell changes nothing.
+- ``batch_measure(routing) -> Tensor``: what the router's ``update_state`` needs from the step's
+  tokens beyond the counts (expert threshold routing: each expert's cutoff score); the layer
+  computes it without gradient and passes it in ``MoEStats.router_measure``;
 - ``aux_losses(routing, state) -> {name: (coefficient, loss)}``: a loss of the router's own
   (ReMoE's L1 penalty, its coefficient from the state): the layer reports ``loss`` unweighted
   in ``losses[name]`` and adds ``coefficient * loss`` to its aux loss.
@@ -81,7 +84,14 @@ from minimoe.routing.core import (
     uncertainty,
     update_state,
 )
-from minimoe.routing.dynamic import ReMoE, relu_l1_loss, relu_routing
+from minimoe.routing.dynamic import (
+    ExpertThreshold,
+    ReMoE,
+    expert_cutoff,
+    expert_threshold,
+    relu_l1_loss,
+    relu_routing,
+)
 from minimoe.routing.hashing import HashTopK, hash_top_k
 from minimoe.routing.production import (
     ExpertChoice,
@@ -98,6 +108,7 @@ __all__ = [
     "Adaptive",
     "CapacityTopK",
     "ExpertChoice",
+    "ExpertThreshold",
     "GWBroadcast",
     "HashTopK",
     "NoisyTopK",
@@ -122,6 +133,8 @@ __all__ = [
     "check_threshold",
     "entropy",
     "expert_choice",
+    "expert_cutoff",
+    "expert_threshold",
     "first_choice",
     "group_limited",
     "gw_broadcast",
@@ -164,6 +177,7 @@ ROUTERS: dict[str, type] = {
         HashTopK,
         SparseMixer,
         ReMoE,
+        ExpertThreshold,
     )
 }
 

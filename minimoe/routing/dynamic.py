@@ -9,13 +9,14 @@ has a fixed ``k``: their field ``experts_per_token`` is the mean they aim at.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from minimoe.checks import check_bool, check_float
+from minimoe.checks import check_bool, check_float, check_int
 from minimoe.routing.core import Routing, check_logits, check_recipe
 
 # a multiplied coefficient stays in float32's normal range, so that it can always come back
@@ -116,3 +117,110 @@ class ReMoE:
         state: dict[str, Tensor] | None = None,
     ) -> Routing:
         return relu_routing(logits)
+
+
+# ---- expert threshold routing: each expert's running cutoff ------------------------------------
+
+
+def expert_cutoff(logits: Tensor, experts_per_token: float) -> Tensor:
+    """(E,) the score each expert would cut at to take its share k/E of these T tokens: the C-th
+    largest logit of its column, C = ceil(k T / E), which is expert choice's cutoff at capacity
+    factor k. NaN for no tokens (nothing measured)."""
+    T, E = logits.shape
+    if T == 0:
+        return logits.new_full((E,), float("nan"))
+    capacity = min(T, max(1, math.ceil(experts_per_token * T / E)))  # C
+    return logits.detach().topk(capacity, dim=0).values[capacity - 1]  # (E,)
+
+
+def expert_threshold(logits: Tensor, threshold: Tensor, renormalize: bool = False) -> Routing:
+    """Expert threshold routing (Sun et al. 2026, arXiv 2603.11535): S = {i : l_i >= c_i}.
+
+    Each expert i has a threshold c_i on its logit (router state, ``ExpertThreshold``); a token
+    goes to every expert it clears, reading nothing of the other tokens, so it is causal and its
+    number of experts varies. g_i = sigmoid(l_i) on S, not renormalized (``renormalize=True``:
+    divided by their sum). A token that clears no threshold gets no routed expert: its output is
+    the shared expert's, or 0, and the layer counts it in ``unrouted_tokens``. ``probs`` is the
+    sigmoid scores normalized over all experts.
+    """
+    logits = check_logits(logits)
+    E = logits.shape[1]
+    if not isinstance(threshold, Tensor) or threshold.shape != (E,):
+        raise ValueError(f"threshold must be a tensor of shape ({E},), got {threshold!r}")
+    check_bool("renormalize", renormalize)
+    s = logits.sigmoid()  # (T, E)
+    mask = logits.detach() >= threshold.to(logits.dtype)  # a NaN threshold selects nobody
+    weights = s * mask
+    if renormalize:
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    return Routing(logits=logits, probs=s / s.sum(dim=1, keepdim=True), mask=mask, weights=weights)
+
+
+@dataclass(frozen=True)
+class ExpertThreshold:
+    """Expert threshold routing (Sun et al. 2026, arXiv 2603.11535): ``expert_threshold`` with
+    thresholds kept as router state and no balance loss.
+
+    After every optimizer step each threshold moves toward the step's cutoff (``expert_cutoff``:
+    the logit at which expert choice would give the expert its share k/E of the batch):
+    c <- beta c + (1 - beta) cutoff, beta = ``ema_decay``; the first update takes the cutoff
+    itself (the thresholds start at 0, a sigmoid score of 1/2). An expert that gets too many
+    tokens sees its cutoff, and so its threshold, rise: balance without a loss. Evaluation routes
+    with the stored thresholds only. ``warmup_steps``: training forwards route by the batch's own
+    cutoffs (expert choice, not causal) until that many updates have been made, as the paper
+    warms up with expert choice. Under expert parallelism each process measures its own tokens
+    and the cutoffs are averaged. The paper's code was not found where we looked: the score
+    (sigmoid, unnormalized weights) and the warm-up follow the paper as reviewers quote it, and
+    the cutoff, beta and the first-update rule are our reading.
+    """
+
+    experts_per_token: float = 2.0  # k: each expert's share of the tokens is k/E
+    ema_decay: float = 0.99  # beta
+    warmup_steps: int = 0
+    renormalize: bool = False
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "expert_threshold"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 0.0, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_float("experts_per_token", self.experts_per_token, 0.0, low_open=True)
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_bool("renormalize", self.renormalize)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_float("experts_per_token", self.experts_per_token, 0.0, num_experts, low_open=True)
+
+    def init_state(self, num_experts: int) -> dict[str, Tensor]:
+        return {"threshold": torch.zeros(num_experts), "updates": torch.zeros((), dtype=torch.long)}
+
+    def batch_measure(self, routing: Routing) -> Tensor:
+        return expert_cutoff(routing.logits, self.experts_per_token)
+
+    def update_state(self, state: dict[str, Tensor], stats) -> None:
+        """c <- beta c + (1 - beta) cutoff (the cutoff itself at the first update); a step that
+        measured nothing (no tokens: NaN) leaves c as it is."""
+        c = state["threshold"]
+        cutoff = stats.router_measure.to(c)
+        moved = torch.where(
+            state["updates"] == 0, cutoff, self.ema_decay * c + (1 - self.ema_decay) * cutoff
+        )
+        measured = ~torch.isnan(cutoff)
+        c.copy_(torch.where(measured, moved, c))
+        state["updates"] += measured.all().long()
+
+    def __call__(
+        self,
+        logits: Tensor,
+        *,
+        training: bool,
+        seq_len: int | None = None,
+        state: dict[str, Tensor],
+    ) -> Routing:
+        threshold = state["threshold"]
+        if training and self.warmup_steps:  # expert choice on this batch until warmed up
+            warm = state["updates"] < self.warmup_steps
+            threshold = torch.where(warm, expert_cutoff(logits, self.experts_per_token), threshold)
+        return expert_threshold(logits, threshold, self.renormalize)
