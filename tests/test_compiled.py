@@ -27,6 +27,7 @@ from minimoe.routing import (
     ReMoE,
     Routing,
     ScoreTopK,
+    SeqTopK,
     SigmoidTopK,
     SparseMixer,
     TopK,
@@ -49,6 +50,7 @@ ROUTERS = {
     "capacity": (TopK(k=2), {"capacity_factor": 1.0}),
     "remoe": (ReMoE(l1_init=1e-2), {}),
     "expert_threshold": (ExpertThreshold(experts_per_token=1.0, warmup_steps=1), {}),
+    "seq_top_k": (SeqTopK(experts_per_token=2, max_experts=3), {}),
 }
 # the router zoo's rules (minimoe.routing.zoo, capacity, hashing): one compiled inductor step for
 # the stateful one, fullgraph on the eager backend for all (hash routing: test below)

@@ -15,10 +15,14 @@ from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.routing import (
     ExpertThreshold,
     ReMoE,
+    SeqTopK,
+    TopK,
     expert_cutoff,
     expert_threshold,
     relu_l1_loss,
     relu_routing,
+    seq_top_k,
+    top_k,
 )
 from minimoe.train import TrainConfig, train
 
@@ -165,38 +169,6 @@ def test_the_adaptive_penalty_brings_a_dense_router_down_to_its_target():
     assert first == 4.0 and out.stats.experts_per_token <= 1.0
 
 
-@pytest.mark.parametrize(
-    "make, text",
-    [
-        (lambda: ReMoE(experts_per_token=0), "experts_per_token=0"),
-        (lambda: ReMoE(l1_init=0.0), "l1_init=0.0"),
-        (lambda: ReMoE(l1_multiplier=0.5), "l1_multiplier=0.5"),
-        (lambda: ReMoE(load_balance=1), "load_balance=1"),
-        (
-            lambda: MoEConfig(num_experts=4, router=ReMoE(experts_per_token=5)),
-            "experts_per_token=5",
-        ),
-    ],
-)
-def test_bad_settings_raise_naming_the_value(make, text):
-    with pytest.raises((ValueError, TypeError), match=re.escape(text)):
-        make()
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [
-        ReMoE(),
-        ReMoE(experts_per_token=1.5, load_balance=False),
-        ExpertThreshold(experts_per_token=1.5, ema_decay=0.9, warmup_steps=10, renormalize=True),
-    ],
-)
-def test_registry_round_trip(spec):
-    assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
-    config = MoEConfig(router=spec)
-    assert MoEConfig.from_dict(config.to_dict()) == config
-
-
 # ---- expert threshold routing --------------------------------------------------------------
 
 
@@ -318,3 +290,141 @@ def test_a_token_that_clears_no_threshold_is_counted_not_lost():
     out = moe(x)
     assert out.stats.unrouted_tokens == 16 and out.stats.dropped_tokens == 0
     assert out.output.abs().sum() == 0  # no shared expert: the MoE adds nothing for them
+
+
+# ---- SeqTopK -------------------------------------------------------------------------------
+
+
+def probs_as_logits(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows).log()  # softmax(log P) = P for rows summing to 1
+
+
+def test_seq_top_k_by_hand():
+    logits = probs_as_logits([0.5, 0.45, 0.05], [0.4, 0.3, 0.3])
+    # k=1, one sequence of 2 tokens: the 2 largest P of all 6 pairs are both token 0's
+    r = seq_top_k(logits, k=1)
+    assert r.mask.tolist() == [[True, True, False], [False, False, False]]
+    torch.testing.assert_close(r.weights[0], torch.tensor([0.5, 0.45, 0]) / 0.95)
+    assert r.weights[1].abs().sum() == 0
+    # at most U=1 per token: the candidates are each token's best, and each gets it
+    capped = seq_top_k(logits, k=1, max_experts=1)
+    assert capped.mask.tolist() == [[True, False, False], [True, False, False]]
+    assert torch.equal(seq_top_k(logits, k=1, min_experts=1).mask, capped.mask)
+    # k=2: 0.5, 0.45, 0.4, then the tie 0.3 / 0.3 of token 1 goes to the lower expert
+    assert seq_top_k(logits, k=2).mask.tolist() == [[True, True, False], [True, True, False]]
+    # two sequences of one token each: top-1 per token, whatever the other holds
+    assert torch.equal(seq_top_k(logits, k=1, seq_len=1).mask, capped.mask)
+
+
+def test_seq_top_k_is_not_causal_and_top_k_is():
+    """Changing the later token alone changes the earlier token's experts."""
+    before = probs_as_logits([0.5, 0.45, 0.05], [0.4, 0.3, 0.3])
+    after = probs_as_logits([0.5, 0.45, 0.05], [0.9, 0.05, 0.05])
+    assert seq_top_k(before, k=1).mask[0].tolist() == [True, True, False]
+    assert seq_top_k(after, k=1).mask[0].tolist() == [True, False, False]
+    assert torch.equal(top_k(before, k=1).mask[0], top_k(after, k=1).mask[0])
+
+
+@pytest.mark.parametrize("router", [SeqTopK(experts_per_token=1), TopK(k=1, renormalize=False)])
+def test_in_a_causal_model_only_seq_top_k_reads_later_tokens(router):
+    lm = tiny_lm(router).eval()
+    changed = IDX.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 16  # only the last token of each sequence differs
+    with torch.no_grad():
+        a, b = lm(IDX), lm(changed)
+    first = slice(0, 7)  # positions that cannot see the last token under causal attention
+    routes_a = a.layers[0].routing.mask.view(4, 8, 4)[:, first]
+    routes_b = b.layers[0].routing.mask.view(4, 8, 4)[:, first]
+    assert torch.equal(routes_a, routes_b) == isinstance(router, TopK)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 10),
+    st.integers(2, 8),
+    st.data(),
+    st.integers(0, 10_000),
+)
+def test_seq_top_k_spends_exactly_its_budget_within_the_caps(B, L, E, data, seed):
+    k = data.draw(st.integers(1, E))
+    U = data.draw(st.integers(k, E))
+    m = data.draw(st.integers(0, k))
+    scale = data.draw(st.sampled_from([0.0, 1.0, 5.0]))  # 0: every pair tied
+    logits = scale * torch.randn(B * L, E, generator=torch.Generator().manual_seed(seed))
+    r = seq_top_k(logits, k=k, seq_len=L, max_experts=U, min_experts=m)
+    counts = r.expert_counts.view(B, L)
+    assert counts.sum(dim=1).tolist() == [L * k] * B
+    assert counts.max() <= U and counts.min() >= m
+    assert ((r.weights != 0) <= r.mask).all()
+    sums = r.weights.sum(dim=1)
+    torch.testing.assert_close(
+        sums[counts.view(-1) > 0], torch.ones_like(sums[counts.view(-1) > 0])
+    )
+
+
+def test_seq_top_k_in_a_layer_spends_per_sequence_and_counts_idle_tokens():
+    torch.manual_seed(0)
+    router = SeqTopK(experts_per_token=1, max_experts=3)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=router))
+    out = moe(torch.randn(3, 8, 8) * torch.linspace(0.1, 3, 8)[:, None])  # some tokens louder
+    counts = out.routing.expert_counts.view(3, 8)
+    assert counts.sum(dim=1).tolist() == [8, 8, 8] and counts.max() <= 3
+    assert out.stats.unrouted_tokens == (counts == 0).sum() > 0
+    assert out.stats.experts_per_token == 1.0 and out.stats.dropped_pairs == 0
+    history = train(
+        tiny_lm(router),
+        lambda g: {"idx": IDX, "targets": IDX},
+        TrainConfig(steps=3, progress=False),
+    )
+    assert all(math.isfinite(x) for x in history.loss)
+
+
+# ---- specs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, text",
+    [
+        (lambda: ReMoE(experts_per_token=0), "experts_per_token=0"),
+        (lambda: ReMoE(l1_init=0.0), "l1_init=0.0"),
+        (lambda: ReMoE(l1_multiplier=0.5), "l1_multiplier=0.5"),
+        (lambda: ReMoE(load_balance=1), "load_balance=1"),
+        (
+            lambda: MoEConfig(num_experts=4, router=ReMoE(experts_per_token=5)),
+            "experts_per_token=5",
+        ),
+        (lambda: ExpertThreshold(experts_per_token=-1), "experts_per_token=-1"),
+        (lambda: ExpertThreshold(ema_decay=1.5), "ema_decay=1.5"),
+        (lambda: ExpertThreshold(warmup_steps=-1), "warmup_steps=-1"),
+        (lambda: ExpertThreshold(renormalize=None), "renormalize=None"),
+        (
+            lambda: MoEConfig(num_experts=4, router=ExpertThreshold(experts_per_token=4.5)),
+            "experts_per_token=4.5",
+        ),
+        (lambda: SeqTopK(experts_per_token=0), "experts_per_token=0"),
+        (lambda: SeqTopK(experts_per_token=2.0), "experts_per_token=2.0"),
+        (lambda: SeqTopK(max_experts=1), "max_experts=1"),
+        (lambda: SeqTopK(min_experts=3), "min_experts=3"),
+        (lambda: MoEConfig(num_experts=4, router=SeqTopK(max_experts=5)), "max_experts=5"),
+        (lambda: seq_top_k(torch.zeros(6, 4), seq_len=4), "seq_len=4"),
+    ],
+)
+def test_bad_settings_raise_naming_the_value(make, text):
+    with pytest.raises((ValueError, TypeError), match=re.escape(text)):
+        make()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ReMoE(),
+        ReMoE(experts_per_token=1.5, load_balance=False),
+        ExpertThreshold(experts_per_token=1.5, ema_decay=0.9, warmup_steps=10, renormalize=True),
+        SeqTopK(experts_per_token=1, max_experts=3, min_experts=1, renormalize=False),
+    ],
+)
+def test_registry_round_trip(spec):
+    assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
+    config = MoEConfig(router=spec)
+    assert MoEConfig.from_dict(config.to_dict()) == config

@@ -87,10 +87,12 @@ from minimoe.routing.core import (
 from minimoe.routing.dynamic import (
     ExpertThreshold,
     ReMoE,
+    SeqTopK,
     expert_cutoff,
     expert_threshold,
     relu_l1_loss,
     relu_routing,
+    seq_top_k,
 )
 from minimoe.routing.hashing import HashTopK, hash_top_k
 from minimoe.routing.production import (
@@ -116,6 +118,7 @@ __all__ = [
     "Router",
     "Routing",
     "ScoreTopK",
+    "SeqTopK",
     "SigmoidTopK",
     "SparseMixer",
     "TopK",
@@ -149,6 +152,7 @@ __all__ = [
     "router_from_name",
     "router_to_dict",
     "score_top_k",
+    "seq_top_k",
     "sigmoid_top_k",
     "sparse_mixer",
     "top_expert",
@@ -178,6 +182,7 @@ ROUTERS: dict[str, type] = {
         SparseMixer,
         ReMoE,
         ExpertThreshold,
+        SeqTopK,
     )
 }
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from minimoe.checks import check_bool, check_float, check_int
-from minimoe.routing.core import Routing, check_logits, check_recipe
+from minimoe.routing.core import Routing, _from_mask, _mask_of_top, check_logits, check_recipe
 
 # a multiplied coefficient stays in float32's normal range, so that it can always come back
 _L1_RANGE = (torch.finfo(torch.float32).tiny, 1e30)
@@ -224,3 +224,93 @@ class ExpertThreshold:
             warm = state["updates"] < self.warmup_steps
             threshold = torch.where(warm, expert_cutoff(logits, self.experts_per_token), threshold)
         return expert_threshold(logits, threshold, self.renormalize)
+
+
+# ---- SeqTopK: the top-k budget spent per sequence ------------------------------------------
+
+
+def seq_top_k(
+    logits: Tensor,
+    k: int = 2,
+    seq_len: int | None = None,
+    max_experts: int | None = None,
+    min_experts: int = 0,
+    renormalize: bool = True,
+) -> Routing:
+    """Sequence-level top-k (Wen et al. 2025, arXiv 2511.06494): L k selections per sequence.
+
+    P = softmax(logits); in each sequence of L = ``seq_len`` tokens (None: all T tokens are one
+    sequence; the rows are the (batch, seq_len) grid flattened row-major) S is the L k largest
+    P_ti over all (token, expert) pairs, a token taking at most U = ``max_experts`` of them (its
+    U best experts are its candidates; None: E) and at least ``min_experts`` (its best ones
+    come first). So a sequence spends exactly what top-k spends, hard tokens more, easy ones
+    fewer, possibly none (the layer counts those in ``unrouted_tokens``). Exact ties go to the
+    earlier token, then the lower expert. g = P on S, renormalized over the token's S as top-k
+    does (``renormalize``). Not causal: a token's experts depend on the later tokens of its
+    sequence (the paper's online variant with an expert cache, for decoding, is not here).
+    """
+    logits = check_logits(logits)
+    T, E = logits.shape
+    check_int("k", k, 1, E)
+    U = E if max_experts is None else check_int("max_experts", max_experts, k, E)
+    check_int("min_experts", min_experts, 0, k)
+    check_bool("renormalize", renormalize)
+    L = T if seq_len is None else check_int("seq_len", seq_len, 1)
+    if T and T % L:
+        raise ValueError(f"seq_len={seq_len} does not divide the number of tokens {T}")
+    probs = logits.softmax(dim=-1)  # (T, E)
+    if T == 0:
+        return _from_mask(logits, probs, torch.zeros_like(probs, dtype=torch.bool), renormalize)
+    priority = probs.detach()  # selection only: no gradient through the choice
+    if U < E:  # the pairs past a token's U best are never chosen (P >= 0 > -1)
+        priority = priority.masked_fill(~_mask_of_top(priority, U), -1.0)
+    if min_experts:  # a token's best min_experts come before every other pair (P <= 1 < 2)
+        priority = priority + 2.0 * _mask_of_top(probs.detach(), min_experts)
+    per_seq = priority.reshape(T // L, L * E)  # (B, L E) pairs token-major
+    mask = _mask_of_top(per_seq, L * k).view(T, E)
+    return _from_mask(logits, probs, mask, renormalize)
+
+
+@dataclass(frozen=True)
+class SeqTopK:
+    """SeqTopK (Wen et al. 2025, arXiv 2511.06494): ``seq_top_k`` with the layer's sequence
+    length, the same rule in training and evaluation.
+
+    ``experts_per_token`` is the paper's K, spent over each sequence (T K selections); U =
+    ``max_experts`` caps a token. The paper's code (Y-Research-SBU/SeqTopK) was not available
+    to us; the cap and a token left with no expert follow the open Megatron-LM pull request
+    #6208 (``min_experts=0``); ``min_experts=1`` keeps every token's best expert. Loss recipe:
+    the top-k model it modifies (Switch balance loss, 1e-2).
+    """
+
+    experts_per_token: int = 2  # K
+    max_experts: int | None = None  # U (None: E)
+    min_experts: int = 0
+    renormalize: bool = True
+    balance_count: str = "first"
+    dynamic_coef: float = 0.0
+    name: ClassVar[str] = "seq_top_k"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("experts_per_token", self.experts_per_token, 1)
+        if self.max_experts is not None:
+            check_int("max_experts", self.max_experts, self.experts_per_token)
+        check_int("min_experts", self.min_experts, 0, self.experts_per_token)
+        check_bool("renormalize", self.renormalize)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("experts_per_token", self.experts_per_token, 1, num_experts)
+        if self.max_experts is not None:
+            check_int("max_experts", self.max_experts, self.experts_per_token, num_experts)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        return seq_top_k(
+            logits,
+            self.experts_per_token,
+            seq_len=seq_len,
+            max_experts=self.max_experts,
+            min_experts=self.min_experts,
+            renormalize=self.renormalize,
+        )
