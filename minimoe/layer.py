@@ -14,7 +14,8 @@ every expert into m narrower ones.
 ``torch.compile(layer)`` trains and infers with every router. Under compilation the experts run
 as one custom operator (minimoe/compiled.py) and a router with a ``k`` dispatches T * k pairs,
 so dropless top-k, noisy top-k and sigmoid routing are one graph, fullgraph or not. Top-p,
-adaptive, GW broadcast and expert choice send a data-dependent number of pairs: without
+adaptive, GW broadcast, expert choice and the compute-on-demand routers (ReMoE, expert threshold,
+SeqTopK) send a data-dependent number of pairs: without
 fullgraph the graph breaks at that count (``nonzero``); ``fullgraph=True`` traces it as an
 unbacked size. A capacity counts its slots on the host (``int(...)`` in ``kept_pairs``): a graph
 break, and ``fullgraph=True`` refuses it. Checks of values assert without a host sync there.

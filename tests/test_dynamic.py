@@ -428,3 +428,20 @@ def test_registry_round_trip(spec):
     assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
     config = MoEConfig(router=spec)
     assert MoEConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "router",
+    [ReMoE(), ExpertThreshold(experts_per_token=1.0), SeqTopK(experts_per_token=1)],
+)
+def test_a_token_without_experts_is_counted_and_gets_no_output(router):
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=router))
+    if isinstance(router, ExpertThreshold):
+        moe.router_state.threshold.fill_(0.5)
+    out = moe(torch.randn(4, 8, 8))
+    idle = ~out.routing.mask.any(dim=1)
+    assert idle.any() and out.stats.unrouted_tokens == idle.sum()
+    assert out.stats.dropped_pairs == 0 and out.stats.dropped_tokens == 0
+    assert out.output.view(-1, 8)[idle].abs().sum() == 0
+    assert out.output.view(-1, 8)[~idle].abs().sum(dim=1).min() > 0
