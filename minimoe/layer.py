@@ -14,7 +14,8 @@ every expert into m narrower ones.
 ``torch.compile(layer)`` trains and infers with every router. Under compilation the experts run
 as one custom operator (minimoe/compiled.py) and a router with a ``k`` dispatches T * k pairs,
 so dropless top-k, noisy top-k and sigmoid routing are one graph, fullgraph or not. Top-p,
-adaptive, GW broadcast and expert choice send a data-dependent number of pairs: without
+adaptive, GW broadcast, expert choice and the compute-on-demand routers (ReMoE, expert threshold,
+SeqTopK) send a data-dependent number of pairs: without
 fullgraph the graph breaks at that count (``nonzero``); ``fullgraph=True`` traces it as an
 unbacked size. A capacity counts its slots on the host (``int(...)`` in ``kept_pairs``): a graph
 break, and ``fullgraph=True`` refuses it. Checks of values assert without a host sync there.
@@ -235,13 +236,17 @@ class MoEStats(NamedTuple):
     )
     broadcast_ratio: Tensor  # () share of tokens broadcast to all experts, after the slot cap
     flops: Tensor  # () expert FLOPs: kept pairs and the shared expert (matmuls; no router)
+    # what a stateful router measured on these tokens for its update_state (its ``batch_measure`` hook;
+    # expert threshold routing: each expert's cutoff score); empty for the other routers
+    router_measure: Tensor
 
 
 class MoEOutput(NamedTuple):
     output: Tensor  # (..., d_model), the input's shape
     routing: Routing  # over the flattened tokens (T, E)
     aux_loss: Tensor  # () weighted sum of the auxiliary losses: add it to the task loss
-    losses: dict[str, Tensor]  # unweighted: load_balance, z_loss, dynamic, sequence_balance
+    # unweighted: load_balance, z_loss, dynamic, sequence_balance, and the router's own (l1_reg)
+    losses: dict[str, Tensor]
     stats: MoEStats
 
 
@@ -429,6 +434,11 @@ class MoE(nn.Module):
             aux = aux + c.dynamic_beta * losses["dynamic"]
         if c.seq_balance_coef:  # only when on: configs without it keep their exact numbers
             aux = aux + c.seq_balance_coef * losses["sequence_balance"]
+        own = getattr(c.router, "aux_losses", None)  # a router's own loss (ReMoE's L1 on gates)
+        if own is not None:
+            for name, (coef, loss) in own(routing, dict(self.router_state.named_buffers())).items():
+                losses[name] = loss
+                aux = aux + coef * loss
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))
 
     def _shared_output(self, tokens: Tensor) -> Tensor:
@@ -472,6 +482,8 @@ class MoE(nn.Module):
             if self.shared is not None:
                 flops = flops + T * self.shared.flops_per_assignment()
 
+            measure = getattr(self.config.router, "batch_measure", None)
+
             def share(flags: Tensor | None) -> Tensor:
                 return flags.float().mean() if flags is not None and T else zero
 
@@ -484,6 +496,7 @@ class MoE(nn.Module):
                 uncertain_ratio=share(routing.uncertain),
                 broadcast_ratio=share(routing.broadcast),
                 flops=flops,
+                router_measure=routing.logits.new_zeros(0) if measure is None else measure(routing),
             )
 
 

@@ -20,11 +20,14 @@ from minimoe.routing import (
     Adaptive,
     CapacityTopK,
     ExpertChoice,
+    ExpertThreshold,
     GWBroadcast,
     HashTopK,
     NoisyTopK,
+    ReMoE,
     Routing,
     ScoreTopK,
+    SeqTopK,
     SigmoidTopK,
     SparseMixer,
     TopK,
@@ -45,6 +48,9 @@ ROUTERS = {
     "noisy_top_k": (NoisyTopK(k=2), {}),
     "expert_choice": (ExpertChoice(capacity_factor=2.0), {}),
     "capacity": (TopK(k=2), {"capacity_factor": 1.0}),
+    "remoe": (ReMoE(l1_init=1e-2), {}),
+    "expert_threshold": (ExpertThreshold(experts_per_token=1.0, warmup_steps=1), {}),
+    "seq_top_k": (SeqTopK(experts_per_token=2, max_experts=3), {}),
 }
 # the router zoo's rules (minimoe.routing.zoo, capacity, hashing): one compiled inductor step for
 # the stateful one, fullgraph on the eager backend for all (hash routing: test below)
@@ -179,6 +185,20 @@ def test_router_state_updated_between_steps_reaches_the_compiled_layer():
         assert torch.equal(out.routing.mask, moe(x).routing.mask)
         moe.update_router_state(out.stats)  # b += 0.5 sign(mean load - load): routes move
     assert moe.router_state.bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["remoe", "expert_threshold"])
+def test_dynamic_router_state_updated_between_steps_reaches_the_compiled_layer(name):
+    """ReMoE's L1 coefficient and the experts' thresholds are read, never baked in."""
+    moe = layer(name)
+    compiled = torch.compile(moe, backend="eager", fullgraph=True)
+    for _ in range(3):
+        out, want = compiled(tokens()), moe(tokens())
+        assert torch.equal(out.routing.mask, want.routing.mask)
+        torch.testing.assert_close(out.aux_loss, want.aux_loss, **CLOSE)
+        moe.update_router_state(out.stats)
+    state = dict(moe.router_state.named_buffers())
+    assert any(v.float().abs().sum() > 0 for v in state.values())
 
 
 # ---- graph breaks -------------------------------------------------------------------------

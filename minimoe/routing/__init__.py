@@ -12,8 +12,9 @@ Files: ``core.py`` (the Routing decision, shared checks, the one rule for ties, 
 measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adaptive, GW
 broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
 expert choice), ``zoo.py`` (the released models' rules as one composable spec), ``capacity.py``
-(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), ``flags.py`` (how a
-spec's fields declare their command-line flags), and here the registry of names.
+(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), ``dynamic.py``
+(compute on demand: ReMoE, expert threshold routing, SeqTopK), ``flags.py`` (how a spec's fields
+declare their command-line flags), and here the registry of names.
 
 Notation: T tokens, E experts, P = softmax(logits) in float32, S the
 set of experts a token is sent to, y = sum_{i in S} g_i * Expert_i(x).
@@ -38,6 +39,12 @@ the length of the sequences the T tokens were flattened from (None: one sequence
   ``update_state(state, stats)`` is called by the training loop after each optimizer step
   with that step's ``MoEStats`` (under expert parallelism their counts are summed over the
   processes first). It is never called inside ``forward``: re-running a cell changes nothing.
+- ``batch_measure(routing) -> Tensor``: what the router's ``update_state`` needs from the step's
+  tokens beyond the counts (expert threshold routing: each expert's cutoff score); the layer
+  computes it without gradient and passes it in ``MoEStats.router_measure``;
+- ``aux_losses(routing, state) -> {name: (coefficient, loss)}``: a loss of the router's own
+  (ReMoE's L1 penalty, its coefficient from the state): the layer reports ``loss`` unweighted
+  in ``losses[name]`` and adds ``coefficient * loss`` to its aux loss.
 """
 
 from __future__ import annotations
@@ -78,6 +85,16 @@ from minimoe.routing.core import (
     uncertainty,
     update_state,
 )
+from minimoe.routing.dynamic import (
+    ExpertThreshold,
+    ReMoE,
+    SeqTopK,
+    expert_cutoff,
+    expert_threshold,
+    relu_l1_loss,
+    relu_routing,
+    seq_top_k,
+)
 from minimoe.routing.hashing import HashTopK, hash_top_k
 from minimoe.routing.production import (
     ExpertChoice,
@@ -94,12 +111,15 @@ __all__ = [
     "Adaptive",
     "CapacityTopK",
     "ExpertChoice",
+    "ExpertThreshold",
     "GWBroadcast",
     "HashTopK",
     "NoisyTopK",
+    "ReMoE",
     "Router",
     "Routing",
     "ScoreTopK",
+    "SeqTopK",
     "SigmoidTopK",
     "SparseMixer",
     "TopK",
@@ -117,6 +137,8 @@ __all__ = [
     "check_threshold",
     "entropy",
     "expert_choice",
+    "expert_cutoff",
+    "expert_threshold",
     "first_choice",
     "group_limited",
     "gw_broadcast",
@@ -124,11 +146,14 @@ __all__ = [
     "is_uncertain",
     "noisy_top_k",
     "normalized_entropy",
+    "relu_l1_loss",
+    "relu_routing",
     "router_columns",
     "router_from_dict",
     "router_from_name",
     "router_to_dict",
     "score_top_k",
+    "seq_top_k",
     "sigmoid_top_k",
     "sparse_mixer",
     "top_expert",
@@ -156,6 +181,9 @@ ROUTERS: dict[str, type] = {
         CapacityTopK,
         HashTopK,
         SparseMixer,
+        ReMoE,
+        ExpertThreshold,
+        SeqTopK,
     )
 }
 

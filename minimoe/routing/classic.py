@@ -283,10 +283,7 @@ class TopP:
             "choices": TOP_P_RULES,
         },
     )
-    max_experts: int | None = field(
-        default=None,
-        metadata={"help": "our addition: a cap on experts per token", "positive": True},
-    )
+    max_experts: int | None = field(default=None, metadata=flags.MAX_EXPERTS)  # our addition
     balance_count: str = field(default="selected", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=1e-4, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "top_p"

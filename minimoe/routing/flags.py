@@ -35,6 +35,8 @@ SCORE = {"help": "score function of the logits"}  # each router adds its "choice
 BIAS_RATE = {"help": "u of the loss-free bias update b_i += u sign(mean load - load_i)"}
 N_GROUP = {"help": "expert groups of group-limited selection", "positive": True}
 TOPK_GROUP = {"help": "groups a token may choose from", "positive": True}
+MAX_EXPERTS = {"help": "a cap on experts per token", "positive": True}
+TARGET = {"flag": "target_experts", "help": "target mean experts per token", "positive": True}
 BALANCE_COUNT = {"no_flag": "loss recipe: MoEConfig.balance_count overrides it"}
 DYNAMIC_COEF = {"no_flag": "loss recipe: the layer's --dynamic-coef overrides it"}
 
