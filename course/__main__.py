@@ -1,4 +1,4 @@
-"""The chapters' experiments: ``python -m course balance|gw|testbed|testbed_dirichlet|topp|adaptive|text|compare|modern|numbers --help``."""
+"""The chapters' experiments: ``python -m course balance|gw|testbed|testbed_dirichlet|topp|adaptive|text|compare|modern|numbers|ondemand --help``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ COMMANDS = [
     "course.compare",
     "course.modern",
     "course.numbers",
+    "course.ondemand",
 ]
 
 
