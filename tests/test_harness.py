@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from course import balance, harness, testbed
+from course import balance, compare, harness, modern, testbed
 from course.harness import Run
 from minimoe.layer import MoEConfig
 from minimoe.routing import TopK, TopP
@@ -131,7 +131,13 @@ def test_merge_joins_processes_run_side_by_side(tmp_path):
         )
 
 
-HARNESS_EXPERIMENTS = [testbed.Testbed, testbed.TestbedDirichlet, balance.Balance]
+HARNESS_EXPERIMENTS = [
+    testbed.Testbed,
+    testbed.TestbedDirichlet,
+    balance.Balance,
+    compare.Compare,
+    modern.Modern,
+]
 
 
 @pytest.mark.parametrize("cls", HARNESS_EXPERIMENTS, ids=lambda c: c.name)
