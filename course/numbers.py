@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from course import balance, compare, harness, modern, stats, testbed, text
 from course.common import load_json
 
-TEXT = "Shakespeare bytes, 2-layer LM, 600 steps"
 LM = "Shakespeare bytes, 2-layer LM, 1200 steps (cosine)"
 TOKENS = "graded token tasks"
 TESTBED = "mixture testbed (equal weights), 1 MoE layer, 4000 steps"
@@ -135,18 +134,14 @@ def adaptive_rows() -> list[dict]:
 
 
 def text_rows() -> list[dict]:
-    results = load_json(None, "text/results.json")
-
-    def column(router: str, key: str, f: Callable[[float], float] = float) -> list[float]:
-        return [f(v) for v in text.per_seed(results, router, key)]
-
-    data = f"{TEXT}, dropless"
+    results = text.load()
+    data = f"{LM}, dropless"
     return [
         _row(
             "4-5",
             "top-p 0.4",
             "experts per token",
-            column("top-p 0.4", "experts_per_token"),
+            results.values("top-p 0.4", "experts_per_token"),
             data,
             PAPER,
         ),
@@ -154,7 +149,7 @@ def text_rows() -> list[dict]:
             "4-5",
             "adaptive 0.1",
             "two-expert share",
-            column("adaptive 0.1", "experts_per_token", lambda v: v - 1),
+            [v - 1 for v in results.values("adaptive 0.1", "experts_per_token")],
             data,
             PAPER,
         ),

@@ -102,7 +102,7 @@ class Comparison:
     p_holm: float | None = None
     drift: float | None = None
     run_drift: float | None = None
-    lower_is_better: bool = True
+    lower_is_better: bool | None = True  # None: a quantity with no better side (higher/lower)
 
     @property
     def n(self) -> int:
@@ -127,7 +127,9 @@ class Comparison:
         """ "better"/"worse ... beyond noise" or "within noise", with the interval; "provisional"
         where the gap still moves (``settled``)."""
         ci = f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}]"
-        if self.beyond_noise:
+        if self.beyond_noise and self.lower_is_better is None:
+            word = f"{'lower' if self.mean < 0 else 'higher'} beyond noise"
+        elif self.beyond_noise:
             better = (self.mean < 0) == self.lower_is_better
             word = f"{'better' if better else 'worse'} beyond noise"
         else:
@@ -149,7 +151,7 @@ def compare(
     level: float = ALPHA,
     drift: float | None = None,
     run_drift: float | None = None,
-    lower_is_better: bool = True,
+    lower_is_better: bool | None = True,
 ) -> Comparison:
     """Paired t-test of ``a`` - ``b`` (one value per seed, the seeds in the same order)."""
     if len(a) != len(b):

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from course import balance, compare, harness, modern, testbed
+from course import balance, compare, harness, modern, testbed, text
 from course.harness import Run
 from minimoe.layer import MoEConfig
 from minimoe.routing import TopK, TopP
@@ -135,6 +135,7 @@ HARNESS_EXPERIMENTS = [
     testbed.Testbed,
     testbed.TestbedDirichlet,
     balance.Balance,
+    text.Text,
     compare.Compare,
     modern.Modern,
 ]

@@ -119,3 +119,14 @@ def test_the_last_fifth_is_of_training_not_of_the_curve():
     by_hand = -0.001  # least squares through (500, .9), (550, .85), (600, .8)
     assert stats.tail_slope(steps, values) == pytest.approx(by_hand)
     assert stats.tail_drift(steps, values) == pytest.approx(by_hand * 120)
+
+
+def test_a_quantity_with_no_better_side_is_called_higher_or_lower():
+    up = stats.compare([2.0, 2.1, 2.2], [1.0, 1.05, 1.1], ("late", "early"), "experts per token",
+                       lower_is_better=None)  # fmt: skip
+    assert (
+        up.beyond_noise and "late vs early, experts per token: higher beyond noise" in up.verdict()
+    )
+    down = stats.compare([1.0, 1.05, 1.1], [2.0, 2.1, 2.2], lower_is_better=None)
+    assert "lower beyond noise" in down.verdict()
+    assert "better" not in up.verdict() + down.verdict()

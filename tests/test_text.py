@@ -1,11 +1,17 @@
-"""The text experiment behind chapters 4 and 5 (course/text.py): difficulty quintiles and a tiny run."""
-
-import json
+"""The text experiment behind chapters 4 and 5 (course/text.py): difficulty fifths, top-2's
+fifths for every router of a seed, the command."""
 
 import pytest
 import torch
 
-from course import text
+from course import harness, text
+from course.lm import LMSetup
+
+TINY = LMSetup(n_layers=1, d_model=16, block_size=8, batch_size=4, steps=4, eval_windows=16)
+
+
+class Tiny(text.Text):
+    eval_every = 2
 
 
 def test_quintiles_by_hand():
@@ -16,30 +22,34 @@ def test_quintiles_by_hand():
     assert len(sizes) == 5 and sizes.sum() == 1003 and sizes.max() - sizes.min() <= 1
 
 
-def test_command_runs_every_router_with_its_papers_losses_on_the_reference_quintiles(tmp_path):
+def test_every_router_with_its_papers_losses_on_top2s_fifths(tmp_path):
+    results = Tiny(TINY).run_all(tmp_path, seeds=[0, 1], progress=False)
+    assert results.runs == list(text.RUNS) and results.seeds == [0, 1]
+    for name, run in text.RUNS.items():
+        config = run.moe_config(Tiny(TINY).base_moe())
+        assert config.z_coef == 0 and config.capacity_factor is None, "paper's losses, dropless"
+        for q in text.per_seed(results, name, "by_quintile"):
+            assert len(q) == text.QUINTILES
+            if name.startswith("top-2"):
+                assert q == [2.0] * text.QUINTILES
+    # the fifths are top-2's: under top-2 the loss rises from the easiest fifth to the hardest
+    assert all(sorted(q) == q for q in text.per_seed(results, "top-2", "loss_by_quintile"))
+    # a router run alone gets the same fifths: top-2 is trained again for them
+    alone = Tiny(TINY).run_one("top-p 0.4", 1)
+    assert alone["extra"] == results.record("top-p 0.4", 1)["extra"]
+    assert alone["run"] == "top-p 0.4" and alone["seed"] == 1
+
+
+def test_the_command_writes_the_harness_format(tmp_path):
     from course.__main__ import main
 
-    args = "text --steps 4 --track-every 2 --eval-windows 16 --d-model 16 --d-hidden 16 --seeds 0 1"
-    results = main([*args.split(), "--threads", "1", "--no-progress", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
-    rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("router,seed,val_loss") and len(rows) == 1 + 2 * len(text.ROUTERS)
-    runs = results["runs"]
-    assert [(r["router"], r["seed"]) for r in runs] == [
-        (name, seed) for seed in (0, 1) for name in text.ROUTERS
-    ]
-    for r in runs:
-        assert len(r["by_quintile"]) == text.QUINTILES and r["trajectory"]["steps"] == [0, 2, 4]
-        if r["router"].startswith("top-2"):
-            assert r["by_quintile"] == [2.0] * text.QUINTILES
-    # the quintiles are top-2's: under top-2 the loss rises from the easiest fifth to the hardest
-    top2 = text.per_seed(results, "top-2", "loss_by_quintile")
-    assert all(sorted(q) == q for q in top2)
-    assert text.per_seed(results, "top-p 0.4", "seed") == [0, 1]
+    args = "text --steps 4 --eval-windows 16 --d-model 16 --block-size 8 --seeds 0 --runs top-2"
+    main([*args.split(), "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    loaded = harness.load(text.Text(LMSetup(steps=4, eval_windows=16, d_model=16, block_size=8)),
+                          tmp_path / "results.json")  # fmt: skip
+    assert loaded.runs == ["top-2"]
 
 
-def test_a_bad_router_name_is_refused_before_training(tmp_path):
-    from course.__main__ import main
-
-    with pytest.raises(SystemExit):
-        main(["text", "--routers", "top-3", "--out", str(tmp_path)])
+def test_a_bad_run_name_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown run 'top-3'"):
+        Tiny(TINY).run_all(tmp_path, names=["top-3"], progress=False)
