@@ -329,7 +329,7 @@ def test_a_seed_given_twice_is_refused(command, capsys):
         ("compare", "--eval-windows"),
         ("compare", "--block-size"),
         ("modern", "--eval-windows"),
-        ("text", "--track-every"),
+        ("text", "--eval-windows"),
         ("testbed", "--n-test"),
     ],
 )
