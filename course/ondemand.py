@@ -23,14 +23,13 @@ token about 1.5, 2 and 3), each with its paper's losses (``Run(router)``, ``loss
   k' = 1, 3, 4 (a copy, ``set_router``; no training), kept in ``extra`` as
   ``served k=<k'>: <measure>``.
 
-Losses the specs cannot express (each run trains with its spec's ``paper_losses`` instead):
-AdaMoE's balance loss runs over all E + m columns, counting the k selected (its code: Hugging
-Face's Mixtral loss); ``ScoreTopK`` reports the true experts only, so the layer's Switch loss
-(1e-2) balances the true experts and no loss steers how often null experts are picked. AdaMoE's
-code also renormalizes the weights over the chosen true experts, ``ScoreTopK`` over all chosen
-(null ones included). LongCat-Flash steers its zero-computation experts to a compute target with
-a selection bias; ``ScoreTopK``'s bias update leaves those columns alone, and we run it without
-the bias. The free experts' router weights start at 0 (``MoE.gate_extra``, zero for noisy
+Losses: AdaMoE's balance loss runs over all E + m columns, counting the k selected (its code:
+Hugging Face's Mixtral loss): ``ScoreTopK(balance_free=True, balance_count="selected")``, at
+1e-2 (the spec's paper coefficient; AdaMoE's own is not in the spec). It is what makes a token
+pick a null expert about m / (E + m) of the time. The identity-expert runs count their free
+experts the same way; MoE++ and LongCat-Flash steer theirs their own ways (a weighted loss, a
+selection bias toward a compute target), not reproduced here. AdaMoE's code renormalizes the
+weights over the chosen true experts, ``ScoreTopK`` over all chosen (null ones included). The free experts' router weights start at 0 (``MoE.gate_extra``, zero for noisy
 top-k's noise logits), so at first a token picks one only where its true logits are below 0:
 more true experts than k E / (E + 8) until training moves them. ReMoE's lambda_0 = 1e-8 and
 alpha = 1.2 and the threshold's beta = 0.99 are the specs' defaults; the threshold's
@@ -82,9 +81,10 @@ SERVED_RUN, SERVED_KS = "top-2", (1, 3, 4)  # k changed at inference
 
 
 def _free(k: int, kind: str) -> tuple[Run, float]:
-    """Top-k over E true and 8 null or identity experts; at uniform use k E / (E + 8) true."""
-    router = ScoreTopK(k=k, **{f"{kind}_experts": EXTRA_EXPERTS})
-    return Run(router), k * NUM_EXPERTS / (NUM_EXPERTS + EXTRA_EXPERTS)
+    """Top-k over E true and 8 null or identity experts, AdaMoE's balance loss over all E + 8
+    columns (every selected expert counted); at uniform use k E / (E + 8) true experts."""
+    free = {f"{kind}_experts": EXTRA_EXPERTS, "balance_free": True, "balance_count": "selected"}
+    return Run(ScoreTopK(k=k, **free)), k * NUM_EXPERTS / (NUM_EXPERTS + EXTRA_EXPERTS)
 
 
 # name -> (the run, its declared target: mean true experts per token)

@@ -250,6 +250,14 @@ class MoEOutput(NamedTuple):
     stats: MoEStats
 
 
+def _balanced_columns(routing: Routing) -> tuple[Tensor, Tensor]:
+    """The probabilities and choices the balance loss reads: every router column where the
+    router gives them (AdaMoE's null experts), else the true experts'."""
+    if routing.balance_probs is not None:
+        return routing.balance_probs, routing.balance_mask
+    return routing.probs, routing.mask
+
+
 def kept_pairs(routing: Routing, capacity_factor: float | None) -> Tensor:
     """(T, E) bool: the pairs that find a slot. Capacity is counted on the base routing's pairs;
     pairs of GW-broadcast tokens are never dropped (int(...) waits for the GPU: only with a capacity)."""
@@ -421,7 +429,7 @@ class MoE(nn.Module):
             out = out + self._shared_output(tokens)
 
         losses = {
-            "load_balance": load_balance_loss(routing.probs, routing.mask, count=c.balance_counts),
+            "load_balance": load_balance_loss(*_balanced_columns(routing), count=c.balance_counts),
             "z_loss": z_loss(routing.logits),
             "dynamic": dynamic_loss(routing.probs),
             # (T, d) inputs: the whole batch is one sequence

@@ -234,3 +234,34 @@ def test_the_layer_adds_the_identity_experts_weight_times_x():
     plain = score_top_k(rand(16, 4), 2)  # a routing without identity experts
     both = type(out.routing).cat([out.routing, plain])
     assert both.identity.shape == (32,) and both.identity[16:].eq(0).all()
+
+
+def test_adamoes_balance_loss_counts_the_null_experts(randn):
+    logits = randn(64, 12, scale=2.0)  # 8 true experts, then 4 null ones
+    plain = routing.score_top_k(logits, k=2, null_experts=4)
+    full = routing.score_top_k(logits, k=2, null_experts=4, balance_all=True)
+    assert plain.balance_probs is None and plain.balance_mask is None
+    assert torch.equal(full.mask, plain.mask) and torch.equal(full.weights, plain.weights)
+    every = torch.zeros(64, 12, dtype=torch.bool).scatter(1, logits.topk(2, dim=1).indices, True)
+    torch.testing.assert_close(full.balance_probs, logits.softmax(dim=1))
+    assert torch.equal(full.balance_mask, every), "the null experts' choices are counted"
+
+    from minimoe.losses import load_balance_loss
+
+    x = randn(64, 16, seed=1)
+    for free in (False, True):
+        layer = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=8,
+                              router=ScoreTopK(k=2, null_experts=4, balance_free=free)))  # fmt: skip
+        with torch.no_grad():
+            layer.gate_extra.weight.normal_(generator=torch.Generator().manual_seed(2))
+            out = layer(x)
+            all_logits = layer.router_logits(x)  # (64, 12)
+        if free:  # E + n columns: AdaMoE's loss
+            chosen = torch.zeros(64, 12, dtype=torch.bool)
+            chosen.scatter_(1, all_logits.topk(2, dim=1).indices, True)
+            expected = load_balance_loss(all_logits.softmax(dim=1), chosen, count="first")
+        else:  # the true experts only
+            expected = load_balance_loss(out.routing.probs, out.routing.mask, count="first")
+        torch.testing.assert_close(out.losses["load_balance"], expected)
+    with pytest.raises(TypeError, match="balance_free"):
+        ScoreTopK(balance_free="yes")

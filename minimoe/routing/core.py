@@ -29,6 +29,9 @@ class Routing:
     base_mask: (T, E) bool, the mask before GW broadcast (capacity is counted on its pairs).
     identity: (T,) summed weight of the identity experts a token chose (LongCat-Flash's
         zero-computation experts): the layer adds identity * x (None without them).
+    balance_probs, balance_mask: (T, C) the probabilities and choices over every router column,
+        null and identity experts included: the layer's balance loss counts them all (AdaMoE);
+        None: the balance loss is over the true experts (``probs``, ``mask``).
     """
 
     logits: Tensor
@@ -39,6 +42,8 @@ class Routing:
     uncertain: Tensor | None = None
     base_mask: Tensor | None = None
     identity: Tensor | None = None
+    balance_probs: Tensor | None = None
+    balance_mask: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -69,6 +69,7 @@ def score_top_k(
     softcap: float = 0.0,
     null_experts: int = 0,
     identity_experts: int = 0,
+    balance_all: bool = False,
 ) -> Routing:
     """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
 
@@ -76,7 +77,10 @@ def score_top_k(
     are experts that compute nothing and compete in every step below: a null expert outputs 0
     (AdaMoE, Zaya's skip expert), an identity expert outputs x (LongCat-Flash's zero-computation
     experts; the Routing's ``identity`` carries their summed weight). A token that picks them
-    uses fewer true experts. The returned logits, mask and weights cover the E true experts.
+    uses fewer true experts. The returned logits, mask and weights cover the E true experts;
+    ``balance_all`` also returns ``balance_probs`` and ``balance_mask`` over all E + n + m
+    columns, so the layer's balance loss counts the null and identity experts too (AdaMoE's
+    loss: it is what makes a token choose a null expert about n / (E + n + m) of the time).
 
     1. ``softcap`` c > 0: logits <- c tanh(logits / c) (Laguna, as Gemma 2 caps attention).
     2. s = ``score``(logits): softmax, sigmoid, sqrt(softplus) (DeepSeek-V4), or the logits.
@@ -98,6 +102,7 @@ def score_top_k(
     check_int("k", k, 1, C)
     check_int("null_experts", null_experts, 0, C - 1)
     check_int("identity_experts", identity_experts, 0, C - 1 - null_experts)
+    check_bool("balance_all", balance_all)
     E = C - null_experts - identity_experts
     if E < C and n_group > 1:
         raise ValueError(f"n_group={n_group}: groups of null or identity experts are not defined")
@@ -147,6 +152,8 @@ def score_top_k(
         mask=mask[:, :E],
         weights=g[:, :E],
         identity=identity,
+        balance_probs=probs if balance_all else None,
+        balance_mask=mask if balance_all else None,
     )
 
 
@@ -200,6 +207,12 @@ class ScoreTopK:
     )
     null_experts: int = field(default=0, metadata={"help": "experts that output 0"})
     identity_experts: int = field(default=0, metadata={"help": "experts that output their input"})
+    balance_free: bool = field(
+        default=False,
+        metadata={
+            "help": "the balance loss over every column, null and identity experts too (AdaMoE)"
+        },
+    )
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "score_top_k"
@@ -229,6 +242,7 @@ class ScoreTopK:
         check_float("softcap", self.softcap, 0.0)
         check_int("null_experts", self.null_experts, 0)
         check_int("identity_experts", self.identity_experts, 0)
+        check_bool("balance_free", self.balance_free)
         if self.n_group > 1 and self.null_experts + self.identity_experts:
             raise ValueError(f"n_group={self.n_group}: groups of null or identity experts")
         check_recipe(self)
@@ -275,6 +289,7 @@ class ScoreTopK:
             softcap=self.softcap,
             null_experts=self.null_experts,
             identity_experts=self.identity_experts,
+            balance_all=self.balance_free,
         )
 
 
