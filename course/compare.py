@@ -20,7 +20,6 @@ from __future__ import annotations
 import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import matplotlib.pyplot as plt
 import torch
@@ -28,8 +27,6 @@ from matplotlib.axes import Axes
 from torch import nn
 
 from course import harness
-from course.adaptive import time_train_steps
-from course.common import Timings, interleaved
 from course.harness import Run
 from course.lm import ByteLM, LMSetup
 from minimoe.data import Batch
@@ -47,7 +44,6 @@ from minimoe.train import History
 
 REFERENCE = "top-2"  # differences and ratios are to this run
 GW_THRESHOLD = 0.75  # normalized entropy, chapter 3's
-TIMING_REPEATS = 20
 TOP2 = TopK(k=2)  # Mixtral: g renormalized over the two
 DROPLESS = {"capacity_factor": None}
 
@@ -220,43 +216,11 @@ class Compare(ByteLM):
         that others continue, over its steps before they branch), and the final model's
         training-step and inference time relative to a fresh top-2 model's (the median ratio
         over interleaved rounds, and its quartiles)."""
-        name, seed = self.current
+        name = self.current[0]
         extra = {"train": record.means()}
         if any(r.continues == name for r in self.runs.values()):
             extra["train_before_branch"] = record.means(self.continue_at())
-        get_batch, _ = self.data(seed)
-        batch = get_batch(torch.Generator().manual_seed(seed))
-        ref = self.model(self.runs[REFERENCE].moe_config(self.base_moe()), seed)
-        return extra | time_against(model, ref.to(self.setup.device), batch)
-
-
-def time_against(model: nn.Module, reference: nn.Module, batch: Batch) -> dict[str, dict]:
-    """``model``'s training step (forward, backward, AdamW update) and inference forward pass,
-    each timed against ``reference``'s on ``batch``, interleaved over ``TIMING_REPEATS``
-    rounds: per kind the median ratio and its quartiles (to print with the number: timings on
-    a shared machine are noisy, and never asserted)."""
-    models = {"run": model, "ref": reference}
-    times = {}
-    for key, t in (
-        ("step_ratio", time_train_steps(models, batch, repeats=TIMING_REPEATS)),
-        ("inference_ratio", time_inference(models, batch)),
-    ):
-        ratios = t.ratios("run", "ref")
-        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        times[key] = {"median": q2, "quartiles": [q1, q3]}
-    return times
-
-
-@torch.no_grad()
-def time_inference(models: dict[str, nn.Module], batch: Batch) -> Timings:
-    """Seconds of one evaluation forward pass per model on ``batch``'s inputs, interleaved."""
-    device = next(next(iter(models.values())).parameters()).device
-    idx = batch["idx"].to(device)
-    for m in models.values():
-        m.eval()
-    return interleaved(
-        {n: partial(m, idx=idx) for n, m in models.items()}, TIMING_REPEATS, device=device
-    )
+        return extra | self.time_against(model, REFERENCE)
 
 
 # ---- the table over seeds -----------------------------------------------------------------------

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from course.adaptive import time_train_steps
+from course.common import Timings, interleaved
 from course.gw import eval_batch
 from course.harness import Experiment
 from minimoe.analysis import max_violation
@@ -66,6 +68,9 @@ def bigram_loss(setup: LMSetup, smoothing: float = 0.5) -> float:
     return statistics.fmean(losses)
 
 
+TIMING_REPEATS = 20  # interleaved rounds of ``ByteLM.time_against``
+
+
 class ByteLM(Experiment):
     """Runs of the tiny byte-level LM; a chapter sets ``name``, ``runs`` and ``seeds``."""
 
@@ -91,11 +96,33 @@ class ByteLM(Experiment):
         base = TinyTransformer(self.model_config(self.base_moe())).state_dict()
         torch.manual_seed(seed)
         model = TinyTransformer(self.model_config(moe))
-        own = model.state_dict()
-        model.load_state_dict(
-            {k: v for k, v in base.items() if k in own and own[k].shape == v.shape}, strict=False
-        )
+        model.load_state_dict(self.initial_weights(base, model.state_dict()), strict=False)
         return model
+
+    def initial_weights(self, base: dict[str, Tensor], own: dict[str, Tensor]) -> dict:
+        """The tensors of the base draw a run's model takes: every one whose shape agrees (a
+        chapter overrides this to map others, e.g. experts cut into pieces)."""
+        return {k: v for k, v in base.items() if k in own and own[k].shape == v.shape}
+
+    def time_against(self, model: nn.Module, reference: str) -> dict[str, dict]:
+        """``model``'s training step and inference pass against a fresh model of run
+        ``reference`` (the seed being trained, ``current``), on one training batch of the seed,
+        interleaved over ``TIMING_REPEATS`` rounds: per kind the median ratio and its quartiles
+        (to print with the number: timings on a shared machine are noisy, never asserted)."""
+        seed = self.current[1]
+        get_batch, _ = self.data(seed)
+        batch = get_batch(torch.Generator().manual_seed(seed))
+        ref = self.model(self.runs[reference].moe_config(self.base_moe()), seed)
+        models = {"run": model, "ref": ref.to(self.setup.device)}
+        times = {}
+        for key, t in (
+            ("step_ratio", time_train_steps(models, batch, repeats=TIMING_REPEATS)),
+            ("inference_ratio", time_inference(models, batch)),
+        ):
+            ratios = t.ratios("run", "ref")
+            q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            times[key] = {"median": q2, "quartiles": [q1, q3]}
+        return times
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, held_out: list[Batch]) -> dict[str, float]:
@@ -115,3 +142,15 @@ class ByteLM(Experiment):
             "experts_per_token": statistics.fmean(ept),
             "maxvio_global": statistics.fmean(max_violation(row) for row in load),
         }
+
+
+@torch.no_grad()
+def time_inference(models: dict[str, nn.Module], batch: Batch) -> Timings:
+    """Seconds of one evaluation forward pass per model on ``batch``'s inputs, interleaved."""
+    device = next(next(iter(models.values())).parameters()).device
+    idx = batch["idx"].to(device)
+    for m in models.values():
+        m.eval()
+    return interleaved(
+        {n: partial(m, idx=idx) for n, m in models.items()}, TIMING_REPEATS, device=device
+    )

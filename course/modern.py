@@ -22,16 +22,14 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from matplotlib.axes import Axes
-from torch import nn
+from torch import Tensor, nn
 
 from course import harness
-from course.compare import time_against
 from course.harness import Run
 from course.lm import ByteLM, LMSetup
 from minimoe.analysis import RoutingRecorder, expert_count_shares, experts_per_token, max_violation
 from minimoe.data import Batch
-from minimoe.layer import MoEConfig, moe_layers
-from minimoe.model import TinyTransformer
+from minimoe.layer import moe_layers
 from minimoe.routing import ExpertChoice, Routing, SigmoidTopK
 from minimoe.train import History
 
@@ -215,24 +213,21 @@ class Modern(ByteLM):
     runs = RUNS
     seeds = (0, 1, 2, 3, 4)
 
-    def model(self, moe: MoEConfig, seed: int) -> TinyTransformer:
-        """The seed's draw of the base model wherever the shapes agree (``ByteLM.model``);
-        fine-grained experts are its experts cut into pieces (``split_experts``); a shared
-        expert and the fine-grained router are the model's own seeded draw."""
-        model = super().model(moe, seed)
-        m = moe.num_experts // self.setup.num_experts
-        if m > 1:
-            torch.manual_seed(seed)
-            base = TinyTransformer(self.model_config(self.base_moe())).state_dict()
-            load = {}
-            for key in [k for k in base if k.endswith("experts.gate_up")]:
+    def initial_weights(self, base: dict[str, Tensor], own: dict[str, Tensor]) -> dict:
+        """The base draw wherever the shapes agree (``ByteLM``); fine-grained experts are its
+        experts cut into pieces (``split_experts``); a shared expert and the fine-grained router
+        keep the model's own seeded draw."""
+        load = super().initial_weights(base, own)
+        for key in [k for k in base if k.endswith("experts.gate_up")]:
+            m = own[key].shape[0] // base[key].shape[0]
+            if m > 1:
                 down = key.replace("gate_up", "down")
                 load[key], load[down] = split_experts(base[key], base[down], m)
-            model.load_state_dict(load, strict=False)
-        return model
+        return load
 
     def evaluate(self, model: nn.Module, held_out: list[Batch]) -> dict[str, float]:
-        return evaluate(model, held_out)[0]
+        measures, self._beside = evaluate(model, held_out)  # the last call's: ``extra`` keeps it
+        return measures
 
     def recorder(self, name: str) -> Trace:
         return Trace(BIAS_EVERY)
@@ -244,12 +239,8 @@ class Modern(ByteLM):
         time relative to a fresh BASE model's (interleaved)."""
         batch_vio = [statistics.fmean(v) for v in history.max_violation]  # mean over layers
         last = batch_vio[-max(1, len(batch_vio) // 4) :]
-        _, beside = evaluate(model, held_out)
-        seed = self.current[1]
-        get_batch, _ = self.data(seed)
-        batch = get_batch(torch.Generator().manual_seed(seed))
-        ref = self.model(self.runs[BASE].moe_config(self.base_moe()), seed)
-        times = time_against(model, ref.to(self.setup.device), batch)
+        beside = self._beside  # of the final evaluation, which the trainer runs last
+        times = self.time_against(model, BASE)
         steps = len(history.loss)
         return {
             "maxvio_batch": statistics.fmean(last),
