@@ -64,8 +64,11 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
+import matplotlib.pyplot as plt
 import torch
+from matplotlib.axes import Axes
 
 from course import harness, stats
 from course.harness import Run
@@ -115,6 +118,10 @@ def anchor(name: str) -> str:
 
 FAMILY = [(name, anchor(name), "rel_error") for name in RUNS if name not in ANCHORS]
 SERVED = [(1, "top-1"), (3, "top-3")]  # top-2 served at k' against top-k' trained
+# the control: can this testbed tell routers apart? top-1 and top-3 against top-2
+CONTROL = [("top-1", "top-2", "rel_error"), ("top-3", "top-2", "rel_error")]
+# the runs at a declared 2 experts per input whose count may vary: do they give level 3 more?
+ALLOCATION = [n for n in RUNS if n not in ANCHORS and TARGETS[n] == 2.0]
 
 
 def served(k: int, measure: str) -> str:
@@ -161,16 +168,110 @@ class OnDemand(TestbedDirichlet):
         return out
 
 
+def allocation(results: harness.Results, run: str) -> stats.Comparison:
+    """Does ``run`` give the hardest inputs more true experts than the easiest? Its experts per
+    token at level 3 minus at level 1, paired by seed (uncorrected; higher/lower, no better
+    side), with the gap's drift over the last fifth of training read off its held-out curve."""
+    hard, easy = (f"experts_per_token@{m}" for m in (LEVELS[-1], LEVELS[0]))
+    seeds = results.seeds_of(run)
+    drifts = []
+    for seed in seeds:
+        a, b = results.curve(run, seed, hard), results.curve(run, seed, easy)
+        if a is None or b is None:  # no curve recorded: no drift to read
+            drifts = None
+            break
+        steps = sorted(a)
+        drifts.append(stats.tail_drift(steps, [a[t] - b[t] for t in steps]))
+    return stats.compare(
+        results.values(run, hard, seeds), results.values(run, easy, seeds),
+        (f"{run} at level {LEVELS[-1]}", f"level {LEVELS[0]}"), "experts_per_token",
+        drift=None if drifts is None else statistics.fmean(drifts), lower_is_better=None,
+    )  # fmt: skip
+
+
 def family(results: harness.Results) -> list[stats.Comparison]:
-    """``FAMILY`` and the served comparisons (``SERVED``), Holm-corrected together."""
-    trained = [results.compare(a, b, m) for a, b, m in FAMILY]
+    """The chapter's verdicts, Holm-corrected together, in this order: ``CONTROL`` (top-1 and
+    top-3 against top-2: can the testbed tell routers apart?), ``FAMILY`` (quality against top-k
+    at the declared compute), ``SERVED`` (the top-2 model served at other k against top-k
+    trained) and ``ALLOCATION`` (more experts for the hardest inputs than for the easiest)."""
+    trained = [results.compare(a, b, m) for a, b, m in CONTROL + FAMILY]
     serving = []
     for k, top in SERVED:
         seeds = results.seeds_of(SERVED_RUN, top)
         a = results.values(SERVED_RUN, served(k, "rel_error"), seeds)
         b = results.values(top, "rel_error", seeds)
         serving.append(stats.compare(a, b, (f"{SERVED_RUN} served at k={k}", top), "rel_error"))
-    return stats.holm(trained + serving)
+    return stats.holm(trained + serving + [allocation(results, run) for run in ALLOCATION])
+
+
+def summary(results: harness.Results) -> list[dict]:
+    """Per run (declared order): its declared target, the mean over seeds of every measure and
+    the standard deviation over seeds (``*_std``) of ``rel_error`` and ``experts_per_token``."""
+    rows = []
+    for run in [n for n in RUNS if n in results.runs]:
+        seeds = results.seeds_of(run)
+        row = {"run": run, "target": TARGETS[run]}
+        for key in results.record(run, seeds[0])["measures"]:
+            values = results.values(run, key, seeds)
+            row[key] = statistics.fmean(values)
+            if key in ("rel_error", "experts_per_token"):
+                row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def plot_pareto(results: harness.Results, ax: Axes | None = None) -> Axes:
+    """Held-out error against expert FLOPs per input (means over seeds, bars: one standard
+    deviation over seeds), each router's compute levels joined, top-k's line dashed, the top-2
+    model served at other k as crosses."""
+    ax = ax if ax is not None else plt.subplots(figsize=(7, 4.5), layout="constrained")[1]
+    rows = {r["run"]: r for r in summary(results)}
+    for router in dict.fromkeys(kind(name) for name in rows):
+        names = sorted((n for n in rows if kind(n) == router), key=lambda n: TARGETS[n])
+        x = [rows[n]["expert_flops_per_token"] for n in names]
+        y = [rows[n]["rel_error"] for n in names]
+        err = [rows[n]["rel_error_std"] for n in names]
+        style = {"color": "black", "ls": "--", "lw": 2} if router == "top-k" else {}
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, label=router, **style)
+    seeds = results.seeds_of(SERVED_RUN)
+    ks = [*sorted([*SERVED_KS, 2])]
+    xs, ys = [], []
+    for k in ks:
+        key = "{}" if k == 2 else served(k, "{}")
+        xs.append(
+            statistics.fmean(
+                results.values(SERVED_RUN, key.format("expert_flops_per_token"), seeds)
+            )
+        )
+        ys.append(statistics.fmean(results.values(SERVED_RUN, key.format("rel_error"), seeds)))
+    ax.plot(xs, ys, "x:", color="gray", ms=8, label="top-2 served at k'=1-4")
+    ax.set(xlabel="expert FLOPs per input (true experts only)", ylabel="held-out relative error",
+           title="Quality against compute (mean over seeds)")  # fmt: skip
+    ax.legend(fontsize=7, ncols=2)
+    return ax
+
+
+def plot_allocation(results: harness.Results, names: list[str], ax: Axes | None = None) -> Axes:
+    """True experts per input at each level (means over seeds), against the m a level-m input
+    needs at most."""
+    ax = ax if ax is not None else plt.subplots(figsize=(6, 4), layout="constrained")[1]
+    ax.plot(LEVELS, LEVELS, color="lightgray", lw=6, label="its m functions")
+    for name in names:
+        seeds = results.seeds_of(name)
+        y = [
+            statistics.fmean(results.values(name, f"experts_per_token@{m}", seeds)) for m in LEVELS
+        ]
+        style = {"color": "black", "ls": "--"} if name in ANCHORS else {}
+        ax.plot(LEVELS, y, marker="o", label=name, **style)
+    ax.set(xlabel="level m (functions mixed in the input)", ylabel="true experts per input",
+           xticks=LEVELS, title="Where the compute goes")  # fmt: skip
+    ax.legend(fontsize=7)
+    return ax
+
+
+def kind(name: str) -> str:
+    """A run's router, its compute level dropped: "null k=4" -> "null", "top-2" -> "top-k"."""
+    return "top-k" if name in ANCHORS else name.rsplit(" ", 1)[0]
 
 
 def load(path=None) -> harness.Results:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from minimoe.analysis import max_violation
@@ -110,7 +110,8 @@ class History:
     loss: list[float] = field(default_factory=list)
     aux_loss: list[float] = field(default_factory=list)
     experts_per_token: list[list[float]] = field(default_factory=list)  # [step][layer]
-    # MaxVio_batch (analysis.max_violation) [step][layer]; expert parallel: the rank's tokens
+    # MaxVio_batch (analysis.max_violation) [step][layer]; expert parallel: the rank's tokens;
+    # NaN for a layer whose batch reached no expert (ReLU gates or thresholds can route nothing)
     max_violation: list[list[float]] = field(default_factory=list)
     dropped_pairs: list[int] = field(default_factory=list)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
@@ -153,6 +154,11 @@ def router_state_hook(optimizer: torch.optim.Optimizer, model: nn.Module) -> Cal
     handles = [m.register_forward_hook(remember(i)) for i, m in enumerate(layers)]
     handles.append(optimizer.register_step_post_hook(update))
     return lambda: [h.remove() for h in handles]
+
+
+def _batch_violation(load: Tensor) -> float:
+    """MaxVio of one step's load, NaN where no token reached an expert (undefined there)."""
+    return max_violation(load) if load.sum() > 0 else float("nan")
 
 
 def train(
@@ -228,7 +234,9 @@ def train(
         history.loss.append(out.loss.item())
         history.aux_loss.append(out.aux_loss.item())
         history.experts_per_token.append([m.stats.experts_per_token.item() for m in out.layers])
-        history.max_violation.append([max_violation(m.stats.tokens_per_expert) for m in out.layers])
+        history.max_violation.append(
+            [_batch_violation(m.stats.tokens_per_expert) for m in out.layers]
+        )
         history.dropped_pairs.append(sum(int(m.stats.dropped_pairs) for m in out.layers))
         if callback is not None:
             callback(step, model, out)

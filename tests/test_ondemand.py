@@ -121,12 +121,44 @@ def test_the_family_pairs_each_dynamic_run_with_its_declared_top_k(results):
     for a, b, measure in ondemand.FAMILY:
         assert b == f"top-{math.ceil(ondemand.TARGETS[a])}" and measure == "rel_error"
     judged = ondemand.family(results)
-    assert len(judged) == len(ondemand.FAMILY) + len(ondemand.SERVED)
+    parts = [ondemand.CONTROL, ondemand.FAMILY, ondemand.SERVED, ondemand.ALLOCATION]
+    assert len(judged) == sum(map(len, parts))
     assert all(c.p_holm is not None and c.n == 2 for c in judged)
-    assert [(c.a, c.b) for c in judged[-2:]] == [
+    assert [(c.a, c.b) for c in judged[:2]] == [("top-1", "top-2"), ("top-3", "top-2")]
+    served = len(ondemand.CONTROL) + len(ondemand.FAMILY)
+    assert [(c.a, c.b) for c in judged[served : served + 2]] == [
         ("top-2 served at k=1", "top-1"),
         ("top-2 served at k=3", "top-3"),
     ]
+    allocation = judged[served + 2 :]
+    assert [c.a for c in allocation] == [f"{n} at level 3" for n in ondemand.ALLOCATION]
+    for c, run in zip(allocation, ondemand.ALLOCATION):
+        hard = results.values(run, "experts_per_token@3")
+        easy = results.values(run, "experts_per_token@1")
+        assert c.diffs == pytest.approx([h - e for h, e in zip(hard, easy)])
+        assert c.lower_is_better is None
+        no_curve = results.curve(run, 0, "experts_per_token@3") is None
+        assert (c.drift is None) == no_curve
+
+
+def test_allocation_runs_are_the_dynamic_ones_at_two_experts():
+    assert ondemand.ALLOCATION == [
+        n for n in ondemand.RUNS if n not in ondemand.ANCHORS and ondemand.TARGETS[n] == 2.0
+    ]
+    assert (
+        len(ondemand.ALLOCATION) == 7
+    )  # null, identity, remoe, threshold, seqtopk, top-p, adaptive
+
+
+def test_summary_and_plots_read_every_run(results):
+    rows = ondemand.summary(results)
+    assert [r["run"] for r in rows] == list(ondemand.RUNS)
+    top2 = next(r for r in rows if r["run"] == "top-2")
+    assert top2["rel_error"] == pytest.approx(sum(results.values("top-2", "rel_error")) / 2)
+    assert top2["experts_per_token"] == 2 and top2["experts_per_token_std"] == 0
+    assert ondemand.kind("null k=4") == "null" and ondemand.kind("top-3") == "top-k"
+    ondemand.plot_pareto(results)
+    ondemand.plot_allocation(results, ["top-2", *ondemand.ALLOCATION])
 
 
 def test_command_writes_results(tmp_path):

@@ -55,3 +55,23 @@ def test_a_tuple_batch_is_refused_naming_the_dict_expected():
         train(_regressor(), lambda g: (x, y), TrainConfig(steps=1, progress=False))
     with pytest.raises(TypeError, match="batches must hold dicts .* got tuple"):
         mean_loss(_regressor(), [(x, y)])
+
+
+def test_a_step_that_routes_no_token_is_recorded_not_a_crash():
+    # ReLU gates that are all negative route nothing: MaxVio of that step is undefined (NaN),
+    # the unrouted tokens are counted, and training goes on (ReMoE's lambda can overshoot so)
+    from minimoe.routing import ReMoE
+
+    torch.manual_seed(0)
+    model = MoERegressor(4, 2, MoEConfig(d_model=4, d_hidden=8, num_experts=4, router=ReMoE()))
+    with torch.no_grad():
+        model.moe.gate.weight.fill_(-1.0)
+
+    def positive(g):
+        return {"x": torch.rand(8, 4, generator=g) + 0.1, "y": torch.randn(8, 2, generator=g)}
+
+    history = train(model, positive, TrainConfig(steps=2, lr=1e-4, progress=False))
+    assert all(v != v for row in history.max_violation for v in row)  # NaN, every step
+    assert history.experts_per_token == [[0.0], [0.0]]
+    out = model(positive(torch.Generator().manual_seed(1))["x"])
+    assert out.layers[0].stats.unrouted_tokens.item() == 8
