@@ -74,11 +74,15 @@ def test_moe_layer_benchmark_prints_every_table(moe_layer, capsys, autocast):
     for heading in (
         "#### 1. Dispatch paths",
         "#### 2. Dynamic routing",
+        "#### 2b. Compute on demand",
         "#### 3. Memory",
         "#### 4. One expert",
     ):
         assert heading in out, f"missing table {heading!r}"
     assert "| 64 | fwd+bwd |" in out and "| 64 | adaptive |" in out
+    for rule in ("null k=4", "identity k=4", "remoe", "threshold 2", "seqtopk 2"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| 64 | {rule} |"))
+        assert row.split("|")[-3].strip() == "0", f"{rule}: free experts cost no expert FLOPs"
     assert "max|sorted - loop| = 0.00e+00" in out
     assert "allocator: the C library's malloc with its defaults" in out
     assert "minor page faults during one fwd+bwd step" in out
