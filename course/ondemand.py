@@ -28,8 +28,10 @@ Hugging Face's Mixtral loss): ``ScoreTopK(balance_free=True, balance_count="sele
 1e-2 (the spec's paper coefficient; AdaMoE's own is not in the spec). It is what makes a token
 pick a null expert about m / (E + m) of the time. The identity-expert runs count their free
 experts the same way; MoE++ and LongCat-Flash steer theirs their own ways (a weighted loss, a
-selection bias toward a compute target), not reproduced here. AdaMoE's code renormalizes the
-weights over the chosen true experts, ``ScoreTopK`` over all chosen (null ones included). The free experts' router weights start at 0 (``MoE.gate_extra``, zero for noisy
+selection bias toward a compute target), not reproduced here. As AdaMoE's code does, the null
+runs renormalize the weights over the chosen true experts (``renormalize_over="true"``), so a
+token that picks null experts runs fewer experts at full weight; the identity runs renormalize
+over every chosen column, identity ones included. The free experts' router weights start at 0 (``MoE.gate_extra``, zero for noisy
 top-k's noise logits), so at first a token picks one only where its true logits are below 0:
 more true experts than k E / (E + 8) until training moves them. ReMoE's lambda_0 = 1e-8 and
 alpha = 1.2 and the threshold's beta = 0.99 are the specs' defaults; the threshold's
@@ -85,8 +87,12 @@ SERVED_RUN, SERVED_KS = "top-2", (1, 3, 4)  # k changed at inference
 
 def _free(k: int, kind: str) -> tuple[Run, float]:
     """Top-k over E true and 8 null or identity experts, AdaMoE's balance loss over all E + 8
-    columns (every selected expert counted); at uniform use k E / (E + 8) true experts."""
+    columns (every selected expert counted); at uniform use k E / (E + 8) true experts. Null
+    experts renormalize the weights over the chosen true experts (AdaMoE's code), identity
+    experts over every chosen column (their weight multiplies x)."""
     free = {f"{kind}_experts": EXTRA_EXPERTS, "balance_free": True, "balance_count": "selected"}
+    if kind == "null":  # AdaMoE's code: the weights renormalized over the chosen true experts
+        free["renormalize_over"] = "true"
     return Run(ScoreTopK(k=k, **free)), k * NUM_EXPERTS / (NUM_EXPERTS + EXTRA_EXPERTS)
 
 

@@ -219,6 +219,31 @@ def test_null_and_identity_experts_compete_and_drop_out():
     assert r.probs.shape == (2, 2) and torch.allclose(r.probs.sum(1), torch.ones(2))
 
 
+def test_adamoe_renormalizes_over_the_chosen_true_experts_only():
+    # 2 true experts, 2 null; top-3 of 4. Token 0 picks both true + a null, tokens 1 and 2 one
+    # true + both nulls. AdaMoE's code divides the true experts' weights by their own sum
+    logits = torch.tensor([[2.0, 1.0, 0.5, -9.0], [3.0, -9.0, 1.0, 0.0], [-9.0, -8.0, 1.0, 2.0]])
+    p = logits.softmax(-1)
+    r = score_top_k(logits, 3, null_experts=2, renormalize_over="true")
+    assert r.mask.tolist() == [[True, True], [True, False], [False, True]]
+    torch.testing.assert_close(r.weights[0], p[0, :2] / p[0, :2].sum())
+    torch.testing.assert_close(r.weights[1], torch.tensor([1.0, 0.0]))  # one true expert: all of it
+    torch.testing.assert_close(r.weights[2], torch.tensor([0.0, 1.0]))
+    chosen = score_top_k(logits, 3, null_experts=2)  # the default: over every chosen column
+    torch.testing.assert_close(chosen.weights[1, 0], p[1, 0] / (p[1, 0] + p[1, 2] + p[1, 3]))
+    only_null = score_top_k(logits, 2, null_experts=2, renormalize_over="true")
+    assert not only_null.mask[2].any() and only_null.weights[2].eq(0).all()  # 0, never NaN
+
+
+def test_renormalizing_over_the_true_experts_refuses_identity_experts():
+    with pytest.raises(ValueError, match="renormalize_over='true' with identity_experts=1"):
+        ScoreTopK(k=2, identity_experts=1, renormalize_over="true")
+    with pytest.raises(ValueError, match="renormalize_over='true' with identity_experts=2"):
+        score_top_k(torch.zeros(1, 4), 2, identity_experts=2, renormalize_over="true")
+    with pytest.raises(ValueError, match="renormalize_over"):
+        ScoreTopK(k=2, null_experts=1, renormalize_over="free")
+
+
 def test_the_layer_adds_the_identity_experts_weight_times_x():
     rule = ScoreTopK(k=2, identity_experts=2, renormalize=False)
     moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))

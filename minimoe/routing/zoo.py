@@ -43,6 +43,7 @@ SCORE_FUNCTIONS = {
     "logits": lambda x: x,  # select on the raw logits; ``weight`` says what the chosen get
 }
 WEIGHTS = ("score", "softmax", "sigmoid")
+RENORMALIZE_OVER = ("chosen", "true")  # the columns whose weights renormalization sums
 
 
 def _renormalize(g: Tensor, p: float, eps: float, floor: float) -> Tensor:
@@ -70,6 +71,7 @@ def score_top_k(
     null_experts: int = 0,
     identity_experts: int = 0,
     balance_all: bool = False,
+    renormalize_over: str = "chosen",
 ) -> Routing:
     """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
 
@@ -91,7 +93,11 @@ def score_top_k(
     4. g on S: ``weight="score"`` g_i = s_i; ``"softmax"`` softmax over the chosen s (top-k of the
        logits then softmax: gpt-oss, Granite-MoE); ``"sigmoid"`` sigmoid of the chosen s (Llama 4).
     5. ``renormalize``: g <- g / max(||g||_{norm_p} + norm_eps, norm_min) (DBRX's p-norm, ERNIE's
-       floor ``norm_min``; DeepSeek code adds eps = 1e-20).
+       floor ``norm_min``; DeepSeek code adds eps = 1e-20), the norm over every chosen column
+       (``renormalize_over="chosen"``: a token that picks null experts keeps less weight for
+       its true ones, as MoE++'s zero experts) or over the chosen true experts only (``"true"``:
+       AdaMoE's code; a token that picks null experts runs fewer true experts at full weight,
+       one that picks only null experts gets 0; not with identity experts).
     6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor).
 
     ``probs`` is the softmax of the (capped) logits for softmax and logit scores, else s
@@ -103,7 +109,13 @@ def score_top_k(
     check_int("null_experts", null_experts, 0, C - 1)
     check_int("identity_experts", identity_experts, 0, C - 1 - null_experts)
     check_bool("balance_all", balance_all)
+    check_choice("renormalize_over", renormalize_over, RENORMALIZE_OVER)
     E = C - null_experts - identity_experts
+    if renormalize_over == "true" and identity_experts:
+        raise ValueError(
+            f"renormalize_over='true' with identity_experts={identity_experts}: the weight of an "
+            "identity expert is part of the output; renormalize over the chosen columns"
+        )
     if E < C and n_group > 1:
         raise ValueError(f"n_group={n_group}: groups of null or identity experts are not defined")
     check_choice("score", score, tuple(SCORE_FUNCTIONS))
@@ -135,7 +147,11 @@ def score_top_k(
         g = s.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # softmax over the chosen k
     else:
         g = torch.sigmoid(s) * mask
-    if renormalize:
+    if renormalize and renormalize_over == "true":  # AdaMoE: the free columns leave the sum
+        true = torch.zeros(C, dtype=torch.bool, device=g.device)
+        true[:E] = True
+        g = _renormalize(g * true, norm_p, norm_eps, norm_min)
+    elif renormalize:
         g = _renormalize(g, norm_p, norm_eps, norm_min)
     g = g * scaling
     if score in ("softmax", "logits"):
@@ -213,6 +229,14 @@ class ScoreTopK:
             "help": "the balance loss over every column, null and identity experts too (AdaMoE)"
         },
     )
+    renormalize_over: str = field(
+        default="chosen",
+        metadata={
+            "help": "renormalize over every chosen column, or the chosen true experts only "
+            "(AdaMoE's null experts)",
+            "choices": RENORMALIZE_OVER,
+        },
+    )
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "score_top_k"
@@ -243,6 +267,12 @@ class ScoreTopK:
         check_int("null_experts", self.null_experts, 0)
         check_int("identity_experts", self.identity_experts, 0)
         check_bool("balance_free", self.balance_free)
+        check_choice("renormalize_over", self.renormalize_over, RENORMALIZE_OVER)
+        if self.renormalize_over == "true" and self.identity_experts:
+            raise ValueError(
+                f"renormalize_over='true' with identity_experts={self.identity_experts}: an "
+                "identity expert's weight is part of the output; renormalize over 'chosen'"
+            )
         if self.n_group > 1 and self.null_experts + self.identity_experts:
             raise ValueError(f"n_group={self.n_group}: groups of null or identity experts")
         check_recipe(self)
@@ -290,6 +320,7 @@ class ScoreTopK:
             null_experts=self.null_experts,
             identity_experts=self.identity_experts,
             balance_all=self.balance_free,
+            renormalize_over=self.renormalize_over,
         )
 
 
