@@ -374,6 +374,17 @@ def merge(experiment: Experiment, parts: Sequence[str | Path], out: Path) -> Res
     return Results(data)
 
 
+def _with_defaults(stored: dict) -> dict:
+    """A stored run's config with the defaults of fields added to ``MoEConfig`` or its router
+    spec since it was written (so a new field whose default keeps the old rule keeps the cache
+    valid); as stored if it no longer reads (an unknown field: the comparison then refuses)."""
+    try:
+        moe = MoEConfig.from_dict(stored["moe"]).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return stored
+    return json.loads(json.dumps(stored | {"moe": moe}))
+
+
 def load(experiment: Experiment, path: str | Path | None = None) -> Results:
     """The results of ``experiment`` (by default its cached ``data/<name>/results.json``),
     checked against its declared runs: a run whose stored config differs is refused."""
@@ -391,7 +402,7 @@ def load(experiment: Experiment, path: str | Path | None = None) -> Results:
         )
     declared = experiment.declared()
     for name, stored in data["runs"].items():
-        if name in declared and stored != json.loads(json.dumps(declared[name])):
+        if name in declared and _with_defaults(stored) != json.loads(json.dumps(declared[name])):
             raise ValueError(
                 f"{path}: run {name!r} was made with {stored}, but is declared as "
                 f"{declared[name]}: regenerate it"

@@ -66,6 +66,26 @@ def test_results_format_and_the_checks_on_load(tmp_path):
         harness.load(testbed.Testbed(), tmp_path / "results.json")
 
 
+def test_a_field_added_since_with_its_old_default_keeps_a_cache_valid(tmp_path):
+    exp = Tiny(TINY)
+    exp.run_all(tmp_path, names=["top-2"], seeds=[0], progress=False)
+    path = tmp_path / "results.json"
+    data = harness.json.loads(path.read_text())
+    # as if written before MoEConfig had seq_balance_coef and TopK had balance_count
+    del data["runs"]["top-2"]["moe"]["seq_balance_coef"]
+    del data["runs"]["top-2"]["moe"]["router"]["balance_count"]
+    path.write_text(harness.json.dumps(data))
+    assert harness.load(exp, path).runs == ["top-2"]
+    data["runs"]["top-2"]["moe"]["router"]["k"] = 1  # another value: refused
+    path.write_text(harness.json.dumps(data))
+    with pytest.raises(ValueError, match="run 'top-2' was made with"):
+        harness.load(exp, path)
+    data["runs"]["top-2"]["moe"]["router"] |= {"k": 2, "no_such_field": 1}  # unreadable: refused
+    path.write_text(harness.json.dumps(data))
+    with pytest.raises(ValueError, match="run 'top-2' was made with"):
+        harness.load(exp, path)
+
+
 def test_reruns_replace_their_seed_and_keep_the_rest(tmp_path):
     exp = Tiny(TINY)
     exp.run_all(tmp_path, names=["top-2"], seeds=[0, 1], progress=False)
