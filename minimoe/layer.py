@@ -73,7 +73,7 @@ class MoEConfig:
     router: Router = TopK()  # any object called as router(logits, *, training, seq_len)
     capacity_factor: float | None = None  # None = dropless
     dispatch: str = "sorted"  # "sorted" (sort-gather-scatter) | "loop" (reference)
-    activation: str = "swiglu"  # "swiglu" | "gelu"
+    activation: str = "swiglu"  # "swiglu" | "gelu" | "relu"
     shared_hidden: int = 0  # width of the shared expert, run on every token; 0 = none
     shared_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(w^T x)
     balance_coef: float = 1e-2  # alpha of the load-balance loss
