@@ -98,6 +98,21 @@ class DeepSeekV2Map(RouterMap):
         return out | {"topk_method": "group_limited_greedy" if grouped else "greedy"}
 
 
+class DbrxMap(RouterMap):
+    """DBRX's ``moe_normalize_expert_weights``: p of the p-norm that divides the k weights, or
+    None: the weights are the softmax values, undivided."""
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        out = super().settings(config)
+        return out | ({"renormalize": False} if config.moe_normalize_expert_weights is None else {})
+
+    def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        if getattr(router, "renormalize", True):
+            return super().config_fields(router, family)
+        plain = replace(router, renormalize=True, norm_p=1.0)  # the rest must be DBRX's
+        return super().config_fields(plain, family) | {"moe_normalize_expert_weights": None}
+
+
 # modeling files of 5.25.0 that define ``load_balancing_loss_func`` (the others train no balance
 # loss in Hugging Face's code; Switch and Doge define their own)
 POOLED_BALANCE_LOSS = frozenset(
@@ -121,12 +136,17 @@ class Family:
     width: str = "moe_intermediate_size"
     router: str = "gate.weight"  # path from the block of the router weight (E, d)
     bias: str | None = None  # path from the block of the selection bias
-    layout: str = "stacked"  # experts: "stacked" (E, 2h, d), (E, d, h); "transposed" (Aria)
+    # experts: "stacked" (E, 2h, d), (E, d, h); "transposed" (Aria); "dbrx" (rows of w1, v1, w2);
+    # "modules" (one Linear-act-Linear module per expert: Switch)
+    layout: str = "stacked"
     shared: str | None = None  # block attribute of the shared MLP (gate/up/down_proj)
     shared_count: str | None = None  # config field: shared width = count * width
     shared_width: str | None = None  # config field: the shared width (times count if both)
     shared_gate: str | None = None  # block attribute of the shared expert's sigmoid gate
-    act: str | None = "hidden_act"  # None: silu, fixed in the code
+    act: str | None = "hidden_act"  # None: silu, fixed in the code; "field.key": a dict's key
+    # Hugging Face's activation name -> minimoe's (gated experts: silu is SwiGLU)
+    activations: tuple[tuple[str, str], ...] = (("silu", "swiglu"), ("swish", "swiglu"))
+    wrap: str | None = None  # the block takes a model config holding ``config`` in this field
     selection: str = ""  # the rule in words where no spec expresses it
     null_experts: str = ""
     trains: str = ""  # beyond the router weight
@@ -218,11 +238,14 @@ FAMILIES: tuple[Family, ...] = (
     _like(QWEN3, "Lara-mini", "lara_mini", "LaraMiniSparseMoeBlock", "LaraMiniConfig",
           shared="shared_expert", shared_width="shared_expert_intermediate_size"),
     _like(QWEN3, "DBRX", "dbrx", "DbrxFFN", "DbrxFFNConfig",
-          rule=RouterMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"}),
-          refuse="not mapped: its block keeps no config (sizes nested in ffn_config) and its "
-          "experts are w1/v1/w2 rows; its router rule is tested alone",
-          notes="weights divided by their p-norm, p = moe_normalize_expert_weights; "
-          "DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model"),
+          rule=DbrxMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"},
+                       requires={"moe_jitter_eps": None}),
+          num_experts="moe_num_experts", width="ffn_hidden_size", router="router.layer.weight",
+          layout="dbrx", act="ffn_act_fn.name", wrap="ffn_config",
+          notes="p unset: undivided; a block is built from a DbrxConfig's ffn_config (to_hf's "
+          "like=); DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model; "
+          "the router's training-time jitter (moe_jitter_eps) scales the block's input in place, "
+          "so the experts see it too"),
     # softmax with a selection bias
     _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
           "Ernie4_5_MoeConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
@@ -398,11 +421,16 @@ FAMILIES: tuple[Family, ...] = (
           refuse="its router is an MLP, not a Linear"),
     _like(QWEN3, "Switch", "switch_transformers", "SwitchTransformersSparseMLP",
           "SwitchTransformersConfig",
-          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity"},
+          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
+                                        "router_jitter_noise": "input_jitter"},
                          {"k": 1, "per_sequence": True, "normalize": "none"},
-                         {"router_jitter_noise": 0.0}),
-          refuse="experts are one Linear-act-Linear module each (relu)",
-          trains="capacity drops tokens; a router z-loss", notes="input jitter in training"),
+                         {"router_bias": False, "router_dtype": "float32", "dropout_rate": 0.0}),
+          width="d_ff", router="router.classifier.weight", layout="modules", act="dense_act_fn",
+          activations=(("relu", "relu"), ("gelu", "gelu")),
+          trains="capacity drops tokens; a router z-loss",
+          notes="its router jitter becomes input_jitter: routes at evaluation, refuses to train; "
+          "experts with dropout are refused; the loss coefficients are the model's, not the "
+          "block's: MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
     _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",
           rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
                                         "moe_eval_capacity_token_fraction":

@@ -169,7 +169,10 @@ def describe(family: Family) -> dict[str, str]:
 def _balance_loss(family: Family) -> str:
     """The balance loss in the family's HF training code (``load_balancing_loss_func``)."""
     if family.module == "switch_transformers":
-        return "Switch's, on first choices; z-loss"
+        return (
+            "Switch's: per sequence, on first choices before the drops, pooled over layers; a "
+            "z-loss; neither when every layer is sparse (a defect)"
+        )
     if family.module == "doge":
         return "its own, over product keys"
     if family.module not in POOLED_BALANCE_LOSS:

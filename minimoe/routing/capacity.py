@@ -71,8 +71,10 @@ class CapacityTopK:
 
     Only these two Hugging Face families drop tokens (only Switch's code adds a router z-loss);
     the recipe here is Switch's alpha = 1e-2 with ST-MoE's z-loss 1e-3. Their training-time
-    extras are not rules of this spec: Switch's input jitter, NLLB's sampled or random second
-    expert and its padding mask.
+    extras are not rules of this spec: NLLB's sampled or random second expert and its padding
+    mask, and Switch's input jitter: its router multiplies the tokens by U(1 - eps, 1 + eps)
+    before the router's matmul, which a rule over logits cannot do. ``input_jitter`` keeps a
+    converted Switch router's eps: it routes as Hugging Face's at evaluation and refuses to train.
     """
 
     k: int = field(default=2, metadata=flags.K)
@@ -97,6 +99,13 @@ class CapacityTopK:
             "choices": NORMALIZE,
         },
     )
+    input_jitter: float = field(
+        default=0.0,
+        metadata={
+            "no_flag": "Hugging Face's Switch setting, kept for the round trip: with it, "
+            "training is refused"
+        },
+    )
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "capacity_top_k"
@@ -109,6 +118,7 @@ class CapacityTopK:
         check_float("eval_capacity_fraction", self.eval_capacity_fraction, 0.0)
         check_bool("per_sequence", self.per_sequence)
         check_choice("normalize", self.normalize, NORMALIZE)
+        check_float("input_jitter", self.input_jitter, 0.0)
         check_recipe(self)
 
     def check_experts(self, num_experts: int) -> None:
@@ -123,6 +133,13 @@ class CapacityTopK:
         return self.k * math.ceil(num_tokens / num_experts)
 
     def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        if training and self.input_jitter:
+            raise ValueError(
+                f"CapacityTopK(input_jitter={self.input_jitter}) cannot train: Hugging Face's "
+                "Switch router multiplies its input by U(1 - eps, 1 + eps) in training, which "
+                "minimoe's router (a rule over logits) does not reproduce. Evaluate (.eval()), or "
+                "train without it: dataclasses.replace(router, input_jitter=0.0)"
+            )
         L = seq_len if self.per_sequence and seq_len else logits.shape[0]
         return capacity_top_k(
             logits,

@@ -1,0 +1,205 @@
+"""What the shared conformance test (tests/test_families.py) does not cover, family by family:
+settings with no counterpart that are refused naming the field, the training-time parts of a
+router, the losses Hugging Face computes outside the block, and the defects of its blocks (each
+shown here, and said in the family table). Small configs, random weights, float32."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from minimoe import MoE, MoEConfig, interop
+from minimoe.losses import load_balance_loss, z_loss
+from minimoe.routing import CapacityTopK, ScoreTopK
+
+pytest.importorskip("transformers", minversion="5", reason="the bench extra: pip install -e '.[bench]'")  # fmt: skip
+
+from test_families import family, randomize  # noqa: E402
+
+
+def x_of(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- DBRX ------------------------------------------------------------------------------------
+
+
+def dbrx(**ffn):
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    settings = {"ffn_hidden_size": 8, "moe_num_experts": 4, "moe_top_k": 2} | ffn
+    block = DbrxFFN(DbrxConfig(d_model=16, ffn_config=settings))
+    randomize(block)
+    return block
+
+
+def test_dbrx_without_normalization_keeps_the_softmax_values():
+    block = dbrx(moe_normalize_expert_weights=None).eval()
+    moe = interop.from_hf(block).eval()
+    assert moe.config.router == ScoreTopK(k=2, renormalize=False)
+    x = x_of(2, 6, 16)
+    out = moe(x)
+    torch.testing.assert_close(out.output, block(x.clone()), atol=1e-5, rtol=1e-4)
+    assert out.routing.weights.sum(1).max() < 1  # undivided: a part of the softmax
+    back = interop.to_hf(moe, like="DBRX")
+    assert back.moe_normalize_expert_weights is None
+    for name, t in block.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+
+def test_dbrx_refusals_name_the_field():
+    with pytest.raises(ValueError, match="moe_jitter_eps=None, got 0.01"):
+        interop.from_hf(dbrx(moe_jitter_eps=0.01))
+    with pytest.raises(ValueError, match=r"ffn_act_fn.name='gelu'"):
+        interop.from_hf(dbrx(ffn_act_fn={"name": "gelu"}))
+    moe = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=4, router=ScoreTopK(k=2, scaling=2.0)))
+    with pytest.raises(ValueError, match="DBRX cannot express .*scaling=1.0"):
+        interop.to_hf(moe, like="DBRX")
+
+
+def test_dbrx_jitter_scales_the_blocks_input_in_place():
+    """DEFECT: DbrxRouter multiplies its input in place (``hidden_states *= U(1-eps, 1+eps)``),
+    and that tensor is the block's input: in training the experts see the jittered tokens, and
+    the caller's tensor is changed."""
+    block = dbrx(moe_jitter_eps=0.1).train()
+    seen = {}
+    block.experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone()))
+    x = x_of(1, 6, 16)
+    before = x.clone()
+    block(x)
+    assert not torch.equal(x, before)  # the caller's tensor
+    ratio = x / before
+    assert ((ratio - 1).abs() <= 0.1 + 1e-6).all()  # scaled by U(0.9, 1.1)
+    torch.testing.assert_close(seen["x"], x)  # the experts ran on the jittered x
+
+
+# ---- Switch Transformers ----------------------------------------------------------------------
+
+
+def switch_config(**changes):
+    from transformers import SwitchTransformersConfig
+
+    settings = {"d_model": 16, "d_ff": 8, "num_experts": 4, "expert_capacity": 3,
+                "router_jitter_noise": 0.0, "dropout_rate": 0.0} | changes  # fmt: skip
+    return SwitchTransformersConfig(**settings)
+
+
+def switch(**changes):
+    from transformers.models.switch_transformers.modeling_switch_transformers import (
+        SwitchTransformersSparseMLP,
+    )
+
+    block = SwitchTransformersSparseMLP(switch_config(**changes))
+    randomize(block)
+    return block
+
+
+def test_switch_losses_are_hfs_per_layer_and_per_sequence():
+    """minimoe's z-loss is Hugging Face's ``router_z_loss_func`` on one layer; its balance loss
+    is Hugging Face's on one sequence. Hugging Face's is the mean over sequences of each
+    sequence's loss (its f and P are per sequence), so over a batch the two differ."""
+    from transformers.models.switch_transformers import modeling_switch_transformers as st
+
+    block = switch().eval()
+    moe = interop.from_hf(block).eval()
+    x = x_of(3, 8, 16)
+    out = moe(x)
+    logits = out.routing.logits.view(3, 8, 4)  # (B, L, E)
+    torch.testing.assert_close(out.losses["z_loss"], st.router_z_loss_func(logits))
+    probs = logits.softmax(-1)
+    hf_balance = st.load_balancing_loss_func(probs, logits.argmax(-1))
+    per_sequence = [
+        load_balance_loss(p, count="first") for p in probs
+    ]  # minimoe's, sequence by sequence: first choices before the drops, as Hugging Face's
+    torch.testing.assert_close(hf_balance, torch.stack(per_sequence).mean())
+    assert abs(out.losses["load_balance"] - hf_balance) > 1e-3  # the batch's: another number
+    one = moe(x[:1])
+    torch.testing.assert_close(one.losses["load_balance"], per_sequence[0])
+    torch.testing.assert_close(one.losses["z_loss"], z_loss(logits[0]))
+
+
+def test_switch_router_losses_vanish_when_every_layer_is_sparse():
+    """DEFECT: SwitchTransformersForConditionalGeneration adds its router losses only when
+    ``encoder_sparse_step > 1``; a model whose every layer is sparse (step 1) trains neither."""
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    losses = {}
+    for sparse in (1, 2):  # of 2 layers
+        config = switch_config(vocab_size=32, d_kv=8, num_heads=2, num_layers=2,
+                               num_decoder_layers=2, num_sparse_encoder_layers=sparse,
+                               num_sparse_decoder_layers=sparse, expert_capacity=8,
+                               decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+        torch.manual_seed(0)
+        model = SwitchTransformersForConditionalGeneration(config)
+        ids = torch.randint(1, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        layers = sum(b.layer[-1].is_sparse for b in model.encoder.block)
+        losses[layers] = (float(out.encoder_z_loss), float(out.encoder_aux_loss))
+    assert losses[1][0] > 1 and losses[1][1] > 0.5  # one sparse layer of 2: both losses
+    assert losses[2] == (0.0, 0.0)  # two sparse layers of 2: neither
+
+
+def test_switch_jitter_routes_at_evaluation_and_refuses_to_train():
+    block = switch(router_jitter_noise=0.01).eval()
+    moe = interop.from_hf(block).eval()
+    assert moe.config.router.input_jitter == 0.01
+    x = x_of(2, 8, 16)
+    torch.testing.assert_close(moe(x).output, block(x.clone()))
+    with pytest.raises(ValueError, match=r"input_jitter=0.01\) cannot train.*replace"):
+        moe.train()(x)
+    plain = dataclasses.replace(moe.config.router, input_jitter=0.0)
+    moe.replace_config(router=plain)(x)  # trains without it
+    # Hugging Face's jitter multiplies the router's input in place: in float32 that tensor is the
+    # block's input (.to(float32) returns it), so the experts see the jittered tokens too
+    block.train()
+    x = x_of(2, 8, 16)
+    before = x.clone()
+    block(x)
+    assert not torch.equal(x, before)
+
+
+def test_switch_refusals_name_the_field():
+    with pytest.raises(ValueError, match="dropout_rate=0.0, got 0.1"):
+        interop.from_hf(switch(dropout_rate=0.1))
+    with pytest.raises(ValueError, match="router_bias=False, got True"):
+        interop.from_hf(switch(router_bias=True))
+    with pytest.raises(ValueError, match="dense_act_fn='gelu_new'"):
+        interop.from_hf(switch(dense_act_fn="gelu_new"))
+    swiglu = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=4,
+                           router=CapacityTopK(k=1, per_sequence=True, normalize="none")))  # fmt: skip
+    with pytest.raises(ValueError, match="Switch cannot express activation='swiglu'"):
+        interop.to_hf(swiglu, like="Switch")
+    two = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=4, activation="relu",
+                        router=CapacityTopK(k=2, per_sequence=True, normalize="none")))  # fmt: skip
+    with pytest.raises(ValueError, match="Switch cannot express .*k=1"):
+        interop.to_hf(two, like="Switch")
+
+
+# ---- NLLB-MoE ---------------------------------------------------------------------------------
+
+
+def test_nllb_router_keeps_the_evaluation_capacity_in_training():
+    """DEFECT: NllbMoeTop2Router writes its capacity into ``self.expert_capacity``: after one
+    evaluation forward (``moe_eval_capacity_token_fraction``), training keeps that capacity.
+    minimoe's spec computes the capacity on each call from its settings."""
+    from transformers import NllbMoeConfig
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeTop2Router
+
+    config = NllbMoeConfig(d_model=16, num_experts=4, expert_capacity=3,
+                           moe_eval_capacity_token_fraction=0.5, moe_token_dropout=0.0)  # fmt: skip
+    router = NllbMoeTop2Router(config)
+    randomize(router)
+    spec = family("NLLB-MoE").rule.router(config, "NLLB-MoE")
+    x = x_of(24, 16)
+    kept = {}
+    for step, training in (("train", True), ("eval", False), ("train again", True)):
+        _, weights, logits = router.train(training)(x)
+        kept[step] = int((weights > 0).sum())
+        ours = spec(logits.detach(), training=training)
+        if step != "train again":  # the first two agree with the spec
+            assert int(ours.mask.sum()) == kept[step]
+        else:
+            assert int(ours.mask.sum()) == kept["train"] == 12  # 3 slots x 4 experts
+    assert kept["train again"] == kept["eval"] > 12  # the evaluation capacity leaked
