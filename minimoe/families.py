@@ -441,6 +441,7 @@ FAMILIES: tuple[Family, ...] = (
           "the 0/1 routing mask as if it held expert indices (expert 1 runs every first "
           "choice, expert 0 every other pair), so the block ignores its router",
           trains="capacity drops tokens; no z-loss (its coefficient is read, unused)",
-          notes="second expert sampled or random in training (second_expert_policy)"),
+          notes="second expert sampled or random in training (second_expert_policy); a DEFECT: "
+          "its router stores the evaluation capacity in expert_capacity, and training keeps it"),
 )
 # fmt: on
