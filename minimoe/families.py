@@ -179,7 +179,14 @@ _DSV3_RULE = RouterMap(
 _BIAS_TRAINS = "selection bias: never (no update rule)"
 _CLAMPED = "experts: SwiGLU clamped at swiglu_limit, minimoe's swiglu has no clamp"
 _GELU_MIX = "experts: interleaved, clamped SwiGLU (alpha 1.702) with biases"
-_NORMED = "router input RMS-normed with a learned scale; learned per-expert output scales"
+_GEMMA = _score(
+    {"rms_norm_eps": "input_norm_eps"}, "top_k_experts", input_norm=True, expert_scales=True
+)
+_TWO_INPUTS = (
+    "router and experts are separate modules of the decoder layer: the router reads the "
+    "residual stream, the experts its RMS-normed copy (pre_feedforward_layernorm_2); "
+    "experts: GeGLU (gelu_pytorch_tanh); the router is checked alone"
+)
 
 MIXTRAL = Family("Mixtral", "mixtral", "MixtralSparseMoeBlock", "MixtralConfig",
                  _topk(None, router_jitter_noise=0.0), "num_local_experts", "intermediate_size",
@@ -266,12 +273,11 @@ FAMILIES: tuple[Family, ...] = (
           num_experts="n_routed_experts", width="expert_ffn_hidden_size",
           router="router.classifier.weight", bias="router.e_score_correction_bias",
           trains=_BIAS_TRAINS),
-    _like(QWEN3, "Gemma-4", "gemma4", "Gemma4TextExperts", "Gemma4TextConfig", rule=None,
-          selection="softmax of a normed router, top-k, renormalized, times a learned "
-          "per-expert scale", refuse=_NORMED, trains="its input scale and the per-expert scales"),
+    _like(QWEN3, "Gemma-4", "gemma4", "Gemma4TextExperts", "Gemma4TextConfig", rule=_GEMMA,
+          refuse=_TWO_INPUTS, trains="the router's input scale and per-expert scales"),
     _like(QWEN3, "Diffusion-Gemma", "diffusion_gemma", "DiffusionGemmaTextExperts",
-          "DiffusionGemmaTextConfig", rule=None, selection="as Gemma-4", refuse=_NORMED,
-          trains="its input scale and the per-expert scales"),
+          "DiffusionGemmaTextConfig", rule=_GEMMA, refuse=_TWO_INPUTS,
+          trains="the router's input scale and per-expert scales"),
     # top-k of the logits, then a softmax over the k (= renormalized softmax top-k)
     GRANITE,
     _like(GRANITE, "Granite-MoE-SWA", "granitemoe_swa", "GraniteMoeSWAMoE", "GraniteMoeSWAConfig"),

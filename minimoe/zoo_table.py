@@ -92,6 +92,8 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
     score = _text(s("score"))
     if s("softcap") not in (0.0, None):
         score += f", soft-capped by {_text(s('softcap'))}"
+    if s("input_norm") is True:
+        score += " of an RMS-normed input times a learned scale"
     weight = s("weight")
     if weight == "softmax":
         selection = f"top-k of logits{plus}, softmax over the k"
@@ -125,7 +127,8 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
         if bias is True
         else f"if {bias} (`{family.bias}`)",
         "groups": grouped,
-        "scaling": "1" if s("scaling") in (1.0, None) else _text(s("scaling")),
+        "scaling": ("1" if s("scaling") in (1.0, None) else _text(s("scaling")))
+        + (", times a learned scale per expert" if s("expert_scales") is True else ""),
     }
 
 

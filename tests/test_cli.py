@@ -111,6 +111,7 @@ def as_flags(router) -> list[str]:
         CapacityTopK(k=1, expert_capacity=4, per_sequence=True, normalize="none"),
         HashTopK(k=1, vocab_size=64, score="softmax", seed=3),
         SparseMixer(jitter_eps=0.1),
+        ScoreTopK(input_norm=True, input_norm_eps=1e-5, expert_scales=True),
     ],
     ids=repr,
 )

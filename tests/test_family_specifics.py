@@ -203,3 +203,47 @@ def test_nllb_router_keeps_the_evaluation_capacity_in_training():
         else:
             assert int(ours.mask.sum()) == kept["train"] == 12  # 3 slots x 4 experts
     assert kept["train again"] == kept["eval"] > 12  # the evaluation capacity leaked
+
+
+# ---- Gemma 4: a normed router with per-expert scales ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Gemma-4", "Diffusion-Gemma"])
+def test_gemma_router_conforms_with_its_trained_scales(name):
+    """Hugging Face's router module (router and experts are separate modules of the decoder
+    layer, so no block converts): same experts, weights and gradients of all three trained
+    router tensors (the projection, the input scale and the per-expert scales)."""
+    import importlib
+
+    f = family(name)
+    configuration = importlib.import_module(f"transformers.models.{f.module}.configuration_{f.module}")  # fmt: skip
+    modeling = importlib.import_module(f"transformers.models.{f.module}.modeling_{f.module}")
+    config = getattr(configuration, f.config)(hidden_size=16, num_experts=8, top_k_experts=3,
+                                              moe_intermediate_size=8, enable_moe_block=True,
+                                              rms_norm_eps=1e-5)  # fmt: skip
+    router = getattr(modeling, f.block.replace("Experts", "Router"))(config)
+    randomize(router)  # the scales too: not their initial ones
+    spec = f.rule.router(config, name)
+    assert spec == ScoreTopK(k=3, input_norm=True, input_norm_eps=1e-5, expert_scales=True)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=8, router=spec))
+    assert sorted(n for n, _ in moe.router_params.named_parameters()) == [
+        "expert_scale",
+        "input_scale",
+    ]
+    ours_of = {router.proj.weight: moe.gate.weight, router.scale: moe.router_params.input_scale,
+               router.per_expert_scale: moe.router_params.expert_scale}  # fmt: skip
+    with torch.no_grad():
+        for theirs, ours in ours_of.items():
+            ours.copy_(theirs)
+    x = x_of(24, 16) * 3
+    _, weights, idx = router(x)
+    routing = moe.route(x)
+    dense = torch.zeros(24, 8).scatter(1, idx, weights)
+    assert torch.equal(routing.mask, dense != 0)
+    torch.testing.assert_close(routing.weights, dense, atol=1e-6, rtol=1e-5)
+    assert (routing.weights.sum(1) - 1).abs().max() > 0.1  # the expert scales are exercised
+    mix = x_of(24, 8, seed=5)
+    theirs = torch.autograd.grad((dense * mix).sum(), list(ours_of))
+    mine = torch.autograd.grad((routing.weights * mix).sum(), list(ours_of.values()))
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -79,6 +79,44 @@ def test_p_norm_floor_soft_cap_and_sqrt_softplus():
     assert root.weights[0, 0].item() == pytest.approx(math.sqrt(math.log1p(math.e)))
 
 
+def test_gemmas_normed_router_input_and_expert_scales():
+    x = torch.tensor([[3.0, 4.0]])  # mean square 12.5: x / sqrt(12.5) / sqrt(2) = x / 5
+    normed = routing.normed_router_input(x, torch.tensor([1.0, 2.0]), eps=0.0)
+    torch.testing.assert_close(normed, torch.tensor([[0.6, 1.6]]))
+    tokens = rand(6, 8)
+    scale = rand(8, seed=1)
+    torch.testing.assert_close(  # the token's own scale is gone (up to eps)
+        routing.normed_router_input(7 * tokens, scale), routing.normed_router_input(tokens, scale)
+    )
+    logits, c = rand(5, 4), torch.tensor([0.5, 2.0, 1.0, 3.0])
+    scaled = score_top_k(logits, 2, expert_scale=c)
+    torch.testing.assert_close(scaled.weights, score_top_k(logits, 2).weights * c)
+    assert torch.equal(scaled.mask, top_k(logits, 2).mask)  # scales weigh, never select
+
+
+def test_the_routers_trained_tensors_are_parameters_of_the_layer():
+    from minimoe.train import routers
+
+    rule = ScoreTopK(k=2, input_norm=True, expert_scales=True)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))
+    assert {n for n, _ in moe.named_parameters()} >= {
+        "router_params.input_scale",
+        "router_params.expert_scale",
+    }
+    assert not list(moe.router_state.named_buffers())  # trained, not state
+    moe(rand(2, 5, 8)).output.pow(2).sum().backward()
+    assert moe.router_params.input_scale.grad.abs().sum() > 0
+    assert moe.router_params.expert_scale.grad.abs().sum() > 0
+    assert moe.router_params in routers(moe)  # freeze_router freezes them with the gate
+    with torch.no_grad():
+        moe.router_params.expert_scale.fill_(2.0)
+    moe.replace_config(router=ScoreTopK(k=1, input_norm=True, expert_scales=True))
+    assert moe.router_params.expert_scale.eq(2.0).all()  # the same tensors: kept
+    moe.replace_config(router=ScoreTopK(k=1))
+    assert not list(moe.router_params.parameters())
+    assert routers(moe) == [moe.gate]
+
+
 def test_groups_by_max_and_by_the_sum_of_two_differ():
     logits = torch.tensor([[3.0, -5.0, 2.5, 2.5]])  # group 0 has the best expert, group 1 two good
     by_max = score_top_k(logits, 2, n_group=2, topk_group=1, group_score="max")
@@ -133,6 +171,7 @@ RULES = [
     CapacityTopK(k=2, expert_capacity=5),
     CapacityTopK(k=1, expert_capacity=3, per_sequence=True, normalize="none"),
     SparseMixer(k=3, jitter_eps=0.05),
+    ScoreTopK(k=3, input_norm=True, expert_scales=True),
 ]
 
 
@@ -140,7 +179,9 @@ RULES = [
 def test_weights_vanish_outside_the_selection_and_groups_hold(rule):
     logits = rand(40, 8)
     init = getattr(rule, "init_state", lambda num_experts: {})
+    trained = getattr(rule, "init_params", lambda num_experts, d_model: {})
     state = {k: torch.randn(v.shape) for k, v in init(8).items()}
+    state |= {k: torch.rand(v.shape) + 0.5 for k, v in trained(8, 16).items()}  # scales > 0
     r = rule(logits, training=True, seq_len=10, **({"state": state} if state else {}))
     assert torch.equal(r.weights[~r.mask], torch.zeros((~r.mask).sum()))
     assert (r.weights[r.mask] >= 0).all()

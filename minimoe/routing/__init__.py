@@ -39,6 +39,11 @@ the length of the sequences the T tokens were flattened from (None: one sequence
   ``update_state(state, stats)`` is called by the training loop after each optimizer step
   with that step's ``MoEStats`` (under expert parallelism their counts are summed over the
   processes first). It is never called inside ``forward``: re-running a cell changes nothing.
+- **trained tensors of its own** (Gemma 4's per-expert scales): ``init_params(num_experts,
+  d_model)`` returns named tensors that the layer keeps as parameters (``router_params``,
+  trained with the router, frozen with it); they come in ``state=`` beside the buffers;
+- ``router_input(tokens, state) -> Tensor``: a transform of the (T, d) float32 tokens before the
+  router's matmul (Gemma 4 RMS-norms them and multiplies by a learned scale);
 - ``batch_measure(routing) -> Tensor``: what the router's ``update_state`` needs from the step's
   tokens beyond the counts (expert threshold routing: each expert's cutoff score); the layer
   computes it without gradient and passes it in ``MoEStats.router_measure``;
@@ -103,7 +108,13 @@ from minimoe.routing.production import (
     group_limited,
     sigmoid_top_k,
 )
-from minimoe.routing.zoo import ScoreTopK, SparseMixer, score_top_k, sparse_mixer
+from minimoe.routing.zoo import (
+    ScoreTopK,
+    SparseMixer,
+    normed_router_input,
+    score_top_k,
+    sparse_mixer,
+)
 
 __all__ = [
     "ROUTERS",
@@ -146,6 +157,7 @@ __all__ = [
     "is_uncertain",
     "noisy_top_k",
     "normalized_entropy",
+    "normed_router_input",
     "relu_l1_loss",
     "relu_routing",
     "router_columns",

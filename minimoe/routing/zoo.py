@@ -51,6 +51,15 @@ def _renormalize(g: Tensor, p: float, eps: float, floor: float) -> Tensor:
     return g / (norm + eps).clamp_min(max(floor, torch.finfo(g.dtype).tiny))
 
 
+def normed_router_input(tokens: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """Gemma 4's router input, (T, d) -> (T, d): x / sqrt(mean_j x_j^2 + eps) * s / sqrt(d).
+
+    The RMS norm takes the token's scale out of the logits; the learned s (d,) and d^-1/2 set
+    theirs (Hugging Face's ``Gemma4TextRouter``, in the same order of operations)."""
+    normed = tokens * (tokens.pow(2).mean(dim=-1, keepdim=True) + eps).pow(-0.5)
+    return normed * scale.to(tokens.dtype) * tokens.shape[-1] ** -0.5
+
+
 def score_top_k(
     logits: Tensor,
     k: int = 2,
@@ -70,6 +79,7 @@ def score_top_k(
     null_experts: int = 0,
     identity_experts: int = 0,
     balance_all: bool = False,
+    expert_scale: Tensor | None = None,
 ) -> Routing:
     """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
 
@@ -92,7 +102,8 @@ def score_top_k(
        logits then softmax: gpt-oss, Granite-MoE); ``"sigmoid"`` sigmoid of the chosen s (Llama 4).
     5. ``renormalize``: g <- g / max(||g||_{norm_p} + norm_eps, norm_min) (DBRX's p-norm, ERNIE's
        floor ``norm_min``; DeepSeek code adds eps = 1e-20).
-    6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor).
+    6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor), then g_i <- g_i * c_i with
+       ``expert_scale`` c (E,), one learned scale per true expert (Gemma 4).
 
     ``probs`` is the softmax of the (capped) logits for softmax and logit scores, else s
     normalized over all experts (DeepSeek-V3's P_i); over the true experts only, renormalized.
@@ -142,15 +153,18 @@ def score_top_k(
         probs = s if score == "softmax" else logits.softmax(dim=-1)
     else:
         probs = s / s.sum(dim=1, keepdim=True)  # (T, E) the normalized affinities
+    weights = g[:, :E]  # (T, E) the true experts'
+    if expert_scale is not None:
+        weights = weights * expert_scale.to(g.dtype)
     if E == C:
-        return Routing(logits=logits, probs=probs, mask=mask, weights=g)
+        return Routing(logits=logits, probs=probs, mask=mask, weights=weights)
     real = probs[:, :E]
     identity = g[:, E + null_experts :].sum(dim=1) if identity_experts else None
     return Routing(
         logits=logits[:, :E],
         probs=real / real.sum(dim=1, keepdim=True),
         mask=mask[:, :E],
-        weights=g[:, :E],
+        weights=weights,
         identity=identity,
         balance_probs=probs if balance_all else None,
         balance_mask=mask if balance_all else None,
@@ -162,10 +176,14 @@ class ScoreTopK:
     """A released model's top-k router: ``score_top_k`` with its settings (see the family table,
     ``python -m minimoe zoo``).
 
-    ``selection_bias=True`` keeps a bias b (one per router column) as router state (a buffer, no gradient) that only
-    selects. Hugging Face keeps it as ``e_score_correction_bias`` and no code path of it updates b
-    in training: ``bias_rate`` (default 0, frozen) turns on Wang et al.'s update after each step,
-    b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
+    ``selection_bias=True`` keeps a bias b (one per router column) as router state (a buffer, no
+    gradient) that only selects. Hugging Face keeps it as ``e_score_correction_bias`` and no code
+    path of it updates b in training: ``bias_rate`` (default 0, frozen) turns on Wang et al.'s
+    update after each step, b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
+
+    Gemma 4's router trains tensors of its own (``init_params``): ``input_norm`` RMS-norms the
+    tokens and multiplies them by a learned scale before the router's matmul
+    (``normed_router_input``), ``expert_scales`` multiplies each expert's weight by a learned c_i.
     """
 
     k: int = field(default=2, metadata=flags.K)
@@ -213,6 +231,16 @@ class ScoreTopK:
             "help": "the balance loss over every column, null and identity experts too (AdaMoE)"
         },
     )
+    input_norm: bool = field(
+        default=False,
+        metadata={"help": "RMS-norm the router's input, times a learned scale and d^-1/2"},
+    )
+    input_norm_eps: float = field(
+        default=1e-6, metadata={"help": "eps of that RMS norm", "positive": True}
+    )
+    expert_scales: bool = field(
+        default=False, metadata={"help": "a learned scale per expert multiplies its weight"}
+    )
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "score_top_k"
@@ -243,6 +271,9 @@ class ScoreTopK:
         check_int("null_experts", self.null_experts, 0)
         check_int("identity_experts", self.identity_experts, 0)
         check_bool("balance_free", self.balance_free)
+        check_bool("input_norm", self.input_norm)
+        check_float("input_norm_eps", self.input_norm_eps, 0.0, low_open=True)
+        check_bool("expert_scales", self.expert_scales)
         if self.n_group > 1 and self.null_experts + self.identity_experts:
             raise ValueError(f"n_group={self.n_group}: groups of null or identity experts")
         check_recipe(self)
@@ -258,6 +289,17 @@ class ScoreTopK:
     def init_state(self, num_experts: int) -> dict[str, Tensor]:
         columns = self.router_columns(num_experts)
         return {"bias": torch.zeros(columns)} if self.selection_bias else {}
+
+    def init_params(self, num_experts: int, d_model: int) -> dict[str, Tensor]:
+        """Gemma 4's trained router tensors, both 1 at the start: the input scale s (d,) of
+        ``input_norm`` and the per-expert scales c (E,) of ``expert_scales``."""
+        out = {"input_scale": torch.ones(d_model)} if self.input_norm else {}
+        return out | ({"expert_scale": torch.ones(num_experts)} if self.expert_scales else {})
+
+    def router_input(self, tokens: Tensor, state: dict[str, Tensor]) -> Tensor:
+        if not self.input_norm:
+            return tokens
+        return normed_router_input(tokens, state["input_scale"], self.input_norm_eps)
 
     def update_state(self, state: dict[str, Tensor], stats) -> None:
         """b_i += u * sign(mean load - load_i); u = ``bias_rate`` (0: as Hugging Face, frozen)."""
@@ -290,6 +332,7 @@ class ScoreTopK:
             null_experts=self.null_experts,
             identity_experts=self.identity_experts,
             balance_all=self.balance_free,
+            expert_scale=state["expert_scale"] if self.expert_scales else None,
         )
 
 
