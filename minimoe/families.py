@@ -416,11 +416,13 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV2, "Unlimited-OCR", "unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextConfig"),
     # other rules
     _like(MIXTRAL, "PhiMoE", "phimoe", "PhimoeSparseMoeBlock", "PhimoeConfig",
-          rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps"}, {"k": 2},
+          rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps",
+                                       "input_jitter_noise": "input_jitter"}, {"k": 2},
                          {"num_experts_per_tok": 2}),  # its code routes two rounds, whatever k
           router="router.weight", trains="experts sampled (Gumbel), Heun's-method gradient",
-          notes="its inference rule; in training PhiMoE samples, minimoe routes as at inference; "
-          "input_jitter_noise scales the input in training"),
+          notes="in training too, with the same seed the same experts and weights; its input "
+          "jitter becomes input_jitter: routes at evaluation, refuses to train (a DEFECT: block "
+          "and router both scale the input in place, so the experts see it scaled twice)"),
     _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
           selection="MLP router with states carried across layers, softmax, + bias, top-k",
           null_experts="1 skip expert (bias -1): weight dropped",

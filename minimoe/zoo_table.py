@@ -81,7 +81,8 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
     if rule.spec is SparseMixer:
         return {
             "score": "logits",
-            "selection": f"top-{_text(s('k'))}, round by round: the best remaining logit",
+            "selection": f"top-{_text(s('k'))}, round by round: the best remaining logit; in "
+            "training one sampled from the round's softmax, weighted 1/3 or 1 (Heun)",
             "normalization": "a softmax per round over logits within 2 eps (`router_jitter_noise`)",
             "bias": "none",
             "groups": "none",

@@ -247,3 +247,58 @@ def test_gemma_router_conforms_with_its_trained_scales(name):
     mine = torch.autograd.grad((routing.weights * mix).sum(), list(ours_of.values()))
     for a, b in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---- PhiMoE: SparseMixer sampled in training --------------------------------------------------
+
+
+def phimoe(**changes):
+    from transformers import PhimoeConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
+
+    settings = {"hidden_size": 16, "intermediate_size": 8, "num_local_experts": 6,
+                "router_jitter_noise": 0.3, "experts_implementation": "eager"} | changes  # fmt: skip
+    block = PhimoeSparseMoeBlock(PhimoeConfig(**settings))
+    randomize(block)
+    return block
+
+
+def test_phimoe_trains_as_hf_under_the_same_seed():
+    """Training mode: both sample; seeded alike they pick the same experts with the same weights
+    (Heun's 1/3 included), give the same output and the same gradients."""
+    block = phimoe().train()
+    moe = interop.from_hf(block).train()
+    x = x_of(3, 40, 16)
+    torch.manual_seed(11)
+    theirs = block(x.clone())
+    torch.manual_seed(11)
+    out = moe(x)
+    torch.testing.assert_close(out.output, theirs, atol=1e-5, rtol=1e-4)
+    greedy = interop.from_hf(block).eval()(x).routing
+    assert not torch.equal(out.routing.mask, greedy.mask)  # the sampling is exercised
+    thirds = (out.routing.weights[out.routing.mask] / greedy.probs[out.routing.mask]).lt(0.5)
+    assert thirds.any()  # and Heun's 1/3 (weights far below a softmax value)
+    theirs.pow(2).sum().backward()
+    out.output.pow(2).sum().backward()
+    torch.testing.assert_close(moe.gate.weight.grad, block.router.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        moe.experts.gate_up.grad, block.experts.gate_up_proj.grad, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_phimoe_input_jitter_routes_at_evaluation_and_refuses_to_train():
+    """DEFECT: PhimoeSparseMoeBlock scales its input by U(1-eps, 1+eps) in place, and its router
+    scales that same tensor again: in training the experts see the tokens jittered twice."""
+    block = phimoe(input_jitter_noise=0.1)
+    moe = interop.from_hf(block).eval()
+    assert moe.config.router.input_jitter == 0.1
+    x = x_of(2, 8, 16)
+    torch.testing.assert_close(moe(x).output, block.eval()(x.clone()), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"SparseMixer\(input_jitter=0.1\) cannot train"):
+        moe.train()(x)
+    seen = {}
+    block.experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone()))
+    before = x.clone()
+    block.train()(x)
+    ratio = (seen["x"].view(2, 8, 16) / before - 1).abs()
+    assert ratio.max() > 0.1 + 1e-3 and ratio.max() <= 0.21 + 1e-6  # two U(0.9, 1.1) factors

@@ -153,6 +153,53 @@ def test_sparse_mixer_rounds():
     torch.testing.assert_close(wide.weights, torch.tensor([[1 / (1 + math.exp(-0.1)), 1, 0, 0]]))
 
 
+def test_sparse_mixer_samples_in_training_as_the_softmax_over_its_candidates():
+    """k = 1 over 4000 copies of one token: every logit is a candidate (eps = 1), the pick
+    follows p = softmax, and a pick that is not the best weighs p / 3 three times in four."""
+    logits = torch.tensor([[1.0, 0.9, 0.5, -2.0]]).expand(4000, 4)
+    p = logits[0].softmax(0)
+    r = sparse_mixer(logits, 1, 1.0, training=True, generator=torch.Generator().manual_seed(0))
+    share = r.mask.float().mean(0)
+    assert ((share - p).abs() <= 4 * (p * (1 - p) / 4000).sqrt()).all(), (share, p)
+    picked = r.mask.float().argmax(1)  # (T,) the one expert of each token
+    g = r.weights.gather(1, picked[:, None])[:, 0]
+    best = picked == 0
+    torch.testing.assert_close(g[best], p[0].expand(int(best.sum())))  # the best: c = 1
+    third = torch.isclose(g[~best], p[picked[~best]] * 0.3333)
+    assert abs(third.float().mean() - 0.75) < 4 * (0.75 * 0.25 / int((~best).sum())) ** 0.5
+
+
+def test_sparse_mixer_in_training_with_eps_0_is_the_inference_rule_and_has_its_gradient():
+    logits = rand(64, 8).requires_grad_()
+    inference = sparse_mixer(logits, 2, 0.0)
+    training = sparse_mixer(logits, 2, 0.0, training=True)  # one candidate per round
+    assert torch.equal(training.mask, inference.mask)
+    assert torch.equal(training.weights, inference.weights)
+    # a sampled pick with c = 1/3: the value is c p(e), the gradient that of p(e) alone
+    one = torch.tensor([[0.0, 0.1, -0.2]], requires_grad=True)
+    for seed in range(50):
+        r = sparse_mixer(one, 1, 5.0, training=True, generator=torch.Generator().manual_seed(seed))
+        e = int(r.mask[0].float().argmax())
+        p = one.detach().softmax(1)[0]
+        if e != 0 and r.weights[0, e] < 0.5 * p[e]:
+            break
+    else:
+        raise AssertionError("no seed gave a non-best pick weighted 1/3")
+    (grad,) = torch.autograd.grad(r.weights[0, e], one)
+    torch.testing.assert_close(grad[0], p[e] * (torch.eye(3)[e] - p))
+
+
+def test_sparse_mixer_draws_from_the_generator_it_is_given():
+    logits = rand(32, 8)
+    state = torch.get_rng_state()
+    a = sparse_mixer(logits, 2, 0.5, training=True, generator=torch.Generator().manual_seed(4))
+    b = sparse_mixer(logits, 2, 0.5, training=True, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator untouched
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.weights, b.weights)
+    greedy = SparseMixer(jitter_eps=0.5, sample_in_training=False)
+    assert torch.equal(greedy(logits, training=True).mask, sparse_mixer(logits, 2, 0.5).mask)
+
+
 def test_hash_routing_reads_the_table():
     r = hash_top_k(torch.zeros(2, 4), torch.tensor([[0, 3], [2, 1]]), score="sigmoid")
     assert r.mask.tolist() == [[True, False, False, True], [False, True, True, False]]
@@ -228,6 +275,12 @@ def test_refusals_name_the_field():
         MoEConfig(num_experts=8, router=ScoreTopK(n_group=3))
     with pytest.raises(ValueError, match="normalize"):
         CapacityTopK(normalize="later")
+    with pytest.raises(ValueError, match="input_jitter"):
+        SparseMixer(input_jitter=-0.1)
+    with pytest.raises(TypeError, match="sample_in_training"):
+        SparseMixer(sample_in_training="yes")
+    with pytest.raises(ValueError, match=r"CapacityTopK\(input_jitter=0.01\) cannot train"):
+        CapacityTopK(input_jitter=0.01)(rand(4, 4), training=True)
     with pytest.raises(ValueError, match="norm_p"):
         score_top_k(rand(4, 8), 2, norm_p=0.0)
     with pytest.raises(ValueError, match="n_group=3"):

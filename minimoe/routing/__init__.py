@@ -12,8 +12,8 @@ Files: ``core.py`` (the Routing decision, shared checks, the one rule for ties, 
 measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adaptive, GW
 broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
 expert choice), ``zoo.py`` (the released models' rules as one composable spec), ``capacity.py``
-(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), ``dynamic.py``
-(compute on demand: ReMoE, expert threshold routing, SeqTopK), ``flags.py`` (how a spec's fields
+(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing),
+``sparsemixer.py`` (PhiMoE's rounds, sampled in training), ``dynamic.py`` (compute on demand: ReMoE, expert threshold routing, SeqTopK), ``flags.py`` (how a spec's fields
 declare their command-line flags), and here the registry of names.
 
 Notation: T tokens, E experts, P = softmax(logits) in float32, S the
@@ -108,13 +108,8 @@ from minimoe.routing.production import (
     group_limited,
     sigmoid_top_k,
 )
-from minimoe.routing.zoo import (
-    ScoreTopK,
-    SparseMixer,
-    normed_router_input,
-    score_top_k,
-    sparse_mixer,
-)
+from minimoe.routing.sparsemixer import SparseMixer, sparse_mixer
+from minimoe.routing.zoo import ScoreTopK, normed_router_input, score_top_k
 
 __all__ = [
     "ROUTERS",

@@ -14,7 +14,13 @@ from torch import Tensor
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
 from minimoe.routing import flags
-from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_recipe
+from minimoe.routing.core import (
+    Routing,
+    _mask_of_top,
+    check_logits,
+    check_recipe,
+    refuse_training_jitter,
+)
 
 NORMALIZE = ("none", "before_drop", "after_drop")
 
@@ -72,9 +78,9 @@ class CapacityTopK:
     Only these two Hugging Face families drop tokens (only Switch's code adds a router z-loss);
     the recipe here is Switch's alpha = 1e-2 with ST-MoE's z-loss 1e-3. Their training-time
     extras are not rules of this spec: NLLB's sampled or random second expert and its padding
-    mask, and Switch's input jitter: its router multiplies the tokens by U(1 - eps, 1 + eps)
-    before the router's matmul, which a rule over logits cannot do. ``input_jitter`` keeps a
-    converted Switch router's eps: it routes as Hugging Face's at evaluation and refuses to train.
+    mask, and Switch's input jitter: ``input_jitter`` keeps a converted Switch router's eps, and
+    the router then routes as Hugging Face's at evaluation and refuses to train
+    (``core.refuse_training_jitter``).
     """
 
     k: int = field(default=2, metadata=flags.K)
@@ -99,13 +105,7 @@ class CapacityTopK:
             "choices": NORMALIZE,
         },
     )
-    input_jitter: float = field(
-        default=0.0,
-        metadata={
-            "no_flag": "Hugging Face's Switch setting, kept for the round trip: with it, "
-            "training is refused"
-        },
-    )
+    input_jitter: float = field(default=0.0, metadata=flags.INPUT_JITTER)
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "capacity_top_k"
@@ -133,13 +133,7 @@ class CapacityTopK:
         return self.k * math.ceil(num_tokens / num_experts)
 
     def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
-        if training and self.input_jitter:
-            raise ValueError(
-                f"CapacityTopK(input_jitter={self.input_jitter}) cannot train: Hugging Face's "
-                "Switch router multiplies its input by U(1 - eps, 1 + eps) in training, which "
-                "minimoe's router (a rule over logits) does not reproduce. Evaluate (.eval()), or "
-                "train without it: dataclasses.replace(router, input_jitter=0.0)"
-            )
+        refuse_training_jitter(self, training)
         L = seq_len if self.per_sequence and seq_len else logits.shape[0]
         return capacity_top_k(
             logits,

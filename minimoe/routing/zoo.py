@@ -8,7 +8,7 @@ Read from the modeling files of Hugging Face transformers (the version the ``ben
 
 and ``ScoreTopK`` is that pipeline with one field per step; ``TopK`` and ``SigmoidTopK`` are two
 of its settings, kept as they are. Rules that do not fit it: capacity inside the router
-(``capacity.py``) and hash routing (``hashing.py``).
+(``capacity.py``), hash routing (``hashing.py``) and PhiMoE's rounds (``sparsemixer.py``).
 
 Top-k of the logits then a softmax over the k chosen (gpt-oss, Granite-MoE, JetMoE) is the same
 function of the logits as softmax, top-k, renormalize (exp(l_i) / sum_{j in S} exp(l_j) either
@@ -334,61 +334,3 @@ class ScoreTopK:
             balance_all=self.balance_free,
             expert_scale=state["expert_scale"] if self.expert_scales else None,
         )
-
-
-# ---- PhiMoE's SparseMixer, at inference --------------------------------------------------
-
-
-def sparse_mixer(logits: Tensor, k: int = 2, jitter_eps: float = 0.01) -> Routing:
-    """PhiMoE's SparseMixer as it routes at inference (Liu et al. 2024, arXiv 2409.12136).
-
-    Round r = 1..k: e_r = the best logit not yet chosen (value m_r); g_r = the softmax, at e_r,
-    over the not-yet-chosen logits l_j close to m_r, (m_r - l_j) / max(|l_j|, m_r) <= 2 eps
-    (``jitter_eps``); the others are masked out. Each round is its own softmax: no
-    renormalization. In training PhiMoE samples e_r (Gumbel) and estimates the gradient by
-    Heun's method; this rule is the inference one in training too.
-    """
-    logits = check_logits(logits)
-    check_int("k", k, 1, logits.shape[1])
-    check_float("jitter_eps", jitter_eps, 0.0)
-    remaining = logits  # (T, E) chosen experts set to -inf, round after round
-    mask = torch.zeros_like(logits, dtype=torch.bool)
-    weights = torch.zeros_like(logits)
-    for _ in range(k):
-        top, chosen = remaining.max(dim=1, keepdim=True)  # (T, 1) each
-        far = (top - logits) / logits.abs().clamp(min=top) > 2 * jitter_eps  # (T, E)
-        g = remaining.masked_fill(far, float("-inf")).softmax(dim=1)  # (T, E)
-        weights = weights.scatter(1, chosen, g.gather(1, chosen))
-        mask = mask.scatter(1, chosen, True)
-        remaining = remaining.scatter(1, chosen, float("-inf"))
-    return Routing(logits=logits, probs=logits.softmax(dim=-1), mask=mask, weights=weights)
-
-
-@dataclass(frozen=True)
-class SparseMixer:
-    """PhiMoE's router at inference: ``sparse_mixer`` (k = 2 in PhiMoE). The training-time
-    sampling and its gradient estimator are not reproduced: in training it routes as at
-    inference."""
-
-    k: int = field(default=2, metadata=flags.K)
-    jitter_eps: float = field(
-        default=0.01,
-        metadata={
-            "help": "eps: logits within (m - l) / max(|l|, m) <= 2 eps of the best m compete"
-        },
-    )
-    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
-    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
-    name: ClassVar[str] = "sparse_mixer"
-    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
-
-    def __post_init__(self) -> None:
-        check_int("k", self.k, 1)
-        check_float("jitter_eps", self.jitter_eps, 0.0)
-        check_recipe(self)
-
-    def check_experts(self, num_experts: int) -> None:
-        check_int("k", self.k, 1, num_experts)
-
-    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
-        return sparse_mixer(logits, self.k, self.jitter_eps)
