@@ -50,7 +50,7 @@ from torch import Tensor, nn
 import minimoe.experts as experts_module
 from course.common import Timings, interleaved, synchronize
 from minimoe.layer import MoE, MoEConfig
-from minimoe.routing import Adaptive, ScoreTopK, SigmoidTopK, TopK, TopP, adaptive
+from minimoe.routing import Adaptive, ScoreTopK, SigmoidTopK, SparseMixer, TopK, TopP, adaptive
 
 try:
     from minimoe.interop import to_mixtral
@@ -79,6 +79,8 @@ TARGET_SIGMOID = 1.05  # issue 12: the sigmoid/bias router costs <= 5% over top-
 ZOO = {
     "zoo logits-softmax": ScoreTopK(k=K, score="logits", weight="softmax"),  # gpt-oss, Granite
     "zoo sqrt-softplus+bias": ScoreTopK(k=K, score="sqrt_softplus", selection_bias=True),  # V4
+    "zoo normed+scales": ScoreTopK(k=K, input_norm=True, expert_scales=True),  # Gemma 4
+    "zoo sparse mixer": SparseMixer(k=K),  # PhiMoE: sampled in training
 }
 TARGET_E64 = 1.5  # issue 12: sorted fwd+bwd <= 1.5x dense at T=2048 with E=64 fine-grained experts
 NO_THREADS = "sorted, grouped kernel"  # the target check's control: minimoe.threaded off
@@ -337,7 +339,10 @@ def build(device: torch.device, seed: int, one_expert_share: float, num_experts:
     for name, cfg in variants.items():
         m = MoE(cfg).to(device)
         missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)  # same weights
-        assert not unexpected and all(k.startswith("router_state.") for k in missing)
+        # missing: a router's state and trained tensors of its own (Gemma 4's scales, at 1)
+        assert not unexpected and all(
+            k.startswith(("router_state.", "router_params.")) for k in missing
+        )
         models[name] = m
     dense = DenseSwiGLU.from_experts(base.experts, range(K)).to(device)
     models = {"dense": dense, **models}

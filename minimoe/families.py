@@ -3,8 +3,12 @@ files of the version the ``bench`` extra pins (5.25.0); ``minimoe.interop`` conv
 table and the zoo table (``python -m minimoe zoo``, docs/zoo.md) is generated from it.
 
 A family converts when a minimoe spec expresses its router (``rule``) and its block computes what
-a minimoe ``MoE`` computes: stacked SwiGLU (silu) experts without biases, optionally one shared
-MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and ``interop`` raises it.
+a minimoe ``MoE`` computes: SwiGLU (silu) experts without biases (Switch: Linear-ReLU-Linear),
+optionally one shared MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and
+``interop`` raises it. A few rules are checked against the family's router module although its
+block does not convert (Gemma 4, gpt-oss, Llama 4, DeepSeek-V4, NLLB-MoE: tests/test_families.py
+and tests/test_family_specifics.py). Where a block is wrong, the table says DEFECT and a test
+shows it.
 
 Hugging Face's code: routers return raw logits; where a family trains a balance loss
 (``POOLED_BALANCE_LOSS``), ``load_balancing_loss_func`` concatenates the logits of *all* layers
@@ -251,8 +255,8 @@ FAMILIES: tuple[Family, ...] = (
           layout="dbrx", act="ffn_act_fn.name", wrap="ffn_config",
           notes="p unset: undivided; a block is built from a DbrxConfig's ffn_config (to_hf's "
           "like=); DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model; "
-          "the router's training-time jitter (moe_jitter_eps) scales the block's input in place, "
-          "so the experts see it too"),
+          "a DEFECT: the router's training-time jitter (moe_jitter_eps) scales the block's input "
+          "in place, so the experts see it too"),
     # softmax with a selection bias
     _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
           "Ernie4_5_MoeConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
@@ -436,7 +440,8 @@ FAMILIES: tuple[Family, ...] = (
           width="d_ff", router="router.classifier.weight", layout="modules", act="dense_act_fn",
           activations=(("relu", "relu"), ("gelu", "gelu")),
           trains="capacity drops tokens; a router z-loss",
-          notes="its router jitter becomes input_jitter: routes at evaluation, refuses to train; "
+          notes="its router jitter becomes input_jitter: routes at evaluation, refuses to train "
+          "(a DEFECT: in float32 it scales the block's input in place, the experts' too); "
           "experts with dropout are refused; the loss coefficients are the model's, not the "
           "block's: MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
     _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",

@@ -35,10 +35,12 @@ from `minimoe/families.py`: do not edit by hand.
 
 A `config field` in backticks means the family's config sets it. The minimoe spec of a row is
 `ScoreTopK` (one composable rule: score, selection, weights, normalization, scaling), `TopK`,
-`SigmoidTopK` (DeepSeek-V3's rule) or `CapacityTopK` (Switch, NLLB-MoE); hash routing
-(DeepSeek-V4's first layers) is `HashTopK`. Each converting family is tested in
-`tests/test_families.py`: same experts, weights, outputs and router gradients in float32, and an
-exact round trip.
+`SigmoidTopK` (DeepSeek-V3's rule), `CapacityTopK` (Switch, NLLB-MoE) or `SparseMixer`
+(PhiMoE, sampled in training as Hugging Face samples); hash routing (DeepSeek-V4's first layers)
+is `HashTopK`. Each converting family is tested in `tests/test_families.py`: same experts,
+weights, outputs and router gradients in float32, and an exact round trip; what is particular to
+a family (training-time sampling, refused jitter, Hugging Face's own losses, its defects) in
+`tests/test_family_specifics.py`. A DEFECT in a row is a Hugging Face bug that a test shows.
 
 What Hugging Face's training code does, for every row with a balance loss in the last column
 but one (the DeepSeek-V3 relatives have none):
@@ -51,7 +53,8 @@ but one (the DeepSeek-V3 relatives have none):
 - no code path updates a selection bias (`e_score_correction_bias` and the like) in training:
   it is loaded, never learned (minimoe: `bias_rate` > 0 turns on Wang et al.'s update);
 - only Switch and NLLB-MoE drop tokens at a capacity; only Switch adds a router z-loss
-  (NLLB-MoE's model reads `router_z_loss_coef` and never uses it).
+  (NLLB-MoE's model reads `router_z_loss_coef` and never uses it), and Switch's model adds
+  neither of its router losses when every layer is sparse (`encoder_sparse_step` = 1).
 
 """
 
@@ -175,7 +178,7 @@ def _balance_loss(family: Family) -> str:
     if family.module == "switch_transformers":
         return (
             "Switch's: per sequence, on first choices before the drops, pooled over layers; a "
-            "z-loss; neither when every layer is sparse (a defect)"
+            "z-loss; neither when every layer is sparse (a DEFECT)"
         )
     if family.module == "doge":
         return "its own, over product keys"
