@@ -61,6 +61,7 @@ from minimoe.routing import (
     ScoreTopK,
     SeqTopK,
     SigmoidTopK,
+    SparseMixer,
     TopK,
     TopP,
     adaptive,
@@ -94,6 +95,8 @@ TARGET_SIGMOID = 1.05  # issue 12: the sigmoid/bias router costs <= 5% over top-
 ZOO = {
     "zoo logits-softmax": ScoreTopK(k=K, score="logits", weight="softmax"),  # gpt-oss, Granite
     "zoo sqrt-softplus+bias": ScoreTopK(k=K, score="sqrt_softplus", selection_bias=True),  # V4
+    "zoo normed+scales": ScoreTopK(k=K, input_norm=True, expert_scales=True),  # Gemma 4
+    "zoo sparse mixer": SparseMixer(k=K),  # PhiMoE: sampled in training
 }
 # issue 22: compute on demand; each rule against top-k at the k nearest its measured experts per
 # token (time per expert FLOP no worse than TARGET_ON_DEMAND x top-k's). The null and identity
@@ -373,8 +376,10 @@ def build(device: torch.device, seed: int, one_expert_share: float, num_experts:
     for name, cfg in variants.items():
         m = MoE(cfg).to(device)
         missing, unexpected = m.load_state_dict(base.state_dict(), strict=False)  # same weights
+        # missing: a router's state, trained tensors of its own (Gemma 4's scales, at 1) and
+        # the free experts' router rows (drawn below)
         assert not unexpected and all(
-            k.startswith(("router_state.", "gate_extra.")) for k in missing
+            k.startswith(("router_state.", "router_params.", "gate_extra.")) for k in missing
         )
         with torch.no_grad():
             if m.gate_extra is not None:  # free experts' rows drawn like the true experts'

@@ -3,6 +3,7 @@
 Layout as Hugging Face Mixtral (transformers 5): ``gate_up`` (E, 2h, d) holds the gate
 and up projections of SwiGLU stacked, ``down`` (E, d, h). Expert e computes
     SwiGLU: down_e(silu(gate_e x) * up_e x)        GELU: down_e(gelu(up_e x))
+    ReLU: down_e(relu(up_e x)) (Switch Transformers' experts)
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@ files of the version the ``bench`` extra pins (5.25.0); ``minimoe.interop`` conv
 table and the zoo table (``python -m minimoe zoo``, docs/zoo.md) is generated from it.
 
 A family converts when a minimoe spec expresses its router (``rule``) and its block computes what
-a minimoe ``MoE`` computes: stacked SwiGLU (silu) experts without biases, optionally one shared
-MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and ``interop`` raises it.
+a minimoe ``MoE`` computes: SwiGLU (silu) experts without biases (Switch: Linear-ReLU-Linear),
+optionally one shared MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and
+``interop`` raises it. A few rules are checked against the family's router module although its
+block does not convert (Gemma 4, gpt-oss, Llama 4, DeepSeek-V4, NLLB-MoE: tests/test_families.py
+and tests/test_family_specifics.py). Where a block is wrong, the table says DEFECT and a test
+shows it.
 
 Hugging Face's code: routers return raw logits; where a family trains a balance loss
 (``POOLED_BALANCE_LOSS``), ``load_balancing_loss_func`` concatenates the logits of *all* layers
@@ -98,6 +102,21 @@ class DeepSeekV2Map(RouterMap):
         return out | {"topk_method": "group_limited_greedy" if grouped else "greedy"}
 
 
+class DbrxMap(RouterMap):
+    """DBRX's ``moe_normalize_expert_weights``: p of the p-norm that divides the k weights, or
+    None: the weights are the softmax values, undivided."""
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        out = super().settings(config)
+        return out | ({"renormalize": False} if config.moe_normalize_expert_weights is None else {})
+
+    def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        if getattr(router, "renormalize", True):
+            return super().config_fields(router, family)
+        plain = replace(router, renormalize=True, norm_p=1.0)  # the rest must be DBRX's
+        return super().config_fields(plain, family) | {"moe_normalize_expert_weights": None}
+
+
 # modeling files of 5.25.0 that define ``load_balancing_loss_func`` (the others train no balance
 # loss in Hugging Face's code; Switch and Doge define their own)
 POOLED_BALANCE_LOSS = frozenset(
@@ -121,12 +140,17 @@ class Family:
     width: str = "moe_intermediate_size"
     router: str = "gate.weight"  # path from the block of the router weight (E, d)
     bias: str | None = None  # path from the block of the selection bias
-    layout: str = "stacked"  # experts: "stacked" (E, 2h, d), (E, d, h); "transposed" (Aria)
+    # experts: "stacked" (E, 2h, d), (E, d, h); "transposed" (Aria); "dbrx" (rows of w1, v1, w2);
+    # "modules" (one Linear-act-Linear module per expert: Switch)
+    layout: str = "stacked"
     shared: str | None = None  # block attribute of the shared MLP (gate/up/down_proj)
     shared_count: str | None = None  # config field: shared width = count * width
     shared_width: str | None = None  # config field: the shared width (times count if both)
     shared_gate: str | None = None  # block attribute of the shared expert's sigmoid gate
-    act: str | None = "hidden_act"  # None: silu, fixed in the code
+    act: str | None = "hidden_act"  # None: silu, fixed in the code; "field.key": a dict's key
+    # Hugging Face's activation name -> minimoe's (gated experts: silu is SwiGLU)
+    activations: tuple[tuple[str, str], ...] = (("silu", "swiglu"), ("swish", "swiglu"))
+    wrap: str | None = None  # the block takes a model config holding ``config`` in this field
     selection: str = ""  # the rule in words where no spec expresses it
     null_experts: str = ""
     trains: str = ""  # beyond the router weight
@@ -159,7 +183,14 @@ _DSV3_RULE = RouterMap(
 _BIAS_TRAINS = "selection bias: never (no update rule)"
 _CLAMPED = "experts: SwiGLU clamped at swiglu_limit, minimoe's swiglu has no clamp"
 _GELU_MIX = "experts: interleaved, clamped SwiGLU (alpha 1.702) with biases"
-_NORMED = "router input RMS-normed with a learned scale; learned per-expert output scales"
+_GEMMA = _score(
+    {"rms_norm_eps": "input_norm_eps"}, "top_k_experts", input_norm=True, expert_scales=True
+)
+_TWO_INPUTS = (
+    "router and experts are separate modules of the decoder layer: the router reads the "
+    "residual stream, the experts its RMS-normed copy (pre_feedforward_layernorm_2); "
+    "experts: GeGLU (gelu_pytorch_tanh); the router is checked alone"
+)
 
 MIXTRAL = Family("Mixtral", "mixtral", "MixtralSparseMoeBlock", "MixtralConfig",
                  _topk(None, router_jitter_noise=0.0), "num_local_experts", "intermediate_size",
@@ -218,11 +249,14 @@ FAMILIES: tuple[Family, ...] = (
     _like(QWEN3, "Lara-mini", "lara_mini", "LaraMiniSparseMoeBlock", "LaraMiniConfig",
           shared="shared_expert", shared_width="shared_expert_intermediate_size"),
     _like(QWEN3, "DBRX", "dbrx", "DbrxFFN", "DbrxFFNConfig",
-          rule=RouterMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"}),
-          refuse="not mapped: its block keeps no config (sizes nested in ffn_config) and its "
-          "experts are w1/v1/w2 rows; its router rule is tested alone",
-          notes="weights divided by their p-norm, p = moe_normalize_expert_weights; "
-          "DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model"),
+          rule=DbrxMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"},
+                       requires={"moe_jitter_eps": None}),
+          num_experts="moe_num_experts", width="ffn_hidden_size", router="router.layer.weight",
+          layout="dbrx", act="ffn_act_fn.name", wrap="ffn_config",
+          notes="p unset: undivided; a block is built from a DbrxConfig's ffn_config (to_hf's "
+          "like=); DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model; "
+          "a DEFECT: the router's training-time jitter (moe_jitter_eps) scales the block's input "
+          "in place, so the experts see it too"),
     # softmax with a selection bias
     _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
           "Ernie4_5_MoeConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
@@ -243,12 +277,11 @@ FAMILIES: tuple[Family, ...] = (
           num_experts="n_routed_experts", width="expert_ffn_hidden_size",
           router="router.classifier.weight", bias="router.e_score_correction_bias",
           trains=_BIAS_TRAINS),
-    _like(QWEN3, "Gemma-4", "gemma4", "Gemma4TextExperts", "Gemma4TextConfig", rule=None,
-          selection="softmax of a normed router, top-k, renormalized, times a learned "
-          "per-expert scale", refuse=_NORMED, trains="its input scale and the per-expert scales"),
+    _like(QWEN3, "Gemma-4", "gemma4", "Gemma4TextExperts", "Gemma4TextConfig", rule=_GEMMA,
+          refuse=_TWO_INPUTS, trains="the router's input scale and per-expert scales"),
     _like(QWEN3, "Diffusion-Gemma", "diffusion_gemma", "DiffusionGemmaTextExperts",
-          "DiffusionGemmaTextConfig", rule=None, selection="as Gemma-4", refuse=_NORMED,
-          trains="its input scale and the per-expert scales"),
+          "DiffusionGemmaTextConfig", rule=_GEMMA, refuse=_TWO_INPUTS,
+          trains="the router's input scale and per-expert scales"),
     # top-k of the logits, then a softmax over the k (= renormalized softmax top-k)
     GRANITE,
     _like(GRANITE, "Granite-MoE-SWA", "granitemoe_swa", "GraniteMoeSWAMoE", "GraniteMoeSWAConfig"),
@@ -387,22 +420,30 @@ FAMILIES: tuple[Family, ...] = (
     _like(DSV2, "Unlimited-OCR", "unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextConfig"),
     # other rules
     _like(MIXTRAL, "PhiMoE", "phimoe", "PhimoeSparseMoeBlock", "PhimoeConfig",
-          rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps"}, {"k": 2},
+          rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps",
+                                       "input_jitter_noise": "input_jitter"}, {"k": 2},
                          {"num_experts_per_tok": 2}),  # its code routes two rounds, whatever k
           router="router.weight", trains="experts sampled (Gumbel), Heun's-method gradient",
-          notes="its inference rule; in training PhiMoE samples, minimoe routes as at inference; "
-          "input_jitter_noise scales the input in training"),
+          notes="in training too, with the same seed the same experts and weights; its input "
+          "jitter becomes input_jitter: routes at evaluation, refuses to train (a DEFECT: block "
+          "and router both scale the input in place, so the experts see it scaled twice)"),
     _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
           selection="MLP router with states carried across layers, softmax, + bias, top-k",
           null_experts="1 skip expert (bias -1): weight dropped",
           refuse="its router is an MLP, not a Linear"),
     _like(QWEN3, "Switch", "switch_transformers", "SwitchTransformersSparseMLP",
           "SwitchTransformersConfig",
-          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity"},
+          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
+                                        "router_jitter_noise": "input_jitter"},
                          {"k": 1, "per_sequence": True, "normalize": "none"},
-                         {"router_jitter_noise": 0.0}),
-          refuse="experts are one Linear-act-Linear module each (relu)",
-          trains="capacity drops tokens; a router z-loss", notes="input jitter in training"),
+                         {"router_bias": False, "router_dtype": "float32", "dropout_rate": 0.0}),
+          width="d_ff", router="router.classifier.weight", layout="modules", act="dense_act_fn",
+          activations=(("relu", "relu"), ("gelu", "gelu")),
+          trains="capacity drops tokens; a router z-loss",
+          notes="its router jitter becomes input_jitter: routes at evaluation, refuses to train "
+          "(a DEFECT: in float32 it scales the block's input in place, the experts' too); "
+          "experts with dropout are refused; the loss coefficients are the model's, not the "
+          "block's: MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
     _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",
           rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
                                         "moe_eval_capacity_token_fraction":
@@ -413,6 +454,7 @@ FAMILIES: tuple[Family, ...] = (
           "the 0/1 routing mask as if it held expert indices (expert 1 runs every first "
           "choice, expert 0 every other pair), so the block ignores its router",
           trains="capacity drops tokens; no z-loss (its coefficient is read, unused)",
-          notes="second expert sampled or random in training (second_expert_policy)"),
+          notes="second expert sampled or random in training (second_expert_policy); a DEFECT: "
+          "its router stores the evaluation capacity in expert_capacity, and training keeps it"),
 )
 # fmt: on

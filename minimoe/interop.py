@@ -6,26 +6,31 @@ of ``minimoe.families``). transformers (the ``bench`` extra pins 5.25.0) is impo
 the functions. Which families convert, with which router, and why the others do not: the family
 table (``minimoe/families.py``; ``python -m minimoe zoo`` prints it).
 
-Weights (every converting family keeps its routed experts stacked; s the shared width):
+Weights (most families keep their routed experts stacked; s the shared width):
 
     minimoe                  (shape)      Hugging Face
     gate.weight              (E, d)       the family's router weight (gate.weight, router.weight...)
     gate_extra.weight        (m, d)       its last m rows: identity experts (LongCat-Flash)
     experts.gate_up          (E, 2h, d)   experts.gate_up_proj     rows [:h] gate, [h:] up (Aria: T)
     experts.down             (E, d, h)    experts.down_proj                              (Aria: T)
+                                          DBRX: experts.mlp.w1, v1 (E h, d) gate, up; w2 (E h, d) = T
+                                          Switch: experts.expert_<e>.wi (h, d), wo (d, h): ungated
     shared.gate_up[0]        (2s, d)      <shared>.gate_proj; up_proj   (s, d) each
     shared.down[0]           (d, s)       <shared>.down_proj
     shared_gate.weight       (1, d)       shared_expert_gate.weight        Qwen2-MoE and relatives
     router_state.bias        (E,)         the family's selection bias (e_score_correction_bias...)
-    activation="swiglu"                   hidden_act="silu"
+    activation="swiglu"                   hidden_act="silu" (DBRX: ffn_act_fn={"name": "silu"})
+    activation="relu" or "gelu"           Switch: dense_act_fn, the same name
 
 Both sides compute y = sum_{i in S} g_i down_i(silu(gate_i x) * up_i x) (+ the shared expert),
 so in float32 the outputs agree to rounding. In lower precision they differ slightly: several
 families take the router matmul in the input dtype (minimoe in float32), and HF multiplies expert
 outputs by the weights before casting (minimoe casts the weights to the expert dtype first).
 A block returns only its output; its routing is its router's output. Training-time input jitter
-has no minimoe counterpart, so only blocks without it convert; selection-bias update rules are
-not part of any block: ``from_hf`` keeps the spec's default ``bias_rate``.
+has no minimoe counterpart: blocks with it are refused, except Switch's, whose router keeps it
+(``CapacityTopK.input_jitter``) and refuses to train; blocks with dropout are refused. DBRX and
+Switch blocks keep no config: ``from_hf`` rebuilds one from their modules. Selection-bias update
+rules are not part of any block: ``from_hf`` keeps the spec's default ``bias_rate``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -42,7 +48,6 @@ from minimoe.families import FAMILIES, MIXTRAL, Family
 from minimoe.layer import MoE, MoEConfig
 
 _HINT = "install the bench extra (transformers 5.25.0): pip install -e '.[bench]'"
-_SILU = ("silu", "swish")  # transformers' names of the activation of SwiGLU
 
 
 def _classes(family: Family) -> tuple[type, type]:
@@ -98,10 +103,13 @@ def _get(root: nn.Module, path: str) -> Any:
     return root
 
 
-def _config_of(block: nn.Module) -> Any:
-    """The model config a block was built from (kept by its experts or router module)."""
+def _config_of(block: nn.Module, family: Family) -> Any:
+    """The config a block was built from (kept by its experts or router module); for blocks that
+    keep none (DBRX, Switch), one rebuilt from their modules' settings."""
     from transformers import PretrainedConfig
 
+    if family.module in _REBUILD:
+        return _REBUILD[family.module](block, family)
     for module in block.modules():
         config = getattr(module, "config", None)
         if isinstance(config, PretrainedConfig):
@@ -109,10 +117,110 @@ def _config_of(block: nn.Module) -> Any:
     raise ValueError(f"{type(block).__name__} keeps no config: cannot read its router's settings")
 
 
-def _experts(block: nn.Module, family: Family) -> tuple[Tensor, Tensor]:
-    """The block's stacked (E, 2h, d) and (E, d, h) expert weights (views of them)."""
+def _act_name(module: nn.Module, family: Family) -> str:
+    """Hugging Face's name of the activation ``module`` (the family's names first)."""
+    from transformers.activations import ACT2FN
+
+    names = [n for n, _ in family.activations] + sorted(ACT2FN)
+    for name in names:
+        if type(module) is type(ACT2FN[name]):
+            return name
+    return type(module).__name__
+
+
+def _dbrx_config(block: nn.Module, family: Family) -> Any:
+    experts, mlp = block.experts, block.experts.mlp
+    return _classes(family)[0](
+        hidden_size=experts.hidden_size,
+        ffn_hidden_size=experts.ffn_hidden_size,
+        moe_num_experts=experts.num_experts,
+        moe_top_k=block.top_k,
+        moe_jitter_eps=block.router.moe_jitter_eps,
+        moe_normalize_expert_weights=block.moe_normalize_expert_weights,
+        ffn_act_fn={"name": _act_name(mlp.activation_fn, family)},
+    )
+
+
+def _switch_config(block: nn.Module, family: Family) -> Any:
+    router, first = block.router, block.experts["expert_0"]
+    return _classes(family)[0](
+        d_model=first.wi.in_features,
+        d_ff=first.wi.out_features,
+        num_experts=router.num_experts,
+        expert_capacity=router.expert_capacity,
+        router_jitter_noise=router.jitter_noise,
+        router_bias=router.classifier.bias is not None,
+        router_dtype=str(router.dtype).removeprefix("torch."),
+        router_ignore_padding_tokens=router.ignore_padding_tokens,
+        dense_act_fn=_act_name(first.act, family),
+        dropout_rate=first.dropout.p,
+    )
+
+
+_REBUILD = {"dbrx": _dbrx_config, "switch_transformers": _switch_config}
+
+
+def _activation(config: Any, family: Family) -> str:
+    """minimoe's activation for the block's (ValueError naming the config field otherwise)."""
+    if family.act is None:
+        return "swiglu"
+    name, _, key = family.act.partition(".")
+    act = getattr(config, name)
+    act = act.get(key) if key and isinstance(act, dict) else act
+    ours = dict(family.activations)
+    if act not in ours:
+        raise ValueError(
+            f"minimoe has no counterpart of the block's {family.act}={act!r} (it has {list(ours)})"
+        )
+    return ours[act]
+
+
+def _act_fields(family: Family, activation: str) -> dict[str, Any]:
+    """The config field that gives minimoe's ``activation`` (ValueError if the family lacks it)."""
+    theirs = [hf for hf, ours in family.activations if ours == activation]
+    if not theirs:
+        kinds = sorted({ours for _, ours in family.activations})
+        raise _refuse(family, "activation", activation, f"activation in {kinds}")
+    if family.act is None:
+        return {}
+    name, _, key = family.act.partition(".")
+    return {name: {key: theirs[0]} if key else theirs[0]}
+
+
+def _expert_sizes(block: nn.Module, family: Family) -> tuple[int, int, int, Tensor]:
+    """(E, width h, d, one expert weight): sizes, device and dtype of the block's experts."""
+    if family.layout == "dbrx":
+        ex = block.experts
+        return ex.num_experts, ex.ffn_hidden_size, ex.hidden_size, ex.mlp.w1
+    if family.layout == "modules":
+        wi = block.experts["expert_0"].wi.weight  # (h, d)
+        return len(block.experts), wi.shape[0], wi.shape[1], wi
+    w = block.experts.gate_up_proj  # (E, 2h, d); Aria (E, d, 2h)
+    E, a, b = w.shape
+    return (E, b // 2, a, w) if family.layout == "transposed" else (E, a // 2, b, w)
+
+
+def _expert_pairs(moe: MoE, block: nn.Module, family: Family) -> list[tuple[Tensor, Tensor]]:
+    """(minimoe tensor, HF tensor) pairs of the experts' weights, views of both."""
+    gate_up, down, h = moe.experts.gate_up, moe.experts.down, moe.config.d_hidden
+    if family.layout == "dbrx":  # rows e*h:(e+1)*h of w1 (gate), v1 (up), w2 (down, transposed)
+        mlp, E = block.experts.mlp, moe.config.num_experts
+        split = lambda w: w.view(E, h, -1)  # noqa: E731
+        return [
+            (gate_up[:, :h], split(mlp.w1)),
+            (gate_up[:, h:], split(mlp.v1)),
+            (down, split(mlp.w2).transpose(1, 2)),
+        ]
+    if family.layout == "modules":
+        return [
+            pair
+            for e, mlp in enumerate(block.experts.values())
+            for pair in ((gate_up[e], mlp.wi.weight), (down[e], mlp.wo.weight))
+        ]
     w, v = block.experts.gate_up_proj, block.experts.down_proj
-    return (w.transpose(1, 2), v.transpose(1, 2)) if family.layout == "transposed" else (w, v)
+    if family.layout == "transposed":
+        w, v = w.transpose(1, 2), v.transpose(1, 2)
+    return [(gate_up, w), (down, v)]
 
 
 def _shared(block: nn.Module, family: Family) -> nn.Module | None:
@@ -121,13 +229,8 @@ def _shared(block: nn.Module, family: Family) -> nn.Module | None:
 
 def _pairs(moe: MoE, block: nn.Module, family: Family) -> list[tuple[Tensor, Tensor]]:
     """(minimoe tensor, HF tensor) with the same layout, as in the table above (views of both)."""
-    gate_up, down = _experts(block, family)
     router, E = _get(block, family.router), moe.config.num_experts
-    pairs = [
-        (moe.gate.weight, router[:E]),
-        (moe.experts.gate_up, gate_up),
-        (moe.experts.down, down),
-    ]
+    pairs = [(moe.gate.weight, router[:E]), *_expert_pairs(moe, block, family)]
     if moe.gate_extra is not None:  # LongCat-Flash: the identity experts' rows come last
         pairs.append((moe.gate_extra.weight, router[E:]))
     if moe.shared is not None:
@@ -162,16 +265,13 @@ def from_hf(block: nn.Module) -> MoE:
     """
     family = family_of(block)
     _refuse_family(family)
-    config = _config_of(block)
-    act = getattr(config, family.act) if family.act else "silu"
-    if act not in _SILU:
-        raise ValueError(f"minimoe's swiglu uses silu, the block has {family.act}={act!r}")
+    config = _config_of(block, family)
+    activation = _activation(config, family)
     if getattr(block, "jitter_noise", 0):
         raise ValueError(
             f"minimoe has no router jitter; the block has jitter_noise={block.jitter_noise}"
         )
-    gate_up, _ = _experts(block, family)
-    E, two_h, d = gate_up.shape  # (E, 2h, d)
+    E, h, d, weight = _expert_sizes(block, family)
     router = family.rule.router(config, family.name)
     groups = getattr(router, "n_group", 1)
     if groups > 1 and getattr(router, "group_score", "top2_sum") == "top2_sum" and E // groups < 2:
@@ -185,14 +285,14 @@ def from_hf(block: nn.Module) -> MoE:
     shared = 0 if mlp is None else mlp.down_proj.weight.shape[1]  # (d, s); width 0 adds zero
     moe_config = MoEConfig(
         d_model=d,
-        d_hidden=two_h // 2,
+        d_hidden=h,
         num_experts=E,
         router=router,
-        activation="swiglu",
+        activation=activation,
         shared_hidden=shared,
         shared_gate=family.shared_gate is not None and shared > 0,
     )
-    moe = MoE(moe_config).to(device=gate_up.device, dtype=gate_up.dtype)
+    moe = MoE(moe_config).to(device=weight.device, dtype=weight.dtype)
     moe.gate.to(_get(block, family.router).dtype)
     if moe.gate_extra is not None:
         moe.gate_extra.to(_get(block, family.router).dtype)
@@ -228,8 +328,6 @@ def _shared_fields(c: MoEConfig, family: Family) -> dict[str, Any]:
 
 def _config_fields(c: MoEConfig, family: Family) -> dict[str, Any]:
     """The HF config fields that express ``c`` in ``family``; ValueError naming what cannot."""
-    if c.activation != "swiglu":
-        raise _refuse(family, "activation", c.activation, "activation='swiglu'")
     if c.capacity_factor is not None:
         raise _refuse(family, "capacity_factor", c.capacity_factor, "dropless: None")
     r = c.router
@@ -241,8 +339,8 @@ def _config_fields(c: MoEConfig, family: Family) -> dict[str, Any]:
         "hidden_size": c.d_model,
         family.width: c.d_hidden,
         family.num_experts: c.num_experts,
-    } | ({family.act: "silu"} if family.act else {})
-    return structure | _shared_fields(c, family) | fields
+    }
+    return structure | _act_fields(family, c.activation) | _shared_fields(c, family) | fields
 
 
 def _to_family(
@@ -262,7 +360,9 @@ def _to_family(
         if getattr(config, name) != value:
             raise ValueError(f"config.{name}={getattr(config, name)!r} but the MoE needs {value!r}")
     w = moe.experts.gate_up
-    block = block_cls(config).to(device=w.device, dtype=w.dtype)  # uninitialised until _copy
+    # DBRX's block takes the model config: its FFN config is the only field it reads
+    built = config if family.wrap is None else SimpleNamespace(**{family.wrap: config})
+    block = block_cls(built).to(device=w.device, dtype=w.dtype)  # uninitialised until _copy
     router_path = family.router.rsplit(".", 1)[0]
     _get(block, router_path).to(moe.gate.weight.dtype)
     if hasattr(moe.router_state, "bias"):  # the bias keeps its own dtype (float32 usually)
@@ -308,7 +408,9 @@ def to_hf(moe: MoE, like: Any) -> nn.Module:
         return _to_family(moe, family)
     if type(like) is _classes(family)[0]:
         return _to_family(moe, family, like)
-    config = copy.deepcopy(_config_of(like))  # its other settings (experts implementation...)
+    config = copy.deepcopy(
+        _config_of(like, family)
+    )  # its other settings (experts implementation...)
     for name, value in _config_fields(moe.config, family).items():
         setattr(config, name, value)
     return _to_family(moe, family, config)

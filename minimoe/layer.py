@@ -73,7 +73,7 @@ class MoEConfig:
     router: Router = TopK()  # any object called as router(logits, *, training, seq_len)
     capacity_factor: float | None = None  # None = dropless
     dispatch: str = "sorted"  # "sorted" (sort-gather-scatter) | "loop" (reference)
-    activation: str = "swiglu"  # "swiglu" | "gelu"
+    activation: str = "swiglu"  # "swiglu" | "gelu" | "relu"
     shared_hidden: int = 0  # width of the shared expert, run on every token; 0 = none
     shared_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(w^T x)
     balance_coef: float = 1e-2  # alpha of the load-balance loss
@@ -277,7 +277,8 @@ class MoE(nn.Module):
     Parameters: ``gate`` (the router W_r, float32), ``gate_extra`` (more router outputs if the
     router reads them: noisy top-k's noise logits), ``experts``, ``shared`` (the shared expert,
     or None) and ``shared_gate`` (its sigmoid gate w, or None); buffers in ``router_state``
-    for a router with state (see ``minimoe.routing``).
+    for a router with state, and ``router_params`` for a router with trained tensors of its own
+    (Gemma 4's input and per-expert scales; see ``minimoe.routing``).
     """
 
     def __init__(self, config: MoEConfig):
@@ -292,6 +293,7 @@ class MoE(nn.Module):
         if self.gate_extra is not None:
             nn.init.zeros_(self.gate_extra.weight)  # noisy top-k: softplus(0) = 0.69 noise scale
         self.router_state = nn.Module()
+        self.router_params = nn.Module()
         self._init_router_state()
         self._stale_steps = 0  # training forwards since the router state last updated
         self.experts = Experts(
@@ -312,21 +314,36 @@ class MoE(nn.Module):
         self._register_load_state_dict_pre_hook(_rename_noise)
 
     def _init_router_state(self, keep_matching: bool = False) -> None:
-        """Buffers from the router's ``init_state``; ``keep_matching`` keeps current values when
-        the names and shapes are the same (a router swapped for a variant of itself)."""
-        init = getattr(self.config.router, "init_state", None)
-        state = init(self.config.num_experts) if init is not None else {}
-        if not all(isinstance(v, Tensor) for v in state.values()):
-            raise TypeError(f"init_state of {self.config.router!r} must return a dict of tensors")
-        current = dict(self.router_state.named_buffers())
-        if keep_matching and {k: v.shape for k, v in state.items()} == {
-            k: v.shape for k, v in current.items()
-        }:
-            return
-        for name in current:
-            delattr(self.router_state, name)
-        for name, value in state.items():
-            self.router_state.register_buffer(name, value.to(self.gate.weight.device))
+        """Buffers from the router's ``init_state`` and trained tensors from its ``init_params``;
+        ``keep_matching`` keeps current values when the names and shapes are the same (a router
+        swapped for a variant of itself)."""
+        router, E, d = self.config.router, self.config.num_experts, self.config.d_model
+        for holder, hook, args in (
+            (self.router_state, "init_state", (E,)),
+            (self.router_params, "init_params", (E, d)),
+        ):
+            init = getattr(router, hook, None)
+            new = init(*args) if init is not None else {}
+            if not all(isinstance(v, Tensor) for v in new.values()):
+                raise TypeError(f"{hook} of {router!r} must return a dict of tensors")
+            trained = holder is self.router_params
+            current = dict(holder.named_parameters() if trained else holder.named_buffers())
+            if keep_matching and {k: v.shape for k, v in new.items()} == {
+                k: v.shape for k, v in current.items()
+            }:
+                continue
+            for name in current:
+                delattr(holder, name)
+            for name, value in new.items():
+                value = value.to(self.gate.weight.device)
+                if trained:
+                    holder.register_parameter(name, nn.Parameter(value))
+                else:
+                    holder.register_buffer(name, value)
+
+    def _router_tensors(self) -> dict[str, Tensor]:
+        """What the router is called with as ``state``: its buffers, then its trained tensors."""
+        return dict(self.router_state.named_buffers()) | dict(self.router_params.named_parameters())
 
     @property
     def stateful(self) -> bool:
@@ -366,6 +383,9 @@ class MoE(nn.Module):
         """(T, d) -> (T, C) float32 router outputs (C = E, or more if the router reads more)."""
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             x = tokens.float()
+            prepare = getattr(self.config.router, "router_input", None)
+            if prepare is not None:  # the router's own transform of its input (Gemma 4's norm)
+                x = prepare(x, self._router_tensors())
             logits = F.linear(x, self.gate.weight.float())  # (T, E)
             if self.gate_extra is not None:
                 logits = torch.cat([logits, F.linear(x, self.gate_extra.weight.float())], dim=1)
@@ -376,7 +396,7 @@ class MoE(nn.Module):
     ) -> Routing:
         """The router's decision for (T, d) tokens (``token_ids`` (T,): for hash routing)."""
         router = self.config.router
-        state = dict(self.router_state.named_buffers())
+        state = self._router_tensors()
         kwargs = {"state": state} if state else {}
         if getattr(router, "uses_token_ids", False):
             kwargs["token_ids"] = token_ids
@@ -444,7 +464,7 @@ class MoE(nn.Module):
             aux = aux + c.seq_balance_coef * losses["sequence_balance"]
         own = getattr(c.router, "aux_losses", None)  # a router's own loss (ReMoE's L1 on gates)
         if own is not None:
-            for name, (coef, loss) in own(routing, dict(self.router_state.named_buffers())).items():
+            for name, (coef, loss) in own(routing, self._router_tensors()).items():
                 losses[name] = loss
                 aux = aux + coef * loss
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))

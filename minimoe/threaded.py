@@ -102,7 +102,7 @@ def run_split(jobs: list[Callable[[], None]]) -> None:
         raise errors[0]
 
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "relu")  # relu: Switch Transformers' experts
 
 
 def check_counts(counts: Sequence[int], rows: int, num_experts: int) -> None:
@@ -120,13 +120,13 @@ def check_counts(counts: Sequence[int], rows: int, num_experts: int) -> None:
 
 
 def activate(h: Tensor, activation: str, out: Tensor | None = None) -> Tensor:
-    """SwiGLU's silu(gate) * up, or GELU, of the pre-activation h (into ``out`` if given)."""
+    """SwiGLU's silu(gate) * up, GELU or ReLU of the pre-activation h (into ``out`` if given)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got activation={activation!r}")
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return torch.mul(F.silu(gate), up, out=out)
-    y = F.gelu(h)
+    y = F.gelu(h) if activation == "gelu" else F.relu(h)
     return y if out is None else out.copy_(y)
 
 
@@ -136,7 +136,9 @@ def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
         gate, up = h.chunk(2, dim=-1)
         d_gate = torch.ops.aten.silu_backward(grad * up, gate)
         return torch.cat([d_gate, F.silu(gate) * grad], dim=1)
-    return torch.ops.aten.gelu_backward(grad, h)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    return torch.ops.aten.threshold_backward(grad, h, 0)  # relu: grad where h > 0
 
 
 def _starts(counts: Sequence[int]) -> list[int]:

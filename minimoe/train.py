@@ -122,10 +122,11 @@ class History:
 
 
 def routers(model: nn.Module) -> list[nn.Module]:
-    """Every MoE router's parameters (``gate`` and ``gate_extra``) as modules."""
+    """Every MoE router's parameters (``gate``, ``gate_extra`` and ``router_params``) as modules."""
     found = []
     for m in moe_layers(model):
         found += [m.gate] + ([m.gate_extra] if m.gate_extra is not None else [])
+        found += [m.router_params] if any(True for _ in m.router_params.parameters()) else []
     return found
 
 

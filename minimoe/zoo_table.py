@@ -35,10 +35,12 @@ from `minimoe/families.py`: do not edit by hand.
 
 A `config field` in backticks means the family's config sets it. The minimoe spec of a row is
 `ScoreTopK` (one composable rule: score, selection, weights, normalization, scaling), `TopK`,
-`SigmoidTopK` (DeepSeek-V3's rule) or `CapacityTopK` (Switch, NLLB-MoE); hash routing
-(DeepSeek-V4's first layers) is `HashTopK`. Each converting family is tested in
-`tests/test_families.py`: same experts, weights, outputs and router gradients in float32, and an
-exact round trip.
+`SigmoidTopK` (DeepSeek-V3's rule), `CapacityTopK` (Switch, NLLB-MoE) or `SparseMixer`
+(PhiMoE, sampled in training as Hugging Face samples); hash routing (DeepSeek-V4's first layers)
+is `HashTopK`. Each converting family is tested in `tests/test_families.py`: same experts,
+weights, outputs and router gradients in float32, and an exact round trip; what is particular to
+a family (training-time sampling, refused jitter, Hugging Face's own losses, its defects) in
+`tests/test_family_specifics.py`. A DEFECT in a row is a Hugging Face bug that a test shows.
 
 What Hugging Face's training code does, for every row with a balance loss in the last column
 but one (the DeepSeek-V3 relatives have none):
@@ -51,7 +53,8 @@ but one (the DeepSeek-V3 relatives have none):
 - no code path updates a selection bias (`e_score_correction_bias` and the like) in training:
   it is loaded, never learned (minimoe: `bias_rate` > 0 turns on Wang et al.'s update);
 - only Switch and NLLB-MoE drop tokens at a capacity; only Switch adds a router z-loss
-  (NLLB-MoE's model reads `router_z_loss_coef` and never uses it).
+  (NLLB-MoE's model reads `router_z_loss_coef` and never uses it), and Switch's model adds
+  neither of its router losses when every layer is sparse (`encoder_sparse_step` = 1).
 
 """
 
@@ -81,7 +84,8 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
     if rule.spec is SparseMixer:
         return {
             "score": "logits",
-            "selection": f"top-{_text(s('k'))}, round by round: the best remaining logit",
+            "selection": f"top-{_text(s('k'))}, round by round: the best remaining logit; in "
+            "training one sampled from the round's softmax, weighted 1/3 or 1 (Heun)",
             "normalization": "a softmax per round over logits within 2 eps (`router_jitter_noise`)",
             "bias": "none",
             "groups": "none",
@@ -92,6 +96,8 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
     score = _text(s("score"))
     if s("softcap") not in (0.0, None):
         score += f", soft-capped by {_text(s('softcap'))}"
+    if s("input_norm") is True:
+        score += " of an RMS-normed input times a learned scale"
     weight = s("weight")
     if weight == "softmax":
         selection = f"top-k of logits{plus}, softmax over the k"
@@ -125,7 +131,8 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
         if bias is True
         else f"if {bias} (`{family.bias}`)",
         "groups": grouped,
-        "scaling": "1" if s("scaling") in (1.0, None) else _text(s("scaling")),
+        "scaling": ("1" if s("scaling") in (1.0, None) else _text(s("scaling")))
+        + (", times a learned scale per expert" if s("expert_scales") is True else ""),
     }
 
 
@@ -169,7 +176,10 @@ def describe(family: Family) -> dict[str, str]:
 def _balance_loss(family: Family) -> str:
     """The balance loss in the family's HF training code (``load_balancing_loss_func``)."""
     if family.module == "switch_transformers":
-        return "Switch's, on first choices; z-loss"
+        return (
+            "Switch's: per sequence, on first choices before the drops, pooled over layers; a "
+            "z-loss; neither when every layer is sparse (a DEFECT)"
+        )
     if family.module == "doge":
         return "its own, over product keys"
     if family.module not in POOLED_BALANCE_LOSS:

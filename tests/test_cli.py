@@ -110,7 +110,8 @@ def as_flags(router) -> list[str]:
         ScoreTopK(selection_bias=True, bias_rate=0.01, n_group=4, topk_group=2, group_score="max"),
         CapacityTopK(k=1, expert_capacity=4, per_sequence=True, normalize="none"),
         HashTopK(k=1, vocab_size=64, score="softmax", seed=3),
-        SparseMixer(jitter_eps=0.1),
+        SparseMixer(jitter_eps=0.1, sample_in_training=False),
+        ScoreTopK(input_norm=True, input_norm_eps=1e-5, expert_scales=True),
     ],
     ids=repr,
 )

@@ -61,6 +61,7 @@ ZOO = {
     "zoo null experts": (ScoreTopK(k=2, null_experts=2), {}),
     "zoo identity experts": (ScoreTopK(k=2, identity_experts=1), {}),
     "zoo sparse mixer": (SparseMixer(k=2), {}),
+    "zoo gemma's normed router": (ScoreTopK(k=2, input_norm=True, expert_scales=True), {}),
     "zoo capacity in the router": (CapacityTopK(k=2), {}),
 }
 ROUTERS |= ZOO

@@ -44,6 +44,18 @@ def test_gelu_expert_is_the_exact_erf_gelu_mlp():
     assert _max_diff(grouped[:4], dense[:4, 0]) < TOL and _max_diff(grouped[4:], dense[4:, 2]) < TOL
 
 
+def test_relu_expert_is_switchs_linear_relu_linear():
+    experts = _experts("relu")
+    x = torch.randn(9, 8, dtype=torch.float64)
+    for e in range(experts.num_experts):
+        w_in, w_out = experts.gate_up[e].detach().T, experts.down[e].detach().T  # (d, h), (h, d)
+        h = x @ w_in
+        assert (h < 0).any()  # the clamp is exercised
+        assert _max_diff(experts.expert(e, x), h.clamp_min(0) @ w_out) < TOL
+    grouped = experts.grouped(x, [3, 0, 6])
+    assert _max_diff(grouped[3:], experts.dense(x)[3:, 2]) < TOL
+
+
 def test_swiglu_expert_is_silu_gate_times_up_then_down():
     experts = _experts("swiglu")
     x = torch.randn(7, 8, dtype=torch.float64)
@@ -106,5 +118,5 @@ def test_every_grouped_path_refuses_counts_that_miss_rows(case, threads):
 
 
 def test_an_unknown_activation_is_refused_not_computed_as_gelu():
-    with pytest.raises(ValueError, match="activation must be one of .*, got activation='relu'"):
-        activate(torch.randn(2, 4), "relu")
+    with pytest.raises(ValueError, match="activation must be one of .*, got activation='tanh'"):
+        activate(torch.randn(2, 4), "tanh")

@@ -33,7 +33,7 @@ def grads(ex: Experts, x: torch.Tensor, out: torch.Tensor, w: torch.Tensor) -> l
     return [x.grad, ex.gate_up.grad, ex.down.grad]
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
 @pytest.mark.parametrize("groups", [1, 2, 3])
 def test_outputs_and_gradients_equal_one_expert_at_a_time(two_threads, activation, groups):
     torch.manual_seed(0)

@@ -79,6 +79,44 @@ def test_p_norm_floor_soft_cap_and_sqrt_softplus():
     assert root.weights[0, 0].item() == pytest.approx(math.sqrt(math.log1p(math.e)))
 
 
+def test_gemmas_normed_router_input_and_expert_scales():
+    x = torch.tensor([[3.0, 4.0]])  # mean square 12.5: x / sqrt(12.5) / sqrt(2) = x / 5
+    normed = routing.normed_router_input(x, torch.tensor([1.0, 2.0]), eps=0.0)
+    torch.testing.assert_close(normed, torch.tensor([[0.6, 1.6]]))
+    tokens = rand(6, 8)
+    scale = rand(8, seed=1)
+    torch.testing.assert_close(  # the token's own scale is gone (up to eps)
+        routing.normed_router_input(7 * tokens, scale), routing.normed_router_input(tokens, scale)
+    )
+    logits, c = rand(5, 4), torch.tensor([0.5, 2.0, 1.0, 3.0])
+    scaled = score_top_k(logits, 2, expert_scale=c)
+    torch.testing.assert_close(scaled.weights, score_top_k(logits, 2).weights * c)
+    assert torch.equal(scaled.mask, top_k(logits, 2).mask)  # scales weigh, never select
+
+
+def test_the_routers_trained_tensors_are_parameters_of_the_layer():
+    from minimoe.train import routers
+
+    rule = ScoreTopK(k=2, input_norm=True, expert_scales=True)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))
+    assert {n for n, _ in moe.named_parameters()} >= {
+        "router_params.input_scale",
+        "router_params.expert_scale",
+    }
+    assert not list(moe.router_state.named_buffers())  # trained, not state
+    moe(rand(2, 5, 8)).output.pow(2).sum().backward()
+    assert moe.router_params.input_scale.grad.abs().sum() > 0
+    assert moe.router_params.expert_scale.grad.abs().sum() > 0
+    assert moe.router_params in routers(moe)  # freeze_router freezes them with the gate
+    with torch.no_grad():
+        moe.router_params.expert_scale.fill_(2.0)
+    moe.replace_config(router=ScoreTopK(k=1, input_norm=True, expert_scales=True))
+    assert moe.router_params.expert_scale.eq(2.0).all()  # the same tensors: kept
+    moe.replace_config(router=ScoreTopK(k=1))
+    assert not list(moe.router_params.parameters())
+    assert routers(moe) == [moe.gate]
+
+
 def test_groups_by_max_and_by_the_sum_of_two_differ():
     logits = torch.tensor([[3.0, -5.0, 2.5, 2.5]])  # group 0 has the best expert, group 1 two good
     by_max = score_top_k(logits, 2, n_group=2, topk_group=1, group_score="max")
@@ -115,6 +153,53 @@ def test_sparse_mixer_rounds():
     torch.testing.assert_close(wide.weights, torch.tensor([[1 / (1 + math.exp(-0.1)), 1, 0, 0]]))
 
 
+def test_sparse_mixer_samples_in_training_as_the_softmax_over_its_candidates():
+    """k = 1 over 4000 copies of one token: every logit is a candidate (eps = 1), the pick
+    follows p = softmax, and a pick that is not the best weighs p / 3 three times in four."""
+    logits = torch.tensor([[1.0, 0.9, 0.5, -2.0]]).expand(4000, 4)
+    p = logits[0].softmax(0)
+    r = sparse_mixer(logits, 1, 1.0, training=True, generator=torch.Generator().manual_seed(0))
+    share = r.mask.float().mean(0)
+    assert ((share - p).abs() <= 4 * (p * (1 - p) / 4000).sqrt()).all(), (share, p)
+    picked = r.mask.float().argmax(1)  # (T,) the one expert of each token
+    g = r.weights.gather(1, picked[:, None])[:, 0]
+    best = picked == 0
+    torch.testing.assert_close(g[best], p[0].expand(int(best.sum())))  # the best: c = 1
+    third = torch.isclose(g[~best], p[picked[~best]] * 0.3333)
+    assert abs(third.float().mean() - 0.75) < 4 * (0.75 * 0.25 / int((~best).sum())) ** 0.5
+
+
+def test_sparse_mixer_in_training_with_eps_0_is_the_inference_rule_and_has_its_gradient():
+    logits = rand(64, 8).requires_grad_()
+    inference = sparse_mixer(logits, 2, 0.0)
+    training = sparse_mixer(logits, 2, 0.0, training=True)  # one candidate per round
+    assert torch.equal(training.mask, inference.mask)
+    assert torch.equal(training.weights, inference.weights)
+    # a sampled pick with c = 1/3: the value is c p(e), the gradient that of p(e) alone
+    one = torch.tensor([[0.0, 0.1, -0.2]], requires_grad=True)
+    for seed in range(50):
+        r = sparse_mixer(one, 1, 5.0, training=True, generator=torch.Generator().manual_seed(seed))
+        e = int(r.mask[0].float().argmax())
+        p = one.detach().softmax(1)[0]
+        if e != 0 and r.weights[0, e] < 0.5 * p[e]:
+            break
+    else:
+        raise AssertionError("no seed gave a non-best pick weighted 1/3")
+    (grad,) = torch.autograd.grad(r.weights[0, e], one)
+    torch.testing.assert_close(grad[0], p[e] * (torch.eye(3)[e] - p))
+
+
+def test_sparse_mixer_draws_from_the_generator_it_is_given():
+    logits = rand(32, 8)
+    state = torch.get_rng_state()
+    a = sparse_mixer(logits, 2, 0.5, training=True, generator=torch.Generator().manual_seed(4))
+    b = sparse_mixer(logits, 2, 0.5, training=True, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator untouched
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.weights, b.weights)
+    greedy = SparseMixer(jitter_eps=0.5, sample_in_training=False)
+    assert torch.equal(greedy(logits, training=True).mask, sparse_mixer(logits, 2, 0.5).mask)
+
+
 def test_hash_routing_reads_the_table():
     r = hash_top_k(torch.zeros(2, 4), torch.tensor([[0, 3], [2, 1]]), score="sigmoid")
     assert r.mask.tolist() == [[True, False, False, True], [False, True, True, False]]
@@ -133,6 +218,7 @@ RULES = [
     CapacityTopK(k=2, expert_capacity=5),
     CapacityTopK(k=1, expert_capacity=3, per_sequence=True, normalize="none"),
     SparseMixer(k=3, jitter_eps=0.05),
+    ScoreTopK(k=3, input_norm=True, expert_scales=True),
 ]
 
 
@@ -140,7 +226,9 @@ RULES = [
 def test_weights_vanish_outside_the_selection_and_groups_hold(rule):
     logits = rand(40, 8)
     init = getattr(rule, "init_state", lambda num_experts: {})
+    trained = getattr(rule, "init_params", lambda num_experts, d_model: {})
     state = {k: torch.randn(v.shape) for k, v in init(8).items()}
+    state |= {k: torch.rand(v.shape) + 0.5 for k, v in trained(8, 16).items()}  # scales > 0
     r = rule(logits, training=True, seq_len=10, **({"state": state} if state else {}))
     assert torch.equal(r.weights[~r.mask], torch.zeros((~r.mask).sum()))
     assert (r.weights[r.mask] >= 0).all()
@@ -187,6 +275,12 @@ def test_refusals_name_the_field():
         MoEConfig(num_experts=8, router=ScoreTopK(n_group=3))
     with pytest.raises(ValueError, match="normalize"):
         CapacityTopK(normalize="later")
+    with pytest.raises(ValueError, match="input_jitter"):
+        SparseMixer(input_jitter=-0.1)
+    with pytest.raises(TypeError, match="sample_in_training"):
+        SparseMixer(sample_in_training="yes")
+    with pytest.raises(ValueError, match=r"CapacityTopK\(input_jitter=0.01\) cannot train"):
+        CapacityTopK(input_jitter=0.01)(rand(4, 4), training=True)
     with pytest.raises(ValueError, match="norm_p"):
         score_top_k(rand(4, 8), 2, norm_p=0.0)
     with pytest.raises(ValueError, match="n_group=3"):

@@ -12,8 +12,8 @@ Files: ``core.py`` (the Routing decision, shared checks, the one rule for ties, 
 measures, the router interface), ``classic.py`` (top-k, noisy top-k, top-p, adaptive, GW
 broadcast), ``production.py`` (sigmoid scores with a balancing bias, group-limited selection,
 expert choice), ``zoo.py`` (the released models' rules as one composable spec), ``capacity.py``
-(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing), ``dynamic.py``
-(compute on demand: ReMoE, expert threshold routing, SeqTopK), ``flags.py`` (how a spec's fields
+(capacity inside the router: Switch, NLLB-MoE), ``hashing.py`` (hash routing),
+``sparsemixer.py`` (PhiMoE's rounds, sampled in training), ``dynamic.py`` (compute on demand: ReMoE, expert threshold routing, SeqTopK), ``flags.py`` (how a spec's fields
 declare their command-line flags), and here the registry of names.
 
 Notation: T tokens, E experts, P = softmax(logits) in float32, S the
@@ -39,6 +39,11 @@ the length of the sequences the T tokens were flattened from (None: one sequence
   ``update_state(state, stats)`` is called by the training loop after each optimizer step
   with that step's ``MoEStats`` (under expert parallelism their counts are summed over the
   processes first). It is never called inside ``forward``: re-running a cell changes nothing.
+- **trained tensors of its own** (Gemma 4's per-expert scales): ``init_params(num_experts,
+  d_model)`` returns named tensors that the layer keeps as parameters (``router_params``,
+  trained with the router, frozen with it); they come in ``state=`` beside the buffers;
+- ``router_input(tokens, state) -> Tensor``: a transform of the (T, d) float32 tokens before the
+  router's matmul (Gemma 4 RMS-norms them and multiplies by a learned scale);
 - ``batch_measure(routing) -> Tensor``: what the router's ``update_state`` needs from the step's
   tokens beyond the counts (expert threshold routing: each expert's cutoff score); the layer
   computes it without gradient and passes it in ``MoEStats.router_measure``;
@@ -103,7 +108,8 @@ from minimoe.routing.production import (
     group_limited,
     sigmoid_top_k,
 )
-from minimoe.routing.zoo import ScoreTopK, SparseMixer, score_top_k, sparse_mixer
+from minimoe.routing.sparsemixer import SparseMixer, sparse_mixer
+from minimoe.routing.zoo import ScoreTopK, normed_router_input, score_top_k
 
 __all__ = [
     "ROUTERS",
@@ -146,6 +152,7 @@ __all__ = [
     "is_uncertain",
     "noisy_top_k",
     "normalized_entropy",
+    "normed_router_input",
     "relu_l1_loss",
     "relu_routing",
     "router_columns",

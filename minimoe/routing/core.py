@@ -221,6 +221,21 @@ def check_routing(
     return routing
 
 
+def refuse_training_jitter(spec: Any, training: bool) -> None:
+    """A router converted from a Hugging Face block with input jitter keeps its eps
+    (``spec.input_jitter``): that block multiplies the tokens by U(1 - eps, 1 + eps) in training
+    before the router's matmul, which a rule over logits cannot do. So the router routes as
+    Hugging Face's at evaluation and refuses to train (a host check of a setting: no sync)."""
+    if training and spec.input_jitter:
+        name = type(spec).__name__
+        raise ValueError(
+            f"{name}(input_jitter={spec.input_jitter}) cannot train: the Hugging Face block it "
+            "came from multiplies the router's input by U(1 - eps, 1 + eps) in training, which "
+            "minimoe's router (a rule over logits) does not reproduce. Evaluate (.eval()), or "
+            "train without it: dataclasses.replace(router, input_jitter=0.0)"
+        )
+
+
 def check_recipe(spec: Any) -> None:
     check_choice("balance_count", spec.balance_count, ("first", "selected"))
     check_float("dynamic_coef", spec.dynamic_coef, 0.0)

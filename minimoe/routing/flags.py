@@ -39,6 +39,10 @@ MAX_EXPERTS = {"help": "a cap on experts per token", "positive": True}
 TARGET = {"flag": "target_experts", "help": "target mean experts per token", "positive": True}
 BALANCE_COUNT = {"no_flag": "loss recipe: MoEConfig.balance_count overrides it"}
 DYNAMIC_COEF = {"no_flag": "loss recipe: the layer's --dynamic-coef overrides it"}
+INPUT_JITTER = {
+    "no_flag": "a converted Hugging Face setting, kept for the round trip: a router "
+    "with it refuses to train"
+}
 
 KINDS = (int, float, bool, str)
 KEYS = {"flag", "help", "positive", "choices", "no_flag", "base", "base_flags"}

@@ -8,7 +8,7 @@ Read from the modeling files of Hugging Face transformers (the version the ``ben
 
 and ``ScoreTopK`` is that pipeline with one field per step; ``TopK`` and ``SigmoidTopK`` are two
 of its settings, kept as they are. Rules that do not fit it: capacity inside the router
-(``capacity.py``) and hash routing (``hashing.py``).
+(``capacity.py``), hash routing (``hashing.py``) and PhiMoE's rounds (``sparsemixer.py``).
 
 Top-k of the logits then a softmax over the k chosen (gpt-oss, Granite-MoE, JetMoE) is the same
 function of the logits as softmax, top-k, renormalize (exp(l_i) / sum_{j in S} exp(l_j) either
@@ -52,6 +52,15 @@ def _renormalize(g: Tensor, p: float, eps: float, floor: float) -> Tensor:
     return g / (norm + eps).clamp_min(max(floor, torch.finfo(g.dtype).tiny))
 
 
+def normed_router_input(tokens: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """Gemma 4's router input, (T, d) -> (T, d): x / sqrt(mean_j x_j^2 + eps) * s / sqrt(d).
+
+    The RMS norm takes the token's scale out of the logits; the learned s (d,) and d^-1/2 set
+    theirs (Hugging Face's ``Gemma4TextRouter``, in the same order of operations)."""
+    normed = tokens * (tokens.pow(2).mean(dim=-1, keepdim=True) + eps).pow(-0.5)
+    return normed * scale.to(tokens.dtype) * tokens.shape[-1] ** -0.5
+
+
 def score_top_k(
     logits: Tensor,
     k: int = 2,
@@ -72,6 +81,7 @@ def score_top_k(
     identity_experts: int = 0,
     balance_all: bool = False,
     renormalize_over: str = "chosen",
+    expert_scale: Tensor | None = None,
 ) -> Routing:
     """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
 
@@ -98,7 +108,8 @@ def score_top_k(
        its true ones, as MoE++'s zero experts) or over the chosen true experts only (``"true"``:
        AdaMoE's code; a token that picks null experts runs fewer true experts at full weight,
        one that picks only null experts gets 0; not with identity experts).
-    6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor).
+    6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor), then g_i <- g_i * c_i with
+       ``expert_scale`` c (E,), one learned scale per true expert (Gemma 4).
 
     ``probs`` is the softmax of the (capped) logits for softmax and logit scores, else s
     normalized over all experts (DeepSeek-V3's P_i); over the true experts only, renormalized.
@@ -158,15 +169,18 @@ def score_top_k(
         probs = s if score == "softmax" else logits.softmax(dim=-1)
     else:
         probs = s / s.sum(dim=1, keepdim=True)  # (T, E) the normalized affinities
+    weights = g[:, :E]  # (T, E) the true experts'
+    if expert_scale is not None:
+        weights = weights * expert_scale.to(g.dtype)
     if E == C:
-        return Routing(logits=logits, probs=probs, mask=mask, weights=g)
+        return Routing(logits=logits, probs=probs, mask=mask, weights=weights)
     real = probs[:, :E]
     identity = g[:, E + null_experts :].sum(dim=1) if identity_experts else None
     return Routing(
         logits=logits[:, :E],
         probs=real / real.sum(dim=1, keepdim=True),
         mask=mask[:, :E],
-        weights=g[:, :E],
+        weights=weights,
         identity=identity,
         balance_probs=probs if balance_all else None,
         balance_mask=mask if balance_all else None,
@@ -178,10 +192,14 @@ class ScoreTopK:
     """A released model's top-k router: ``score_top_k`` with its settings (see the family table,
     ``python -m minimoe zoo``).
 
-    ``selection_bias=True`` keeps a bias b (one per router column) as router state (a buffer, no gradient) that only
-    selects. Hugging Face keeps it as ``e_score_correction_bias`` and no code path of it updates b
-    in training: ``bias_rate`` (default 0, frozen) turns on Wang et al.'s update after each step,
-    b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
+    ``selection_bias=True`` keeps a bias b (one per router column) as router state (a buffer, no
+    gradient) that only selects. Hugging Face keeps it as ``e_score_correction_bias`` and no code
+    path of it updates b in training: ``bias_rate`` (default 0, frozen) turns on Wang et al.'s
+    update after each step, b_i += u * sign(mean load - load_i) (u = 1e-3 in the paper).
+
+    Gemma 4's router trains tensors of its own (``init_params``): ``input_norm`` RMS-norms the
+    tokens and multiplies them by a learned scale before the router's matmul
+    (``normed_router_input``), ``expert_scales`` multiplies each expert's weight by a learned c_i.
     """
 
     k: int = field(default=2, metadata=flags.K)
@@ -237,6 +255,16 @@ class ScoreTopK:
             "choices": RENORMALIZE_OVER,
         },
     )
+    input_norm: bool = field(
+        default=False,
+        metadata={"help": "RMS-norm the router's input, times a learned scale and d^-1/2"},
+    )
+    input_norm_eps: float = field(
+        default=1e-6, metadata={"help": "eps of that RMS norm", "positive": True}
+    )
+    expert_scales: bool = field(
+        default=False, metadata={"help": "a learned scale per expert multiplies its weight"}
+    )
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "score_top_k"
@@ -273,6 +301,9 @@ class ScoreTopK:
                 f"renormalize_over='true' with identity_experts={self.identity_experts}: an "
                 "identity expert's weight is part of the output; renormalize over 'chosen'"
             )
+        check_bool("input_norm", self.input_norm)
+        check_float("input_norm_eps", self.input_norm_eps, 0.0, low_open=True)
+        check_bool("expert_scales", self.expert_scales)
         if self.n_group > 1 and self.null_experts + self.identity_experts:
             raise ValueError(f"n_group={self.n_group}: groups of null or identity experts")
         check_recipe(self)
@@ -288,6 +319,17 @@ class ScoreTopK:
     def init_state(self, num_experts: int) -> dict[str, Tensor]:
         columns = self.router_columns(num_experts)
         return {"bias": torch.zeros(columns)} if self.selection_bias else {}
+
+    def init_params(self, num_experts: int, d_model: int) -> dict[str, Tensor]:
+        """Gemma 4's trained router tensors, both 1 at the start: the input scale s (d,) of
+        ``input_norm`` and the per-expert scales c (E,) of ``expert_scales``."""
+        out = {"input_scale": torch.ones(d_model)} if self.input_norm else {}
+        return out | ({"expert_scale": torch.ones(num_experts)} if self.expert_scales else {})
+
+    def router_input(self, tokens: Tensor, state: dict[str, Tensor]) -> Tensor:
+        if not self.input_norm:
+            return tokens
+        return normed_router_input(tokens, state["input_scale"], self.input_norm_eps)
 
     def update_state(self, state: dict[str, Tensor], stats) -> None:
         """b_i += u * sign(mean load - load_i); u = ``bias_rate`` (0: as Hugging Face, frozen)."""
@@ -321,62 +363,5 @@ class ScoreTopK:
             identity_experts=self.identity_experts,
             balance_all=self.balance_free,
             renormalize_over=self.renormalize_over,
+            expert_scale=state["expert_scale"] if self.expert_scales else None,
         )
-
-
-# ---- PhiMoE's SparseMixer, at inference --------------------------------------------------
-
-
-def sparse_mixer(logits: Tensor, k: int = 2, jitter_eps: float = 0.01) -> Routing:
-    """PhiMoE's SparseMixer as it routes at inference (Liu et al. 2024, arXiv 2409.12136).
-
-    Round r = 1..k: e_r = the best logit not yet chosen (value m_r); g_r = the softmax, at e_r,
-    over the not-yet-chosen logits l_j close to m_r, (m_r - l_j) / max(|l_j|, m_r) <= 2 eps
-    (``jitter_eps``); the others are masked out. Each round is its own softmax: no
-    renormalization. In training PhiMoE samples e_r (Gumbel) and estimates the gradient by
-    Heun's method; this rule is the inference one in training too.
-    """
-    logits = check_logits(logits)
-    check_int("k", k, 1, logits.shape[1])
-    check_float("jitter_eps", jitter_eps, 0.0)
-    remaining = logits  # (T, E) chosen experts set to -inf, round after round
-    mask = torch.zeros_like(logits, dtype=torch.bool)
-    weights = torch.zeros_like(logits)
-    for _ in range(k):
-        top, chosen = remaining.max(dim=1, keepdim=True)  # (T, 1) each
-        far = (top - logits) / logits.abs().clamp(min=top) > 2 * jitter_eps  # (T, E)
-        g = remaining.masked_fill(far, float("-inf")).softmax(dim=1)  # (T, E)
-        weights = weights.scatter(1, chosen, g.gather(1, chosen))
-        mask = mask.scatter(1, chosen, True)
-        remaining = remaining.scatter(1, chosen, float("-inf"))
-    return Routing(logits=logits, probs=logits.softmax(dim=-1), mask=mask, weights=weights)
-
-
-@dataclass(frozen=True)
-class SparseMixer:
-    """PhiMoE's router at inference: ``sparse_mixer`` (k = 2 in PhiMoE). The training-time
-    sampling and its gradient estimator are not reproduced: in training it routes as at
-    inference."""
-
-    k: int = field(default=2, metadata=flags.K)
-    jitter_eps: float = field(
-        default=0.01,
-        metadata={
-            "help": "eps: logits within (m - l) / max(|l|, m) <= 2 eps of the best m compete"
-        },
-    )
-    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
-    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
-    name: ClassVar[str] = "sparse_mixer"
-    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
-
-    def __post_init__(self) -> None:
-        check_int("k", self.k, 1)
-        check_float("jitter_eps", self.jitter_eps, 0.0)
-        check_recipe(self)
-
-    def check_experts(self, num_experts: int) -> None:
-        check_int("k", self.k, 1, num_experts)
-
-    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
-        return sparse_mixer(logits, self.k, self.jitter_eps)

@@ -1,0 +1,132 @@
+"""PhiMoE's router, SparseMixer (Liu et al. 2024, arXiv 2409.12136), at inference and in training.
+
+Read from Hugging Face's ``modeling_phimoe.py`` (the version the ``bench`` extra pins). Each of the
+k rounds picks one expert among the logits not yet chosen that are close to the best of them, and
+weighs it by a softmax over those close logits alone: no renormalization across rounds. At
+inference a round picks the best; in training it samples, and it weighs the pick as Heun's
+third-order method asks (the GRIN paper's estimator), so that the router's gradient does not
+depend on the sample alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from minimoe.checks import check_bool, check_float, check_int
+from minimoe.routing import flags
+from minimoe.routing.core import Routing, check_logits, check_recipe, refuse_training_jitter
+
+
+def _sampled(masked: Tensor, generator: torch.Generator | None) -> Tensor:
+    """(T, 1) one expert per row drawn from softmax(masked): Gumbel-max, argmax(l - log u),
+    u ~ Exp(1), drawn as Hugging Face draws it (one (T, E) tensor per round)."""
+    u = torch.empty_like(masked).exponential_(generator=generator)
+    return (masked - u.log()).max(dim=-1)[1].unsqueeze(-1)
+
+
+def _coin(like: Tensor, draws: int, generator: torch.Generator | None) -> Tensor:
+    """(T, 1) uniform numbers: the last of ``draws`` draws (Hugging Face's second round draws
+    twice, ``rand_like(...).uniform_()``: kept so that one seed gives one routing)."""
+    u = torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    for _ in range(draws - 1):
+        u.uniform_(generator=generator)
+    return u
+
+
+def sparse_mixer(
+    logits: Tensor,
+    k: int = 2,
+    jitter_eps: float = 0.01,
+    *,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+) -> Routing:
+    """PhiMoE's SparseMixer.
+
+    Round r = 1..k over the logits not chosen in earlier rounds, with m_r their best:
+    the candidates are the l_j with (m_r - l_j) / max(|l_j|, m_r) <= 2 eps (``jitter_eps``),
+    p_r = softmax over the candidates (the others -inf), and the round's expert e_r
+
+    - at inference (``training=False``): the best, e_r = argmax; g_r = p_r(e_r);
+    - in training: sampled from p_r (Gumbel-max; ``generator`` None: torch's global one, as
+      Hugging Face), and g_r = c_r p_r(e_r) with c_r = 1 if e_r is p_r's best or, otherwise,
+      with probability 1/4, and c_r = 1/3 with probability 3/4 (Heun's third-order midpoint).
+      The gradient is that of p_r(e_r) alone, c_r held out (Hugging Face's ``PhimoeMultiplier``):
+      d g_r / d l_j = p_r(e_r) (1[j = e_r] - p_r(j)).
+
+    With eps = 0 only the best is a candidate: training routes as inference. The random draws
+    are Hugging Face's, in its order: under the same seed both pick the same experts.
+    """
+    logits = check_logits(logits)
+    check_int("k", k, 1, logits.shape[1])
+    check_float("jitter_eps", jitter_eps, 0.0)
+    check_bool("training", training)
+    remaining = logits  # (T, E) chosen experts set to -inf, round after round
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    weights = torch.zeros_like(logits)
+    for r in range(k):
+        with torch.no_grad():
+            top, best = remaining.max(dim=1, keepdim=True)  # (T, 1) each
+            far = (top - logits) / logits.abs().clamp(min=top) > 2 * jitter_eps  # (T, E)
+        masked = remaining.masked_fill(far, float("-inf"))  # (T, E)
+        chosen = _sampled(masked.detach(), generator) if training else best  # (T, 1)
+        p = masked.softmax(dim=1)  # (T, E)
+        g = p.gather(1, chosen)  # (T, 1)
+        if training:
+            with torch.no_grad():
+                heun = (chosen == p.max(dim=-1, keepdim=True)[1]) | (
+                    _coin(g, 1 if r == 0 else 2, generator) > 0.75
+                )
+                c = torch.add(0.3333, heun, alpha=0.6667).to(g.dtype)  # 1 or 1/3, as HF
+            g = (g * c).detach() + (g - g.detach())  # the value c g, the gradient of g
+        weights = weights.scatter(1, chosen, g)
+        mask = mask.scatter(1, chosen, True)
+        remaining = remaining.scatter(1, chosen, float("-inf"))
+    return Routing(logits=logits, probs=logits.softmax(dim=-1), mask=mask, weights=weights)
+
+
+@dataclass(frozen=True)
+class SparseMixer:
+    """PhiMoE's router: ``sparse_mixer`` (k = 2 in PhiMoE), sampling in training unless
+    ``sample_in_training=False`` (then the inference rule in training too).
+
+    ``input_jitter`` keeps a converted PhiMoE block's ``input_jitter_noise`` eps: its block
+    multiplies the tokens by U(1 - eps, 1 + eps) before routing, which a rule over logits cannot
+    do, so such a router routes as Hugging Face's at evaluation and refuses to train.
+    """
+
+    k: int = field(default=2, metadata=flags.K)
+    jitter_eps: float = field(
+        default=0.01,
+        metadata={
+            "help": "eps: logits within (m - l) / max(|l|, m) <= 2 eps of the best m compete"
+        },
+    )
+    sample_in_training: bool = field(
+        default=True,
+        metadata={"help": "sample each round's expert in training (Gumbel), Heun-weighted"},
+    )
+    input_jitter: float = field(default=0.0, metadata=flags.INPUT_JITTER)
+    balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
+    dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
+    name: ClassVar[str] = "sparse_mixer"
+    paper_losses: ClassVar[dict[str, float]] = {"balance_coef": 1e-2, "z_coef": 0.0}
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_float("jitter_eps", self.jitter_eps, 0.0)
+        check_bool("sample_in_training", self.sample_in_training)
+        check_float("input_jitter", self.input_jitter, 0.0)
+        check_recipe(self)
+
+    def check_experts(self, num_experts: int) -> None:
+        check_int("k", self.k, 1, num_experts)
+
+    def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
+        refuse_training_jitter(self, training)
+        sample = training and self.sample_in_training
+        return sparse_mixer(logits, self.k, self.jitter_eps, training=sample)

@@ -1,0 +1,304 @@
+"""What the shared conformance test (tests/test_families.py) does not cover, family by family:
+settings with no counterpart that are refused naming the field, the training-time parts of a
+router, the losses Hugging Face computes outside the block, and the defects of its blocks (each
+shown here, and said in the family table). Small configs, random weights, float32."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from minimoe import MoE, MoEConfig, interop
+from minimoe.losses import load_balance_loss, z_loss
+from minimoe.routing import CapacityTopK, ScoreTopK
+
+pytest.importorskip("transformers", minversion="5", reason="the bench extra: pip install -e '.[bench]'")  # fmt: skip
+
+from test_families import family, randomize  # noqa: E402
+
+
+def x_of(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- DBRX ------------------------------------------------------------------------------------
+
+
+def dbrx(**ffn):
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    settings = {"ffn_hidden_size": 8, "moe_num_experts": 4, "moe_top_k": 2} | ffn
+    block = DbrxFFN(DbrxConfig(d_model=16, ffn_config=settings))
+    randomize(block)
+    return block
+
+
+def test_dbrx_without_normalization_keeps_the_softmax_values():
+    block = dbrx(moe_normalize_expert_weights=None).eval()
+    moe = interop.from_hf(block).eval()
+    assert moe.config.router == ScoreTopK(k=2, renormalize=False)
+    x = x_of(2, 6, 16)
+    out = moe(x)
+    torch.testing.assert_close(out.output, block(x.clone()), atol=1e-5, rtol=1e-4)
+    assert out.routing.weights.sum(1).max() < 1  # undivided: a part of the softmax
+    back = interop.to_hf(moe, like="DBRX")
+    assert back.moe_normalize_expert_weights is None
+    for name, t in block.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+
+def test_dbrx_refusals_name_the_field():
+    with pytest.raises(ValueError, match="moe_jitter_eps=None, got 0.01"):
+        interop.from_hf(dbrx(moe_jitter_eps=0.01))
+    with pytest.raises(ValueError, match=r"ffn_act_fn.name='gelu'"):
+        interop.from_hf(dbrx(ffn_act_fn={"name": "gelu"}))
+    moe = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=4, router=ScoreTopK(k=2, scaling=2.0)))
+    with pytest.raises(ValueError, match="DBRX cannot express .*scaling=1.0"):
+        interop.to_hf(moe, like="DBRX")
+
+
+def test_dbrx_jitter_scales_the_blocks_input_in_place():
+    """DEFECT: DbrxRouter multiplies its input in place (``hidden_states *= U(1-eps, 1+eps)``),
+    and that tensor is the block's input: in training the experts see the jittered tokens, and
+    the caller's tensor is changed."""
+    block = dbrx(moe_jitter_eps=0.1).train()
+    seen = {}
+    block.experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone()))
+    x = x_of(1, 6, 16)
+    before = x.clone()
+    block(x)
+    assert not torch.equal(x, before)  # the caller's tensor
+    ratio = x / before
+    assert ((ratio - 1).abs() <= 0.1 + 1e-6).all()  # scaled by U(0.9, 1.1)
+    torch.testing.assert_close(seen["x"], x)  # the experts ran on the jittered x
+
+
+# ---- Switch Transformers ----------------------------------------------------------------------
+
+
+def switch_config(**changes):
+    from transformers import SwitchTransformersConfig
+
+    settings = {"d_model": 16, "d_ff": 8, "num_experts": 4, "expert_capacity": 3,
+                "router_jitter_noise": 0.0, "dropout_rate": 0.0} | changes  # fmt: skip
+    return SwitchTransformersConfig(**settings)
+
+
+def switch(**changes):
+    from transformers.models.switch_transformers.modeling_switch_transformers import (
+        SwitchTransformersSparseMLP,
+    )
+
+    block = SwitchTransformersSparseMLP(switch_config(**changes))
+    randomize(block)
+    return block
+
+
+def test_switch_losses_are_hfs_per_layer_and_per_sequence():
+    """minimoe's z-loss is Hugging Face's ``router_z_loss_func`` on one layer; its balance loss
+    is Hugging Face's on one sequence. Hugging Face's is the mean over sequences of each
+    sequence's loss (its f and P are per sequence), so over a batch the two differ."""
+    from transformers.models.switch_transformers import modeling_switch_transformers as st
+
+    block = switch().eval()
+    moe = interop.from_hf(block).eval()
+    x = x_of(3, 8, 16)
+    out = moe(x)
+    logits = out.routing.logits.view(3, 8, 4)  # (B, L, E)
+    torch.testing.assert_close(out.losses["z_loss"], st.router_z_loss_func(logits))
+    probs = logits.softmax(-1)
+    hf_balance = st.load_balancing_loss_func(probs, logits.argmax(-1))
+    per_sequence = [
+        load_balance_loss(p, count="first") for p in probs
+    ]  # minimoe's, sequence by sequence: first choices before the drops, as Hugging Face's
+    torch.testing.assert_close(hf_balance, torch.stack(per_sequence).mean())
+    assert abs(out.losses["load_balance"] - hf_balance) > 1e-3  # the batch's: another number
+    one = moe(x[:1])
+    torch.testing.assert_close(one.losses["load_balance"], per_sequence[0])
+    torch.testing.assert_close(one.losses["z_loss"], z_loss(logits[0]))
+
+
+def test_switch_router_losses_vanish_when_every_layer_is_sparse():
+    """DEFECT: SwitchTransformersForConditionalGeneration adds its router losses only when
+    ``encoder_sparse_step > 1``; a model whose every layer is sparse (step 1) trains neither."""
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    losses = {}
+    for sparse in (1, 2):  # of 2 layers
+        config = switch_config(vocab_size=32, d_kv=8, num_heads=2, num_layers=2,
+                               num_decoder_layers=2, num_sparse_encoder_layers=sparse,
+                               num_sparse_decoder_layers=sparse, expert_capacity=8,
+                               decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+        torch.manual_seed(0)
+        model = SwitchTransformersForConditionalGeneration(config)
+        ids = torch.randint(1, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        layers = sum(b.layer[-1].is_sparse for b in model.encoder.block)
+        losses[layers] = (float(out.encoder_z_loss), float(out.encoder_aux_loss))
+    assert losses[1][0] > 1 and losses[1][1] > 0.5  # one sparse layer of 2: both losses
+    assert losses[2] == (0.0, 0.0)  # two sparse layers of 2: neither
+
+
+def test_switch_jitter_routes_at_evaluation_and_refuses_to_train():
+    block = switch(router_jitter_noise=0.01).eval()
+    moe = interop.from_hf(block).eval()
+    assert moe.config.router.input_jitter == 0.01
+    x = x_of(2, 8, 16)
+    torch.testing.assert_close(moe(x).output, block(x.clone()))
+    with pytest.raises(ValueError, match=r"input_jitter=0.01\) cannot train.*replace"):
+        moe.train()(x)
+    plain = dataclasses.replace(moe.config.router, input_jitter=0.0)
+    moe.replace_config(router=plain)(x)  # trains without it
+    # Hugging Face's jitter multiplies the router's input in place: in float32 that tensor is the
+    # block's input (.to(float32) returns it), so the experts see the jittered tokens too
+    block.train()
+    x = x_of(2, 8, 16)
+    before = x.clone()
+    block(x)
+    assert not torch.equal(x, before)
+
+
+def test_switch_refusals_name_the_field():
+    with pytest.raises(ValueError, match="dropout_rate=0.0, got 0.1"):
+        interop.from_hf(switch(dropout_rate=0.1))
+    with pytest.raises(ValueError, match="router_bias=False, got True"):
+        interop.from_hf(switch(router_bias=True))
+    with pytest.raises(ValueError, match="dense_act_fn='gelu_new'"):
+        interop.from_hf(switch(dense_act_fn="gelu_new"))
+    swiglu = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=4,
+                           router=CapacityTopK(k=1, per_sequence=True, normalize="none")))  # fmt: skip
+    with pytest.raises(ValueError, match="Switch cannot express activation='swiglu'"):
+        interop.to_hf(swiglu, like="Switch")
+    two = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=4, activation="relu",
+                        router=CapacityTopK(k=2, per_sequence=True, normalize="none")))  # fmt: skip
+    with pytest.raises(ValueError, match="Switch cannot express .*k=1"):
+        interop.to_hf(two, like="Switch")
+
+
+# ---- NLLB-MoE ---------------------------------------------------------------------------------
+
+
+def test_nllb_router_keeps_the_evaluation_capacity_in_training():
+    """DEFECT: NllbMoeTop2Router writes its capacity into ``self.expert_capacity``: after one
+    evaluation forward (``moe_eval_capacity_token_fraction``), training keeps that capacity.
+    minimoe's spec computes the capacity on each call from its settings."""
+    from transformers import NllbMoeConfig
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeTop2Router
+
+    config = NllbMoeConfig(d_model=16, num_experts=4, expert_capacity=3,
+                           moe_eval_capacity_token_fraction=0.5, moe_token_dropout=0.0)  # fmt: skip
+    router = NllbMoeTop2Router(config)
+    randomize(router)
+    spec = family("NLLB-MoE").rule.router(config, "NLLB-MoE")
+    x = x_of(24, 16)
+    kept = {}
+    for step, training in (("train", True), ("eval", False), ("train again", True)):
+        _, weights, logits = router.train(training)(x)
+        kept[step] = int((weights > 0).sum())
+        ours = spec(logits.detach(), training=training)
+        if step != "train again":  # the first two agree with the spec
+            assert int(ours.mask.sum()) == kept[step]
+        else:
+            assert int(ours.mask.sum()) == kept["train"] == 12  # 3 slots x 4 experts
+    assert kept["train again"] == kept["eval"] > 12  # the evaluation capacity leaked
+
+
+# ---- Gemma 4: a normed router with per-expert scales ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Gemma-4", "Diffusion-Gemma"])
+def test_gemma_router_conforms_with_its_trained_scales(name):
+    """Hugging Face's router module (router and experts are separate modules of the decoder
+    layer, so no block converts): same experts, weights and gradients of all three trained
+    router tensors (the projection, the input scale and the per-expert scales)."""
+    import importlib
+
+    f = family(name)
+    configuration = importlib.import_module(f"transformers.models.{f.module}.configuration_{f.module}")  # fmt: skip
+    modeling = importlib.import_module(f"transformers.models.{f.module}.modeling_{f.module}")
+    config = getattr(configuration, f.config)(hidden_size=16, num_experts=8, top_k_experts=3,
+                                              moe_intermediate_size=8, enable_moe_block=True,
+                                              rms_norm_eps=1e-5)  # fmt: skip
+    router = getattr(modeling, f.block.replace("Experts", "Router"))(config)
+    randomize(router)  # the scales too: not their initial ones
+    spec = f.rule.router(config, name)
+    assert spec == ScoreTopK(k=3, input_norm=True, input_norm_eps=1e-5, expert_scales=True)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=8, router=spec))
+    assert sorted(n for n, _ in moe.router_params.named_parameters()) == [
+        "expert_scale",
+        "input_scale",
+    ]
+    ours_of = {router.proj.weight: moe.gate.weight, router.scale: moe.router_params.input_scale,
+               router.per_expert_scale: moe.router_params.expert_scale}  # fmt: skip
+    with torch.no_grad():
+        for theirs, ours in ours_of.items():
+            ours.copy_(theirs)
+    x = x_of(24, 16) * 3
+    _, weights, idx = router(x)
+    routing = moe.route(x)
+    dense = torch.zeros(24, 8).scatter(1, idx, weights)
+    assert torch.equal(routing.mask, dense != 0)
+    torch.testing.assert_close(routing.weights, dense, atol=1e-6, rtol=1e-5)
+    assert (routing.weights.sum(1) - 1).abs().max() > 0.1  # the expert scales are exercised
+    mix = x_of(24, 8, seed=5)
+    theirs = torch.autograd.grad((dense * mix).sum(), list(ours_of))
+    mine = torch.autograd.grad((routing.weights * mix).sum(), list(ours_of.values()))
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---- PhiMoE: SparseMixer sampled in training --------------------------------------------------
+
+
+def phimoe(**changes):
+    from transformers import PhimoeConfig
+    from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
+
+    settings = {"hidden_size": 16, "intermediate_size": 8, "num_local_experts": 6,
+                "router_jitter_noise": 0.3, "experts_implementation": "eager"} | changes  # fmt: skip
+    block = PhimoeSparseMoeBlock(PhimoeConfig(**settings))
+    randomize(block)
+    return block
+
+
+def test_phimoe_trains_as_hf_under_the_same_seed():
+    """Training mode: both sample; seeded alike they pick the same experts with the same weights
+    (Heun's 1/3 included), give the same output and the same gradients."""
+    block = phimoe().train()
+    moe = interop.from_hf(block).train()
+    x = x_of(3, 40, 16)
+    torch.manual_seed(11)
+    theirs = block(x.clone())
+    torch.manual_seed(11)
+    out = moe(x)
+    torch.testing.assert_close(out.output, theirs, atol=1e-5, rtol=1e-4)
+    greedy = interop.from_hf(block).eval()(x).routing
+    assert not torch.equal(out.routing.mask, greedy.mask)  # the sampling is exercised
+    thirds = (out.routing.weights[out.routing.mask] / greedy.probs[out.routing.mask]).lt(0.5)
+    assert thirds.any()  # and Heun's 1/3 (weights far below a softmax value)
+    theirs.pow(2).sum().backward()
+    out.output.pow(2).sum().backward()
+    torch.testing.assert_close(moe.gate.weight.grad, block.router.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        moe.experts.gate_up.grad, block.experts.gate_up_proj.grad, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_phimoe_input_jitter_routes_at_evaluation_and_refuses_to_train():
+    """DEFECT: PhimoeSparseMoeBlock scales its input by U(1-eps, 1+eps) in place, and its router
+    scales that same tensor again: in training the experts see the tokens jittered twice."""
+    block = phimoe(input_jitter_noise=0.1)
+    moe = interop.from_hf(block).eval()
+    assert moe.config.router.input_jitter == 0.1
+    x = x_of(2, 8, 16)
+    torch.testing.assert_close(moe(x).output, block.eval()(x.clone()), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"SparseMixer\(input_jitter=0.1\) cannot train"):
+        moe.train()(x)
+    seen = {}
+    block.experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone()))
+    before = x.clone()
+    block.train()(x)
+    ratio = (seen["x"].view(2, 8, 16) / before - 1).abs()
+    assert ratio.max() > 0.1 + 1e-3 and ratio.max() <= 0.21 + 1e-6  # two U(0.9, 1.1) factors
