@@ -13,7 +13,7 @@ import argparse
 import statistics
 from collections.abc import Iterable
 
-from course import balance, compare, harness, modern, stats, testbed, text
+from course import balance, compare, harness, modern, ondemand, stats, testbed, text
 from course.common import load_json
 
 LM = "Shakespeare bytes, 2-layer LM, 1200 steps (cosine)"
@@ -260,6 +260,66 @@ def modern_rows() -> list[dict]:
     ]
 
 
+def ondemand_rows() -> list[dict]:
+    results = ondemand.load()
+    data = "mixture testbed (drawn weights), 1 MoE layer, 4000 steps"
+    epi = "true experts per input"
+
+    def spread(run: str) -> list[float]:  # level 3 minus level 1, per seed
+        hard, easy = (results.values(run, f"experts_per_token@{m}") for m in (3, 1))
+        return [h - e for h, e in zip(hard, easy)]
+
+    vs = "test error - top-{} (share of variance)"
+    rows = [
+        _row(
+            "9",
+            "null experts k=4",
+            epi,
+            results.values("null k=4", "experts_per_token"),
+            data,
+            PAPER,
+        ),
+        _row(
+            "9",
+            "null experts k=4",
+            vs.format(2),
+            results.differences("null k=4", "top-2", "rel_error"),
+            data,
+            PAPER,
+        ),
+        _row("9", "ReMoE (target 2)", f"{epi}, level 3 - level 1", spread("remoe 2"), data, PAPER),
+        _row(
+            "9",
+            "ReMoE (target 2)",
+            vs.format(2),
+            results.differences("remoe 2", "top-2", "rel_error"),
+            data,
+            PAPER,
+        ),
+        _row(
+            "9",
+            "SeqTopK K=2 (batch budget)",
+            vs.format(2),
+            results.differences("seqtopk 2", "top-2", "rel_error"),
+            data,
+            PAPER,
+        ),
+    ]
+    served = results.values(ondemand.SERVED_RUN, ondemand.served(1, "rel_error"))
+    trained = results.values("top-1", "rel_error")
+    rows.append(
+        _row(
+            "9",
+            "top-2 served at top-1",
+            "test error - top-1 trained (share of variance)",
+            [a - b for a, b in zip(served, trained)],
+            data,
+            PAPER,
+        )
+    )
+    return rows
+
+
 def headline_rows() -> list[dict]:
     """Every chapter's headline numbers, in chapter order."""
     rows = (
@@ -271,8 +331,9 @@ def headline_rows() -> list[dict]:
         + text_rows()
         + compare_rows()
         + modern_rows()
+        + ondemand_rows()
     )
-    order = {"1": -1, "3": 0, "4": 1, "5": 2, "4-6": 3, "4-5": 4, "6": 5, "8": 6}
+    order = {"1": -1, "3": 0, "4": 1, "5": 2, "4-6": 3, "4-5": 4, "6": 5, "8": 6, "9": 7}
     return sorted(rows, key=lambda r: order[r["chapter"]])
 
 

@@ -124,7 +124,10 @@ def test_the_family_pairs_each_dynamic_run_with_its_declared_top_k(results):
     parts = [ondemand.CONTROL, ondemand.FAMILY, ondemand.SERVED, ondemand.ALLOCATION]
     assert len(judged) == sum(map(len, parts))
     assert all(c.p_holm is not None and c.n == 2 for c in judged)
-    assert [(c.a, c.b) for c in judged[:2]] == [("top-1", "top-2"), ("top-3", "top-2")]
+    assert [(c.a, c.b, c.measure) for c in judged[:2]] == [
+        ("top-1", "top-2", "rel_error@2"),
+        ("top-1", "top-2", "rel_error@3"),
+    ]
     served = len(ondemand.CONTROL) + len(ondemand.FAMILY)
     assert [(c.a, c.b) for c in judged[served : served + 2]] == [
         ("top-2 served at k=1", "top-1"),
