@@ -25,7 +25,6 @@ from minimoe.cli import (
     positive,
     positive_int,
     router_from_flags,
-    write_json,
 )
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig
@@ -83,9 +82,9 @@ def moe_changes(named: dict[str, Any]) -> dict[str, Any]:
     return {"router": router_from_flags(named.get("router", "top_k"), **flags)} | rest
 
 
-# Setup fields for which 0 means something (evaluate only at the end, a seed); every other size, count, period and rate must be > 0 (0 windows score nothing, a
-# block of 0 divides by zero, a period of 0 never comes)
-MAY_BE_ZERO = ("eval_every", "task_seed")
+# Setup fields for which 0 means something (a seed); every other size, count, period and rate
+# must be > 0 (0 windows score nothing, a block of 0 divides by zero, a period of 0 never comes)
+MAY_BE_ZERO = ("task_seed",)
 
 
 def add_setup_args(p: argparse.ArgumentParser, defaults: Setup) -> None:
@@ -191,20 +190,6 @@ def write_csv(path: Path, rows: list[dict], fieldnames: Sequence[str] | None = N
         w.writeheader()
         w.writerows(rows)
     return path
-
-
-def write_seed_results(out: Path, per_seed: list[dict], summary: list[dict]) -> list[Path]:
-    """results.json (``{summary, per_seed}``) and results.csv: every seed's rows, then the
-    summary's with seed ``mean`` (each seed's ``setup`` gives a row its seed if it has none)."""
-    write_json(out / "results.json", {"summary": summary, "per_seed": per_seed})
-    rows = [
-        r if "seed" in r else {"seed": s["setup"]["seed"], **r} for s in per_seed for r in s["rows"]
-    ]
-    means = [{**r, "seed": "mean"} for r in summary]
-    return [
-        out / "results.json",
-        write_csv(out / "results.csv", rows + means, fieldnames=list(rows[0])),
-    ]
 
 
 # ---- timing ---------------------------------------------------------------------------------

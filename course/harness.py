@@ -120,6 +120,12 @@ class Experiment:
         the converged rule reads."""
         raise NotImplementedError
 
+    def batches(self, get_batch: Any, model: nn.Module) -> Callable[[torch.Generator], dict]:
+        """The training batches of the run being trained (``current``) from what ``data`` gave,
+        once its model is built: that itself by default (a curriculum, which ranks the samples
+        with the model, builds its sampler here)."""
+        return get_batch
+
     def recorder(self, name: str) -> Callable[[int, nn.Module, Any], None] | None:
         """A per-step training callback (``train``'s ``callback``) for run ``name``, handed to
         ``extra`` afterwards as ``record``; none by default."""
@@ -191,7 +197,8 @@ class Experiment:
         run = self.runs[name]
         get_batch, held_out = self.data(seed)
         model, start = self._start(run, seed)
-        self.current = (name, seed)  # for ``recorder`` and ``extra``
+        self.current = (name, seed)  # for ``batches``, ``recorder`` and ``extra``
+        get_batch = self.batches(get_batch, model)
         if start:  # the batches the source sees from its step ``start`` on
             get_batch = skipping(get_batch, start)
         config = self.train_config(run, seed, progress, steps, start)
@@ -415,21 +422,6 @@ class Results:
     """One experiment's results.json, and the paired statistics over its seeds."""
 
     data: dict
-
-    @classmethod
-    def from_rows(cls, per_seed: list[dict], curve: str, run: str = "run") -> Results:
-        """A cache written before this format (``[{"setup", "rows", "curves"}]`` per seed, a
-        row naming its run by ``row[run]``): per run and seed its row as the measures and
-        ``curves[name][curve]`` (against ``curves[name]["steps"]``) as the ``loss`` curve."""
-        records = []
-        for s in per_seed:
-            for r in s["rows"]:
-                c = s["curves"][r[run]]
-                curve_of = {"step": c["steps"], "loss": c[curve]}
-                records.append(
-                    {"run": r[run], "seed": s["setup"]["seed"], "measures": r, "curve": curve_of}
-                )
-        return cls({"seeds": sorted({r["seed"] for r in records}), "results": records})
 
     @property
     def seeds(self) -> list[int]:

@@ -13,7 +13,7 @@ import argparse
 import statistics
 from collections.abc import Iterable
 
-from course import balance, compare, harness, modern, ondemand, stats, testbed, text
+from course import adaptive, balance, compare, harness, modern, ondemand, stats, testbed, text
 from course.common import load_json
 
 LM = "Shakespeare bytes, 2-layer LM, 1200 steps (cosine)"
@@ -110,27 +110,15 @@ def topp_rows() -> list[dict]:
 
 
 def adaptive_rows() -> list[dict]:
-    per_seed = load_json(None, "adaptive/results.json")["per_seed"]
-
-    def column(variant: str, key: str) -> list[float]:
-        return [r[key] for s in per_seed for r in s["rows"] if r["variant"] == variant]
-
-    data = f"{TOKENS} (operands <= 4 digits), 2-layer LM, 600 steps"
-    share, vs_raw = "two-expert share", "val loss - top-2 raw (nats)"
+    results = adaptive.load()
+    steps = results.data["setup"]["steps"]
+    data = f"{TOKENS} (operands <= 4 digits), 2-layer LM, {steps} steps (cosine), padding masked"
+    share, vs_raw = "two-expert share", "held-out loss - top-2 raw (nats)"
     return [
-        _row("5", "adaptive 0.1", share, column("adaptive T=0.1", "two_expert_share"), data, PAPER),
-        _row(
-            "5", "adaptive 0.1", vs_raw, column("adaptive T=0.1", "loss_vs_top2_raw"), data, PAPER
-        ),
-        _row(
-            "5",
-            "adaptive 0.1",
-            share,
-            column("adaptive T=0.1 z=0.001", "two_expert_share"),
-            data,
-            COURSE,
-        ),
-    ]
+        _row("5", "adaptive 0.1", share, results.values("adaptive 0.1", "two_expert_share"), data, PAPER),
+        _row("5", "adaptive 0.1", vs_raw, results.differences("adaptive 0.1", "top-2 raw", "loss"), data, PAPER),
+        _row("5", "adaptive 0.1", share, results.values("adaptive 0.1 z=0.001", "two_expert_share"), data, COURSE),
+    ]  # fmt: skip
 
 
 def text_rows() -> list[dict]:

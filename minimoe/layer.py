@@ -414,8 +414,16 @@ class MoE(nn.Module):
         trusted = library_router(router)
         return check_routing(routing, tokens.shape[0], self.config.num_experts, who, not trusted)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
-        """``token_ids`` (x's shape without d_model): only routers that route by token id read it."""
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, mask: Tensor | None = None
+    ) -> MoEOutput:
+        """``token_ids`` (x's shape without d_model): only routers that route by token id read it.
+
+        ``mask`` (x's shape without d_model, bool): False marks padding. The router sees every
+        position (a per-sequence rule counts the grid as laid out); padding then leaves the
+        decision: no expert runs on it (its output is 0, the residual carries it), and no loss
+        or statistic counts it. The returned routing covers the other tokens, in order.
+        """
         c = self.config
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
@@ -435,6 +443,10 @@ class MoE(nn.Module):
         seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
         ids = None if token_ids is None else token_ids.reshape(-1)
         routing = self.route(tokens, seq_len, ids)
+        grid = routing  # every position: the sequence-wise loss counts per sequence
+        valid = None if mask is None else _token_mask(mask, x)  # (T,) True: a real token
+        if valid is not None:  # boolean selection: a data-dependent size (a graph break)
+            routing, tokens = routing.rows(valid), tokens[valid]
         if self.stateful and self.training and torch.is_grad_enabled():
             self._count_stale_step()
         kept = kept_pairs(routing, c.capacity_factor)
@@ -454,7 +466,7 @@ class MoE(nn.Module):
             "dynamic": dynamic_loss(routing.probs),
             # (T, d) inputs: the whole batch is one sequence
             "sequence_balance": sequence_balance_loss(
-                routing.probs, routing.mask, seq_len or max(tokens.shape[0], 1), k
+                grid.probs, grid.mask, seq_len or max(grid.num_tokens, 1), k, valid=valid
             ),
         }
         aux = c.balance_coef * losses["load_balance"] + c.z_coef * losses["z_loss"]
@@ -467,6 +479,8 @@ class MoE(nn.Module):
             for name, (coef, loss) in own(routing, self._router_tensors()).items():
                 losses[name] = loss
                 aux = aux + coef * loss
+        if valid is not None:  # padding's rows stay 0
+            out = out.new_zeros(valid.shape[0], c.d_model).index_put((valid,), out)
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))
 
     def _shared_output(self, tokens: Tensor) -> Tensor:
@@ -526,6 +540,21 @@ class MoE(nn.Module):
                 flops=flops,
                 router_measure=routing.logits.new_zeros(0) if measure is None else measure(routing),
             )
+
+
+def _token_mask(mask: Tensor, x: Tensor) -> Tensor:
+    """``mask`` checked against the input ``x`` (..., d_model): (T,) bool on x's device."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a bool tensor (False marks padding), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}"
+        )
+    if mask.shape != x.shape[:-1]:
+        raise ValueError(
+            f"mask must have the input's shape without d_model, {tuple(x.shape[:-1])}, "
+            f"got {tuple(mask.shape)}"
+        )
+    return mask.reshape(-1).to(x.device)
 
 
 def _why_not_finite(tokens: Tensor, gate: Tensor) -> str:

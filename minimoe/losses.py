@@ -48,7 +48,11 @@ def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "f
 
 
 def sequence_balance_loss(
-    probs: Tensor, mask: Tensor, seq_len: int, k: float | None = None
+    probs: Tensor,
+    mask: Tensor,
+    seq_len: int,
+    k: float | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, the mean over sequences of L_seq.
 
@@ -57,7 +61,8 @@ def sequence_balance_loss(
     normalized scores (the softmax, or DeepSeek-V3's s / sum s):
     f_i = E / (k L) * #{t : i in S_t},  P_i = mean_t probs_ti,  L_seq = sum_i f_i P_i.
     1 at perfect balance with k experts per token. ``k``: experts per token (None: the mean
-    of ``mask``, for routers with no fixed k).
+    of ``mask``, for routers with no fixed k). ``valid`` (T,) bool: the tokens that count
+    (False: padding); L is then a sequence's count of them, and a sequence with none is left out.
     """
     if probs.dim() != 2 or mask.shape != probs.shape:
         raise ValueError(
@@ -76,8 +81,14 @@ def sequence_balance_loss(
             raise TypeError(f"k must be a number or None, got k={k!r}")
         if not 0 < k < math.inf:
             raise ValueError(f"k must be finite and > 0, got k={k!r}")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != (num_tokens,)):
+        raise ValueError(
+            f"valid must be a ({num_tokens},) bool tensor, got {valid.dtype} {tuple(valid.shape)}"
+        )
     if num_tokens == 0:
         return probs.new_zeros(())
+    if valid is not None:
+        return _sequence_balance_of_valid(probs, mask, seq_len, k, valid)
     chosen = mask.to(probs.dtype).reshape(-1, seq_len, num_experts)  # (B, L, E)
     if k is None:  # a tensor: no device sync; no expert chosen at all gives f = 0, not 0 / 0
         k = chosen.sum() / num_tokens
@@ -87,6 +98,22 @@ def sequence_balance_loss(
     # P_i = mean over the sequence's tokens of the normalized scores: the only gradient path
     p = probs.reshape(-1, seq_len, num_experts).mean(dim=1)  # (B, E)
     return (f * p).sum(dim=1).mean()
+
+
+def _sequence_balance_of_valid(
+    probs: Tensor, mask: Tensor, seq_len: int, k: float | None, valid: Tensor
+) -> Tensor:
+    """``sequence_balance_loss`` over the ``valid`` tokens of each sequence only."""
+    E = probs.shape[1]
+    w = valid.to(probs.dtype).reshape(-1, seq_len, 1)  # (B, L, 1)
+    chosen = mask.to(probs.dtype).reshape(-1, seq_len, E) * w  # (B, L, E)
+    n = w.sum(dim=1)  # (B, 1) valid tokens per sequence
+    if k is None:  # the mean experts per valid token
+        k = (chosen.sum() / n.sum().clamp_min(1)).clamp_min(torch.finfo(probs.dtype).tiny)
+    f = chosen.sum(dim=1) * E / (k * n.clamp_min(1))  # (B, E)
+    p = (probs.reshape(-1, seq_len, E) * w).sum(dim=1) / n.clamp_min(1)  # (B, E)
+    counted = (n[:, 0] > 0).to(probs.dtype)  # (B,)
+    return ((f * p).sum(dim=1) * counted).sum() / counted.sum().clamp_min(1)
 
 
 def z_loss(logits: Tensor) -> Tensor:

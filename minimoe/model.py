@@ -110,8 +110,11 @@ class Block(nn.Module):
         moe = config.moe
         self.ffn = MoE(moe) if use_moe else FFN(d, config.dense_width)
 
-    def forward(self, x: Tensor, idx: Tensor | None = None) -> tuple[Tensor, MoEOutput | None]:
-        """``idx`` (B, L) the token ids, for routers that route by them (hash routing)."""
+    def forward(
+        self, x: Tensor, idx: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, MoEOutput | None]:
+        """``idx`` (B, L) the token ids, for routers that route by them (hash routing); ``mask``
+        (B, L) bool, False at padding, which the MoE layer leaves unrouted and uncounted."""
         B, L, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # (B, L, d) each
         q, k, v = (
@@ -122,7 +125,7 @@ class Block(nn.Module):
         x = x + self.proj(att.transpose(1, 2).reshape(B, L, d))
         h = self.ln2(x)
         if isinstance(self.ffn, MoE):
-            moe_out = self.ffn(h, token_ids=idx)
+            moe_out = self.ffn(h, token_ids=idx, mask=mask)
             return x + moe_out.output, moe_out
         return x + self.ffn(h), None
 
@@ -145,9 +148,19 @@ class TinyTransformer(nn.Module):
         self.cls_head = nn.Linear(d, config.num_classes) if config.num_classes else None
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, labels: Tensor | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> ModelOutput:
-        """idx (B, L) token ids; targets (B, L) next tokens (-100 = ignore); labels (B,) classes."""
+        """idx (B, L) token ids; targets (B, L) next tokens (-100 = ignore); labels (B,) classes.
+
+        ``mask`` (B, L) bool, False at padding: the MoE layers route no padding and count none
+        of it in their losses and statistics, its targets are ignored and the classification
+        head averages the other positions. (Attention is causal:
+        padding after a sequence's end changes nothing before it.)
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, length), got {tuple(idx.shape)}")
         if idx.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
@@ -168,10 +181,15 @@ class TinyTransformer(nn.Module):
             )
         if L > self.config.block_size:
             raise ValueError(f"sequence length {L} exceeds block_size={self.config.block_size}")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != idx.shape):
+            raise ValueError(
+                f"mask must have idx's shape {tuple(idx.shape)}, got "
+                f"{tuple(getattr(mask, 'shape', ()))}"
+            )
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(L, device=idx.device))  # (B, L, d)
         layers = []
         for block in self.blocks:
-            x, moe_out = block(x, idx)
+            x, moe_out = block(x, idx, mask)
             if moe_out is not None:
                 layers.append(moe_out)
         h = self.ln_f(x)  # (B, L, d)
@@ -181,7 +199,12 @@ class TinyTransformer(nn.Module):
                 raise ValueError(
                     "labels given but the model has no classification head (num_classes=0)"
                 )
-            logits = self.cls_head(h.mean(dim=1))  # (B, classes)
+            if mask is None:
+                pooled = h.mean(dim=1)  # (B, d)
+            else:  # the mean over each sequence's real tokens
+                real = mask[..., None].to(h.dtype)  # (B, L, 1)
+                pooled = (h * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+            logits = self.cls_head(pooled)  # (B, classes)
             loss = F.cross_entropy(logits, labels) if labels is not None else None
             return ModelOutput(logits, loss, aux, layers)
         logits = self.lm_head(h)  # (B, L, vocab)
@@ -192,6 +215,8 @@ class TinyTransformer(nn.Module):
                     f"targets must have idx's shape {tuple(idx.shape)}, got "
                     f"{tuple(getattr(targets, 'shape', ()))}"
                 )
+            if mask is not None:  # padding carries no loss
+                targets = targets.masked_fill(~mask, -100)
             # the mean over no token is nan: refused here, not reported as a diverged loss
             require((targets != -100).any(), "targets are all -100 (ignored): no token to score")
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)

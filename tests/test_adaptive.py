@@ -2,16 +2,20 @@
 
 import inspect
 import math
+import statistics
 
 import pytest
 import torch
 
 from course import adaptive as ex
+from course import harness
+from minimoe.analysis import RoutingRecorder
+from minimoe.data import PAD_ID, TASKS
 from minimoe.dispatch import combine
 from minimoe.experts import Experts
-from minimoe.layer import MoE, MoEConfig
+from minimoe.layer import MoE, MoEConfig, moe_layers
 from minimoe.losses import load_balance_loss, z_loss
-from minimoe.routing import Adaptive, TopK, adaptive, top_k
+from minimoe.routing import Adaptive, adaptive, top_k
 
 
 def logits_of(rows):
@@ -185,9 +189,9 @@ def test_time_dispatch_flop_ratios():
     assert rows[-1]["time_ratio"] == 1.0 and all(r["seconds"] > 0 for r in rows)
 
 
-# ---- the chapter's experiment pieces ---------------------------------------------------------
+# ---- the chapter's experiment ---------------------------------------------------------------
 
-TINY = ex.Setup(
+TINY = ex.AdaptiveSetup(
     n_train=64,
     n_val=32,
     max_len=3,
@@ -196,73 +200,117 @@ TINY = ex.Setup(
     num_experts=4,
     batch_size=16,
     steps=8,
-    eval_every=4,
 )
 
 
+class Tiny(ex.AdaptiveGating):
+    eval_every = 4
+
+
 def test_token_kinds_cover_prompt_answer_end():
-    data, _ = ex.make_data(TINY)
+    data, _ = ex.make_data(TINY, 0)
     kind = ex.token_kind(data)
     assert torch.equal(kind == ex.TOKEN_KINDS.index("answer"), data.answer_mask)
     assert set(kind.unique().tolist()) == {0, 1, 2}
     assert (kind[:, 0] == ex.TOKEN_KINDS.index("prompt")).all()  # the task token
 
 
-def test_train_variant_report_and_threshold_twin():
-    data, val = ex.make_data(TINY)
-    run = ex.train_variant(TINY, data, val, "adaptive", Adaptive(threshold=0.2))
-    assert run.eval_steps == [4, 8] and math.isfinite(run.final_loss)
-    assert run.steps_to(float("inf")) == 4 and run.steps_to(-1.0) is None
-    report = ex.routing_report(run.model, val)
-    assert 0 <= report["two_expert_share"] <= 1 and len(report["per_layer"]) == TINY.n_layers
-    assert set(report["by_task"]) <= {0, 1, 2, 3} and set(report["by_kind"]) <= {0, 1, 2}
-    top1, top2 = ex.with_threshold(run.model, 0.0), ex.with_threshold(run.model, 1.0)
-    assert run.model.config.moe.router == Adaptive(threshold=0.2)  # the original is untouched
+def test_batches_carry_the_padding_mask_and_padding_is_counted_nowhere():
+    exp = Tiny(TINY)
+    samples, val = exp.data(0)
+    assert torch.equal(samples["mask"], samples["idx"] != PAD_ID)
+    assert 0.2 < (~samples["mask"]).float().mean() < 0.6, "padding is a large share"
+    model, record = exp.trained("top-2", 0)
+    # top-2 sends every real token to two experts: padding counted would not change that, but
+    # it would add its FLOPs; per real token they are exactly two experts' in each layer
+    per_pair = moe_layers(model)[0].experts.flops_per_assignment()
+    assert record["measures"]["experts_per_token"] == 2.0
+    assert record["measures"]["flops_per_token"] == 2 * TINY.n_layers * per_pair
+    # the held-out share is the real tokens' share: routing every position and keeping the real
+    # ones gives the same (attention is causal and padding comes last)
+    model, record = exp.trained("adaptive 0.2", 0)
+    real = val.inputs != PAD_ID
+    with torch.no_grad(), RoutingRecorder(model) as rec:
+        model.eval()(val.inputs)
+    two = [(rec.routing(i).expert_counts.view(real.shape)[real] > 1).float().mean() for i in (0, 1)]
+    assert record["measures"]["two_expert_share"] == pytest.approx(sum(two).item() / 2)
+    unmasked = [(rec.routing(i).expert_counts > 1).float().mean() for i in (0, 1)]
+    assert record["measures"]["two_expert_share"] != pytest.approx(sum(unmasked).item() / 2)
+
+
+def test_a_run_records_its_curve_report_and_timing():
+    exp = Tiny(TINY)
+    r = exp.run_one("adaptive 0.2", 0)
+    assert r["curve"]["step"] == [4, 8] and math.isfinite(r["measures"]["loss"])
+    assert set(r["measures"]) == {
+        "loss",
+        "two_expert_share",
+        "experts_per_token",
+        "flops_per_token",
+    }
+    extra = r["extra"]
+    assert len(extra["per_layer"]) == TINY.n_layers and set(extra["by_task"]) <= set(TASKS)
+    assert set(extra["by_kind"]) == set(ex.TOKEN_KINDS)
+    share = r["measures"]["two_expert_share"]
+    assert statistics.fmean(extra["per_layer"]) == pytest.approx(share)
+    assert len(extra["train_two_share"]) == 1  # 8 steps: one window of ex.WINDOW
+    assert extra["step_ratio"]["median"] > 0 and len(extra["step_ratio"]["quartiles"]) == 2
+    assert "step_ratio" not in exp.run_one("adaptive 0.2", 0, steps=4)["extra"], "cut short"
+
+
+def test_only_the_curriculum_run_ranks_its_samples():
+    exp = Tiny(TINY)
+    r = exp.run_one("adaptive 0.1 + curriculum", 0)
+    assert exp.sampler.curriculum and r["extra"]["epochs"] == 2  # 8 steps of 16 out of 64
+    assert r["extra"]["ranking_seconds"] > 0
+    exp.run_one("adaptive 0.1", 0)
+    assert not exp.sampler.curriculum and exp.sampler.ranking_seconds == 0
+    declared = exp.declared()
+    assert declared["adaptive 0.1 + curriculum"]["curriculum"] is True
+    assert "curriculum" not in declared["adaptive 0.1"]
+
+
+def test_threshold_twins_route_top_1_and_top_2():
+    exp = Tiny(TINY)
+    model, _ = exp.trained("adaptive 0.2", 0, steps=4)
+    _, val = exp.data(0)
+    top1, top2 = ex.with_threshold(model, 0.0), ex.with_threshold(model, 1.0)
+    assert model.config.moe.router == Adaptive(threshold=0.2)  # the original is untouched
     assert top1.config.moe.router == Adaptive(threshold=0.0)
-    assert ex.routing_report(top1, val)["two_expert_share"] == 0.0
-    assert ex.routing_report(top2, val)["two_expert_share"] == 1.0
+    assert ex.measure(top1, val)["two_expert_share"] == 0.0
+    assert ex.measure(top2, val)["two_expert_share"] == 1.0
+    assert ex.routing_report(top2, val)["by_kind"] == dict.fromkeys(ex.TOKEN_KINDS, 1.0)
+    samples, _ = exp.data(0)
     times = ex.time_train_steps(
-        {"a": run.model, "b": top1},
-        {"idx": data.inputs[:4], "targets": data.targets[:4]},
-        repeats=1,
+        {"a": model, "b": top1}, {k: v[:4] for k, v in samples.items()}, repeats=1
     )
     assert set(times.rounds) == {"a", "b"} and min(times["a"], times["b"]) > 0
     assert times.ratio("a", "a") == 1.0
 
 
-def test_command_writes_table_and_plot(tmp_path):
+def test_command_writes_the_harness_format(tmp_path):
     from course.__main__ import main
 
-    main(
-        [
-            *"adaptive --steps 4 --n-train 32 --n-val 16 --max-len 2 --d-model 16 --d-hidden 16 --num-experts 4 --batch-size 16 --eval-every 2 --thresholds 0.1 0.3 --timing-repeats 1 --seeds 0 1 --no-progress --out".split(),
-            str(tmp_path),
-        ]
-    )
-    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv", "adaptive.png"}
-    lines = (tmp_path / "results.csv").read_text().splitlines()
-    variants = [
-        "top-2",
-        "top-2 raw",
-        "adaptive T=0.1",
-        "adaptive T=0.3",
-        "adaptive T=0.1 + curriculum",
-        "adaptive T=0.1 z=0.001",
-    ]
-    assert len(lines) == 1 + 3 * len(variants)  # two seeds, then the means
-    assert [line.split(",")[1] for line in lines[-len(variants) :]] == variants
-    header = lines[0].split(",")
-    raw = [line.split(",") for line in lines[1:] if line.split(",")[1] == "top-2 raw"]
-    assert all(float(r[header.index("loss_vs_top2_raw")]) == 0.0 for r in raw)
+    argv = "adaptive --steps 4 --n-train 32 --n-val 16 --max-len 2 --d-model 16 --d-hidden 16"
+    argv += " --num-experts 4 --batch-size 16 --seeds 0 1 --no-progress --out"
+    main([*argv.split(), str(tmp_path), "--runs", "top-2", "adaptive 0.1"])
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "results.csv"}
+    setup = ex.AdaptiveSetup(
+        steps=4, n_train=32, n_val=16, max_len=2, d_model=16, d_hidden=16, num_experts=4,
+        batch_size=16,
+    )  # fmt: skip
+    results = harness.load(ex.AdaptiveGating(setup), tmp_path / "results.json")
+    assert results.seeds == [0, 1] and results.runs == ["top-2", "adaptive 0.1"]
+    assert results.values("top-2", "experts_per_token") == [2.0, 2.0]
 
 
-@pytest.mark.parametrize("router", [TopK(k=2), TopK(k=2, renormalize=False), Adaptive(0.1)])
-def test_models_carry_their_papers_losses_and_the_course_z_loss_on_request(router):
-    moe = ex.build_model(TINY, router).config.moe
-    assert (moe.router, moe.balance_coef, moe.z_coef, moe.balance_counts) == (
-        router,
+@pytest.mark.parametrize("name", list(ex.RUNS))
+def test_runs_carry_their_papers_losses(name):
+    moe = ex.RUNS[name].moe_config(ex.AdaptiveGating(TINY).base_moe())
+    z = 1e-3 if name.endswith("z=0.001") else 0.0
+    assert (moe.balance_coef, moe.z_coef, moe.balance_counts, moe.capacity_factor) == (
         0.01,
-        0.0,
+        z,
         "first",
+        None,
     )
-    assert ex.build_model(TINY, router, z_coef=1e-3).config.moe.z_coef == 1e-3

@@ -340,13 +340,11 @@ def test_a_zero_that_would_be_ignored_or_divide_is_refused(command, flag, capsys
 
 
 def test_zero_stays_allowed_where_it_means_something():
-    from course import adaptive, testbed
+    from course import testbed
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    adaptive.add_parser(sub)
     testbed.add_parser(sub)
-    assert parser.parse_args(["adaptive", "--eval-every", "0"]).eval_every == 0
     assert parser.parse_args(["testbed", "--task-seed", "0"]).task_seed == 0
 
 

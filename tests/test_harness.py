@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from course import balance, compare, harness, modern, ondemand, testbed, text
+from course import adaptive, balance, compare, harness, modern, ondemand, testbed, text
 from course.harness import Run
 from minimoe.layer import MoEConfig
 from minimoe.routing import TopK, TopP
@@ -159,6 +159,7 @@ HARNESS_EXPERIMENTS = [
     compare.Compare,
     modern.Modern,
     ondemand.OnDemand,
+    adaptive.AdaptiveGating,
 ]
 
 

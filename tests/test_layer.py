@@ -492,6 +492,119 @@ def test_expert_choice_leaves_tokens_unrouted_and_drops_none():
     assert not out.output.reshape(-1, D)[unrouted].any()  # only the residual carries them
 
 
+# ---- padding ---------------------------------------------------------------------------
+
+LENGTHS = (3, 5, 1)  # real tokens of each sequence of 5; the rest is padding
+
+
+def padded(seed=1):
+    """x (3, 5, d) and its mask (3, 5): sequence b holds LENGTHS[b] tokens, then padding."""
+    mask = torch.arange(5)[None, :] < torch.tensor(LENGTHS)[:, None]  # (B, L)
+    return tokens(3, 5, seed=seed), mask
+
+
+PER_TOKEN = ["top_k", "switch", "top_p", "adaptive", "capacity_loop", "shared_expert"]
+
+
+@pytest.mark.parametrize("name", PER_TOKEN)
+def test_padding_is_routed_by_no_expert_and_counted_nowhere(name):
+    # a router that decides per token gives the real tokens the decision it gives them alone
+    # (a capacity counted on their pairs only); padding's output is 0, as if never there
+    x, mask = padded()
+    masked, alone = layer(**ROUTER_CONFIGS[name]), layer(**ROUTER_CONFIGS[name])
+    out, ref = masked(x, mask=mask), alone(x[mask])
+    assert out.routing.num_tokens == sum(LENGTHS) == ref.routing.num_tokens
+    assert torch.equal(out.routing.mask, ref.routing.mask)
+    torch.testing.assert_close(out.output[mask], ref.output)
+    assert not out.output[~mask].any()
+    for key in ("load_balance", "z_loss", "dynamic"):
+        torch.testing.assert_close(out.losses[key], ref.losses[key])
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+    for key in ("experts_per_token", "tokens_per_expert", "dropped_pairs", "flops"):
+        assert torch.equal(getattr(out.stats, key), getattr(ref.stats, key)), key
+    # padding carries no loss: the router's gradient is the real tokens' alone
+    out.aux_loss.backward()
+    ref.aux_loss.backward()
+    torch.testing.assert_close(masked.gate.weight.grad, alone.gate.weight.grad)
+
+
+def test_padding_left_out_changes_the_numbers_it_would_skew():
+    x, mask = padded()
+    moe = layer()
+    out, unmasked = moe(x, mask=mask), moe(x)
+    assert unmasked.routing.num_tokens == 15 and out.routing.num_tokens == 9
+    assert out.stats.flops.item() == pytest.approx(unmasked.stats.flops.item() * 9 / 15)
+    assert out.losses["load_balance"].item() != pytest.approx(
+        unmasked.losses["load_balance"].item()
+    )
+
+
+def test_sequence_balance_over_each_sequences_real_tokens(randn):
+    probs = randn(15, E).softmax(dim=-1)
+    mask = probs > 0.2  # (T, E) a varying number of experts per token
+    _, pad = padded()
+    valid = pad.reshape(-1)  # (T,)
+    k = 1.5
+    starts = [5 * b for b in range(3)]
+    by_hand = [
+        seq_balance_by_hand(probs[s : s + n], mask[s : s + n], n, k)
+        for s, n in zip(starts, LENGTHS)
+    ]
+    expected = sum(by_hand) / 3
+    assert sequence_balance_loss(probs, mask, 5, k, valid=valid).item() == pytest.approx(expected)
+    everything = torch.ones(15, dtype=torch.bool)
+    assert sequence_balance_loss(probs, mask, 5, k, valid=everything).item() == pytest.approx(
+        sequence_balance_loss(probs, mask, 5, k).item()
+    )
+    # a sequence with no real token is left out of the mean, not counted as 0
+    empty = valid.clone()
+    empty[10:] = False
+    assert sequence_balance_loss(probs, mask, 5, k, valid=empty).item() == pytest.approx(
+        sum(by_hand[:2]) / 2
+    )
+    # k None: the mean experts per real token
+    ept = mask[valid].sum().item() / valid.sum().item()
+    by_hand_ept = [
+        seq_balance_by_hand(probs[s : s + n], mask[s : s + n], n, ept)
+        for s, n in zip(starts, LENGTHS)
+    ]
+    assert sequence_balance_loss(probs, mask, 5, valid=valid).item() == pytest.approx(
+        sum(by_hand_ept) / 3, rel=1e-6
+    )
+
+
+def test_layer_sequence_balance_counts_the_real_tokens_of_each_sequence():
+    x, mask = padded()
+    moe = layer()
+    out = moe(x, mask=mask)
+    p = router_probs(moe, x.reshape(-1, D))
+    top2 = torch.zeros_like(p, dtype=torch.bool).scatter(1, p.topk(2, dim=1).indices, True)
+    expected = sequence_balance_loss(p, top2, 5, 2, valid=mask.reshape(-1))
+    assert out.losses["sequence_balance"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad, error, text",
+    [
+        (torch.ones(3, 5), TypeError, "mask must be a bool tensor"),
+        (torch.ones(15, dtype=torch.bool), ValueError, r"shape without d_model, \(3, 5\)"),
+        ([True] * 15, TypeError, "got list"),
+    ],
+)
+def test_a_bad_mask_is_refused_naming_it(bad, error, text):
+    x, _ = padded()
+    with pytest.raises(error, match=text):
+        layer()(x, mask=bad)
+    with pytest.raises(ValueError, match=r"valid must be a \(15,\) bool tensor"):
+        sequence_balance_loss(
+            torch.full((15, E), 0.25),
+            torch.ones(15, E, dtype=torch.bool),
+            5,
+            2,
+            valid=torch.ones(15),
+        )
+
+
 # ---- determinism -----------------------------------------------------------------------
 
 

@@ -63,3 +63,43 @@ def test_non_finite_inputs_are_named_as_they_are(bad, words):
     x[3, 1] = bad
     with pytest.raises(ValueError, match=f"the MoE input {words} \\(first in row 3\\)"):
         layer(x)
+
+
+def _padded_batch():
+    """idx (2, 6) with 4 and 2 real tokens, then padding (id 0); targets on every position."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(1, 16, (2, 6), generator=g)
+    mask = torch.arange(6)[None, :] < torch.tensor([[4], [2]])  # (B, L)
+    return idx.masked_fill(~mask, 0), torch.randint(0, 16, (2, 6), generator=g), mask
+
+
+def test_a_padding_mask_changes_no_real_position_and_scores_no_padding():
+    model = _lm().eval()
+    idx, targets, mask = _padded_batch()
+    out, plain = model(idx, targets, mask=mask), model(idx, targets)
+    # causal attention, padding after the end: the real positions compute what they did
+    torch.testing.assert_close(out.logits[mask], plain.logits[mask])
+    # padding's targets are ignored, and its routing counted nowhere
+    expected = model(idx, targets.masked_fill(~mask, -100)).loss
+    torch.testing.assert_close(out.loss, expected)
+    for layer_out in out.layers:
+        assert layer_out.routing.num_tokens == 6
+        assert layer_out.stats.tokens_per_expert.sum().item() == 6 * 2  # top-2
+    assert out.aux_loss.item() != plain.aux_loss.item()
+
+
+def test_the_classification_head_averages_the_real_positions():
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4)
+    model = TinyTransformer(
+        ModelConfig(vocab_size=16, block_size=8, n_heads=2, moe=moe, num_classes=3)
+    ).eval()
+    idx, _, mask = _padded_batch()
+    first = model(idx[:1, :4]).logits  # sequence 0 without its padding
+    torch.testing.assert_close(model(idx, mask=mask).logits[:1], first)
+
+
+def test_a_mask_of_another_shape_is_refused():
+    idx, _, mask = _padded_batch()
+    with pytest.raises(ValueError, match=r"mask must have idx's shape \(2, 6\), got \(12,\)"):
+        _lm()(idx, mask=mask.flatten())

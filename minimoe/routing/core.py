@@ -70,6 +70,11 @@ class Routing:
             **{k: None if v is None else v.detach().to(device) for k, v in moved.items()}
         )
 
+    def rows(self, keep: Tensor) -> Routing:
+        """The decision for the tokens ``keep`` selects ((T,) bool), in their order."""
+        kept = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Routing(**{k: None if v is None else v[keep] for k, v in kept.items()})
+
     @staticmethod
     def cat(parts: list[Routing]) -> Routing:
         """Several decisions over the same experts as one, token after token."""
