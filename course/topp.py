@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from course import harness, testbed
+from course import harness, stats, testbed
 from course.harness import Experiment, Run
 from minimoe.analysis import RoutingRecorder, experts_per_token_by_group
 from minimoe.data import (
@@ -257,6 +257,28 @@ class TokenTasks(Experiment):
             "per_layer_task": [[g[t] for t in range(len(TASKS))] for g in end],
             "final_train_loss": statistics.fmean(history.loss[-50:]),
         }
+
+
+def within_run(
+    results: harness.Results, run: str, a: str, b: str, names: tuple[str, str]
+) -> stats.Comparison:
+    """Measure ``a`` minus measure ``b`` of one run (``experts_per_token@layer0`` against
+    ``@layer2``, say), paired by seed (uncorrected), with how much that gap and each measure
+    moved over the last fifth of training (the converged rule's drifts); a count, so no side
+    is better."""
+    seeds = results.seeds_of(run)
+    gap, own = [], {a: [], b: []}
+    for s in seeds:
+        curves = {m: results.curve(run, s, m) for m in (a, b)}
+        steps = sorted(curves[a])
+        gap.append(stats.tail_drift(steps, [curves[a][t] - curves[b][t] for t in steps]))
+        for m, c in curves.items():
+            own[m].append(stats.tail_drift(steps, [c[t] for t in steps]))
+    return stats.compare(
+        results.values(run, a, seeds), results.values(run, b, seeds), names,
+        f"{run}, {a.split('@')[0]}", drift=statistics.fmean(gap),
+        run_drift=max((statistics.fmean(d) for d in own.values()), key=abs), lower_is_better=None,
+    )  # fmt: skip
 
 
 def load(path=None) -> harness.Results:

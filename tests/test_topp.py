@@ -363,6 +363,19 @@ def test_runs_of_a_seed_start_alike_and_a_shorter_run_is_its_prefix():
     assert first["curve"]["loss"] == full["curve"]["loss"][:1]
 
 
+def test_within_run_pairs_two_measures_of_one_run_by_seed(tmp_path):
+    results = Tiny(TINY).run_all(tmp_path, names=["top-p 0.4"], seeds=[0, 1], progress=False)
+    a, b = "experts_per_token@layer0", "experts_per_token@layer1"
+    c = topp.within_run(results, "top-p 0.4", a, b, ("layer 0", "layer 1"))
+    by_hand = [
+        x - y
+        for x, y in zip(results.values("top-p 0.4", a), results.values("top-p 0.4", b), strict=True)
+    ]
+    assert c.diffs == pytest.approx(by_hand) and c.lower_is_better is None
+    assert c.drift is not None and c.run_drift is not None
+    assert c.measure == "top-p 0.4, experts_per_token" and c.verdict().startswith("layer 0 vs")
+
+
 def test_the_runs_hold_the_chapters_losses():
     moe = {name: run.moe_config(MoEConfig()) for name, run in topp.RUNS.items()}
     assert all(c.balance_coef == 1e-2 for c in moe.values())
