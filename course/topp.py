@@ -210,13 +210,13 @@ class TokenTasks(Experiment):
     seeds = (0, 1, 2, 3, 4)
     eval_every = 50
 
-    def base_moe(self) -> MoEConfig:
-        s = self.setup
-        return MoEConfig(d_model=s.d_model, d_hidden=s.d_hidden, num_experts=s.num_experts)
-
     def __init__(self, setup: TopPSetup | None = None) -> None:
         super().__init__(setup)
         self._probes: dict[int, Probe] = {}
+
+    def base_moe(self) -> MoEConfig:
+        s = self.setup
+        return MoEConfig(d_model=s.d_model, d_hidden=s.d_hidden, num_experts=s.num_experts)
 
     def data(self, seed: int):
         s = self.setup
