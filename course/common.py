@@ -19,12 +19,10 @@ from typing import Any
 import torch
 
 from minimoe.cli import (
-    ROUTER_FLAGS,
     non_negative,
     non_negative_int,
     positive,
     positive_int,
-    router_from_flags,
 )
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig
@@ -71,15 +69,6 @@ class Setup:
         size = dict(d_model=self.d_model, d_hidden=self.d_hidden, num_experts=self.num_experts)
         layers = dict(n_layers=self.n_layers, n_heads=4)
         return ModelConfig(vocab_size, block_size, **layers, moe=MoEConfig(**(size | moe)))
-
-
-def moe_changes(named: dict[str, Any]) -> dict[str, Any]:
-    """MoEConfig fields from a run as results.json names it: the router by name, its settings
-    by their command-line names (``{"router": "top_p", "top_p": 0.4, "z_coef": 0}`` ->
-    ``{"router": TopP(p=0.4), "z_coef": 0}``; see ``minimoe.cli.router_from_flags``)."""
-    flags = {k: v for k, v in named.items() if k in ROUTER_FLAGS}
-    rest = {k: v for k, v in named.items() if k not in ROUTER_FLAGS and k != "router"}
-    return {"router": router_from_flags(named.get("router", "top_k"), **flags)} | rest
 
 
 # Setup fields for which 0 means something (a seed); every other size, count, period and rate

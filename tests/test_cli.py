@@ -165,7 +165,7 @@ def test_a_field_with_its_own_flag_name_does_not_collide():
 
 
 def test_router_flags_are_not_named_as_layer_fields():
-    # course.common.moe_changes tells router settings from MoEConfig fields by name
+    # the command line holds router flags and layer options in one namespace (moe_config_from_args)
     assert not set(cli.ROUTER_FLAGS) & {f.name for f in fields(MoEConfig)}
 
 

@@ -51,14 +51,14 @@ def test_the_library_knows_nothing_of_the_course():
 
 
 def test_a_missing_cached_result_says_where_to_get_it(monkeypatch, tmp_path):
-    from course import common, topp
+    from course import common, gw
 
-    assert common.cached("topp/results.json") == ROOT / "data" / "topp" / "results.json"
+    assert common.cached("gw_results.json") == ROOT / "data" / "gw_results.json"
     monkeypatch.setattr(common, "DATA", tmp_path)  # an installed course, without the repository
     with pytest.raises(
-        FileNotFoundError, match="clone the repository.*regenerates topp/results.json"
+        FileNotFoundError, match="clone the repository.*regenerates gw_results.json"
     ):
-        topp.load_results()
+        gw.load_cached()
 
 
 def test_seed_means_by_hand():

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from course import adaptive, balance, compare, harness, modern, ondemand, testbed, text
+from course import adaptive, balance, compare, harness, modern, ondemand, testbed, text, topp
 from course.harness import Run
 from minimoe.layer import MoEConfig
 from minimoe.routing import TopK, TopP
@@ -154,6 +154,7 @@ def test_merge_joins_processes_run_side_by_side(tmp_path):
 HARNESS_EXPERIMENTS = [
     testbed.Testbed,
     testbed.TestbedDirichlet,
+    topp.TokenTasks,
     balance.Balance,
     text.Text,
     compare.Compare,

@@ -9,8 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from course import topp
-from minimoe.data import TASKS
+from course import harness, topp
+from course.harness import Run
+from minimoe.analysis import RoutingRecorder
+from minimoe.data import TASKS, VOCAB
 from minimoe.layer import MoE, MoEConfig
 from minimoe.losses import dynamic_loss, load_balance_loss
 from minimoe.routing import Adaptive, TopK, TopP, top_p
@@ -249,7 +251,7 @@ def test_a_step_on_the_dynamic_loss_sharpens_the_router():
     assert moe(x).losses["dynamic"] < before
 
 
-# ---- the experiment functions ------------------------------------------------------------
+# ---- the experiment (course/topp.py) ------------------------------------------------------
 
 TINY = topp.TopPSetup(
     n_layers=2,
@@ -260,8 +262,11 @@ TINY = topp.TopPSetup(
     batch_size=8,
     n_train=64,
     n_probe=16,
-    track_every=3,
 )
+
+
+class Tiny(topp.TokenTasks):
+    eval_every = 3
 
 
 def test_probe_labels_real_tokens_by_task():
@@ -273,14 +278,14 @@ def test_probe_labels_real_tokens_by_task():
 
 
 def test_the_runs_probe_holds_no_training_sample_and_an_equal_share_per_task():
-    setup = topp.TopPSetup(n_train=2048, n_probe=66, seed=3)
-    probe = topp.make_probe(setup)
-    seen = {tuple(row) for row in topp.training_data(setup).inputs.tolist()}
+    setup = topp.TopPSetup(n_train=2048, n_probe=66)
+    probe = topp.make_probe(setup, 3)
+    seen = {tuple(row) for row in topp.training_data(setup, 3).inputs.tolist()}
     assert not any(tuple(row) in seen for row in probe.data.inputs.tolist())
     assert torch.bincount(probe.data.task, minlength=4).tolist() == [17, 17, 16, 16]
     # the same probe every time, and not the plain stream (which repeats training samples)
-    assert torch.equal(topp.make_probe(setup).data.inputs, probe.data.inputs)
-    plain = topp.Probe.make(setup.n_probe, seed=setup.seed + 1).data.inputs.tolist()
+    assert torch.equal(topp.make_probe(setup, 3).data.inputs, probe.data.inputs)
+    plain = topp.Probe.make(setup.n_probe, seed=4).data.inputs.tolist()
     assert any(tuple(row) in seen for row in plain)
     with pytest.raises(ValueError, match="unseen"):  # a training set that holds the whole pool
         topp.unseen(40, 5, topp.make_multitask(320, max_len=topp.MAX_LEN, seed=5))
@@ -292,88 +297,114 @@ def test_real_token_mean_weights_groups_by_their_tokens():
     )
 
 
-def test_run_measures_routing_and_quality():
-    r = topp.run(TINY, router="top_p", top_p=0.4)  # a run as results.json names it
-    assert r["dynamic_beta"] == 1e-4 and len(r["loss"]) == TINY.steps
-    assert r["trajectory"]["steps"] == [0, 3, 6]
-    routing = r["routing"]
-    assert len(routing["per_layer"]) == 2 and len(routing["per_task"]) == len(TASKS)
-    assert all(1 <= v <= 4 for v in routing["per_layer"] + routing["per_task"])
-    # the last tracked record is the final model, measured the same way
-    assert r["trajectory"]["per_layer"][-1] == pytest.approx(routing["per_layer"])
-    assert set(r["quality"]) == set(TASKS)
-    assert all(0 <= v <= 1 for q in r["quality"].values() for v in q.values())
-    top2 = topp.run(TINY, router="top_k", k=2)
-    assert top2["routing"]["per_layer"] == [2.0, 2.0] and top2["dynamic_beta"] == 0
+def test_routing_measures_leave_padding_out():
+    probe = topp.Probe.make(16, seed=1)
+    exp = Tiny(TINY)
+    model = exp.model(Run(TopP(p=0.6)).moe_config(exp.base_moe()), 0).eval()
+    with torch.no_grad(), RoutingRecorder(model) as rec:
+        model(**probe.batch())
+    layers = [rec.routing(i) for i in range(len(rec))]
+    m = topp.routing_measures(layers, probe)
+    real, answers = probe.task >= 0, probe.answer_task == 2  # (N * L,) real tokens; sort's answers
+    by_hand = [r.expert_counts[real].float().mean().item() for r in layers]
+    assert [m["experts_per_token@layer0"], m["experts_per_token@layer1"]] == pytest.approx(by_hand)
+    assert m["experts_per_token"] == pytest.approx(sum(by_hand) / 2)
+    sort = [r.expert_counts[answers].float().mean().item() for r in layers]
+    assert m["answer_experts_per_token@sort"] == pytest.approx(sum(sort) / 2)
+    with_padding = [r.expert_counts.float().mean().item() for r in layers]
+    assert with_padding != pytest.approx(by_hand), (
+        "(the padding's counts differ: the test can fail)"
+    )
 
 
-def test_run_is_reproducible_and_a_shorter_run_is_its_prefix():
-    full = topp.run(TINY, router="top_p")
-    short = topp.run(topp.TopPSetup(**(vars(TINY) | {"steps": 3})), router="top_p")
-    assert short["loss"] == full["loss"][:3]
-    assert short["trajectory"]["mean"] == full["trajectory"]["mean"][:2]
+def test_task_quality_by_hand():
+    probe = topp.Probe.make(8, seed=0)  # two samples per task
+    targets = probe.data.targets  # (N, L)
+    logits = torch.nn.functional.one_hot(targets.clamp_min(0), len(VOCAB)).float()  # (N, L, V)
+    assert set(topp.task_quality(logits, probe).values()) == {1.0}
+    row = int((probe.data.task == 2).nonzero()[0])  # a sort problem: one answer token wrong
+    pos = int(probe.data.answer_mask[row].nonzero()[0])
+    logits[row, pos] = logits[row, pos].roll(1)
+    q = topp.task_quality(logits, probe)
+    scored = int(probe.data.answer_mask[probe.data.task == 2].sum())
+    assert q["exact_match@sort"] == 0.5 and q["token_accuracy@sort"] == pytest.approx(
+        1 - 1 / scored
+    )
+    assert q["exact_match@copy"] == 1.0 and q["exact_match"] == pytest.approx(1 - 0.5 / 4)
 
 
-def test_task_quality_of_a_perfect_predictor():
-    probe = topp.Probe.make(8, seed=0)
+def test_a_run_measures_routing_and_quality_on_the_probe():
+    exp = Tiny(TINY)
+    r = exp.run_one("top-p 0.4", 0)
+    assert r["curve"]["step"] == [3, 6]
+    m = r["measures"]
+    assert m == {k: v[-1] for k, v in r["curve"].items() if k != "step"}, "final = last eval"
+    assert list(m)[:4] == ["loss", "experts_per_token", "exact_match", "token_accuracy"]
+    assert all(1 <= m[f"experts_per_token@{g}"] <= 4 for g in ("layer0", "layer1", *TASKS))
+    assert all(0 <= m[f"{k}@{t}"] <= 1 for k in ("exact_match", "token_accuracy") for t in TASKS)
+    extra = r["extra"]
+    assert 1 <= extra["experts_per_token_at_0"] <= 4 and extra["final_train_loss"] > 0
+    # the final model's per-layer-and-task counts, averaged over layers: the per-task measure
+    for t, name in enumerate(TASKS):
+        by_layer = [row[t] for row in extra["per_layer_task"]]
+        assert sum(by_layer) / 2 == pytest.approx(m[f"experts_per_token@{name}"])
+    top2 = exp.run_one("top-2", 0)
+    assert top2["measures"]["experts_per_token@layer1"] == 2.0
+    assert top2["extra"]["experts_per_token_at_0"] == 2.0
 
-    class Oracle(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
 
-        def forward(self, idx, targets):
-            logits = torch.nn.functional.one_hot(targets.clamp_min(0), 18).float()
-            return type("Out", (), {"logits": logits})
-
-    q = topp.task_quality(Oracle(), probe)
-    assert all(v == {"token_accuracy": 1.0, "exact_match": 1.0} for v in q.values())
+def test_runs_of_a_seed_start_alike_and_a_shorter_run_is_its_prefix():
+    exp = Tiny(TINY)
+    a, b = (exp.model(exp.runs[n].moe_config(exp.base_moe()), 0) for n in ("top-2", "top-p 0.7"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    full = exp.run_one("top-p 0.4", 0)
+    assert Tiny(TINY).run_one("top-p 0.4", 0)["measures"] == full["measures"], "same seed"
+    first = exp.run_one("top-p 0.4", 0, steps=3)  # the first half, on the 6-step schedule
+    assert first["curve"]["loss"] == full["curve"]["loss"][:1]
 
 
-def test_command_writes_table_and_plots(tmp_path):
+def test_within_run_pairs_two_measures_of_one_run_by_seed(tmp_path):
+    results = Tiny(TINY).run_all(tmp_path, names=["top-p 0.4"], seeds=[0, 1], progress=False)
+    a, b = "experts_per_token@layer0", "experts_per_token@layer1"
+    c = topp.within_run(results, "top-p 0.4", a, b, ("layer 0", "layer 1"))
+    by_hand = [
+        x - y
+        for x, y in zip(results.values("top-p 0.4", a), results.values("top-p 0.4", b), strict=True)
+    ]
+    assert c.diffs == pytest.approx(by_hand) and c.lower_is_better is None
+    assert c.drift is not None and c.run_drift is not None
+    assert c.measure == "top-p 0.4, experts_per_token" and c.verdict().startswith("layer 0 vs")
+
+
+def test_the_runs_hold_the_chapters_losses():
+    moe = {name: run.moe_config(MoEConfig()) for name, run in topp.RUNS.items()}
+    assert all(c.balance_coef == 1e-2 for c in moe.values())
+    assert [n for n, c in moe.items() if c.z_coef] == ["top-p 0.4 z=0.001"]
+    assert moe["top-p 0.4"].dynamic_beta == 1e-4 and moe["top-2"].dynamic_beta == 0
+    assert moe["top-p 0.4 beta=0"].dynamic_beta == 0
+    assert moe["top-p 0.4 beta=0.01"].dynamic_beta == 1e-2
+    assert moe["top-2 raw"].router == TopK(k=2, renormalize=False)
+
+
+def test_command_writes_the_harness_format_and_merges_runs(tmp_path):
     from course.__main__ import main
 
-    main(
-        [
-            *"topp --n-layers 2 --d-model 16 --d-hidden 16 --num-experts 4 --steps 2 --batch-size 4 --n-train 32 --n-probe 8 --track-every 1 --seeds 0 --ps 0.2 0.4 --betas 0 --out".split(),
-            str(tmp_path),
-        ]
-    )
-    names = {p.name for p in tmp_path.iterdir()}
-    assert {
-        "results.json",
-        "results.csv",
-        "trajectory.png",
-        "by_task_layer.png",
-        "p_sweep.png",
-    } <= names
-    rows = (tmp_path / "results.csv").read_text().splitlines()
-    # top-2, top-p, beta=0, top-2 and top-p with the course's z-loss, p=0.2
-    assert rows[0].startswith("run,seed,p,beta,experts_per_token") and len(rows) == 1 + 6
-    first = json.loads((tmp_path / "results.json").read_text())
-    paper = {"balance_coef": 0.01, "z_coef": 0.0}
-    for name in ("top-2", "top-p", "top-p beta=0", "top-p p=0.2"):
-        assert first["runs"][name][0]["moe"].items() >= paper.items(), name
-    for name in ("top-2 z=0.001", "top-p z=0.001"):
-        assert first["runs"][name][0]["moe"]["z_coef"] == 0.001
-
-    # --only adds runs to the results already there, the others untouched
     tiny = [
-        *"topp --n-layers 2 --d-model 16 --d-hidden 16 --num-experts 4 --steps 2 --batch-size 4 --n-train 32 --n-probe 8 --track-every 1 --seeds 0 --out".split(),
+        *"topp --n-layers 2 --d-model 16 --d-hidden 16 --num-experts 4 --steps 2 --batch-size 4 "
+        "--n-train 32 --n-probe 8 --seeds 0 --no-progress --out".split(),
         str(tmp_path),
     ]
-    main([*tiny, "--z-coefs", "0.01", "--only", "top-p z=0.01"])
-    merged = json.loads((tmp_path / "results.json").read_text())
-    assert list(merged["runs"]) == [*first["runs"], "top-p z=0.01"]
-    assert merged["runs"]["top-2"] == first["runs"]["top-2"]
-    # --only into a folder without results: the named runs alone
-    main([*tiny[:-1], str(tmp_path / "new"), "--ps", "0.2", "--only", "top-p p=0.2"])
-    alone = json.loads((tmp_path / "new" / "results.json").read_text())
-    assert list(alone["runs"]) == ["top-p p=0.2"]
-    with pytest.raises(ValueError, match="unknown run names"):
-        main([*tiny, "--only", "top-p z=0.5"])
-    with pytest.raises(ValueError, match="setup differs"):
-        main([*tiny, "--steps", "3", "--only", "top-2"])
+    main([*tiny, "--runs", "top-2", "top-p 0.4"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["format"] == harness.FORMAT and saved["experiment"] == "topp"
+    assert saved["runs"]["top-p 0.4"]["moe"]["router"]["name"] == "top_p", "the router as data"
+    assert [r["run"] for r in saved["results"]] == ["top-2", "top-p 0.4"]
+    main([*tiny, "--runs", "top-p 0.2"])  # added, the others kept
+    setup = topp.TopPSetup(**{k: v for k, v in saved["setup"].items() if v is not None})
+    results = harness.load(topp.TokenTasks(setup), tmp_path / "results.json")
+    assert results.runs == ["top-2", "top-p 0.4", "top-p 0.2"]
+    assert results.record("top-2", 0) == saved["results"][0]
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
 
 
 # ---- the explorer ------------------------------------------------------------------------

@@ -32,7 +32,7 @@ EXPLORERS = {
         "capacity_explorer(",
     ),
     "04_top_p_routing": (
-        ["from minimoe import", "topp.train_model(", "layer_logits ="],
+        ["from minimoe import", "tt_exp.trained(", "layer_logits ="],
         "top_p_explorer(",
     ),
 }
