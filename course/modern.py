@@ -30,7 +30,7 @@ from course.lm import ByteLM, LMSetup
 from minimoe.analysis import RoutingRecorder, expert_count_shares, experts_per_token, max_violation
 from minimoe.data import Batch
 from minimoe.layer import moe_layers
-from minimoe.routing import ExpertChoice, Routing, SigmoidTopK
+from minimoe.routing import ExpertChoice, HashTopK, Routing, SigmoidTopK
 from minimoe.train import History
 
 U = 1e-2  # our bias rate: Wang et al.'s u = 1e-3 moves the bias 1.2 at most in 1200 steps
@@ -73,6 +73,10 @@ RUNS: dict[str, Run] = {
     ),
     "fine-grained": sigmoid(k=2 * M, bias_rate=U, scaling=float(M), moe=FINE),
     "fine-grained unscaled": sigmoid(k=2 * M, bias_rate=U, moe=FINE),
+    # does learning the router matter? Each byte's two experts are a fixed draw (DeepSeek-V4's
+    # hash layers: a token id -> experts table, the same for every seed); the sigmoid scores of
+    # the two only weigh them, renormalized as in the top-2 runs; no balancing
+    "hash": Run(HashTopK(k=2, score="sigmoid"), losses="paper"),
 }
 BALANCING = list(RUNS)[:10]  # the top-2 runs that differ only in how they balance
 BASE = "loss-free 1e-2"  # the top-2 that expert choice, shared and fine-grained are compared with
