@@ -187,12 +187,17 @@ def first_choices(routing: Routing, test: MixtureTask) -> Tensor:
     return counts.index_put_((first, funcs), torch.ones(len(first)), accumulate=True)
 
 
+def purity(counts: Tensor) -> float:
+    """(E, C) counts -> for each expert, the share of its inputs from its most frequent function,
+    weighted by how many it takes (1: every expert serves one function)."""
+    return (counts.max(dim=1).values.sum() / counts.sum()).item()
+
+
 def specialization(routing: Routing, test: MixtureTask) -> float:
     """Purity of the first choices of the level-1 inputs: for each expert, the share of the
     level-1 inputs it takes first that come from its most frequent function, weighted by how
     many it takes (1: every expert serves one function; 1/C: every expert serves all alike)."""
-    counts = first_choices(routing, test)  # (E, C)
-    return (counts.max(dim=1).values.sum() / counts.sum()).item()
+    return purity(first_choices(routing, test))
 
 
 def domain_violation(routing: Routing, test: MixtureTask) -> float:

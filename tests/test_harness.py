@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from course import balance, compare, harness, modern, testbed, text
+from course import balance, balance_scope, compare, harness, modern, testbed, text
 from course.harness import Run
 from minimoe.layer import MoEConfig
 from minimoe.routing import TopK, TopP
@@ -158,6 +158,7 @@ HARNESS_EXPERIMENTS = [
     text.Text,
     compare.Compare,
     modern.Modern,
+    balance_scope.BalanceScope,
 ]
 
 
