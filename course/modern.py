@@ -387,10 +387,11 @@ def recent_routers() -> list[dict[str, str]]:
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
-    """Rows of equal keys as a Markdown table."""
+    """Rows of equal keys as a Markdown table (a "|" inside a value becomes "/")."""
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return "\n".join(lines + ["| " + " | ".join(r[k] for k in keys) + " |" for r in rows])
+    cells = [[r[k].replace("|", "/") for k in keys] for r in rows]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def add_parser(sub) -> None:
