@@ -1,4 +1,4 @@
-"""The chapters' experiments: ``python -m course balance|gw|testbed|testbed_dirichlet|topp|adaptive|text|compare|modern|numbers|ondemand --help``."""
+"""The chapters' experiments: ``python -m course balance|gw|testbed|testbed_dirichlet|topp|adaptive|text|compare|modern|balance_scope|numbers|ondemand --help``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = [
     "course.text",
     "course.compare",
     "course.modern",
+    "course.balance_scope",
     "course.numbers",
     "course.ondemand",
 ]

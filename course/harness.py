@@ -126,6 +126,11 @@ class Experiment:
         with the model, builds its sampler here)."""
         return get_batch
 
+    def build(self, run: Run, seed: int) -> nn.Module:
+        """Run ``run``'s model before training: ``model`` with its MoEConfig (a chapter whose
+        runs differ in more than the MoEConfig overrides this)."""
+        return self.model(run.moe_config(self.base_moe()), seed)
+
     def recorder(self, name: str) -> Callable[[int, nn.Module, Any], None] | None:
         """A per-step training callback (``train``'s ``callback``) for run ``name``, handed to
         ``extra`` afterwards as ``record``; none by default."""
@@ -179,7 +184,7 @@ class Experiment:
     def _start(self, run: Run, seed: int) -> tuple[nn.Module, int]:
         """A run's model before training, and the step it starts at: the seed's draw at 0, or
         for a continuing run the source's snapshot (its weights in this run's config)."""
-        model = self.model(run.moe_config(self.base_moe()), seed).to(self.setup.device)
+        model = self.build(run, seed).to(self.setup.device)
         if run.continues is None:
             return model, 0
         at = self.continue_at()

@@ -29,9 +29,11 @@ from course.harness import Run
 from course.lm import ByteLM, LMSetup
 from minimoe.analysis import RoutingRecorder, expert_count_shares, experts_per_token, max_violation
 from minimoe.data import Batch
+from minimoe.families import FAMILIES
 from minimoe.layer import moe_layers
-from minimoe.routing import ExpertChoice, Routing, SigmoidTopK
+from minimoe.routing import ExpertChoice, HashTopK, Routing, SigmoidTopK
 from minimoe.train import History
+from minimoe.zoo_table import describe
 
 U = 1e-2  # our bias rate: Wang et al.'s u = 1e-3 moves the bias 1.2 at most in 1200 steps
 M = 4  # fine-grained: every expert cut into M, M times as many chosen
@@ -73,6 +75,10 @@ RUNS: dict[str, Run] = {
     ),
     "fine-grained": sigmoid(k=2 * M, bias_rate=U, scaling=float(M), moe=FINE),
     "fine-grained unscaled": sigmoid(k=2 * M, bias_rate=U, moe=FINE),
+    # does learning the router matter? Each byte's two experts are a fixed draw (DeepSeek-V4's
+    # hash layers: a token id -> experts table, the same for every seed); the sigmoid scores of
+    # the two only weigh them, renormalized as in the top-2 runs; no balancing
+    "hash": Run(HashTopK(k=2, score="sigmoid"), losses="paper"),
 }
 BALANCING = list(RUNS)[:10]  # the top-2 runs that differ only in how they balance
 BASE = "loss-free 1e-2"  # the top-2 that expert choice, shared and fine-grained are compared with
@@ -344,6 +350,48 @@ def print_table(summary: list[dict]) -> None:
             f"{r['experts_per_token']:>7.2f} {r['unrouted']:>8.1%} {r['leak_loss']:>6.4f} "
             f"{r['step_ratio']:>5.2f}"
         )
+
+
+# ---- what the models of 2025-2026 route with (rows of the zoo table) ------------------------
+
+RECENT = {  # a family of minimoe.families -> where its release describes it
+    "Qwen3-MoE": "Qwen3 Technical Report, arXiv 2505.09388",
+    "Qwen3-Next": "model card Qwen/Qwen3-Next-80B-A3B-Instruct",
+    "gpt-oss": "gpt-oss model card, arXiv 2508.10925",
+    "Llama-4": "model card meta-llama/Llama-4-Scout-17B-16E",
+    "GLM-4-MoE": "GLM-4.5, arXiv 2508.06471",
+    "dots.llm1": "dots.llm1 Technical Report, arXiv 2506.05767",
+    "ERNIE-4.5-MoE": "ERNIE 4.5 Technical Report (Baidu), model card baidu/ERNIE-4.5-21B-A3B-PT",
+    "LongCat-Flash": "LongCat-Flash Technical Report, arXiv 2509.01322",
+    "MiniMax-M2": "model card MiniMaxAI/MiniMax-M2",
+    "Kimi-Linear": "Kimi Linear, arXiv 2510.26692",
+    "DeepSeek-V3.2": "DeepSeek-V3.2, arXiv 2512.02556",
+    "DeepSeek-V4": "DeepSeek-V4 technical report, model card deepseek-ai/DeepSeek-V4-Pro",
+    "Granite-MoE-Hybrid": "model card ibm-granite/granite-4.0-h-small",
+}
+RECENT_COLUMNS = (
+    "family", "score", "selection", "normalization", "bias", "groups", "shared expert",
+    "null / identity experts", "HF balance loss",
+)  # fmt: skip
+
+
+def recent_routers() -> list[dict[str, str]]:
+    """``RECENT``'s rows of the zoo table (``minimoe.zoo_table.describe`` of the family table),
+    ``RECENT_COLUMNS`` and the reference of each."""
+    by_name = {f.name: f for f in FAMILIES}
+    rows = []
+    for name, reference in RECENT.items():
+        row = describe(by_name[name])
+        rows.append({c: row[c] for c in RECENT_COLUMNS} | {"reference": reference})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """Rows of equal keys as a Markdown table (a "|" inside a value becomes "/")."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    cells = [[r[k].replace("|", "/") for k in keys] for r in rows]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 def add_parser(sub) -> None:

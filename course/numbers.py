@@ -13,7 +13,19 @@ import argparse
 import statistics
 from collections.abc import Iterable
 
-from course import adaptive, balance, compare, harness, modern, ondemand, stats, testbed, text, topp
+from course import (
+    adaptive,
+    balance,
+    balance_scope,
+    compare,
+    harness,
+    modern,
+    ondemand,
+    stats,
+    testbed,
+    text,
+    topp,
+)
 from course.common import load_json
 
 LM = "Shakespeare bytes, 2-layer LM, 1200 steps (cosine)"
@@ -250,6 +262,29 @@ def modern_rows() -> list[dict]:
             data,
             recipe,
         ),
+        _row(
+            "8",
+            "hash (a fixed byte -> experts table)",
+            "val loss - loss-free u=1e-2 (nats)",
+            results.differences("hash", modern.BASE, "loss"),
+            data,
+            "hash: none; loss-free: bias u=1e-2",
+        ),
+    ]
+
+
+def balance_scope_rows() -> list[dict]:
+    results = balance_scope.load()
+    data = "Dirichlet testbed served in domains, 2 MoE layers, 4000 steps (cosine)"
+    recipe, ref = "top-2, balance 1e-2 (f / k), no z-loss", balance_scope.REFERENCE
+
+    def versus(measure: str) -> list[float]:
+        return results.differences("sequence", ref, measure)
+
+    run = "balance loss per sequence"
+    return [
+        _row("8", run, "specialization - global batch", versus("specialization"), data, recipe),
+        _row("8", run, "test error - global batch", versus("rel_error"), data, recipe),
     ]
 
 
@@ -324,6 +359,7 @@ def headline_rows() -> list[dict]:
         + text_rows()
         + compare_rows()
         + modern_rows()
+        + balance_scope_rows()
         + ondemand_rows()
     )
     order = {"1": -1, "3": 0, "4": 1, "5": 2, "4-6": 3, "4-5": 4, "6": 5, "8": 6, "9": 7}

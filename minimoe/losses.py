@@ -16,7 +16,9 @@ from minimoe.routing.core import _entropy, top_expert
 BALANCE_COUNTS = ("first", "selected")
 
 
-def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "first") -> Tensor:
+def load_balance_loss(
+    probs: Tensor, mask: Tensor | None = None, count: str = "first", group_size: int | None = None
+) -> Tensor:
     """L_b = E * sum_i f_i * Q_i, with Q_i the mean router probability of expert i.
 
     ``count="first"`` (Switch, and adaptive gating's top-1 decisions): f_i = share of tokens
@@ -24,27 +26,91 @@ def load_balance_loss(probs: Tensor, mask: Tensor | None = None, count: str = "f
     ``count="selected"`` (Top-P paper): f_i = share of tokens whose selected set S (``mask``)
     contains i; not normalized, so it also grows when more experts fire.
 
-    One layer's tokens, as the layer computes it. Hugging Face's ``load_balancing_loss_func``
-    differs in three ways (docs/zoo.md): it pools the counts and probabilities of all layers
-    before the product, counts the k selected (``count="selected"``: k at balance, not 1), and
-    takes a softmax of the logits and its top k even for sigmoid or biased routers.
+    Where it averages: ``group_size=None`` asks balance of all T tokens at once (one layer's
+    tokens, as the layer computes it). ``group_size=n`` cuts the T tokens into consecutive
+    groups of n (the sequences of a batch, or the micro-batches of an optimizer step), takes
+    f and Q within each group and averages L_b over the groups: balance is asked of every
+    group, a stricter demand when a group holds one kind of input (one domain). Over the
+    global batch (Qwen3, arXiv 2501.11873) is ``group_size=None`` on all the step's tokens;
+    ``accumulated_balance_loss`` is how gradient accumulation approximates it.
+
+    Hugging Face's ``load_balancing_loss_func`` differs in three ways (docs/zoo.md): it pools
+    the counts and probabilities of all layers before the product, counts the k selected
+    (``count="selected"``: k at balance, not 1), and takes a softmax of the logits and its top
+    k even for sigmoid or biased routers.
     """
     if count not in BALANCE_COUNTS:
         raise ValueError(f"load balance count must be one of {BALANCE_COUNTS}, got count={count!r}")
+    if count == "selected" and mask is None:
+        raise ValueError("load balance count='selected' needs the routing mask")
     num_tokens, num_experts = probs.shape
+    n = num_tokens if group_size is None else _check_group(group_size, num_tokens)
     if num_tokens == 0:
         return probs.new_zeros(())
-    if count == "first":
-        first = top_expert(probs)  # (T,) the library's one first-choice rule
-        # counted by index_add, not bincount: a fixed (E,) shape that torch.compile can trace
-        hits = first.new_zeros(num_experts).index_add_(0, first, torch.ones_like(first))
-        f = hits.to(probs.dtype) / num_tokens  # (E,)
-    else:
-        if mask is None:
-            raise ValueError("load balance count='selected' needs the routing mask")
-        f = mask.to(probs.dtype).mean(dim=0)  # (E,)
-    q = probs.mean(dim=0)  # (E,) the full softmax mean: the only gradient path
-    return num_experts * (f * q).sum()
+    f = _counts(probs, mask, count, n) / n  # (G, E)
+    # Q_i: the full softmax mean, the only gradient path (one group: the plain mean over tokens)
+    q = probs.mean(dim=0, keepdim=True) if n == num_tokens else _group_means(probs, n)  # (G, E)
+    return num_experts * (f * q).sum(dim=1).mean()
+
+
+def accumulated_balance_loss(
+    probs: Tensor, mask: Tensor | None = None, count: str = "first", micro_batch: int = 1
+) -> Tensor:
+    """The global-batch balance loss as gradient accumulation computes it (Qwen3's, arXiv
+    2501.11873; Megatron-LM's ``global_aux_loss``): the T tokens are the micro-batches of one
+    optimizer step, ``micro_batch`` tokens each, in the order they run. Micro-batch j's loss
+    takes f_i from a buffer of the counts of micro-batches 1..j (reset at the optimizer step)
+    and Q_i from its own tokens; the step's loss is the mean over its micro-batches.
+
+    The last micro-batch sees the global f; the first only its own. When every micro-batch's
+    counts are known before any loss (data-parallel ranks exchanging them in one micro-step),
+    f is global throughout and the loss is ``load_balance_loss`` over all T tokens.
+    """
+    if count not in BALANCE_COUNTS:
+        raise ValueError(f"load balance count must be one of {BALANCE_COUNTS}, got count={count!r}")
+    if count == "selected" and mask is None:
+        raise ValueError("load balance count='selected' needs the routing mask")
+    num_tokens, num_experts = probs.shape
+    n = _check_group(micro_batch, num_tokens, "micro_batch")
+    if num_tokens == 0:
+        return probs.new_zeros(())
+    hits = _counts(probs, mask, count, n)  # (M, E) each micro-batch's counts
+    seen = torch.arange(1, hits.shape[0] + 1, dtype=probs.dtype, device=probs.device) * n  # (M,)
+    f = hits.cumsum(dim=0) / seen[:, None]  # (M, E) the buffer's shares after micro-batch j
+    q = _group_means(probs, n)  # (M, E) each micro-batch's own Q
+    return num_experts * (f * q).sum(dim=1).mean()
+
+
+def _counts(probs: Tensor, mask: Tensor | None, count: str, n: int) -> Tensor:
+    """(G, E) per group of ``n`` consecutive tokens: how many have expert i as their first choice
+    (``count="first"``) or in their selected set (``"selected"``), in ``probs``' dtype."""
+    num_tokens, num_experts = probs.shape
+    if count == "selected":
+        return mask.to(probs.dtype).reshape(-1, n, num_experts).sum(dim=1)
+    first = top_expert(probs)  # (T,) the library's one first-choice rule
+    if n < num_tokens:  # one row of counts per group: index g E + i
+        groups = torch.arange(num_tokens, device=probs.device) // n
+        first = groups * num_experts + first
+    # counted by index_add, not bincount: a fixed shape that torch.compile can trace
+    hits = first.new_zeros(num_tokens // n * num_experts).index_add_(
+        0, first, torch.ones_like(first)
+    )
+    return hits.to(probs.dtype).view(-1, num_experts)
+
+
+def _group_means(x: Tensor, n: int) -> Tensor:
+    """(T, E) -> (T / n, E): the mean of every group of ``n`` consecutive rows."""
+    return x.reshape(-1, n, x.shape[1]).mean(dim=1)
+
+
+def _check_group(size: int, num_tokens: int, name: str = "group_size") -> int:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"{name} must be an int, got {name}={size!r}")
+    if size < 1 or num_tokens % size:
+        raise ValueError(
+            f"{name} must be >= 1 and divide the {num_tokens} tokens, got {name}={size}"
+        )
+    return size
 
 
 def sequence_balance_loss(

@@ -316,7 +316,9 @@ def test_moe_every_past_the_layers_is_refused_naming_both_flags(capsys):
     assert "--moe-every 3 with --layers 1 builds no MoE layer" in err
 
 
-@pytest.mark.parametrize("command", ["testbed", "compare", "topp", "adaptive", "text", "modern"])
+@pytest.mark.parametrize(
+    "command", ["testbed", "compare", "topp", "adaptive", "text", "modern", "balance_scope"]
+)
 def test_a_seed_given_twice_is_refused(command, capsys):
     err = refused([command, "--seeds", "0", "1", "0"], capsys, course_main)
     assert "--seeds: each seed once, got [0] more than once" in err

@@ -8,7 +8,18 @@ from dataclasses import replace
 
 import pytest
 
-from course import adaptive, balance, compare, harness, modern, ondemand, testbed, text, topp
+from course import (
+    adaptive,
+    balance,
+    balance_scope,
+    compare,
+    harness,
+    modern,
+    ondemand,
+    testbed,
+    text,
+    topp,
+)
 from course.harness import Run
 from minimoe.layer import MoEConfig
 from minimoe.routing import TopK, TopP
@@ -161,6 +172,7 @@ HARNESS_EXPERIMENTS = [
     modern.Modern,
     ondemand.OnDemand,
     adaptive.AdaptiveGating,
+    balance_scope.BalanceScope,
 ]
 
 

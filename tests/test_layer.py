@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from minimoe.layer import MoE, MoEConfig, fine_grained
-from minimoe.losses import dynamic_loss, load_balance_loss, sequence_balance_loss, z_loss
+from minimoe.losses import (
+    accumulated_balance_loss,
+    dynamic_loss,
+    load_balance_loss,
+    sequence_balance_loss,
+    z_loss,
+)
 from minimoe.routing import (
     Adaptive,
     ExpertChoice,
@@ -104,6 +110,82 @@ def test_load_balance_selected_grows_with_experts_per_token(k):
     probs = torch.full((2 * E, E), 1 / E)
     assert load_balance_loss(probs, mask, count="selected").item() == pytest.approx(k)
     assert load_balance_loss(probs, mask, count="first").item() == pytest.approx(1)
+
+
+# two experts, four tokens: the first two pick expert 0, the last two expert 1, so the batch
+# is balanced and each half is one-sided
+HALVES = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+
+
+def test_load_balance_over_groups_by_hand():
+    # all four: f = (1/2, 1/2), Q = (0.525, 0.475): L_b = 2 (0.2625 + 0.2375) = 1
+    assert load_balance_loss(HALVES).item() == pytest.approx(1.0)
+    assert load_balance_loss(HALVES, group_size=4).item() == pytest.approx(1.0)
+    # per half: f = (1, 0), Q = (0.85, 0.15) -> 1.7; f = (0, 1), Q = (0.2, 0.8) -> 1.6
+    assert load_balance_loss(HALVES, group_size=2).item() == pytest.approx(1.65)
+    # one token per group: f is its own first choice, Q its own P: 2 * mean of P_max
+    assert load_balance_loss(HALVES, group_size=1).item() == pytest.approx(
+        2 * (0.9 + 0.8 + 0.7 + 0.9) / 4
+    )
+    mask = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 1]], dtype=torch.bool)
+    # selected, per half: f = (1, 1/2), Q = (0.85, 0.15) -> 1.85; f = (0, 1) -> 1.6
+    got = load_balance_loss(HALVES, mask, count="selected", group_size=2).item()
+    assert got == pytest.approx((1.85 + 1.6) / 2)
+
+
+def test_load_balance_over_groups_is_the_mean_of_the_groups_alone(randn):
+    probs = randn(24, 6).softmax(dim=1)
+    mask = torch.zeros(24, 6, dtype=torch.bool).scatter(1, probs.topk(2, dim=1).indices, True)
+    for count in ("first", "selected"):
+        for n in (1, 3, 8, 24):
+            alone = [load_balance_loss(p, m, count) for p, m in zip(probs.split(n), mask.split(n))]
+            got = load_balance_loss(probs, mask, count, group_size=n)
+            torch.testing.assert_close(got, torch.stack(alone).mean())
+
+
+def test_load_balance_over_groups_gradient_by_hand():
+    probs = HALVES.clone().requires_grad_()
+    load_balance_loss(probs, group_size=2).backward()
+    # dL/dP_ti = E f_i(group) / (groups * n): 2 * (1, 0) / 4 for the first half
+    expected = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.0, 0.5], [0.0, 0.5]])
+    torch.testing.assert_close(probs.grad, expected)
+
+
+def test_accumulated_balance_by_hand():
+    # micro-batch 1: the buffer holds its own counts, f = (1, 0), Q = (0.85, 0.15) -> 1.7;
+    # micro-batch 2: the buffer holds both, f = (1/2, 1/2), Q = (0.2, 0.8) -> 1.0
+    assert accumulated_balance_loss(HALVES, micro_batch=2).item() == pytest.approx(1.35)
+    probs = HALVES.clone().requires_grad_()
+    accumulated_balance_loss(probs, micro_batch=2).backward()
+    # the gradient reaches Q only: E f_i(buffer) / (micro-batches * n)
+    expected = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.25, 0.25], [0.25, 0.25]])
+    torch.testing.assert_close(probs.grad, expected)
+
+
+def test_accumulated_balance_between_micro_batch_and_global(randn):
+    probs = randn(32, 4).softmax(dim=1)
+    mask = torch.zeros(32, 4, dtype=torch.bool).scatter(1, probs.topk(2, dim=1).indices, True)
+    for count in ("first", "selected"):
+        one = accumulated_balance_loss(probs, mask, count, micro_batch=32)
+        torch.testing.assert_close(one, load_balance_loss(probs, mask, count))  # one micro-batch
+        first = accumulated_balance_loss(probs[:8], mask[:8], count, micro_batch=8)
+        torch.testing.assert_close(first, load_balance_loss(probs[:8], mask[:8], count))
+
+
+@pytest.mark.parametrize("loss", [load_balance_loss, accumulated_balance_loss])
+def test_balance_groups_are_checked(loss):
+    name = "group_size" if loss is load_balance_loss else "micro_batch"
+    with pytest.raises(
+        ValueError, match=f"{name} must be >= 1 and divide the 4 tokens, got {name}=3"
+    ):
+        loss(HALVES, **{name: 3})
+    with pytest.raises(ValueError, match=f"got {name}=0"):
+        loss(HALVES, **{name: 0})
+    with pytest.raises(TypeError, match=f"{name} must be an int, got {name}=2.0"):
+        loss(HALVES, **{name: 2.0})
+    with pytest.raises(ValueError, match="count='selected' needs the routing mask"):
+        loss(HALVES, None, "selected", 2)
+    assert loss(HALVES[:0], None, "first", 2).item() == 0
 
 
 def test_z_loss_and_dynamic_loss_by_hand():

@@ -98,3 +98,34 @@ def test_the_leak_is_zero_for_top_k_and_positive_for_expert_choice():
     assert causal == {"leak_loss": 0.0, "leak_logits": 0.0, "leak_routes": 0.0}
     leak = md.causal_leak(model("expert choice"), batch, positions=2)
     assert leak["leak_routes"] > 0 and leak["leak_loss"] > 0 and leak["leak_logits"] > 0
+
+
+def test_the_hash_run_routes_each_byte_by_its_row_of_a_fixed_table():
+    m = model("hash")
+    idx = torch.randint(0, 256, (4, TINY.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = m(idx=idx)
+    for layer, moe in zip(out.layers, moe_layers(m)):
+        table = moe.router_state.table  # (256, 2)
+        expected = torch.zeros_like(layer.routing.mask).scatter(1, table[idx.flatten()], True)
+        assert torch.equal(layer.routing.mask, expected)
+        assert torch.equal(table, moe_layers(model("hash", TINY))[0].router_state.table)  # fixed
+    config = md.RUNS["hash"].moe_config(md.Modern().base_moe())
+    assert config.balance_coef == 0 and config.z_coef == 0  # no balancing
+    assert md.versus("hash") == md.BASE
+
+
+def test_the_table_of_recent_routers_is_rows_of_the_family_table():
+    from minimoe.families import FAMILIES
+    from minimoe.zoo_table import describe
+
+    names = {f.name: f for f in FAMILIES}
+    rows = md.recent_routers()
+    assert [r["family"] for r in rows] == list(md.RECENT)
+    for row in rows:
+        assert row["family"] in names, f"{row['family']} is no longer in minimoe.families"
+        full = describe(names[row["family"]])
+        assert {c: full[c] for c in md.RECENT_COLUMNS} == {c: row[c] for c in md.RECENT_COLUMNS}
+        assert row["reference"] == md.RECENT[row["family"]]
+    table = md.markdown_table(rows).splitlines()
+    assert len(table) == len(rows) + 2 and table[0].count("|") == len(rows[0]) + 1
