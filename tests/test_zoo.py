@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minimoe import MoE, MoEConfig, routing
 from minimoe.model import ModelConfig, TinyTransformer
@@ -384,3 +386,35 @@ def test_adamoes_balance_loss_counts_the_null_experts(randn):
         torch.testing.assert_close(out.losses["load_balance"], expected)
     with pytest.raises(TypeError, match="balance_free"):
         ScoreTopK(balance_free="yes")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(2, 8),  # E true experts
+    st.integers(1, 8),  # m free experts
+    st.sampled_from(["null", "identity"]),
+    st.integers(0, 10_000),
+    st.data(),
+)
+def test_free_experts_never_reach_the_expert_kernel(E, m, kind, seed, data):
+    # the experts' kernel gets exactly the (token, true expert) pairs: a null or identity
+    # column is a router output, never a row of expert work, and costs no expert FLOPs
+    k = data.draw(st.integers(1, E + m))
+    torch.manual_seed(seed)
+    rule = ScoreTopK(k=k, **{f"{kind}_experts": m})
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=E, router=rule))
+    with torch.no_grad():
+        moe.gate_extra.weight.normal_(0, 1.0)  # free columns that compete for the top k
+    rows = []
+    grouped = moe.experts.grouped
+
+    def counting(x, counts):
+        rows.append(int(sum(counts)))
+        return grouped(x, counts)
+
+    moe.experts.grouped = counting
+    out = moe(torch.randn(32, 8))
+    pairs = int(out.routing.mask.sum())
+    assert out.routing.mask.shape == (32, E)
+    assert sum(rows) == pairs <= 32 * min(k, E)
+    assert out.stats.flops.item() == pairs * moe.experts.flops_per_assignment()

@@ -314,7 +314,8 @@ class ScoreTopK:
 
     def check_experts(self, num_experts: int) -> None:
         check_int("k", self.k, 1, self.router_columns(num_experts))
-        check_groups(self.k, self.n_group, self.topk_group, num_experts)
+        if self.n_group > 1:  # (no groups with free experts: k may exceed E, AdaMoE's k of E + m)
+            check_groups(self.k, self.n_group, self.topk_group, num_experts)
 
     def init_state(self, num_experts: int) -> dict[str, Tensor]:
         columns = self.router_columns(num_experts)
