@@ -1,4 +1,4 @@
-"""The chapters' experiments: ``python -m course balance|gw|testbed|testbed_dirichlet|topp|adaptive|text|compare|modern|balance_scope|numbers|ondemand --help``."""
+"""The chapters' experiments: ``python -m course balance|gw|testbed|testbed_dirichlet|topp|adaptive|text|compare|modern|balance_scope|numbers|ondemand|ondemand_text --help``."""
 
 from __future__ import annotations
 

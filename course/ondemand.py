@@ -69,12 +69,13 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.axes import Axes
 
-from course import harness, stats
+from course import harness, stats, text
 from course.harness import Run
 from course.testbed import LEVELS, TestbedDirichlet
 from minimoe.data import MixtureTask
@@ -198,11 +199,14 @@ def allocation(results: harness.Results, run: str) -> stats.Comparison:
     )  # fmt: skip
 
 
-def family(results: harness.Results) -> list[stats.Comparison]:
+def family(
+    results: harness.Results, text_results: harness.Results | None = None
+) -> list[stats.Comparison]:
     """The chapter's verdicts, Holm-corrected together, in this order: ``CONTROL`` (top-1
     against top-2 on the hard part: can the testbed tell routers apart?), ``FAMILY`` (quality against top-k
     at the declared compute), ``SERVED`` (the top-2 model served at other k against top-k
-    trained) and ``ALLOCATION`` (more experts for the hardest inputs than for the easiest)."""
+    trained), ``ALLOCATION`` (more experts for the hardest inputs than for the easiest) and,
+    given the text results, ``text_comparisons`` (the same on text, and each rule's loss)."""
     trained = [results.compare(a, b, m) for a, b, m in CONTROL + FAMILY]
     serving = []
     for k, top in SERVED:
@@ -210,7 +214,9 @@ def family(results: harness.Results) -> list[stats.Comparison]:
         a = results.values(SERVED_RUN, served(k, "rel_error"), seeds)
         b = results.values(top, "rel_error", seeds)
         serving.append(stats.compare(a, b, (f"{SERVED_RUN} served at k={k}", top), "rel_error"))
-    return stats.holm(trained + serving + [allocation(results, run) for run in ALLOCATION])
+    allocated = [allocation(results, run) for run in ALLOCATION]
+    on_text = [] if text_results is None else text_comparisons(text_results)
+    return stats.holm(trained + serving + allocated + on_text)
 
 
 def summary(results: harness.Results) -> list[dict]:
@@ -288,5 +294,55 @@ def load(path=None) -> harness.Results:
     return harness.load(OnDemand(), path)
 
 
+# ---- on text: does compute follow a position's difficulty? ---------------------------------
+
+# the causal rules whose count may vary, at about 2 true experts per token, and top-2 (whose
+# per-position loss cuts the held-out positions into difficulty fifths: ``text.Text``)
+TEXT_RUNS: dict[str, Run] = {
+    "top-2": RUNS["top-2"],
+    **{name: RUNS[name] for name in ("null k=4", "remoe 2", "threshold 2")},
+}
+TEXT_ALLOCATION = [name for name in TEXT_RUNS if name != text.REFERENCE]
+
+
+class OnDemandText(text.Text):
+    """Chapter 9 on text (``python -m course ondemand_text``): chapter 1's byte-level model,
+    chapters 4-5's text setup and difficulty fifths (``text.Text``), with the causal rules of
+    ``TEXT_ALLOCATION`` beside top-2. SeqTopK is left out: on windows of bytes its budget reads
+    later positions of the window (section 6 of the chapter)."""
+
+    name = "ondemand_text"
+    help = "chapter 9 on text: null experts, ReMoE, expert thresholds by difficulty fifth"
+    runs = TEXT_RUNS
+
+
+def text_comparisons(results: harness.Results) -> list[stats.Comparison]:
+    """Uncorrected: for each rule of ``TEXT_ALLOCATION``, its experts per token on the hardest
+    fifth minus the easiest (higher/lower), then its held-out loss against top-2's (named
+    "<run> on text" vs "top-2 on text")."""
+    out = []
+    for run in TEXT_ALLOCATION:
+        fifths = text.per_seed(results, run, "by_quintile")
+        out.append(
+            stats.compare(
+                [f[-1] for f in fifths],
+                [f[0] for f in fifths],
+                (f"{run} on text, hardest fifth", "easiest fifth"),
+                "experts_per_token",
+                lower_is_better=None,
+            )  # fmt: skip
+        )
+    for run in TEXT_ALLOCATION:  # named "... on text": the testbed's pairs keep their names
+        c = results.compare(run, text.REFERENCE, "loss")
+        out.append(replace(c, a=f"{run} on text", b=f"{text.REFERENCE} on text"))
+    return out
+
+
+def load_text(path=None) -> harness.Results:
+    """The cached text results (``data/ondemand_text``), checked against the declared runs."""
+    return harness.load(OnDemandText(), path)
+
+
 def add_parser(sub) -> None:
     OnDemand().add_parser(sub)
+    OnDemandText().add_parser(sub)

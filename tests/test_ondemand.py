@@ -173,3 +173,48 @@ def test_command_writes_results(tmp_path):
     assert saved["experiment"] == "ondemand" and saved["setup"]["mixing"] == "dirichlet"
     assert [r["run"] for r in saved["results"]] == ["top-2", "null k=3"]
     assert saved["runs"]["null k=3"]["moe"]["router"]["null_experts"] == 8
+
+
+# ---- on text -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_results(tmp_path_factory) -> harness.Results:
+    """The text runs, two seeds, a few steps, through the harness and back from disk."""
+    from course.lm import LMSetup
+
+    out = tmp_path_factory.mktemp("ondemand_text")
+    exp = ondemand.OnDemandText(LMSetup(steps=4, eval_windows=32))
+    exp.eval_every = 2
+    exp.run_all(out, seeds=[0, 1], progress=False)
+    return harness.load(exp, out / "results.json")
+
+
+def test_the_text_runs_are_the_causal_dynamic_rules_beside_top_2():
+    assert list(ondemand.TEXT_RUNS) == ["top-2", "null k=4", "remoe 2", "threshold 2"]
+    assert all(ondemand.TEXT_RUNS[n] is ondemand.RUNS[n] for n in ondemand.TEXT_RUNS)
+    assert ondemand.TEXT_ALLOCATION == ["null k=4", "remoe 2", "threshold 2"]
+    assert not any(isinstance(r.router, SeqTopK) for r in ondemand.TEXT_RUNS.values())
+
+
+def test_text_comparisons_read_the_fifths_and_the_loss(text_results):
+    from course import text
+
+    judged = ondemand.text_comparisons(text_results)
+    n = len(ondemand.TEXT_ALLOCATION)
+    assert len(judged) == 2 * n
+    for c, run in zip(judged[:n], ondemand.TEXT_ALLOCATION):
+        fifths = text.per_seed(text_results, run, "by_quintile")
+        assert c.diffs == pytest.approx([f[-1] - f[0] for f in fifths])
+        assert c.lower_is_better is None
+    for c, run in zip(judged[n:], ondemand.TEXT_ALLOCATION):
+        assert (c.a, c.b, c.measure) == (f"{run} on text", "top-2 on text", "loss")
+        assert c.diffs == tuple(text_results.differences(run, "top-2", "loss"))
+
+
+def test_the_family_takes_the_text_comparisons_too(results, text_results):
+    alone, both = ondemand.family(results), ondemand.family(results, text_results)
+    assert len(both) == len(alone) + 2 * len(ondemand.TEXT_ALLOCATION)
+    assert [c.a for c in both[: len(alone)]] == [c.a for c in alone]
+    # more comparisons, a wider (or equal) interval for every one of the first
+    assert all(b.high - b.low >= a.high - a.low - 1e-12 for a, b in zip(alone, both))
