@@ -333,6 +333,17 @@ def ondemand_rows() -> list[dict]:
             PAPER,
         ),
     ]
+    fifths = text.per_seed(ondemand.load_text(), "remoe 2", "by_quintile")
+    rows.append(
+        _row(
+            "9",
+            "ReMoE (target 2)",
+            "true experts per token, hardest - easiest fifth",
+            [f[-1] - f[0] for f in fifths],
+            f"{LM}, dropless",
+            PAPER,
+        )
+    )
     served = results.values(ondemand.SERVED_RUN, ondemand.served(1, "rel_error"))
     trained = results.values("top-1", "rel_error")
     rows.append(

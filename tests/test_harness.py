@@ -171,6 +171,7 @@ HARNESS_EXPERIMENTS = [
     compare.Compare,
     modern.Modern,
     ondemand.OnDemand,
+    ondemand.OnDemandText,
     adaptive.AdaptiveGating,
     balance_scope.BalanceScope,
 ]
