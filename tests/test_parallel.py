@@ -32,7 +32,7 @@ from minimoe.parallel import (
     shard_batch,
     sync_gradients,
 )
-from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, TopK, TopP
+from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, ReMoE, TopK, TopP
 from minimoe.train import load_checkpoint
 
 ATOL = 1e-5
@@ -195,6 +195,27 @@ def _float_stats_check() -> float:
     return _max_diff(ep.router_state.experts_per_token, moe.router_state.experts_per_token)
 
 
+def _remoe_check() -> float:
+    """ReMoE's L1 coefficient after updates from the expert-parallel layer equals the
+    single-process one. Its update reads the mean experts per token, averaged over the ranks:
+    with the target between that mean and twice it, a sum over the 2 ranks would multiply the
+    coefficient where the mean divides it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    target = 3.0
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, router=ReMoE(target)))
+    x = torch.randn(4, 6, 16)
+    mean = moe(x).stats.experts_per_token.item()
+    assert target / world < mean < target, mean  # (a sum over the ranks would cross the target)
+    ep = ExpertParallelMoE.from_moe(moe)
+    mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    for _ in range(3):
+        ep.update_router_state(ep(x[mine]).stats)
+        moe.update_router_state(moe(x).stats)
+    assert moe.router_state.l1_coef < ReMoE().l1_init  # divided: the mean is below the target
+    return _max_diff(ep.router_state.l1_coef, moe.router_state.l1_coef)
+
+
 def _clip_check() -> dict[str, float]:
     """clip_grad_norm_ over the expert-parallel layer = torch's over the single-process one."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -232,6 +253,7 @@ def _all_checks(out_dir: str) -> dict:
         "layers": _error(lambda: make_expert_parallel(_lm(n_layers=1 + rank))),
     }
     results["float_stats"] = _float_stats_check()
+    results["remoe"] = _remoe_check()
     results["clip"] = _clip_check()
     torch.manual_seed(rank)  # different weights on each rank: make_expert_parallel takes rank 0's
     model = make_expert_parallel(torch.nn.Sequential(MoE(MoEConfig(num_experts=4))))
@@ -285,6 +307,10 @@ def test_models_that_differ_outside_the_moe_config_are_refused_on_every_rank(two
 
 def test_float_statistics_are_averaged_over_ranks_not_summed(two_ranks):
     assert all(results["float_stats"] == 0.0 for results in two_ranks[0])
+
+
+def test_remoe_coefficient_moves_as_in_one_process(two_ranks):
+    assert all(results["remoe"] == 0.0 for results in two_ranks[0])
 
 
 def test_clipping_counts_every_ranks_experts_once(two_ranks):
