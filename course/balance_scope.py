@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from course import harness, stats
-from course.harness import Experiment, Run
-from course.testbed import LEVELS, TestbedSetup
+from course.harness import Run
+from course.testbed import LEVELS, Testbed, TestbedSetup
 from minimoe.analysis import first_choice, max_violation
 from minimoe.checks import check_choice
 from minimoe.data import MixtureTask
@@ -227,20 +226,14 @@ def measure(model: StackedRegressor, test: MixtureTask) -> dict[str, float]:
     return measures
 
 
-class BalanceScope(Experiment):
+class BalanceScope(Testbed):
+    """The testbed's test set, base MoE, seeds and evaluation period; its own batches (served in
+    domains), model (stacked layers) and measures."""
+
     name = "balance_scope"
     help = "chapter 8: where the balance loss averages (batch, micro-batch, sequence, layers, k)"
     setup_class = ScopeSetup
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
-    eval_every = 200
-
-    @cached_property
-    def test_set(self) -> MixtureTask:
-        return self.setup.test_set()
-
-    def base_moe(self) -> MoEConfig:
-        return self.setup.moe(self.test_set.x.shape[1])
 
     def data(self, seed: int):
         s = self.setup

@@ -249,16 +249,13 @@ def plot_pareto(results: harness.Results, ax: Axes | None = None) -> Axes:
         style = {"color": "black", "ls": "--", "lw": 2} if router == "top-k" else {}
         ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, label=router, **style)
     seeds = results.seeds_of(SERVED_RUN)
-    ks = [*sorted([*SERVED_KS, 2])]
-    xs, ys = [], []
-    for k in ks:
-        key = "{}" if k == 2 else served(k, "{}")
-        xs.append(
-            statistics.fmean(
-                results.values(SERVED_RUN, key.format("expert_flops_per_token"), seeds)
-            )
-        )
-        ys.append(statistics.fmean(results.values(SERVED_RUN, key.format("rel_error"), seeds)))
+
+    def at(k: int, measure: str) -> float:  # the top-2 model served at top-k (2: as trained)
+        key = measure if k == 2 else served(k, measure)
+        return statistics.fmean(results.values(SERVED_RUN, key, seeds))
+
+    ks = sorted({2, *SERVED_KS})
+    xs, ys = [at(k, "expert_flops_per_token") for k in ks], [at(k, "rel_error") for k in ks]
     ax.plot(xs, ys, "x:", color="gray", ms=8, label="top-2 served at k'=1-4")
     ax.set(xlabel="expert FLOPs per input (true experts only)", ylabel="held-out relative error",
            title="Quality against compute (mean over seeds)")  # fmt: skip
