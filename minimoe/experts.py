@@ -178,3 +178,36 @@ class Experts(nn.Module):
             f"num_experts={self.num_experts}, d_model={self.d_model}, "
             f"d_hidden={self.d_hidden}, activation={self.activation!r}"
         )
+
+
+class ConstantExperts(nn.Module):
+    """MoE++'s constant experts (Jin et al. 2024, arXiv 2410.07348, eq. 5), c of them:
+
+        E_j(x) = a_1 x + a_2 v_j,    [a_1, a_2] = softmax(W_j x)
+
+    with a trained vector v_j (d,) (``vector``) and W_j (2, d) (``mix``): the token, partly
+    replaced by a constant. One costs O(d) per token (the 2 x d matmul and the mix), not an
+    FFN's O(d h). Initialized as the released code (SkyworkAI/MoE-plus-plus) does: v ~ N(0, 1),
+    W ~ N(0, 0.02^2) (its models initialize every Linear so).
+    """
+
+    def __init__(self, *, num_experts: int, d_model: int):
+        super().__init__()
+        check_int("num_experts", num_experts, 1)
+        check_int("d_model", d_model, 1)
+        self.vector = nn.Parameter(nn.init.normal_(torch.empty(num_experts, d_model)))
+        self.mix = nn.Parameter(nn.init.normal_(torch.empty(num_experts, 2, d_model), std=0.02))
+
+    def forward(self, x: Tensor, weights: Tensor) -> Tensor:
+        """(T, d) tokens and (T, c) combine weights g (0 where a token did not choose expert j)
+        -> (T, d) sum_j g_j E_j(x), computed on the chosen pairs only."""
+        token, j = weights.nonzero(as_tuple=True)  # (P,) the chosen (token, expert) pairs
+        xs = x[token]  # (P, d)
+        a = (xs[:, None, :].float() * self.mix[j].float()).sum(-1).softmax(-1)  # (P, 2)
+        y = a[:, :1] * xs.float() + a[:, 1:] * self.vector[j].float()  # (P, d)
+        g = weights[token, j].float()[:, None]  # (P, 1)
+        return x.new_zeros(x.shape).index_add(0, token, (g * y).to(x.dtype))
+
+    def flops_per_assignment(self) -> int:
+        """Multiply-adds x2 of one constant expert on one token: W_j x (2 d) and the mix (2 d)."""
+        return 2 * 2 * self.vector.shape[1] + 2 * 2 * self.vector.shape[1]

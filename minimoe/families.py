@@ -31,7 +31,13 @@ _IMPLIED: dict[type, dict[str, Any]] = {
     SigmoidTopK: {"score": "sigmoid", "weight": "score", "selection_bias": True},
     ScoreTopK: {},
 }
-_UNTRAINED = ("bias_rate", "balance_count", "dynamic_coef")  # not part of the forward rule
+_UNTRAINED = (  # not part of the forward rule
+    "bias_rate",
+    "balance_count",
+    "dynamic_coef",
+    "experts_per_token",
+    "free_balance_weight",
+)
 
 
 @dataclass(frozen=True)

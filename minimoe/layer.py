@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int, require
 from minimoe.dispatch import DISPATCH_PATHS, apply_capacity, combine, expert_capacity
-from minimoe.experts import ACTIVATIONS, Experts
+from minimoe.experts import ACTIVATIONS, ConstantExperts, Experts
 from minimoe.losses import dynamic_loss, load_balance_loss, sequence_balance_loss, z_loss
 from minimoe.routing import (
     ROUTERS,
@@ -226,6 +226,7 @@ class MoEStats(NamedTuple):
     Counts only: everything derived (loads, imbalance, uncertainty) is in ``minimoe.analysis``.
     """
 
+    num_tokens: Tensor  # () tokens routed (padding excluded)
     experts_per_token: Tensor  # () mean number of experts a token is sent to, before capacity
     tokens_per_expert: Tensor  # (E,) tokens routed to each expert, before capacity
     dropped_pairs: Tensor  # () (token, expert) pairs over capacity
@@ -235,9 +236,11 @@ class MoEStats(NamedTuple):
         Tensor  # () share of tokens over the GW threshold (the released code's gw_ratio)
     )
     broadcast_ratio: Tensor  # () share of tokens broadcast to all experts, after the slot cap
-    flops: Tensor  # () expert FLOPs: kept pairs and the shared expert (matmuls; no router)
-    # what a stateful router measured on these tokens for its update_state (its ``batch_measure`` hook;
-    # expert threshold routing: each expert's cutoff score); empty for the other routers
+    # () expert FLOPs: kept pairs, the shared expert and the constant experts' pairs (matmuls; no
+    # router); null and identity experts cost none
+    flops: Tensor
+    # what a stateful router measured on these tokens for its update_state (its ``batch_measure``
+    # hook; expert threshold routing: the logits); empty for the other routers
     router_measure: Tensor
 
 
@@ -276,7 +279,8 @@ class MoE(nn.Module):
 
     Parameters: ``gate`` (the router W_r, float32), ``gate_extra`` (more router outputs if the
     router reads them: noisy top-k's noise logits), ``experts``, ``shared`` (the shared expert,
-    or None) and ``shared_gate`` (its sigmoid gate w, or None); buffers in ``router_state``
+    or None), ``shared_gate`` (its sigmoid gate w, or None) and ``constants`` (MoE++'s constant
+    experts, ``experts.ConstantExperts``, when the router has them); buffers in ``router_state``
     for a router with state, and ``router_params`` for a router with trained tensors of its own
     (Gemma 4's input and per-expert scales; see ``minimoe.routing``).
     """
@@ -311,6 +315,8 @@ class MoE(nn.Module):
             else None
         )
         self.shared_gate = nn.Linear(d, 1, bias=False) if config.shared_gate else None
+        constants = getattr(config.router, "constant_experts", 0)  # MoE++'s, run by the layer
+        self.constants = ConstantExperts(num_experts=constants, d_model=d) if constants else None
         self._register_load_state_dict_pre_hook(_rename_noise)
 
     def _init_router_state(self, keep_matching: bool = False) -> None:
@@ -370,6 +376,12 @@ class MoE(nn.Module):
                     f"({getattr(self.config, name)!r} -> {getattr(new, name)!r}): build a new MoE"
                 )
         E = new.num_experts
+        constants = [getattr(r, "constant_experts", 0) for r in (self.config.router, new.router)]
+        if constants[0] != constants[1]:
+            raise ValueError(
+                f"replace_config cannot change constant_experts of a built layer "
+                f"({constants[0]} -> {constants[1]}): build a new MoE"
+            )
         if router_columns(new.router, E) != router_columns(self.config.router, E):
             raise ValueError(
                 f"router {new.router!r} reads {router_columns(new.router, E)} router outputs, "
@@ -412,7 +424,14 @@ class MoE(nn.Module):
         # routers build valid decisions (their tests): only others' values are checked
         who = f"router {type(router).__name__}"
         trusted = library_router(router)
-        return check_routing(routing, tokens.shape[0], self.config.num_experts, who, not trusted)
+        routing = check_routing(routing, tokens.shape[0], self.config.num_experts, who, not trusted)
+        have = 0 if self.constants is None else self.constants.vector.shape[0]
+        if routing.constant is not None and tuple(routing.constant.shape) != (len(tokens), have):
+            raise ValueError(
+                f"{who} returned Routing.constant of shape {tuple(routing.constant.shape)}; the "
+                f"layer has {have} constant experts (the router's constant_experts)"
+            )
+        return routing
 
     def forward(
         self, x: Tensor, token_ids: Tensor | None = None, mask: Tensor | None = None
@@ -457,11 +476,15 @@ class MoE(nn.Module):
         out = combine(tokens, weights, kept, self.experts, path=c.dispatch, k=fixed)
         if routing.identity is not None:  # identity experts: y += g x (LongCat-Flash)
             out = out + routing.identity[:, None].to(out.dtype) * tokens
+        if routing.constant is not None:  # constant experts: y += sum_j g_j E_j(x) (MoE++)
+            out = out + self.constants(tokens, routing.constant)
         if self.shared is not None:  # every token, dropped or not
             out = out + self._shared_output(tokens)
 
         losses = {
-            "load_balance": load_balance_loss(*_balanced_columns(routing), count=c.balance_counts),
+            "load_balance": load_balance_loss(
+                *_balanced_columns(routing), count=c.balance_counts, weights=self._balance_weights()
+            ),
             "z_loss": z_loss(routing.logits),
             "dynamic": dynamic_loss(routing.probs),
             # (T, d) inputs: the whole batch is one sequence
@@ -482,6 +505,12 @@ class MoE(nn.Module):
         if valid is not None:  # padding's rows stay 0
             out = out.new_zeros(valid.shape[0], c.d_model).index_put((valid,), out)
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))
+
+    def _balance_weights(self) -> Tensor | None:
+        """eta per balanced column from the router's ``balance_weights`` hook (MoE++), or None."""
+        hook = getattr(self.config.router, "balance_weights", None)
+        eta = hook(self.config.num_experts) if hook is not None else None
+        return None if eta is None else eta.to(self.gate.weight.device)
 
     def _shared_output(self, tokens: Tensor) -> Tensor:
         """(T, d) -> (T, d) the shared expert on every token, in the tokens' dtype."""
@@ -523,6 +552,9 @@ class MoE(nn.Module):
             flops = kept.sum() * self.experts.flops_per_assignment()
             if self.shared is not None:
                 flops = flops + T * self.shared.flops_per_assignment()
+            if routing.constant is not None:  # O(d) a pair: ConstantExperts' own count
+                pairs = (routing.constant != 0).sum()
+                flops = flops + pairs * self.constants.flops_per_assignment()
 
             measure = getattr(self.config.router, "batch_measure", None)
 
@@ -530,6 +562,7 @@ class MoE(nn.Module):
                 return flags.float().mean() if flags is not None and T else zero
 
             return MoEStats(
+                num_tokens=torch.full((), T, dtype=torch.long, device=routed.device),
                 experts_per_token=routed.sum(1).float().mean() if T else zero,
                 tokens_per_expert=routed.sum(0),
                 dropped_pairs=(routed & ~kept).sum(),

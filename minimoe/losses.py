@@ -17,9 +17,17 @@ BALANCE_COUNTS = ("first", "selected")
 
 
 def load_balance_loss(
-    probs: Tensor, mask: Tensor | None = None, count: str = "first", group_size: int | None = None
+    probs: Tensor,
+    mask: Tensor | None = None,
+    count: str = "first",
+    group_size: int | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """L_b = E * sum_i f_i * Q_i, with Q_i the mean router probability of expert i.
+    """L_b = E * sum_i eta_i f_i * Q_i, with Q_i the mean router probability of expert i.
+
+    ``weights`` (E,) eta, one per column (None: all 1). MoE++'s heterogeneous loss (arXiv
+    2410.07348, eq. 7) weighs its zero-computation experts' terms by tau < 1 and its FFN experts'
+    by 1, so the loss asks fewer tokens of each FFN expert than of a free one.
 
     ``count="first"`` (Switch, and adaptive gating's top-1 decisions): f_i = share of tokens
     whose first choice is i; L_b = 1 at perfect balance and E when one expert takes all.
@@ -50,6 +58,10 @@ def load_balance_loss(
     f = _counts(probs, mask, count, n) / n  # (G, E)
     # Q_i: the full softmax mean, the only gradient path (one group: the plain mean over tokens)
     q = probs.mean(dim=0, keepdim=True) if n == num_tokens else _group_means(probs, n)  # (G, E)
+    if weights is not None:
+        if not isinstance(weights, Tensor) or weights.shape != (num_experts,):
+            raise ValueError(f"weights must be a tensor of shape ({num_experts},), got {weights!r}")
+        f = f * weights.to(f)
     return num_experts * (f * q).sum(dim=1).mean()
 
 

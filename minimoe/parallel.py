@@ -250,6 +250,20 @@ def _check_same_config(config: MoEConfig, group: Group) -> None:
         raise ValueError(f"MoEConfig differs across ranks in {differ} ({ranks})")
 
 
+def _gather_rows(x: Tensor, group: Group) -> list[Tensor]:
+    """Every rank's ``x`` (n_r, ...), in rank order; the ranks may hold different numbers of
+    rows (padded for the exchange, then cut back)."""
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device), group=group)
+    rows = [int(n) for n in sizes]
+    padded = x.new_zeros((max(rows), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return [part[:n] for part, n in zip(parts, rows)]
+
+
 class ExpertParallelMoE(MoE):
     """The MoE layer with its experts split over the ranks of ``group`` (default: all of them).
 
@@ -277,12 +291,17 @@ class ExpertParallelMoE(MoE):
     @torch.no_grad()
     def update_router_state(self, stats: MoEStats) -> None:
         """The router's state update from every rank's statistics (counts summed, shares averaged
-        over the equal shards), so that all ranks' states stay equal to the single-process one."""
+        over the equal shards; the router's measure merged by its ``merge_measures``, else
+        averaged), so that all ranks' states stay equal to the single-process one."""
         if not self.stateful:
             return
         world = dist.get_world_size(self.group)
+        merge = getattr(self.config.router, "merge_measures", None)
         merged = {}
         for name, value in stats._asdict().items():
+            if name == "router_measure" and merge is not None:
+                merged[name] = merge(_gather_rows(value, self.group))
+                continue
             total = value.clone()
             dist.all_reduce(total, group=self.group)
             merged[name] = total / world if total.is_floating_point() else total

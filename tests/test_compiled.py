@@ -60,6 +60,16 @@ ZOO = {
     "zoo sigmoid groups": (ScoreTopK(k=2, score="sigmoid", n_group=2, topk_group=1), {}),
     "zoo null experts": (ScoreTopK(k=2, null_experts=2), {}),
     "zoo identity experts": (ScoreTopK(k=2, identity_experts=1), {}),
+    "zoo constant experts": (
+        ScoreTopK(k=2, null_experts=1, constant_experts=2, renormalize_over="non_null"),
+        {},
+    ),
+    "zoo compute target": (
+        ScoreTopK(
+            k=2, identity_experts=2, selection_bias=True, bias_rate=0.1, experts_per_token=1.5
+        ),
+        {},
+    ),  # fmt: skip
     "zoo sparse mixer": (SparseMixer(k=2), {}),
     "zoo gemma's normed router": (ScoreTopK(k=2, input_norm=True, expert_scales=True), {}),
     "zoo capacity in the router": (CapacityTopK(k=2), {}),

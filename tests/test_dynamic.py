@@ -194,13 +194,14 @@ def test_expert_cutoff_by_hand():
 
 
 def test_threshold_update_by_hand():
-    spec = ExpertThreshold(ema_decay=0.9)
+    spec = ExpertThreshold(ema_decay=0.9)  # the measure is the step's logits, (T, E)
     state = spec.init_state(2)
-    spec.update_state(state, stats_with(router_measure=[2.0, 4.0]))  # the first: taken as is
+    # k/E = 1 of 2 tokens: the cutoff is each column's 2nd largest, [2, 4]; the first is taken
+    spec.update_state(state, stats_with(router_measure=[[2.0, 4.0], [3.0, 6.0]]))
     torch.testing.assert_close(state["threshold"], torch.tensor([2.0, 4.0]))
-    spec.update_state(state, stats_with(router_measure=[0.0, 0.0]))  # c = 0.9 c + 0.1 cutoff
+    spec.update_state(state, stats_with(router_measure=[[0.0, 0.0]]))  # c = 0.9 c + 0.1 cutoff
     torch.testing.assert_close(state["threshold"], torch.tensor([1.8, 3.6]))
-    spec.update_state(state, stats_with(router_measure=[math.nan, math.nan]))  # no tokens
+    spec.update_state(state, stats_with(router_measure=torch.zeros(0, 2)))  # no tokens
     torch.testing.assert_close(state["threshold"], torch.tensor([1.8, 3.6]))
     assert state["updates"].item() == 2
 
@@ -266,7 +267,9 @@ def test_thresholds_move_only_after_optimizer_steps():
         lm,
         lambda g: {"idx": IDX, "targets": IDX},
         TrainConfig(steps=3, progress=False),
-        callback=lambda step, m, out: cutoffs.append(out.layers[0].stats.router_measure),
+        callback=lambda step, m, out: cutoffs.append(
+            expert_cutoff(out.layers[0].stats.router_measure, 1.0)
+        ),
     )
     assert all(math.isfinite(x) for x in history.loss)
     expected = cutoffs[0]

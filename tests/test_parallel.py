@@ -32,7 +32,17 @@ from minimoe.parallel import (
     shard_batch,
     sync_gradients,
 )
-from minimoe.routing import Adaptive, GWBroadcast, NoisyTopK, ReMoE, TopK, TopP
+from minimoe.routing import (
+    Adaptive,
+    ExpertThreshold,
+    GWBroadcast,
+    NoisyTopK,
+    ReMoE,
+    ScoreTopK,
+    TopK,
+    TopP,
+    expert_cutoff,
+)
 from minimoe.train import load_checkpoint
 
 ATOL = 1e-5
@@ -216,6 +226,54 @@ def _remoe_check() -> float:
     return _max_diff(ep.router_state.l1_coef, moe.router_state.l1_coef)
 
 
+def _threshold_check() -> dict[str, float]:
+    """Expert threshold routing's thresholds after updates from the expert-parallel layer equal
+    the single-process ones. A cutoff is an order statistic of a column over all the step's
+    tokens: the mean of the ranks' own cutoffs (``averaging_gap``) is another number."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    rule = ExpertThreshold(experts_per_token=1.0, ema_decay=0.5)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, router=rule))
+    with torch.no_grad():
+        moe.gate.weight.mul_(3.0)
+    x = torch.randn(4, 6, 16)
+    ep = ExpertParallelMoE.from_moe(moe)
+    mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    with torch.no_grad():
+        averaged = expert_cutoff(ep.router_logits(x[mine].reshape(-1, 16)), 1.0)
+        dist.all_reduce(averaged)
+        whole = expert_cutoff(moe.router_logits(x.reshape(-1, 16)), 1.0)
+    gap = (averaged / world - whole).abs().max().item()
+    for _ in range(3):
+        ep.update_router_state(ep(x[mine]).stats)
+        moe.update_router_state(moe(x).stats)
+    assert moe.router_state.updates.item() == 3
+    return {
+        "threshold": _max_diff(ep.router_state.threshold, moe.router_state.threshold),
+        "averaging_gap": gap,
+    }
+
+
+def _compute_target_check() -> float:
+    """LongCat-Flash's compute-target bias after updates from the expert-parallel layer equals
+    the single-process one (its update reads token counts, summed over the ranks)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    rule = ScoreTopK(k=2, identity_experts=2, selection_bias=True, bias_rate=0.1,
+                     experts_per_token=1.0, renormalize=False)  # fmt: skip
+    moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, router=rule))
+    with torch.no_grad():
+        moe.gate_extra.weight.normal_()
+    x = torch.randn(4, 6, 16)
+    ep = ExpertParallelMoE.from_moe(moe)
+    mine = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    for _ in range(3):
+        ep.update_router_state(ep(x[mine]).stats)
+        moe.update_router_state(moe(x).stats)
+    assert moe.router_state.bias.abs().sum() > 0
+    return _max_diff(ep.router_state.bias, moe.router_state.bias)
+
+
 def _clip_check() -> dict[str, float]:
     """clip_grad_norm_ over the expert-parallel layer = torch's over the single-process one."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -254,6 +312,8 @@ def _all_checks(out_dir: str) -> dict:
     }
     results["float_stats"] = _float_stats_check()
     results["remoe"] = _remoe_check()
+    results["threshold"] = _threshold_check()
+    results["compute_target"] = _compute_target_check()
     results["clip"] = _clip_check()
     torch.manual_seed(rank)  # different weights on each rank: make_expert_parallel takes rank 0's
     model = make_expert_parallel(torch.nn.Sequential(MoE(MoEConfig(num_experts=4))))
@@ -311,6 +371,17 @@ def test_float_statistics_are_averaged_over_ranks_not_summed(two_ranks):
 
 def test_remoe_coefficient_moves_as_in_one_process(two_ranks):
     assert all(results["remoe"] == 0.0 for results in two_ranks[0])
+
+
+def test_expert_thresholds_move_as_in_one_process(two_ranks):
+    for results in two_ranks[0]:
+        assert results["threshold"]["threshold"] <= 1e-6, results["threshold"]
+        # the old rule, each rank's cutoffs averaged, would have moved them elsewhere
+        assert results["threshold"]["averaging_gap"] > 1e-2, results["threshold"]
+
+
+def test_compute_target_bias_moves_as_in_one_process(two_ranks):
+    assert all(results["compute_target"] <= 1e-6 for results in two_ranks[0])
 
 
 def test_clipping_counts_every_ranks_experts_once(two_ranks):

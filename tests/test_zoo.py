@@ -392,20 +392,21 @@ def test_adamoes_balance_loss_counts_the_null_experts(randn):
 @given(
     st.integers(2, 8),  # E true experts
     st.integers(1, 8),  # m free experts
-    st.sampled_from(["null", "identity"]),
+    st.sampled_from(["null", "identity", "constant"]),
     st.integers(0, 10_000),
     st.data(),
 )
 def test_free_experts_never_reach_the_expert_kernel(E, m, kind, seed, data):
-    # the experts' kernel gets exactly the (token, true expert) pairs: a null or identity
-    # column is a router output, never a row of expert work, and costs no expert FLOPs
+    # the experts' kernel gets exactly the (token, true expert) pairs: a free column is a router
+    # output, never a row of FFN work. Null and identity experts cost no expert FLOPs, a
+    # constant expert 8 d per pair (its 2 x d matmul and its mix), run on its chosen pairs only
     k = data.draw(st.integers(1, E + m))
     torch.manual_seed(seed)
     rule = ScoreTopK(k=k, **{f"{kind}_experts": m})
     moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=E, router=rule))
     with torch.no_grad():
         moe.gate_extra.weight.normal_(0, 1.0)  # free columns that compete for the top k
-    rows = []
+    rows, constant_rows = [], []
     grouped = moe.experts.grouped
 
     def counting(x, counts):
@@ -413,8 +414,250 @@ def test_free_experts_never_reach_the_expert_kernel(E, m, kind, seed, data):
         return grouped(x, counts)
 
     moe.experts.grouped = counting
+    if moe.constants is not None:
+        run_constants = moe.constants.forward
+
+        def counting_constants(x, weights):
+            constant_rows.append(int((weights != 0).sum()))
+            return run_constants(x, weights)
+
+        moe.constants.forward = counting_constants
     out = moe(torch.randn(32, 8))
     pairs = int(out.routing.mask.sum())
     assert out.routing.mask.shape == (32, E)
     assert sum(rows) == pairs <= 32 * min(k, E)
-    assert out.stats.flops.item() == pairs * moe.experts.flops_per_assignment()
+    free_pairs = 0
+    if kind == "constant":
+        free_pairs = int(out.routing.constant.ne(0).sum())
+        assert constant_rows == [free_pairs] and pairs + free_pairs == 32 * k
+        assert moe.constants.flops_per_assignment() == 8 * 8  # 8 d, d = 8: not an FFN's
+    flops = pairs * moe.experts.flops_per_assignment() + free_pairs * 8 * 8
+    assert out.stats.flops.item() == flops
+
+
+# ---- MoE++'s zero-computation experts ---------------------------------------------------------
+
+
+def test_a_constant_expert_by_hand():
+    from minimoe.experts import ConstantExperts
+
+    experts = ConstantExperts(num_experts=2, d_model=2)
+    with torch.no_grad():
+        experts.vector.copy_(torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+        experts.mix.zero_()
+        experts.mix[0, 0, 0] = 1.0  # W_0 x = [x_0, 0]
+    x = torch.tensor([[math.log(3.0), 2.0], [5.0, 5.0]])
+    g = torch.tensor([[0.5, 0.0], [0.0, 0.0]])  # token 0 chose constant expert 0; token 1 none
+    # softmax([ln 3, 0]) = [3/4, 1/4]: E_0(x) = 3/4 x + 1/4 v_0, weighted by 0.5
+    expected = 0.5 * (0.75 * x[0] + 0.25 * torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(experts(x, g), torch.stack([expected, torch.zeros(2)]))
+    g[0, 1] = 1.0  # expert 1 (W = 0, v = 0): half the token
+    torch.testing.assert_close(experts(x, g)[0], expected + 0.5 * x[0])
+
+
+def test_moepp_rule_by_hand():
+    # columns: 2 true experts, then a null (zero), an identity (copy) and a constant expert
+    logits = torch.tensor([[3.0, 0.0, 2.0, -9.0, -9.0], [-9.0, -9.0, 0.0, 2.0, 1.0]])
+    p = logits.softmax(-1)
+    free = {"null_experts": 1, "identity_experts": 1, "constant_experts": 1}
+    r = score_top_k(logits, 2, renormalize_over="non_null", **free)
+    assert r.mask.tolist() == [[True, False], [False, False]]
+    # token 0 chose true expert 0 and the zero expert: the zero expert's weight leaves the sum
+    torch.testing.assert_close(r.weights[0], torch.tensor([1.0, 0.0]))
+    # token 1 chose the copy and the constant expert, renormalized over the two
+    torch.testing.assert_close(
+        r.identity, torch.stack([torch.tensor(0.0), p[1, 3] / (p[1, 3] + p[1, 4])])
+    )
+    torch.testing.assert_close(
+        r.constant[:, 0], torch.stack([torch.tensor(0.0), p[1, 4] / (p[1, 3] + p[1, 4])])
+    )
+    chosen = score_top_k(logits, 2, **free)  # over every chosen column: the zero expert takes some
+    torch.testing.assert_close(chosen.weights[0, 0], p[0, 0] / (p[0, 0] + p[0, 2]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 4), st.integers(0, 10_000))
+def test_non_null_renormalization_is_the_released_moepp_gating(E, constants, seed):
+    """MoE++'s released gating (SkyworkAI/MoE-plus-plus, ``gating``), written out: columns FFN,
+    constant, copy, zero; softmax, top-2, the zero expert's gate set to 0, the rest divided by
+    their sum. Ours orders the columns true, null, identity, constant: the same weights."""
+    theirs = torch.randn(64, E + constants + 2, generator=torch.Generator().manual_seed(seed))
+    gates, idx = theirs.softmax(-1).topk(2, dim=1)
+    gates = torch.where(idx == theirs.shape[1] - 1, 0.0, gates)
+    gates = gates / gates.sum(1, keepdim=True)
+    dense = torch.zeros_like(theirs).scatter(1, idx, gates)  # (T, C) their weight per column
+    const = slice(E, E + constants)
+    order = [*range(E), E + constants + 1, E + constants, *range(E, E + constants)]
+    r = score_top_k(theirs[:, order], 2, null_experts=1, identity_experts=1,
+                    constant_experts=constants, renormalize_over="non_null")  # fmt: skip
+    torch.testing.assert_close(r.weights, dense[:, :E])
+    torch.testing.assert_close(r.identity, dense[:, E + constants])
+    torch.testing.assert_close(r.constant, dense[:, const])
+
+
+def test_the_layer_runs_constant_experts_and_counts_their_flops():
+    rule = ScoreTopK(k=2, constant_experts=2, identity_experts=1, renormalize_over="non_null")
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=rule))
+    assert moe.gate_extra.weight.shape == (3, 8) and moe.constants.vector.shape == (2, 8)
+    assert {"constants.vector", "constants.mix"} <= {n for n, _ in moe.named_parameters()}
+    with torch.no_grad():
+        moe.gate_extra.weight.copy_(rand(3, 8, seed=1))
+    x = rand(32, 8, seed=2)
+    out = moe(x)
+    r = out.routing
+    assert r.constant.ne(0).any() and r.mask.any()
+    dense = sum(r.weights[:, e, None] * moe.experts.expert(e, x) for e in range(4))
+    expected = dense + r.identity[:, None] * x + moe.constants(x, r.constant)
+    torch.testing.assert_close(out.output, expected, atol=1e-6, rtol=1e-5)
+    pairs, constant_pairs = int(r.mask.sum()), int(r.constant.ne(0).sum())
+    assert out.stats.flops.item() == (
+        pairs * moe.experts.flops_per_assignment() + constant_pairs * 8 * 8
+    )
+    out.output.pow(2).sum().backward()
+    assert moe.constants.vector.grad.abs().sum() > 0 and moe.constants.mix.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="constant_experts of a built layer"):
+        moe.replace_config(router=ScoreTopK(k=2, constant_experts=3))
+    same = type(r).cat([r, score_top_k(rand(5, 4), 2)])  # a routing without constant experts
+    assert same.constant.shape == (37, 2) and same.constant[32:].eq(0).all()
+
+
+def test_moepp_heterogeneous_balance_loss(randn):
+    from minimoe.losses import load_balance_loss
+
+    # 2 tokens, 3 columns (2 true, 1 free), counting the selected: f = [1/2, 1/2, 1], Q below
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.4, 0.5]])
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    eta = torch.tensor([1.0, 1.0, 0.25])
+    q = probs.mean(0)  # [0.3, 0.3, 0.4]
+    expected = 3 * (0.5 * q[0] + 0.5 * q[1] + 0.25 * 1.0 * q[2])
+    got = load_balance_loss(probs, mask, count="selected", weights=eta)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="weights must be a tensor of shape"):
+        load_balance_loss(probs, mask, count="selected", weights=torch.ones(2))
+
+    rule = ScoreTopK(k=2, null_experts=2, balance_free=True, free_balance_weight=0.75,
+                     balance_count="selected")  # fmt: skip
+    assert rule.balance_weights(4).tolist() == [1.0] * 4 + [0.75] * 2
+    assert ScoreTopK(k=2, null_experts=2, balance_free=True).balance_weights(4) is None
+    layer = MoE(MoEConfig(d_model=16, d_hidden=8, num_experts=4, router=rule))
+    with torch.no_grad():
+        layer.gate_extra.weight.normal_(generator=torch.Generator().manual_seed(3))
+        out = layer(randn(64, 16))
+        r = out.routing
+    expected = load_balance_loss(r.balance_probs, r.balance_mask, "selected",
+                                 weights=rule.balance_weights(4))  # fmt: skip
+    torch.testing.assert_close(out.losses["load_balance"], expected)
+    plain = load_balance_loss(r.balance_probs, r.balance_mask, "selected")
+    assert not torch.isclose(out.losses["load_balance"], plain)
+
+
+def test_free_expert_settings_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="renormalize_over='true' with constant_experts=1"):
+        ScoreTopK(k=2, constant_experts=1, renormalize_over="true")
+    with pytest.raises(ValueError, match="renormalize_over='true' with constant_experts=2"):
+        score_top_k(rand(3, 6), 2, constant_experts=2, renormalize_over="true")
+    with pytest.raises(ValueError, match="constant_experts must be an int"):
+        ScoreTopK(constant_experts=-1)
+    with pytest.raises(ValueError, match="free_balance_weight=0.75 .* balance_free=True"):
+        ScoreTopK(null_experts=1, free_balance_weight=0.75)
+    with pytest.raises(ValueError, match="free_balance_weight"):
+        ScoreTopK(null_experts=1, balance_free=True, free_balance_weight=0.0)
+    with pytest.raises(ValueError, match="n_group=2: groups of free"):
+        ScoreTopK(n_group=2, constant_experts=1)
+    target = {"identity_experts": 2, "selection_bias": True, "bias_rate": 0.1}
+    with pytest.raises(ValueError, match=r"experts_per_token=1.0 .* needs free experts"):
+        ScoreTopK(k=2, selection_bias=True, bias_rate=0.1, experts_per_token=1.0)
+    with pytest.raises(ValueError, match=r"experts_per_token=1.0 .* bias_rate > 0"):
+        ScoreTopK(k=2, identity_experts=2, selection_bias=True, experts_per_token=1.0)
+    with pytest.raises(ValueError, match="experts_per_token must be .* got experts_per_token=3.0"):
+        ScoreTopK(k=2, experts_per_token=3.0, **target)  # more than k
+    with pytest.raises(ValueError, match=r"in \[1, 3\], got experts_per_token=0.5"):
+        ScoreTopK(k=3, experts_per_token=0.5, **target)  # 3 - 2 = 1 true expert at least
+    with pytest.raises(ValueError, match="experts_per_token=1.5"):
+        MoEConfig(num_experts=1, router=ScoreTopK(k=2, experts_per_token=1.5, **target))
+
+
+def test_free_expert_specs_round_trip():
+    for spec in (
+        ScoreTopK(k=3, null_experts=1, identity_experts=1, constant_experts=2,
+                  renormalize_over="non_null", balance_free=True, free_balance_weight=0.75),
+        ScoreTopK(k=4, identity_experts=8, selection_bias=True, bias_rate=0.01,
+                  experts_per_token=2.0, renormalize=False),
+    ):  # fmt: skip
+        assert routing.router_from_dict(routing.router_to_dict(spec)) == spec
+
+
+# ---- LongCat-Flash's compute target ------------------------------------------------------------
+
+
+def test_compute_target_update_by_hand():
+    from minimoe.routing.production import compute_target_update
+
+    # 2 true experts, 2 free columns; k = 2 of 4 tokens, K_e = 1: each true expert's share
+    # should be K_e / (k E) = 1/4 of the 8 selections. Expert 0 got 3 tokens (3/8), expert 1 one
+    bias = torch.zeros(4)
+    compute_target_update(bias, torch.tensor([3, 1]), torch.tensor(4), k=2, target=1.0, rate=0.1)
+    torch.testing.assert_close(bias, torch.tensor([-0.0125, 0.0125, 0.0, 0.0]))
+    compute_target_update(bias, torch.tensor([0, 0]), torch.tensor(0), k=2, target=1.0, rate=0.1)
+    torch.testing.assert_close(bias, torch.tensor([-0.0125, 0.0125, 0.0, 0.0]))  # no tokens
+
+    spec = ScoreTopK(k=2, identity_experts=2, selection_bias=True, bias_rate=0.1,
+                     experts_per_token=1.0, renormalize=False)  # fmt: skip
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=2, router=spec))
+    out = moe(rand(4, 8))
+    load, T = out.stats.tokens_per_expert, out.stats.num_tokens
+    assert T.item() == 4
+    moe.update_router_state(out.stats)
+    expected = torch.zeros(4)
+    expected[:2] = 0.1 * (1.0 / 4 - load / (2 * 4))
+    torch.testing.assert_close(moe.router_state.bias, expected)
+
+
+def test_the_compute_target_bias_is_longcats_hugging_face_rule():
+    """With the bias it has, LongCat-Flash's router (Hugging Face ``LongcatFlashTopkRouter``):
+    softmax over E + Z columns, top-k of scores + bias, weights the scores times the routed
+    scaling factor, not renormalized; the identity experts' weight times x."""
+    logits, bias = rand(16, 6), rand(6, seed=1) * 0.1
+    spec = ScoreTopK(k=3, identity_experts=2, selection_bias=True, bias_rate=0.01,
+                     experts_per_token=1.5, renormalize=False, scaling=6.0)  # fmt: skip
+    r = spec(logits, training=True, state={"bias": bias})
+    scores = logits.softmax(-1)
+    idx = (scores + bias).topk(3, dim=1).indices
+    dense = torch.zeros_like(scores).scatter(1, idx, scores.gather(1, idx) * 6.0)
+    torch.testing.assert_close(r.weights, dense[:, :4])
+    torch.testing.assert_close(r.identity, dense[:, 4:].sum(1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(2, 8),  # E true experts
+    st.integers(1, 8),  # m identity experts
+    st.integers(0, 10_000),
+    st.data(),
+)
+def test_the_compute_target_moves_true_experts_per_token_to_the_target(E, m, seed, data):
+    """On a fixed input, updates of the bias alone bring the mean true experts per token from
+    where top-k puts it to the target: over the last 50 of 300 updates its mean is within
+    0.05 + a tenth of the first distance of K_e (the bias integrates the error, so the mean
+    settles even where single steps jump a token across the boundary)."""
+    k = data.draw(st.integers(1, E + m))
+    target = data.draw(st.floats(max(0.25, k - m), min(k, E)))  # k - m: a token's fewest
+    spec = ScoreTopK(k=k, identity_experts=m, selection_bias=True, bias_rate=0.5,
+                     experts_per_token=target, renormalize=False)  # fmt: skip
+    logits = 2 * torch.randn(256, E + m, generator=torch.Generator().manual_seed(seed))
+    state = spec.init_state(E)
+    per_step = []
+    for _ in range(300):
+        r = spec(logits, training=True, state=state)
+        per_step.append(r.mask.sum(1).float().mean().item())
+        spec.update_state(state, stats_of(r, 256))
+    first, settled = per_step[0], sum(per_step[-50:]) / 50
+    assert abs(settled - target) <= 0.05 + 0.1 * abs(first - target), (first, settled, target)
+    assert state["bias"][E:].eq(0).all()  # the free experts' bias never moves
+
+
+def stats_of(r, T):
+    from minimoe.layer import MoEStats
+
+    counts = dict.fromkeys(MoEStats._fields, torch.zeros(()))
+    return MoEStats(**counts | {"tokens_per_expert": r.mask.sum(0), "num_tokens": torch.tensor(T)})

@@ -45,8 +45,14 @@ the length of the sequences the T tokens were flattened from (None: one sequence
 - ``router_input(tokens, state) -> Tensor``: a transform of the (T, d) float32 tokens before the
   router's matmul (Gemma 4 RMS-norms them and multiplies by a learned scale);
 - ``batch_measure(routing) -> Tensor``: what the router's ``update_state`` needs from the step's
-  tokens beyond the counts (expert threshold routing: each expert's cutoff score); the layer
-  computes it without gradient and passes it in ``MoEStats.router_measure``;
+  tokens beyond the counts (expert threshold routing: the logits its cutoffs are read from); the
+  layer computes it without gradient and passes it in ``MoEStats.router_measure``. Under expert
+  parallelism every rank's measure is averaged, or given in rank order to the router's
+  ``merge_measures(parts) -> Tensor``, which returns what one process would have measured;
+- ``constant_experts`` (an int): how many constant experts (MoE++) the layer holds and runs on
+  the Routing's ``constant`` weights;
+- ``balance_weights(num_experts) -> Tensor | None``: eta (C,), one weight per balanced column of
+  the layer's balance loss (MoE++'s heterogeneous loss; None: all 1);
 - ``aux_losses(routing, state) -> {name: (coefficient, loss)}``: a loss of the router's own
   (ReMoE's L1 penalty, its coefficient from the state): the layer reports ``loss`` unweighted
   in ``losses[name]`` and adds ``coefficient * loss`` to its aux loss.

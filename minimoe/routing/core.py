@@ -29,6 +29,8 @@ class Routing:
     base_mask: (T, E) bool, the mask before GW broadcast (capacity is counted on its pairs).
     identity: (T,) summed weight of the identity experts a token chose (LongCat-Flash's
         zero-computation experts): the layer adds identity * x (None without them).
+    constant: (T, c) combine weight of each of the c constant experts (MoE++), 0 where the
+        token did not choose it: the layer runs them (``experts.ConstantExperts``), None without.
     balance_probs, balance_mask: (T, C) the probabilities and choices over every router column,
         null and identity experts included: the layer's balance loss counts them all (AdaMoE);
         None: the balance loss is over the true experts (``probs``, ``mask``).
@@ -42,6 +44,7 @@ class Routing:
     uncertain: Tensor | None = None
     base_mask: Tensor | None = None
     identity: Tensor | None = None
+    constant: Tensor | None = None
     balance_probs: Tensor | None = None
     balance_mask: Tensor | None = None
 
@@ -89,13 +92,16 @@ class Routing:
                 out[f.name] = torch.cat(
                     [r.base_mask if r.base_mask is not None else r.mask for r in parts]
                 )
-            elif f.name in ("broadcast", "uncertain", "identity"):
-                kind = torch.float if f.name == "identity" else torch.bool
+            elif f.name in ("broadcast", "uncertain", "identity", "constant"):
+                kind = torch.bool if f.name in ("broadcast", "uncertain") else torch.float
+                given = next(v for v in values if v is not None)
                 out[f.name] = torch.cat(
                     [
                         v
                         if v is not None
-                        else torch.zeros(r.num_tokens, dtype=kind, device=r.mask.device)
+                        else torch.zeros(
+                            (r.num_tokens, *given.shape[1:]), dtype=kind, device=r.mask.device
+                        )
                         for v, r in zip(values, parts)
                     ]
                 )

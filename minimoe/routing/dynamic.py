@@ -175,8 +175,9 @@ class ExpertThreshold:
     tokens sees its cutoff, and so its threshold, rise: balance without a loss. Evaluation routes
     with the stored thresholds only. ``warmup_steps``: training forwards route by the batch's own
     cutoffs (expert choice, not causal) until that many updates have been made, as the paper
-    warms up with expert choice. Under expert parallelism each process measures its own tokens
-    and the cutoffs are averaged. The paper's code was not found where we looked: the score
+    warms up with expert choice. Under expert parallelism the update reads every process's
+    logits (``merge_measures``), so the thresholds move as in one process; the warm-up's
+    routing cuts each process's own tokens. The paper's code was not found where we looked: the score
     (sigmoid, unnormalized weights) and the warm-up follow the paper as reviewers quote it, and
     the cutoff, beta and the first-update rule are our reading.
     """
@@ -208,13 +209,20 @@ class ExpertThreshold:
         return {"threshold": torch.zeros(num_experts), "updates": torch.zeros((), dtype=torch.long)}
 
     def batch_measure(self, routing: Routing) -> Tensor:
-        return expert_cutoff(routing.logits, self.experts_per_token)
+        """The step's (T, E) logits, detached (a view, no copy): each expert's cutoff is an order
+        statistic of its column over all of the step's tokens."""
+        return routing.logits.detach()
+
+    def merge_measures(self, parts: list[Tensor]) -> Tensor:
+        """Every process's logits, in rank order: the tokens one process would have seen."""
+        return torch.cat(parts)
 
     def update_state(self, state: dict[str, Tensor], stats) -> None:
-        """c <- beta c + (1 - beta) cutoff (the cutoff itself at the first update); a step that
-        measured nothing (no tokens: NaN) leaves c as it is."""
+        """c <- beta c + (1 - beta) cutoff (the cutoff itself at the first update), the cutoff
+        ``expert_cutoff`` of the step's logits; a step that measured nothing (no tokens: NaN)
+        leaves c as it is."""
         c = state["threshold"]
-        cutoff = stats.router_measure.to(c)
+        cutoff = expert_cutoff(stats.router_measure, self.experts_per_token).to(c)
         moved = torch.where(
             state["updates"] == 0, cutoff, self.ema_decay * c + (1 - self.ema_decay) * cutoff
         )

@@ -137,6 +137,28 @@ def loss_free_update(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> No
     bias[: load.shape[0]] += rate * torch.sign(load.mean() - load)
 
 
+@torch.no_grad()
+def compute_target_update(
+    bias: Tensor, tokens_per_expert: Tensor, num_tokens: Tensor, k: int, target: float, rate: float
+) -> None:
+    """LongCat-Flash's bias update toward a compute target (arXiv 2509.01322, section 2.1), in
+    place: for each of the E true experts counted (the first ``len(tokens_per_expert)`` entries
+    of ``bias``; the free experts' entries stay),
+
+        b_i += u (K_e / (K E) - T_i / (K T))
+
+    with T_i the tokens expert i got of the step's T = ``num_tokens``, K = ``k`` selections per
+    token and K_e = ``target`` true experts per token. It stops where every true expert gets
+    K_e T / E tokens: the true experts are balanced and a token uses K_e of them on average.
+    Proportional, where Wang et al.'s loss-free update takes the sign. A step of no tokens moves
+    nothing. On the device, no host sync."""
+    load = tokens_per_expert.float()  # (E,) T_i
+    E = load.shape[0]
+    T = torch.as_tensor(num_tokens, dtype=load.dtype, device=load.device)
+    step = target / (k * E) - load / (k * T.clamp_min(1.0))  # (E,)
+    bias[:E] += torch.where(T > 0, rate * step, 0.0).to(bias.dtype)
+
+
 @dataclass(frozen=True)
 class SigmoidTopK:
     """DeepSeek-V3's router with auxiliary-loss-free balancing: ``sigmoid_top_k`` with a bias b.

@@ -32,6 +32,7 @@ from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_reci
 from minimoe.routing.production import (
     GROUP_SCORES,
     check_groups,
+    compute_target_update,
     group_limited,
     loss_free_update,
 )
@@ -43,13 +44,31 @@ SCORE_FUNCTIONS = {
     "logits": lambda x: x,  # select on the raw logits; ``weight`` says what the chosen get
 }
 WEIGHTS = ("score", "softmax", "sigmoid")
-RENORMALIZE_OVER = ("chosen", "true")  # the columns whose weights renormalization sums
+# the columns whose weights renormalization sums: every chosen one, the chosen true experts,
+# every chosen one but the null experts
+RENORMALIZE_OVER = ("chosen", "true", "non_null")
 
 
 def _renormalize(g: Tensor, p: float, eps: float, floor: float) -> Tensor:
     """g / max(||g||_p + eps, floor) per row (the norm over the chosen: g is 0 elsewhere)."""
     norm = g.sum(dim=1, keepdim=True) if p == 1 else g.norm(p=p, dim=1, keepdim=True)
     return g / (norm + eps).clamp_min(max(floor, torch.finfo(g.dtype).tiny))
+
+
+def check_output_weights(
+    renormalize_over: str, identity_experts: int, constant_experts: int
+) -> None:
+    """Identity and constant experts' weights are part of the output: they stay in the sum."""
+    if renormalize_over == "true" and (identity_experts or constant_experts):
+        name, value = (
+            ("identity_experts", identity_experts)
+            if identity_experts
+            else ("constant_experts", constant_experts)
+        )
+        raise ValueError(
+            f"renormalize_over='true' with {name}={value}: the weight of an identity or constant "
+            "expert is part of the output; renormalize over 'chosen' or 'non_null'"
+        )
 
 
 def normed_router_input(tokens: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
@@ -79,20 +98,24 @@ def score_top_k(
     softcap: float = 0.0,
     null_experts: int = 0,
     identity_experts: int = 0,
+    constant_experts: int = 0,
     balance_all: bool = False,
     renormalize_over: str = "chosen",
     expert_scale: Tensor | None = None,
 ) -> Routing:
     """The composable top-k rule of released routers (one keyword per step; defaults: Mixtral).
 
-    ``logits`` (T, E + n + m): the last ``null_experts`` n and ``identity_experts`` m columns
-    are experts that compute nothing and compete in every step below: a null expert outputs 0
-    (AdaMoE, Zaya's skip expert), an identity expert outputs x (LongCat-Flash's zero-computation
-    experts; the Routing's ``identity`` carries their summed weight). A token that picks them
-    uses fewer true experts. The returned logits, mask and weights cover the E true experts;
-    ``balance_all`` also returns ``balance_probs`` and ``balance_mask`` over all E + n + m
-    columns, so the layer's balance loss counts the null and identity experts too (AdaMoE's
-    loss: it is what makes a token choose a null expert about n / (E + n + m) of the time).
+    ``logits`` (T, E + n + m + c): after the E true experts, ``null_experts`` n,
+    ``identity_experts`` m and ``constant_experts`` c columns of free experts (zero-computation
+    experts, MoE++, arXiv 2410.07348) that compete in every step below: a null expert outputs 0
+    (AdaMoE, MoE++'s zero expert, Zaya's skip expert), an identity expert outputs x (MoE++'s copy
+    expert, LongCat-Flash's zero-computation expert; the Routing's ``identity`` carries their
+    summed weight), a constant expert a learned mix of x and a vector (MoE++; the Routing's
+    ``constant`` carries each one's weight, the layer runs them). A token that picks them uses
+    fewer true experts. The returned logits, mask and weights cover the E true experts;
+    ``balance_all`` also returns ``balance_probs`` and ``balance_mask`` over all C = E + n + m + c
+    columns, so the layer's balance loss counts the free experts too (AdaMoE's loss: it is what
+    makes a token choose a null expert about n / C of the time).
 
     1. ``softcap`` c > 0: logits <- c tanh(logits / c) (Laguna, as Gemma 2 caps attention).
     2. s = ``score``(logits): softmax, sigmoid, sqrt(softplus) (DeepSeek-V4), or the logits.
@@ -105,9 +128,11 @@ def score_top_k(
     5. ``renormalize``: g <- g / max(||g||_{norm_p} + norm_eps, norm_min) (DBRX's p-norm, ERNIE's
        floor ``norm_min``; DeepSeek code adds eps = 1e-20), the norm over every chosen column
        (``renormalize_over="chosen"``: a token that picks null experts keeps less weight for
-       its true ones, as MoE++'s zero experts) or over the chosen true experts only (``"true"``:
-       AdaMoE's code; a token that picks null experts runs fewer true experts at full weight,
-       one that picks only null experts gets 0; not with identity experts).
+       its true ones), over the chosen true experts only (``"true"``: AdaMoE's code; a token that
+       picks null experts runs fewer true experts at full weight, one that picks only null
+       experts gets 0; not with identity or constant experts, whose weight is output) or over
+       every chosen column but the null experts' (``"non_null"``: MoE++'s released code zeroes
+       the zero expert's gate before the sum).
     6. g <- ``scaling`` * g (DeepSeek-V3's routed scaling factor), then g_i <- g_i * c_i with
        ``expert_scale`` c (E,), one learned scale per true expert (Gemma 4).
 
@@ -119,16 +144,13 @@ def score_top_k(
     check_int("k", k, 1, C)
     check_int("null_experts", null_experts, 0, C - 1)
     check_int("identity_experts", identity_experts, 0, C - 1 - null_experts)
+    check_int("constant_experts", constant_experts, 0, C - 1 - null_experts - identity_experts)
     check_bool("balance_all", balance_all)
     check_choice("renormalize_over", renormalize_over, RENORMALIZE_OVER)
-    E = C - null_experts - identity_experts
-    if renormalize_over == "true" and identity_experts:
-        raise ValueError(
-            f"renormalize_over='true' with identity_experts={identity_experts}: the weight of an "
-            "identity expert is part of the output; renormalize over the chosen columns"
-        )
+    E = C - null_experts - identity_experts - constant_experts
+    check_output_weights(renormalize_over, identity_experts, constant_experts)
     if E < C and n_group > 1:
-        raise ValueError(f"n_group={n_group}: groups of null or identity experts are not defined")
+        raise ValueError(f"n_group={n_group}: groups of free (null, identity, constant) experts")
     check_choice("score", score, tuple(SCORE_FUNCTIONS))
     check_choice("weight", weight, WEIGHTS)
     check_bool("renormalize", renormalize)
@@ -158,10 +180,11 @@ def score_top_k(
         g = s.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # softmax over the chosen k
     else:
         g = torch.sigmoid(s) * mask
-    if renormalize and renormalize_over == "true":  # AdaMoE: the free columns leave the sum
-        true = torch.zeros(C, dtype=torch.bool, device=g.device)
-        true[:E] = True
-        g = _renormalize(g * true, norm_p, norm_eps, norm_min)
+    if renormalize and renormalize_over != "chosen":  # some free columns leave the sum
+        kept = torch.zeros(C, dtype=torch.bool, device=g.device)
+        kept[: E if renormalize_over == "true" else C] = True  # AdaMoE: the true experts only
+        kept[E : E + null_experts] = False  # MoE++: every column but the null experts
+        g = _renormalize(g * kept, norm_p, norm_eps, norm_min)
     elif renormalize:
         g = _renormalize(g, norm_p, norm_eps, norm_min)
     g = g * scaling
@@ -175,13 +198,15 @@ def score_top_k(
     if E == C:
         return Routing(logits=logits, probs=probs, mask=mask, weights=weights)
     real = probs[:, :E]
-    identity = g[:, E + null_experts :].sum(dim=1) if identity_experts else None
+    copy = E + null_experts  # the first identity column, then the first constant one
+    const = copy + identity_experts
     return Routing(
         logits=logits[:, :E],
         probs=real / real.sum(dim=1, keepdim=True),
         mask=mask[:, :E],
         weights=weights,
-        identity=identity,
+        identity=g[:, copy:const].sum(dim=1) if identity_experts else None,
+        constant=g[:, const:] if constant_experts else None,
         balance_probs=probs if balance_all else None,
         balance_mask=mask if balance_all else None,
     )
@@ -200,6 +225,23 @@ class ScoreTopK:
     Gemma 4's router trains tensors of its own (``init_params``): ``input_norm`` RMS-norms the
     tokens and multiplies them by a learned scale before the router's matmul
     (``normed_router_input``), ``expert_scales`` multiplies each expert's weight by a learned c_i.
+
+    Free experts: ``null_experts``, ``identity_experts`` and ``constant_experts`` (MoE++, arXiv
+    2410.07348: its zero, copy and constant experts; the layer holds the constant experts'
+    tensors). MoE++'s heterogeneous balance loss, sum_i eta_i f_i P_i over every column with
+    eta = 1 for a true expert and tau = ``free_balance_weight`` for a free one (the paper's
+    default tau = 0.75; smaller sends more tokens to the free experts), is the layer's balance
+    loss with ``balance_free`` and ``balance_count="selected"`` (its f_i counts the selected).
+    MoE++'s gating residuals (a layer's logits plus a learned map of the previous layer's) link
+    layers, which a rule over one layer's logits cannot; its per-type capacities are not here
+    (dropless), nor its released code's inputs multiplied by k before the experts.
+
+    LongCat-Flash's compute target (arXiv 2509.01322, section 2.1): with ``experts_per_token``
+    K_e, the selection bias is updated after each step by b_i += u (K_e / (k E) - T_i / (k T))
+    for each true expert (T_i of the step's T tokens; u = ``bias_rate``) and kept for the free
+    ones (``compute_target_update``), which steers the mean true experts per token to K_e and
+    balances the true experts. The paper decays u on a schedule; here it is constant. Hugging
+    Face's ``LongcatFlashTopkRouter`` keeps the bias and never updates it.
     """
 
     k: int = field(default=2, metadata=flags.K)
@@ -241,20 +283,30 @@ class ScoreTopK:
     )
     null_experts: int = field(default=0, metadata={"help": "experts that output 0"})
     identity_experts: int = field(default=0, metadata={"help": "experts that output their input"})
+    constant_experts: int = field(
+        default=0, metadata={"help": "MoE++'s constant experts: a learned mix of x and a vector"}
+    )
     balance_free: bool = field(
         default=False,
+        metadata={"help": "the balance loss over every column, free experts too (AdaMoE)"},
+    )
+    free_balance_weight: float = field(  # MoE++'s tau
+        default=1.0,
         metadata={
-            "help": "the balance loss over every column, null and identity experts too (AdaMoE)"
+            "help": "MoE++'s tau: the free experts' balance terms weighted by it",
+            "positive": True,
         },
     )
     renormalize_over: str = field(
         default="chosen",
         metadata={
-            "help": "renormalize over every chosen column, or the chosen true experts only "
-            "(AdaMoE's null experts)",
+            "help": "renormalize over every chosen column, the chosen true experts only "
+            "(AdaMoE's code) or all but the null experts (MoE++'s code)",
             "choices": RENORMALIZE_OVER,
         },
     )
+    # LongCat-Flash's K_e: the bias steers the mean true experts per token to it
+    experts_per_token: float | None = field(default=None, metadata=flags.TARGET)
     input_norm: bool = field(
         default=False,
         metadata={"help": "RMS-norm the router's input, times a learned scale and d^-1/2"},
@@ -294,28 +346,53 @@ class ScoreTopK:
         check_float("softcap", self.softcap, 0.0)
         check_int("null_experts", self.null_experts, 0)
         check_int("identity_experts", self.identity_experts, 0)
+        check_int("constant_experts", self.constant_experts, 0)
         check_bool("balance_free", self.balance_free)
+        check_float("free_balance_weight", self.free_balance_weight, 0.0, low_open=True)
         check_choice("renormalize_over", self.renormalize_over, RENORMALIZE_OVER)
-        if self.renormalize_over == "true" and self.identity_experts:
-            raise ValueError(
-                f"renormalize_over='true' with identity_experts={self.identity_experts}: an "
-                "identity expert's weight is part of the output; renormalize over 'chosen'"
-            )
+        check_output_weights(self.renormalize_over, self.identity_experts, self.constant_experts)
         check_bool("input_norm", self.input_norm)
         check_float("input_norm_eps", self.input_norm_eps, 0.0, low_open=True)
         check_bool("expert_scales", self.expert_scales)
-        if self.n_group > 1 and self.null_experts + self.identity_experts:
-            raise ValueError(f"n_group={self.n_group}: groups of null or identity experts")
+        free = self.null_experts + self.identity_experts + self.constant_experts
+        if self.n_group > 1 and free:
+            raise ValueError(
+                f"n_group={self.n_group}: groups of free (null, identity, constant) experts"
+            )
+        if self.free_balance_weight != 1.0 and not (free and self.balance_free):
+            raise ValueError(
+                f"free_balance_weight={self.free_balance_weight} weighs the free experts' balance "
+                "terms: it needs free experts and balance_free=True"
+            )
+        if self.experts_per_token is not None:
+            if not (free and self.selection_bias and self.bias_rate):
+                raise ValueError(
+                    f"experts_per_token={self.experts_per_token} is a compute target the selection "
+                    "bias steers to: it needs free experts, selection_bias=True and bias_rate > 0"
+                )
+            low = max(0, self.k - free)  # a token's fewest true experts
+            check_float("experts_per_token", self.experts_per_token, low, self.k, low == 0)
         check_recipe(self)
 
     def router_columns(self, num_experts: int) -> int:
-        """The true experts' logits, then the null and the identity experts' (E + n + m)."""
-        return num_experts + self.null_experts + self.identity_experts
+        """The true experts' logits, then the null, identity and constant experts' (E + n + m + c)."""
+        return num_experts + self.null_experts + self.identity_experts + self.constant_experts
 
     def check_experts(self, num_experts: int) -> None:
         check_int("k", self.k, 1, self.router_columns(num_experts))
         if self.n_group > 1:  # (no groups with free experts: k may exceed E, AdaMoE's k of E + m)
             check_groups(self.k, self.n_group, self.topk_group, num_experts)
+        if self.experts_per_token is not None:
+            top = min(self.k, num_experts)
+            check_float("experts_per_token", self.experts_per_token, 0.0, top, low_open=True)
+
+    def balance_weights(self, num_experts: int) -> Tensor | None:
+        """eta (C,) of the layer's balance loss: 1 per true expert, tau per free one (MoE++)."""
+        if self.free_balance_weight == 1.0:
+            return None
+        eta = torch.full((self.router_columns(num_experts),), self.free_balance_weight)
+        eta[:num_experts] = 1.0
+        return eta
 
     def init_state(self, num_experts: int) -> dict[str, Tensor]:
         columns = self.router_columns(num_experts)
@@ -333,8 +410,15 @@ class ScoreTopK:
         return normed_router_input(tokens, state["input_scale"], self.input_norm_eps)
 
     def update_state(self, state: dict[str, Tensor], stats) -> None:
-        """b_i += u * sign(mean load - load_i); u = ``bias_rate`` (0: as Hugging Face, frozen)."""
-        if self.bias_rate:  # the true experts' bias (null and identity ones keep theirs)
+        """b_i += u * sign(mean load - load_i), or LongCat-Flash's step toward the compute target
+        ``experts_per_token``; u = ``bias_rate`` (0: as Hugging Face, frozen). Only the true
+        experts' biases move: the free experts keep theirs."""
+        if self.experts_per_token is not None:
+            compute_target_update(
+                state["bias"], stats.tokens_per_expert, stats.num_tokens, self.k,
+                self.experts_per_token, self.bias_rate,
+            )  # fmt: skip
+        elif self.bias_rate:
             loss_free_update(state["bias"], stats.tokens_per_expert, self.bias_rate)
 
     def __call__(
@@ -362,6 +446,7 @@ class ScoreTopK:
             softcap=self.softcap,
             null_experts=self.null_experts,
             identity_experts=self.identity_experts,
+            constant_experts=self.constant_experts,
             balance_all=self.balance_free,
             renormalize_over=self.renormalize_over,
             expert_scale=state["expert_scale"] if self.expert_scales else None,
