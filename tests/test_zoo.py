@@ -661,3 +661,26 @@ def stats_of(r, T):
 
     counts = dict.fromkeys(MoEStats._fields, torch.zeros(()))
     return MoEStats(**counts | {"tokens_per_expert": r.mask.sum(0), "num_tokens": torch.tensor(T)})
+
+
+def test_the_compute_target_bias_moves_only_after_optimizer_steps():
+    from minimoe.routing.production import compute_target_update
+    from minimoe.train import TrainConfig, train
+
+    spec = ScoreTopK(k=2, identity_experts=2, selection_bias=True, bias_rate=0.1,
+                     experts_per_token=1.0, renormalize=False)  # fmt: skip
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=16, d_hidden=16, num_experts=4, router=spec)
+    lm = TinyTransformer(ModelConfig(vocab_size=16, block_size=8, n_layers=1, moe=moe))
+    idx = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(0))
+    seen = []
+    train(lm, lambda g: {"idx": idx, "targets": idx}, TrainConfig(steps=3, progress=False),
+          callback=lambda step, m, out: seen.append(out.layers[0].stats))  # fmt: skip
+    expected = torch.zeros(6)
+    for stats in seen:
+        compute_target_update(expected, stats.tokens_per_expert, stats.num_tokens, 2, 1.0, 0.1)
+    bias = lm.blocks[0].ffn.router_state.bias
+    torch.testing.assert_close(bias, expected)
+    assert expected.abs().sum() > 0
+    lm(idx)  # a training-mode forward changes nothing
+    torch.testing.assert_close(bias, expected)
