@@ -52,6 +52,7 @@ def test_targets_are_the_routers_own_settings():
             assert r.experts_per_token == target
         elif isinstance(r, ScoreTopK):  # k of E + 8 columns, at uniform use
             assert target == r.k * 8 / 16
+            assert r.experts_per_token in (None, target)  # LongCat's: steered to it
         elif isinstance(r, TopK):
             assert r.k == target
 
@@ -149,8 +150,20 @@ def test_allocation_runs_are_the_dynamic_ones_at_two_experts():
         n for n in ondemand.RUNS if n not in ondemand.ANCHORS and ondemand.TARGETS[n] == 2.0
     ]
     assert (
-        len(ondemand.ALLOCATION) == 7
-    )  # null, identity, remoe, threshold, seqtopk, top-p, adaptive
+        len(ondemand.ALLOCATION) == 8
+    )  # null, identity, longcat, remoe, threshold, seqtopk, top-p, adaptive
+
+
+def test_the_longcat_runs_are_the_identity_runs_steered_by_the_bias():
+    """They differ from the identity runs only where the compute is steered: the bias and its
+    target instead of the balance loss over the free experts."""
+    for k in (3, 4, 6):
+        identity, longcat = (
+            ondemand.RUNS[f"{kind} k={k}"].router for kind in ("identity", "longcat")
+        )
+        steered = replace(identity, balance_free=False, selection_bias=True,
+                          bias_rate=ondemand.LONGCAT_RATE, experts_per_token=k * 8 / 16)  # fmt: skip
+        assert steered == longcat
 
 
 def test_summary_and_plots_read_every_run(results):
