@@ -60,6 +60,11 @@ CASES = {
     "gelu_experts": ({"activation": "gelu", "dispatch": "loop"}, {}),
     # replicated like the router: its gradients sum over ranks
     "shared_expert": ({"shared_hidden": 24, "shared_gate": True}, {}),
+    # MoE++'s free experts: replicated, run on the token's own rank
+    "free_experts": (
+        {"router": ScoreTopK(k=2, null_experts=1, identity_experts=1, constant_experts=2)},
+        {"free_logits": True},
+    ),
     "idle_rank": ({}, {"zero_gate": True}),  # ties: every token picks experts 0 and 1, on rank 0
     "idle_rank_input_without_grad": ({}, {"zero_gate": True, "input_grad": False}),
     # per rank by design: each rank's capacity and noise come from its own tokens
@@ -83,6 +88,7 @@ def _compare(
     zero_gate: bool = False,
     input_grad: bool = True,
     per_shard: bool = False,
+    free_logits: bool = False,
 ) -> dict[str, float]:
     """Max |difference| between this rank's expert-parallel layer and the single-process layer."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -90,6 +96,8 @@ def _compare(
     moe = MoE(MoEConfig(d_model=16, d_hidden=32, num_experts=4, **overrides)).train(train)
     with torch.no_grad():
         moe.gate.weight.mul_(0.0 if zero_gate else 3.0)  # sharper than at init: varied expert sets
+        if free_logits:  # the free experts' router rows start at 0: let them compete
+            moe.gate_extra.weight.normal_()
     x, upstream = torch.randn(4, 6, 16), torch.randn(4, 6, 16)  # (B, L, d) the global batch
     ep = ExpertParallelMoE.from_moe(moe)
     mine = slice(rank * 4 // world, (rank + 1) * 4 // world)  # this rank's sequences
@@ -111,8 +119,9 @@ def _compare(
     ref_grads = [moe.experts.gate_up.grad, moe.experts.down.grad, moe.gate.weight.grad]
     ref_summed = [*ref_grads, ref.stats.tokens_per_expert.clone()] if per_shard else []
     # the shared expert and its gate: replicated, so summed over ranks like the router
-    shared = {n: p.grad.clone() for n, p in ep.named_parameters() if n.startswith("shared")}
-    ref_shared = {n: p.grad.clone() for n, p in moe.named_parameters() if n.startswith("shared")}
+    replicated = ("shared", "constants")  # the shared expert, MoE++'s constant experts
+    shared = {n: p.grad.clone() for n, p in ep.named_parameters() if n.startswith(replicated)}
+    ref_shared = {n: p.grad.clone() for n, p in moe.named_parameters() if n.startswith(replicated)}
     for t in (
         summed + ref_summed + [*shared.values()] + ([*ref_shared.values()] if per_shard else [])
     ):
@@ -137,6 +146,8 @@ def _compare(
         diffs["input_grad"] = _max_diff(x_ep.grad, x_ref.grad[mine])
     for name, grad in shared.items():
         diffs[f"{name}_grad"] = _max_diff(grad, ref_shared[name])
+    if free_logits:  # 0 when the constant experts ran on some token
+        diffs["constant_experts_unused"] = float(not out.routing.constant.ne(0).any())
     if ep.shared is not None:  # 0 when replicated_parameters holds every shared parameter
         replicated = {id(p) for p in ep.replicated_parameters()}
         diffs["shared_not_replicated"] = float(
