@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,11 +38,6 @@ def cached(name: str) -> Path:
             f"data/README.md gives the command that regenerates {name}"
         )
     return path
-
-
-def load_json(path: str | Path | None, name: str) -> dict:
-    """The JSON file at ``path``; by default the cached ``data/<name>``."""
-    return json.loads((cached(name) if path is None else Path(path)).read_text())
 
 
 # ---- the set-up ----------------------------------------------------------------------------
@@ -139,32 +133,6 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 # ---- tables over seeds ---------------------------------------------------------------------
-
-
-def seed_means(
-    rows: list[dict],
-    by: str,
-    columns: Sequence[str] | None = None,
-    std: Sequence[str] = (),
-    digits: int | None = None,
-) -> list[dict]:
-    """Per value of ``row[by]`` (in order of appearance), over its rows (one per seed): ``seeds``
-    (how many), the mean of each of ``columns`` (default: every column of the first row but
-    ``by`` and ``seed``; None where a row has None) and ``<column>_std`` for each of ``std``
-    (the sample standard deviation, 0 for one row); rounded to ``digits`` if given."""
-    columns = columns or [c for c in rows[0] if c not in (by, "seed")]
-    fit = (lambda v: v) if digits is None else (lambda v: round(v, digits))
-    out = []
-    for name in dict.fromkeys(r[by] for r in rows):
-        same = [r for r in rows if r[by] == name]
-        row = {by: name, "seeds": len(same)}
-        for c in columns:
-            values = [r[c] for r in same]
-            row[c] = None if None in values else fit(statistics.fmean(values))
-        for c in std:
-            row[f"{c}_std"] = fit(statistics.stdev(r[c] for r in same)) if len(same) > 1 else 0.0
-        out.append(row)
-    return out
 
 
 def write_csv(path: Path, rows: list[dict], fieldnames: Sequence[str] | None = None) -> Path:

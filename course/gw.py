@@ -1,19 +1,25 @@
-"""GW-MoE fine-tuning, plain vs GW from one checkpoint (chapter 3; ``python -m course gw``).
+"""GW-MoE fine-tuning against plain fine-tuning (chapter 3; ``python -m course gw``), on the
+experiment harness (``course.harness``).
 
-The set-up: a tiny byte-level MoE language model is pretrained on seven of the eight plays in
-the course's text (``load_text()``); the downstream task is next-byte prediction on the eighth, The Tempest,
-which it has never seen (new characters, names and words). Every run starts
-from the same checkpoint; runs differ only in the fine-tuning recipe (``GWFineTuning``) and
-the seed. The metric is the per-byte cross-entropy (and accuracy) on a held-out part of the
-play, on all tokens and on the tokens the pretrained router is uncertain about.
+A tiny byte-level MoE language model is pretrained on seven of the eight plays of the course's
+text (``load_text()``); the downstream task is next-byte prediction on the eighth, The Tempest,
+which it has never seen (new characters, names and words). Two pretrained arms: top-2 (Mixtral's
+renormalized weights) and Switch's top-1 (the router the released GW-MoE code fine-tunes). From
+each arm's model of a seed, three fine-tuning runs with the released code's switches (router
+frozen, z-loss off, balance loss 1e-3) differ only in the broadcast: none ("plain"), the tokens
+whose pretrained router is uncertain ("GW"), every token ("GW all"). A seed fixes the
+pretraining (weights and batches) and the fine-tuning batches, so the seeds vary the pretrained
+model too. Measured on the held-out last 20% of the play: per-byte cross-entropy and accuracy on
+all bytes and on the bytes the seed's pretrained router is uncertain about, and the loss
+increase when each byte's first choice is swapped (GW-MoE's claim: lower after GW).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -22,78 +28,61 @@ import torch.nn.functional as F
 from matplotlib.axes import Axes
 from torch import nn
 
-from course.common import (
-    add_experiment_args,
-    cached,
-    interleaved,
-    load_json,
-    seed_means,
-    set_threads,
-    write_csv,
-)
-from minimoe.cli import (
-    UsageError,
-    non_negative,
-    non_negative_int,
-    positive,
-    positive_int,
-    write_json,
-)
+from course import harness, stats
+from course.common import cached, interleaved, set_threads
+from course.harness import Run
 from minimoe.data import BYTE_VOCAB_SIZE, Batch, ByteCorpus, byte_corpus, lm_batches, load_text
 from minimoe.layer import MoEConfig
 from minimoe.model import ModelConfig, TinyTransformer
-from minimoe.routing import TopK
-from minimoe.train import (
-    History,
-    TrainConfig,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-    train,
-)
-from minimoe.uncertainty import (
-    GWFineTuning,
-    record_routing,
-    swapped_first_choice,
-    uncertain_in_any_layer,
-)
+from minimoe.routing import GWBroadcast, TopK
+from minimoe.train import History, TrainConfig, load_checkpoint, save_checkpoint, seed_everything
+from minimoe.uncertainty import record_routing, swapped_first_choice, uncertain_in_any_layer
 
-CHECKPOINT = "gw_pretrained.pt"  # in data/ (``common.cached``); see data/README.md
-RESULTS = "gw_results.json"  # the bigger run of ``compare``, in data/
+CHECKPOINT = "gw_pretrained.pt"  # in data/ (``common.cached``): top-2's seed-0 pretrained model
 HELD_OUT = "THE TEMPEST"  # the downstream play; the pretraining text is the other seven
 THRESHOLD = 0.75  # normalized entropy; the released code uses 1.6 nats (0.77 of ln 8) on GLUE, 1.8 (0.87) for generation
-PRETRAIN_STEPS = 2000
-METRICS = ("loss_all", "loss_uncertain", "acc_all", "acc_uncertain")
-SWAP_METRICS = ("swap_all", "swap_uncertain")  # runs made since the swap measurement
+RELEASED_BALANCE = 1e-3  # the released code's auxiliary-loss coefficient in fine-tuning
+METRICS = ("loss_all", "loss_uncertain", "acc_all", "acc_uncertain", "swap_all", "swap_uncertain")
+
+ARMS = {"top-2": TopK(k=2), "switch": TopK(k=1, renormalize=False)}  # Mixtral's, Switch's
+RECIPES = {"plain": None, "GW": THRESHOLD, "GW all": 0.0}  # broadcast threshold (None: none)
 
 
-def model_config() -> ModelConfig:
-    """2 layers, d_model 64, 8 experts of width 64, top-2 (about 0.27 M parameters)."""
-    return ModelConfig(
-        n_layers=2,
-        n_heads=4,
-        block_size=64,
-        moe=MoEConfig(d_model=64, d_hidden=64, num_experts=8, router=TopK(k=2)),
+def fine_tuning(arm: str, threshold: float | None) -> Run:
+    """The released code's fine-tuning of ``arm``'s pretrained model: router frozen, z-loss
+    off, balance loss 1e-3; GW broadcast at ``threshold`` (None: plain, the same switches)."""
+    base = ARMS[arm]
+    router = base if threshold is None else GWBroadcast(base, threshold=threshold)
+    return Run(
+        router,
+        losses="course",
+        moe={"z_coef": 0.0, "balance_coef": RELEASED_BALANCE},
+        train={"freeze_router": True},
+        continues=arm,
     )
 
 
-RELEASED_BALANCE = 1e-3  # the released code's auxiliary-loss coefficient in fine-tuning
+# each arm's pretraining first (the course's losses: balance 1e-2, z-loss 1e-3), then its three
+RUNS: dict[str, Run] = {}
+for _arm, _base in ARMS.items():
+    RUNS[_arm] = Run(_base, losses="course")
+    RUNS |= {f"{_arm} {r}": fine_tuning(_arm, t) for r, t in RECIPES.items()}
+FINETUNED = [n for n, r in RUNS.items() if r.continues is not None]
+CLAIMS = ("loss_all", "loss_uncertain", "swap_uncertain")  # what GW should lower
+# the chapter's family (paired by seed, Holm-corrected together): each broadcast against plain
+# fine-tuning of its arm, on the claims
+FAMILY = [
+    (f"{arm} {recipe}", f"{arm} plain", measure)
+    for arm in ARMS
+    for recipe in ("GW", "GW all")
+    for measure in CLAIMS
+]
 
 
-def recipes(
-    threshold: float = THRESHOLD,
-    freeze_router: bool = True,
-    z_loss: bool = False,
-    balance_coef: float | None = RELEASED_BALANCE,
-) -> dict[str, GWFineTuning]:
-    """The three fine-tuning runs compared: same switches (by default the released code's:
-    router frozen, z-loss off, balance loss 1e-3; None keeps the model's), different broadcast."""
-    switches = {"freeze_router": freeze_router, "z_loss": z_loss, "balance_coef": balance_coef}
-    return {
-        "plain": GWFineTuning(None, **switches),
-        "gw_uncertain": GWFineTuning(threshold, **switches),
-        "gw_all": GWFineTuning(0.0, **switches),
-    }
+def model_config(moe: MoEConfig | None = None) -> ModelConfig:
+    """2 layers, d_model 64, 8 experts of width 64, top-2 by default (about 0.27 M parameters)."""
+    moe = moe or MoEConfig(d_model=64, d_hidden=64, num_experts=8, router=TopK(k=2))
+    return ModelConfig(n_layers=2, n_heads=4, block_size=64, moe=moe)
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -134,32 +123,12 @@ def eval_batch(corpus: ByteCorpus, block_size: int = 32, max_windows: int | None
     return {"idx": idx, "targets": targets}
 
 
-# ---- pretraining and fine-tuning -------------------------------------------------------
-
-
-def pretrain(
-    steps: int = PRETRAIN_STEPS,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-) -> tuple[TinyTransformer, History]:
-    """Train the tiny model from scratch on the pretraining plays."""
-    seed_everything(seed)
-    pre, _ = corpora()
-    model = TinyTransformer(model_config()).to(device)
-    history = train(
-        model,
-        lm_batches(pre, batch_size, model.config.block_size),
-        TrainConfig(steps=steps, lr=lr, seed=seed, progress=progress),
-    )
-    return model.cpu(), history
+# ---- evaluation -------------------------------------------------------------------------
 
 
 def load_pretrained(path: str | Path | None = None) -> TinyTransformer:
-    """The shipped pretrained model (data/gw_pretrained.pt), or another checkpoint saved by
-    ``pretrain``, in eval mode."""
+    """The shipped pretrained model (data/gw_pretrained.pt: top-2's of seed 0, as the
+    experiment trains it), or another checkpoint saved by ``--save-pretrained``, in eval mode."""
     model = load_checkpoint(cached(CHECKPOINT) if path is None else path)
     if not isinstance(model, TinyTransformer) or model.config.vocab_size != BYTE_VOCAB_SIZE:
         what = type(model).__name__
@@ -167,51 +136,156 @@ def load_pretrained(path: str | Path | None = None) -> TinyTransformer:
             what += f" with vocab_size={model.config.vocab_size}"
         raise ValueError(
             f"checkpoint {path} holds a {what}; GW fine-tuning needs a byte-level "
-            f"TinyTransformer (vocab_size={BYTE_VOCAB_SIZE}), as pretrain saves"
+            f"TinyTransformer (vocab_size={BYTE_VOCAB_SIZE}), as pretraining saves"
         )
     return model
 
 
-def load_cached(path: str | Path | None = None) -> dict:
-    """Results of the command (``{config, rows}``); by default the shipped data/gw_results.json."""
-    return load_json(path, RESULTS)
+# ---- the experiment -----------------------------------------------------------------------
 
 
-def finetune(
-    pretrained: nn.Module,
-    recipe: GWFineTuning,
-    corpus: ByteCorpus,
-    *,
-    steps: int = 100,
-    batch_size: int = 16,
-    block_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = False,
-) -> tuple[nn.Module, History, dict[str, list[float]]]:
-    """A fine-tuned copy of ``pretrained`` (left untouched) under ``recipe``, its History, and
-    per MoE layer, averaged over the steps, the shares of tokens ``uncertain_ratio`` (over the
-    threshold: the released code's gw_ratio) and ``broadcast_ratio`` (after the slot cap)."""
-    model = recipe.apply(copy.deepcopy(pretrained)).to(device)
-    ratios: dict[str, list[list[float]]] = {"uncertain_ratio": [], "broadcast_ratio": []}
+@dataclass
+class GWSetup:
+    """Pretraining (batch 32 x 64 bytes, lr 3e-3) on the seven plays, then fine-tuning (batch
+    16 x 32, lr 1e-3) on The Tempest; constant learning rates, AdamW (the trainer's)."""
 
-    def record(step: int, m: nn.Module, out) -> None:
-        for name, per_step in ratios.items():
-            per_step.append([getattr(layer.stats, name).item() for layer in out.layers])
+    pretrain_steps: int = 2000
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
+    finetune_steps: int = 600
+    batch_size: int = 16
+    block_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
 
-    history = train(
-        model,
-        lm_batches(corpus, batch_size, block_size),
-        TrainConfig(
-            steps=steps, lr=lr, seed=seed, freeze_router=recipe.freeze_router, progress=progress
-        ),
-        callback=record,
-    )
-    return model, history, {k: np.mean(v, axis=0).tolist() if v else [] for k, v in ratios.items()}
+    @property
+    def steps(self) -> int:
+        """A fine-tuning run ends here, counted from the start of its pretraining."""
+        return self.pretrain_steps + self.finetune_steps
 
 
-# ---- evaluation -------------------------------------------------------------------------
+class GWExperiment(harness.Experiment):
+    """Chapter 3's runs: two pretrained arms, each fine-tuned three ways from its seed's model."""
+
+    name = "gw"
+    setup_class = GWSetup
+    runs = RUNS
+    seeds = tuple(range(10))  # ten pretrained models per arm: GW's gap on top-2 is small
+    curve_from_branch = True  # fine-tuning is another task: its curve counts its own steps
+    help = "GW-MoE: top-2 and Switch pretrained, then plain vs GW fine-tuning on an unseen play"
+
+    def __init__(self, setup: GWSetup | None = None) -> None:
+        super().__init__(setup)
+        self._uncertain: dict[tuple[str, int], torch.Tensor] = {}
+
+    def continue_at(self) -> int:
+        return self.setup.pretrain_steps
+
+    def last_step(self, name: str) -> int:
+        return (
+            self.setup.pretrain_steps
+            if self.runs[name].continues is None
+            else super().last_step(name)
+        )
+
+    def base_moe(self) -> MoEConfig:
+        return model_config().moe
+
+    def model(self, moe: MoEConfig, seed: int) -> TinyTransformer:
+        seed_everything(seed)
+        return TinyTransformer(model_config(moe))
+
+    def data(self, seed: int):
+        """The pretraining batches; held out: The Tempest's last 20% in consecutive windows."""
+        s = self.setup
+        pre, play = corpora()
+        return lm_batches(pre, s.pretrain_batch_size, 64), eval_batch(play, s.block_size)
+
+    def batches(self, get_batch, model):
+        """A fine-tuning run trains on The Tempest's first 80% instead."""
+        if self.runs[self.current[0]].continues is None:
+            return get_batch
+        return lm_batches(corpora()[1], self.setup.batch_size, self.setup.block_size)
+
+    def train_config(
+        self, run: Run, seed: int, progress: bool, steps: int | None = None, start: int = 0
+    ) -> TrainConfig:
+        """Pretraining: its own steps and learning rate, 8 evaluations; fine-tuning: 12."""
+        s = self.setup
+        config = super().train_config(run, seed, progress, steps, start)
+        if run.continues is None:
+            steps = s.pretrain_steps if steps is None else steps
+            return replace(config, steps=steps, lr=s.pretrain_lr, eval_every=s.pretrain_steps // 8)
+        return replace(config, eval_every=max(1, s.finetune_steps // 12))
+
+    def uncertain(self, seed: int, held_out: Batch, model: nn.Module | None = None) -> torch.Tensor:
+        """The scored set of the run being trained: the held-out bytes its arm's pretrained
+        router (the model at the branch) is uncertain about in some layer; for a pretraining
+        run, its own router's (``model``)."""
+        source = self.runs[self.current[0]].continues
+        if source is None:
+            return uncertain_tokens(model, held_out)
+        if (source, seed) not in self._uncertain:
+            self._uncertain[(source, seed)] = uncertain_tokens(
+                self.pretrained(source, seed), held_out
+            )
+        return self._uncertain[(source, seed)]
+
+    def evaluate(self, model: nn.Module, held_out: Batch) -> dict[str, float]:
+        return evaluate(model, held_out, self.uncertain(self.current[1], held_out, model))
+
+    def recorder(self, name: str):
+        self._ratios: dict[str, list[list[float]]] = {"uncertain_ratio": [], "broadcast_ratio": []}
+
+        def record(step: int, model: nn.Module, out: Any) -> None:
+            for key, per_step in self._ratios.items():
+                per_step.append([getattr(layer.stats, key).item() for layer in out.layers])
+
+        return record
+
+    def extra(self, model: nn.Module, held_out: Batch, history: History, record: Any) -> dict:
+        """Per MoE layer, averaged over the steps: the shares of tokens over the threshold
+        (``uncertain_ratio``, the released code's gw_ratio) and broadcast (``broadcast_ratio``);
+        and the last 10 steps' training loss."""
+        shares = {k: np.round(np.mean(v, axis=0), 4).tolist() for k, v in self._ratios.items()}
+        return shares | {"final_train_loss": float(np.mean(history.loss[-10:]))}
+
+    def pretrained(self, arm: str = "top-2", seed: int = 0) -> TinyTransformer:
+        """``arm``'s pretrained model of ``seed`` (trained here unless kept), in eval mode."""
+        if arm not in ARMS:
+            raise ValueError(f"arm must be one of {list(ARMS)}, got {arm!r}")
+        key, current = (arm, seed, self.continue_at()), self.current
+        if key not in self._snapshots:
+            self._train(arm, seed, False, self.continue_at())
+            self.current = current
+        model = self.initial_model(arm, seed)  # the seed's draw, then the weights at the branch
+        model.load_state_dict(self._snapshots[key])
+        return model.eval()
+
+    def add_parser(self, sub):
+        p = super().add_parser(sub)
+        p.add_argument(
+            "--save-pretrained",
+            type=Path,
+            default=None,
+            help=f"also save top-2's pretrained model of seed 0 there (data/{CHECKPOINT})",
+        )
+        return p
+
+    @classmethod
+    def main(cls, args: argparse.Namespace) -> harness.Results:
+        """The harness's command, then ``--save-pretrained`` from the same training."""
+        set_threads(args)
+        exp = cls.from_args(args)
+        results = exp.run_args(args)
+        if args.save_pretrained is not None:
+            path = args.save_pretrained
+            save_checkpoint(
+                exp.pretrained("top-2", 0), path, pretrain_steps=exp.setup.pretrain_steps
+            )
+            print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)")
+        return results
 
 
 @torch.no_grad()
@@ -258,69 +332,6 @@ def evaluate(model: nn.Module, batch: Batch, uncertain: torch.Tensor) -> dict[st
     }
 
 
-def compare(
-    pretrained: nn.Module,
-    corpus: ByteCorpus,
-    seeds: list[int],
-    runs: dict[str, GWFineTuning] | None = None,
-    threshold: float = THRESHOLD,
-    block_size: int = 32,
-    max_windows: int | None = None,
-    **finetune_kw,
-) -> list[dict]:
-    """Fine-tune every recipe with every seed from the same checkpoint; one row per run.
-
-    The uncertain tokens of the metric are fixed once, by the pretrained router at
-    ``threshold``, so every run is scored on the same tokens. Row 'pretrained' (seed -1)
-    is the checkpoint itself. Evaluation windows are ``block_size`` long, as in fine-tuning.
-    """
-    runs = recipes(threshold) if runs is None else runs
-    batch = eval_batch(corpus, block_size, max_windows)
-    uncertain = uncertain_tokens(pretrained, batch, threshold)
-    rows = [
-        {
-            "run": "pretrained",
-            "seed": -1,
-            "train_seconds": 0.0,
-            **evaluate(pretrained, batch, uncertain),
-        }
-    ]
-    for seed in seeds:
-        for name, recipe in runs.items():  # interleaved, so machine load hits every run alike
-            start = time.perf_counter()
-            model, history, ratios = finetune(
-                pretrained, recipe, corpus, seed=seed, block_size=block_size, **finetune_kw
-            )
-            seconds = time.perf_counter() - start
-            rows.append(
-                {
-                    "run": name,
-                    "seed": seed,
-                    "train_seconds": seconds,
-                    "final_train_loss": float(np.mean(history.loss[-10:])),
-                    **{k: [round(r, 4) for r in v] for k, v in ratios.items()},
-                    **evaluate(model.cpu(), batch, uncertain),
-                }
-            )
-    return rows
-
-
-def summarize(
-    rows: list[dict], metrics: tuple[str, ...] = METRICS
-) -> dict[str, dict[str, tuple[float, float]]]:
-    """run -> metric -> (mean, standard deviation over seeds; 0 for a single run)."""
-    means = seed_means(rows, "run", metrics, std=metrics)
-    return {r["run"]: {m: (r[m], r[f"{m}_std"]) for m in metrics} for r in means}
-
-
-def paired_gain(
-    rows: list[dict], run: str, baseline: str = "plain", metric: str = "loss_all"
-) -> np.ndarray:
-    """baseline - run, seed by seed (positive = ``run`` has the lower loss)."""
-    by_seed = {r["seed"]: r[metric] for r in rows if r["run"] == baseline}
-    return np.array([by_seed[r["seed"]] - r[metric] for r in rows if r["run"] == run])
-
-
 @torch.no_grad()
 def inference_cost(
     models: dict[str, nn.Module], batch: Batch, repeats: int = 5, reference: str | None = None
@@ -358,180 +369,66 @@ def inference_cost(
     return cost
 
 
-# ---- command line -----------------------------------------------------------------------
+# ---- results ----------------------------------------------------------------------------
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("gw", help="GW-MoE: plain vs GW fine-tuning from one pretrained checkpoint")
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="pretrained model to fine-tune (default: the shipped data/gw_pretrained.pt)",
-    )
-    p.add_argument(
-        "--pretrain",
-        action="store_true",
-        help="pretrain from scratch instead of loading --checkpoint",
-    )
-    p.add_argument(
-        "--pretrain-only", action="store_true", help="pretrain, save the model, and stop"
-    )
-    p.add_argument("--pretrain-steps", type=non_negative_int, default=PRETRAIN_STEPS)
-    p.add_argument(
-        "--save-pretrained",
-        type=Path,
-        default=None,
-        help="where to save the pretrained model (default: OUT/pretrained.pt)",
-    )
-    p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0 to N - 1")
-    p.add_argument("--steps", type=non_negative_int, default=300, help="fine-tuning steps per run")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--block-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=positive, default=1e-3)
-    p.add_argument(
-        "--threshold", type=non_negative, default=THRESHOLD, help="normalized entropy threshold"
-    )
-    p.add_argument(
-        "--train-router",
-        action="store_true",
-        help="let the router learn during fine-tuning (the released code freezes it)",
-    )
-    p.add_argument(
-        "--z-loss",
-        action="store_true",
-        help="keep the router z-loss (the released code turns it off)",
-    )
-    p.add_argument(
-        "--balance-coef",
-        type=non_negative,
-        default=RELEASED_BALANCE,
-        help="balance-loss coefficient while fine-tuning (default: the released code's %(default)s)",
-    )
-    p.add_argument(
-        "--eval-windows",
-        type=positive_int,
-        default=None,
-        help="score only the first N held-out windows (default: all)",
-    )
-    add_experiment_args(p, out="runs/gw")
-    p.set_defaults(func=main)
+def load(path: str | Path | None = None) -> harness.Results:
+    """The cached runs (data/gw/results.json), checked against the declared ones."""
+    return harness.load(GWExperiment(), path)
 
 
-def main(args: argparse.Namespace) -> list[dict]:
-    set_threads(args)
-    if args.pretrain or args.pretrain_only:
-        model, _ = pretrain(args.pretrain_steps, device=args.device, progress=not args.no_progress)
-        path = args.save_pretrained or args.out / "pretrained.pt"
-        save_checkpoint(model, path, pretrain_steps=args.pretrain_steps)
-        print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)")
-        if args.pretrain_only:
-            return []
-    else:
-        try:
-            model = load_pretrained(args.checkpoint)
-        except (FileNotFoundError, ValueError) as err:
-            raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
-    _, corpus = corpora()
-    runs = recipes(
-        args.threshold,
-        freeze_router=not args.train_router,
-        z_loss=args.z_loss,
-        balance_coef=args.balance_coef,
-    )
-    rows = compare(
-        model.to(args.device),
-        corpus,
-        list(range(args.seeds)),
-        runs,
-        threshold=args.threshold,
-        max_windows=args.eval_windows,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        block_size=args.block_size,
-        lr=args.lr,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    skip = ("func", "command", "out", "no_progress")  # how to run, not what was run
-    config = {
-        k: v.name if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip
-    }
-    config["checkpoint"] = Path(args.checkpoint or CHECKPOINT).name
-    write_results(rows, args.out, config)
+def family(results: harness.Results) -> list[stats.Comparison]:
+    """The chapter's comparisons (``FAMILY``), paired by seed, Holm-corrected together."""
+    return results.family(FAMILY)
+
+
+def summary(results: harness.Results, measures: tuple[str, ...] = METRICS) -> list[dict]:
+    """Per run (declared order): mean and standard deviation over seeds of ``measures``."""
+    rows = []
+    for run in [n for n in RUNS if n in results.runs]:
+        row: dict[str, Any] = {"run": run, "seeds": len(results.seeds_of(run))}
+        for m in measures:
+            values = np.array(results.values(run, m))
+            row[m], row[f"{m}_std"] = values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0
+        rows.append(row)
     return rows
 
 
-def write_results(rows: list[dict], out: Path, config: dict | None = None) -> None:
-    """results.json ({config, rows}), results.csv (one row per run), summary.json, and plots."""
-    out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows, METRICS + SWAP_METRICS)
-    write_json(out / "results.json", {"config": config or {}, "rows": rows})
-    write_json(out / "summary.json", summary)
-    write_csv(out / "results.csv", rows)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), layout="constrained")
-    plot_comparison(summary, ax=axes[0])
-    plot_gains(rows, ax=axes[1])
-    fig.savefig(out / "gw_metrics.png", dpi=120)
-    plt.close(fig)
-    for name, s in summary.items():
-        shown = METRICS + SWAP_METRICS
-        print(f"{name:>13}: " + "  ".join(f"{m} {s[m][0]:.4f} ± {s[m][1]:.4f}" for m in shown))
-    print(f"wrote {out}/results.json, results.csv, summary.json, gw_metrics.png")
+LABELS = {
+    "loss_all": "loss, all bytes",
+    "loss_uncertain": "loss, uncertain bytes",
+    "swap_uncertain": "swap cost, uncertain bytes",
+}
 
 
-LABELS = {"loss_all": "all tokens", "loss_uncertain": "uncertain tokens"}
+def plot_family(comparisons: list[stats.Comparison], ax: Axes | None = None) -> Axes:
+    """GW minus plain per seed (dots) with the Holm-corrected 95% interval (bar), one row per
+    comparison of the family; left of 0 is GW lower (its claim: better)."""
+    ax = ax if ax is not None else plt.subplots(figsize=(7, 4), layout="constrained")[1]
+    for i, c in enumerate(comparisons):
+        color = f"C{list(LABELS).index(c.measure)}" if c.measure in LABELS else "gray"
+        ax.plot([c.low, c.high], [i, i], color=color, lw=3, alpha=0.5)
+        ax.scatter(c.diffs, [i] * c.n, color=color, s=12, zorder=3)
+        ax.scatter([c.mean], [i], color="k", marker="|", s=150, zorder=4)
+    ax.axvline(0, color="k", lw=1)
+    ax.set_yticks(range(len(comparisons)), [f"{c.a} - {c.b}: {c.measure}" for c in comparisons])
+    ax.invert_yaxis()
+    ax.set(xlabel="difference per seed (nats); bar: Holm-corrected 95% interval")
+    return ax
 
 
-def plot_comparison(
-    summary: dict[str, dict[str, tuple[float, float]]], ax: Axes | None = None
-) -> Axes:
-    """Bars: held-out loss on all and on uncertain tokens per run, error bars = std over seeds."""
-    ax = ax if ax is not None else plt.subplots(figsize=(6, 3), layout="constrained")[1]
-    names = [n for n in summary if n != "pretrained"]
-    x = np.arange(len(names))
-    for i, metric in enumerate(LABELS):
-        mean = [summary[n][metric][0] for n in names]
-        std = [summary[n][metric][1] for n in names]
-        ax.bar(x + (i - 0.5) * 0.4, mean, 0.4, yerr=std, capsize=3, label=LABELS[metric])
-    ax.set(  # bars from zero: the runs differ by hundredths, which the right panel shows
-        xticks=x,
-        xticklabels=names,
-        ylabel="held-out loss (nats/byte)",
-        ylim=(0, None),
-        title="Fine-tuned: mean ± std over seeds",
-    )
+def plot_curves(results: harness.Results, arm: str, measure: str = "loss_all", ax=None) -> Axes:
+    """``arm``'s fine-tuning runs: held-out ``measure`` against fine-tuning step, mean over
+    seeds (the converged rule reads the last fifth)."""
+    ax = ax if ax is not None else plt.subplots(figsize=(5, 3.5), layout="constrained")[1]
+    for name in [n for n in FINETUNED if n.startswith(f"{arm} ")]:
+        curves = [results.curve(name, s, measure) for s in results.seeds_of(name)]
+        steps = sorted(curves[0])
+        ax.plot(steps, [np.mean([c[t] for c in curves]) for t in steps], label=name)
+    ax.set(xlabel="fine-tuning step", ylabel=f"held-out {LABELS.get(measure, measure)}", title=arm)
     ax.legend(fontsize=8)
     return ax
 
 
-GAIN_LABELS = LABELS | {"swap_uncertain": "swap sensitivity, uncertain tokens"}
-
-
-def plot_gains(rows: list[dict], ax: Axes | None = None) -> Axes:
-    """Dots: plain minus GW per seed (above 0: GW better), for the loss on all and on uncertain
-    tokens and, where measured, the loss increase when uncertain tokens' first choice is swapped
-    (GW-MoE's claim: lower after GW fine-tuning, so above 0 here)."""
-    ax = ax if ax is not None else plt.subplots(figsize=(6, 3), layout="constrained")[1]
-    names = [n for n in dict.fromkeys(r["run"] for r in rows) if n not in ("pretrained", "plain")]
-    metrics = [m for m in GAIN_LABELS if all(m in r for r in rows)]
-    width = 0.6 / len(metrics)
-    for i, metric in enumerate(metrics):
-        for j, name in enumerate(names):
-            g = paired_gain(rows, name, metric=metric)
-            ax.scatter(
-                np.full(len(g), j + (i - (len(metrics) - 1) / 2) * width),
-                g,
-                color=f"C{i}",
-                label=GAIN_LABELS[metric] if j == 0 else None,
-            )
-    ax.axhline(0, color="k", lw=1)
-    ax.set(
-        xticks=range(len(names)),
-        xticklabels=names,
-        xlim=(-0.5, len(names) - 0.5),
-        ylabel="plain - GW (nats)",
-        title="Per seed: above 0 means GW is better",
-    )
-    ax.legend(fontsize=8)
-    return ax
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    GWExperiment().add_parser(sub)

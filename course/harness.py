@@ -94,6 +94,10 @@ class Experiment:
     runs: dict[str, Run]
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     eval_every: int = 100  # steps between held-out evaluations (the curve)
+    # a continuing run's curve counts steps from its source's start (the same task trained
+    # on), or, True, from its own first step (fine-tuning on another task: the converged rule
+    # then reads the last fifth of the fine-tuning)
+    curve_from_branch: bool = False
     help: str = ""
 
     def __init__(self, setup: Any | None = None) -> None:
@@ -151,6 +155,13 @@ class Experiment:
             )
         return s.steps - finetune
 
+    def last_step(self, name: str) -> int:
+        """The step run ``name``'s curve ends at (``curve_from_branch``: a continuing run's
+        counts its own steps)."""
+        if self.runs[name].continues is not None and self.curve_from_branch:
+            return self.setup.steps - self.continue_at()
+        return self.setup.steps
+
     # ---- what the harness does -----------------------------------------------------------
 
     def train_config(
@@ -180,6 +191,23 @@ class Experiment:
             if run.continues is not None:
                 declared[name] |= {"continues": run.continues, "from_step": self.continue_at()}
         return declared
+
+    def keep_snapshot(self, name: str, seed: int, model: nn.Module) -> None:
+        """Give the harness run ``name``'s model of ``seed`` at the step the runs continuing it
+        start from (a shipped checkpoint, say), so they need not train it again. The caller
+        vouches that it is that model: a continued run's curve is then the cached one's only if
+        the checkpoint is what the run's own training gives."""
+        if name not in self.runs:
+            raise ValueError(f"unknown run {name!r}; declared: {list(self.runs)}")
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._snapshots[(name, seed, self.continue_at())] = state
+
+    def initial_model(self, name: str, seed: int) -> nn.Module:
+        """Run ``name``'s model of ``seed`` before its training: the seed's draw, or for a
+        continuing run its source's model at the branch, in this run's config."""
+        if name not in self.runs:
+            raise ValueError(f"unknown run {name!r}; declared: {list(self.runs)}")
+        return self._start(self.runs[name], seed)[0]
 
     def _start(self, run: Run, seed: int) -> tuple[nn.Module, int]:
         """A run's model before training, and the step it starts at: the seed's draw at 0, or
@@ -240,7 +268,8 @@ class Experiment:
         """``run_one``'s record, and the trained model."""
         model, history, record, seconds, start, held_out = self._train(name, seed, progress, steps)
         evals = history.evals
-        curve = {"step": [start + s for s, _ in evals]} | {
+        origin = 0 if self.curve_from_branch else start
+        curve = {"step": [origin + s for s, _ in evals]} | {
             k: [e[k] for _, e in evals] for k in evals[-1][1]
         }
         return model, {
@@ -317,10 +346,18 @@ class Experiment:
     @classmethod
     def main(cls, args: argparse.Namespace) -> Results:
         set_threads(args)
+        return cls.from_args(args).run_args(args)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Experiment:
+        """The experiment with the setup the command's flags give."""
         names = {f.name for f in fields(cls.setup_class)} - {"seed"}
-        exp = cls(cls.setup_class(**{n: getattr(args, n) for n in names}))
+        return cls(cls.setup_class(**{n: getattr(args, n) for n in names}))
+
+    def run_args(self, args: argparse.Namespace) -> Results:
+        """``run_all`` with the command's runs, seeds and output folder."""
         command = getattr(args, "command_line", None)  # as typed (minimoe.cli.run_commands)
-        return exp.run_all(args.out, args.runs, args.seeds, not args.no_progress, command)
+        return self.run_all(args.out, args.runs, args.seeds, not args.no_progress, command)
 
 
 def skipping(get_batch: Callable, skip: int) -> Callable:

@@ -18,6 +18,7 @@ from course import (
     balance,
     balance_scope,
     compare,
+    gw,
     harness,
     modern,
     ondemand,
@@ -26,7 +27,6 @@ from course import (
     text,
     topp,
 )
-from course.common import load_json
 
 LM = "Shakespeare bytes, 2-layer LM, 1200 steps (cosine)"
 TOKENS = "graded token tasks"
@@ -226,27 +226,22 @@ def testbed_rows() -> list[dict]:
 
 
 def gw_rows() -> list[dict]:
-    rows = load_json(None, "gw_results.json")["rows"]
-
-    def versus_plain(metric: str) -> list[float]:
-        plain = {r["seed"]: r[metric] for r in rows if r["run"] == "plain"}
-        return [r[metric] - plain[r["seed"]] for r in rows if r["run"] == "gw_uncertain"]
-
-    data = "Shakespeare bytes, unseen play, 300 fine-tuning steps"
+    results = gw.load()
+    setup = gw.GWSetup()
+    data = (
+        f"Shakespeare bytes, unseen play, {setup.pretrain_steps} pretraining + "
+        f"{setup.finetune_steps} fine-tuning steps"
+    )
     recipe = "released code's: router frozen, z-loss 0, balance 1e-3"
-    return [
-        _row(
-            "3", "GW FT", "held-out loss - plain FT (nats)", versus_plain("loss_all"), data, recipe
-        ),
-        _row(
-            "3",
-            "GW FT",
-            "swap sensitivity of uncertain tokens - plain FT (nats)",
-            versus_plain("swap_uncertain"),
-            data,
-            recipe,
-        ),
-    ]
+    rows = []
+    for arm, label in (("top-2", "GW FT (top-2)"), ("switch", "GW FT (Switch top-1)")):
+        for measure, what in (
+            ("loss_all", "held-out loss"),
+            ("swap_uncertain", "swap sensitivity of uncertain tokens"),
+        ):
+            diffs = results.differences(f"{arm} GW", f"{arm} plain", measure)
+            rows.append(_row("3", label, f"{what} - plain FT (nats)", diffs, data, recipe))
+    return rows
 
 
 def modern_rows() -> list[dict]:

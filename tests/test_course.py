@@ -53,27 +53,12 @@ def test_the_library_knows_nothing_of_the_course():
 def test_a_missing_cached_result_says_where_to_get_it(monkeypatch, tmp_path):
     from course import common, gw
 
-    assert common.cached("gw_results.json") == ROOT / "data" / "gw_results.json"
+    assert common.cached("gw_pretrained.pt") == ROOT / "data" / "gw_pretrained.pt"
     monkeypatch.setattr(common, "DATA", tmp_path)  # an installed course, without the repository
     with pytest.raises(
-        FileNotFoundError, match="clone the repository.*regenerates gw_results.json"
+        FileNotFoundError, match="clone the repository.*regenerates gw_pretrained.pt"
     ):
-        gw.load_cached()
-
-
-def test_seed_means_by_hand():
-    from course.common import seed_means
-
-    rows = [
-        {"run": "a", "seed": 0, "loss": 1.0, "steps": None},
-        {"run": "b", "seed": 0, "loss": 5.0, "steps": 3},
-        {"run": "a", "seed": 1, "loss": 2.0, "steps": 4},
-    ]
-    assert seed_means(rows, "run", std=["loss"]) == [
-        {"run": "a", "seeds": 2, "loss": 1.5, "steps": None, "loss_std": pytest.approx(0.5**0.5)},
-        {"run": "b", "seeds": 1, "loss": 5.0, "steps": 3, "loss_std": 0.0},
-    ]
-    assert seed_means(rows, "run", ["loss"], digits=0)[0] == {"run": "a", "seeds": 2, "loss": 2.0}
+        gw.load_pretrained()
 
 
 def test_the_readme_carries_the_one_table_of_numbers():

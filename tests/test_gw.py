@@ -1,7 +1,6 @@
 """GW-MoE: gw_broadcast on hand-worked examples, the broadcast layer against a dense oracle,
 the fine-tuning recipe, and the chapter 3 experiment on a tiny scale."""
 
-import argparse
 import json
 import math
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from course import gw as gwx
+from course import harness
 from minimoe.layer import MoE, MoEConfig, moe_layers
 from minimoe.model import ModelConfig, TinyTransformer
 from minimoe.routing import GWBroadcast, TopK, gw_broadcast, normalized_entropy, top_k
@@ -154,85 +154,70 @@ def test_split_plays_holds_out_one_whole_play():
         gwx.split_plays(text, held_out="C")
 
 
-def test_compare_runs_every_recipe_and_inference_cost_is_equal():
-    model = tiny_model()
-    _, corpus = gwx.corpora()
-    rows = gwx.compare(
-        model,
-        corpus,
-        seeds=[0, 1],
-        threshold=0.5,
-        max_windows=4,
-        steps=2,
-        batch_size=2,
-        block_size=16,
+def tiny_experiment() -> gwx.GWExperiment:
+    return gwx.GWExperiment(gwx.GWSetup(pretrain_steps=6, finetune_steps=4, batch_size=2))
+
+
+def test_experiment_fine_tunes_each_arm_from_its_pretrained_model():
+    exp = tiny_experiment()
+    pre = exp.run_one("top-2", 0)
+    assert pre["curve"]["step"][-1] == 6  # pretraining: its own steps
+    pretrained = exp.pretrained("top-2", 0)
+    _, held_out = exp.data(0)
+    uncertain = gwx.uncertain_tokens(pretrained, held_out)
+    assert pre["measures"] == pytest.approx(gwx.evaluate(pretrained, held_out, uncertain))
+    rec = {name: exp.run_one(name, 0) for name in ("top-2 plain", "top-2 GW all")}
+    assert [r["curve"]["step"][-1] for r in rec.values()] == [4, 4]  # counted from the branch
+    assert rec["top-2 plain"]["extra"]["broadcast_ratio"] == [0.0, 0.0]
+    assert rec["top-2 GW all"]["extra"]["broadcast_ratio"] == [1.0, 1.0]
+    # the scored set is the pretrained router's, fixed: the same for every fine-tuning run
+    assert exp.uncertain(0, held_out).equal(uncertain)
+    flops = {r["measures"]["eval_flops_per_token"] for r in rec.values()}
+    assert flops == {pre["measures"]["eval_flops_per_token"]}  # top-2 at evaluation
+    tuned = exp.trained("top-2 GW", 0)[0]
+    for a, b in zip(moe_layers(pretrained), moe_layers(tuned)):
+        assert torch.equal(a.gate.weight, b.gate.weight)  # router frozen
+        assert b.config.z_coef == 0.0 and b.config.balance_coef == gwx.RELEASED_BALANCE
+
+
+def test_a_kept_checkpoint_gives_the_fine_tuning_of_the_trained_one():
+    exp = tiny_experiment()
+    trained = exp.run_one("switch plain", 1)  # trains the switch arm's pretraining first
+    other = tiny_experiment()
+    other.keep_snapshot("switch", 1, exp.pretrained("switch", 1))
+    assert other.run_one("switch plain", 1)["curve"] == trained["curve"]
+    with pytest.raises(ValueError, match="'top-3'"):
+        other.keep_snapshot("top-3", 0, exp.pretrained("switch", 1))
+    with pytest.raises(ValueError, match="arm must be one of"):
+        exp.pretrained("switch plain", 1)
+
+
+def test_family_pairs_each_broadcast_with_plain_fine_tuning_of_its_arm():
+    assert len(gwx.FAMILY) == 12 and all(
+        a.split()[0] == b.split()[0] and b.endswith("plain") for a, b, _ in gwx.FAMILY
     )
-    assert [(r["run"], r["seed"]) for r in rows] == [("pretrained", -1)] + [
-        (n, s) for s in (0, 1) for n in ("plain", "gw_uncertain", "gw_all")
-    ]
-    summary = gwx.summarize(rows)
-    assert set(summary) == {"pretrained", "plain", "gw_uncertain", "gw_all"}
-    assert all(0 <= r["acc_uncertain"] <= 1 and r["loss_all"] > 0 for r in rows)
-    assert len({r["eval_flops_per_token"] for r in rows}) == 1  # every run: top-2 at evaluation
-    assert gwx.paired_gain(rows, "gw_all").shape == (2,)
-    assert [r["broadcast_ratio"] for r in rows[1:4]][::2] == [
-        [0.0, 0.0],
-        [1.0, 1.0],
-    ]  # plain, gw_all
-    assert all(0 <= b <= 1 for b in rows[2]["broadcast_ratio"])
-    assert all(r["uncertain_ratio"] == r["broadcast_ratio"] for r in rows[1:])  # no slot cap
-    tuned = {
-        n: gwx.finetune(model, rec, corpus, steps=1, batch_size=2, block_size=16)[0]
-        for n, rec in gwx.recipes(0.5).items()
-    }
-    cost = gwx.inference_cost(tuned, gwx.eval_batch(corpus, 16, max_windows=2), repeats=1)
-    flops = {c["flops_per_token"] for c in cost.values()}
-    assert len(flops) == 1  # top-2 at evaluation whatever the fine-tuning did
-
-
-def test_command_writes_table_and_plot(tmp_path):
-    ckpt = tmp_path / "tiny.pt"
-    from minimoe.train import save_checkpoint
-
-    save_checkpoint(tiny_model(), ckpt)
-    parser = argparse.ArgumentParser()
-    gwx.add_parser(parser.add_subparsers())
-    args = parser.parse_args(
-        [
-            "gw",
-            "--checkpoint",
-            str(ckpt),
-            "--seeds",
-            "1",
-            "--steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--block-size",
-            "16",
-            "--out",
-            str(tmp_path),
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--train-router",
-            "--z-loss",
-        ]
+    assert gwx.RUNS["switch GW"].router == GWBroadcast(
+        TopK(k=1, renormalize=False), threshold=gwx.THRESHOLD
     )
-    rows = args.func(args)
-    assert len(rows) == 4
-    assert {p.name for p in tmp_path.iterdir()} >= {
-        "results.json",
-        "results.csv",
-        "summary.json",
-        "gw_metrics.png",
-    }
+
+
+def test_command_writes_results_and_the_pretrained_checkpoint(tmp_path):
+    from course.__main__ import main as course_main
+    from minimoe.train import load_checkpoint
+
+    ckpt = tmp_path / "pre.pt"
+    flags = ["--pretrain-steps", "3", "--finetune-steps", "2", "--batch-size", "2"]
+    results = course_main(
+        ["gw", *flags, "--seeds", "0", "--runs", "top-2", "top-2 GW", "--out", str(tmp_path),
+         "--no-progress", "--save-pretrained", str(ckpt)]
+    )  # fmt: skip
+    assert results.runs == ["top-2", "top-2 GW"]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["rows"][1]["run"] == "plain" and saved["config"]["steps"] == 1
-    assert saved["config"]["train_router"] and saved["config"]["z_loss"]
-    assert gwx.recipes(0.5, freeze_router=False, z_loss=True)["gw_all"] == GWFineTuning(
-        0.0, freeze_router=False, z_loss=True, balance_coef=1e-3
-    )
+    assert saved["runs"]["top-2 GW"]["from_step"] == 3 and saved["setup"]["finetune_steps"] == 2
+    exp = gwx.GWExperiment(gwx.GWSetup(pretrain_steps=3, finetune_steps=2, batch_size=2))
+    assert harness.load(exp, tmp_path / "results.json").seeds == [0]
+    for a, b in zip(load_checkpoint(ckpt).parameters(), exp.pretrained("top-2", 0).parameters()):
+        assert torch.equal(a, b)
 
 
 def test_inference_cost_refuses_an_unknown_reference():
@@ -240,7 +225,7 @@ def test_inference_cost_refuses_an_unknown_reference():
         gwx.inference_cost({}, {"idx": torch.zeros(1, 4, dtype=torch.long)}, reference="top-9")
 
 
-def test_a_checkpoint_that_is_no_byte_level_transformer_is_refused(tmp_path, capsys):
+def test_a_checkpoint_that_is_no_byte_level_transformer_is_refused(tmp_path):
     from minimoe.model import MoERegressor
     from minimoe.train import save_checkpoint
 
@@ -248,8 +233,3 @@ def test_a_checkpoint_that_is_no_byte_level_transformer_is_refused(tmp_path, cap
     save_checkpoint(MoERegressor(4, 2, MoEConfig(d_model=4, d_hidden=4, num_experts=4)), ckpt)
     with pytest.raises(ValueError, match="holds a MoERegressor; GW fine-tuning needs a byte-level"):
         gwx.load_pretrained(ckpt)
-    from course.__main__ import main as course_main
-
-    with pytest.raises(SystemExit):
-        course_main(["gw", "--checkpoint", str(ckpt), "--out", str(tmp_path)])
-    assert f"--checkpoint {ckpt}: checkpoint" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from course import (
     balance,
     balance_scope,
     compare,
+    gw,
     harness,
     modern,
     ondemand,
@@ -163,6 +164,7 @@ def test_merge_joins_processes_run_side_by_side(tmp_path):
 
 
 HARNESS_EXPERIMENTS = [
+    gw.GWExperiment,
     testbed.Testbed,
     testbed.TestbedDirichlet,
     topp.TokenTasks,
@@ -187,7 +189,9 @@ def test_every_cached_result_matches_its_declared_runs(cls):
         assert results.seeds_of(run) == list(exp.seeds), f"{run}: every seed"
         for seed in exp.seeds:
             record = results.record(run, seed)
-            assert record["curve"]["step"][-1] == exp.setup.steps, "trained to the declared steps"
+            assert record["curve"]["step"][-1] == exp.last_step(run), (
+                "trained to the declared steps"
+            )
             assert record["measures"] == {
                 k: v[-1] for k, v in record["curve"].items() if k != "step"
             }
