@@ -105,6 +105,11 @@ ZOO = {
 ON_DEMAND = {
     "null k=4": ScoreTopK(k=4, null_experts=8),  # AdaMoE
     "identity k=4": ScoreTopK(k=4, identity_experts=8),  # MoE++ copy / LongCat-Flash experts
+    "constant k=4": ScoreTopK(k=4, constant_experts=8),  # MoE++'s: O(d) a (token, expert) pair
+    # LongCat-Flash's compute target (its bias starts at zero: the step's cost, not the steering)
+    "longcat k=4": ScoreTopK(
+        k=4, identity_experts=8, selection_bias=True, bias_rate=0.01, experts_per_token=2.0
+    ),
     "remoe": ReMoE(experts_per_token=2.0),  # ReLU gates: about half of fresh logits are > 0
     "threshold 2": ExpertThreshold(experts_per_token=2.0),
     "seqtopk 2": SeqTopK(experts_per_token=2),  # the T tokens are one sequence
@@ -392,7 +397,8 @@ def build(device: torch.device, seed: int, one_expert_share: float, num_experts:
         # missing: a router's state, trained tensors of its own (Gemma 4's scales, at 1) and
         # the free experts' router rows (drawn below)
         assert not unexpected and all(
-            k.startswith(("router_state.", "router_params.", "gate_extra.")) for k in missing
+            k.startswith(("router_state.", "router_params.", "gate_extra.", "constants."))
+            for k in missing
         )
         with torch.no_grad():
             if m.gate_extra is not None:  # free experts' rows drawn like the true experts'
@@ -691,8 +697,8 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
     )
     print(
         f"target (issue 22): time per expert FLOP (fwd+bwd) <= {TARGET_ON_DEMAND}x that of "
-        "top-k at the k nearest the rule's experts per token; free (null, identity) experts "
-        "cost no expert FLOPs\n"
+        "top-k at the k nearest the rule's experts per token; null and identity experts "
+        "cost no expert FLOPs, a constant expert O(d) a pair (counted in the rule's FLOPs)\n"
     )
     print(
         "| T | router | experts/token | vs | FLOP ratio | fwd+bwd ms (time ratio) "
