@@ -314,3 +314,29 @@ def test_runs_carry_their_papers_losses(name):
         "first",
         None,
     )
+
+
+def test_the_family_pairs_the_cached_runs_by_seed():
+    from course import testbed
+
+    results = ex.load()
+    testbeds = {mx: testbed.load(mx) for mx in ("equal", "dirichlet")}
+    fam = ex.family(results, testbeds)
+    assert len(fam) == 13, "chapter 5 and 5b correct these together: their number sets the width"
+    loss = [results.values(r, "loss") for r in ("adaptive 0.1", "top-2 raw")]
+    c = fam["adaptive 0.1", "top-2 raw", "loss"]
+    assert c.diffs == pytest.approx([a - b for a, b in zip(*loss)]) and c.lower_is_better
+    share = fam["adaptive 0.1 z=0.001", "adaptive 0.1", "two_expert_share"]
+    assert share.lower_is_better is None
+    reports = [results.record("adaptive 0.1", s)["extra"] for s in results.seeds]
+    by_hand = [r["by_kind"]["answer"] - r["by_kind"]["prompt"] for r in reports]
+    assert fam["answer vs prompt"].diffs == pytest.approx(by_hand)
+    add = fam["add vs the other tasks"].diffs[0]
+    first = reports[0]["by_task"]
+    assert add == pytest.approx(
+        first["add"] - (first["copy"] + first["reverse"] + first["sort"]) / 3
+    )
+    tb = fam["dirichlet", "adaptive 0.1", "top-1"]
+    assert tb.diffs == pytest.approx(
+        testbeds["dirichlet"].differences("adaptive 0.1", "top-1", "rel_error")
+    )
