@@ -98,9 +98,9 @@ class TestbedSetup:
 def measure(model: MoERegressor, test: MixtureTask) -> dict:
     """Per level: relative error, experts per token and coverage of the needed experts."""
     model.eval()
-    out = model(test.x)
-    routing = out.layers[0].routing
-    err = (out.logits - test.y).pow(2).mean(1)  # (N,)
+    out = model(test.x.to(next(model.parameters()).device))
+    routing = out.layers[0].routing.to("cpu")  # beside the test set's labels, on the CPU
+    err = (out.logits.cpu() - test.y).pow(2).mean(1)  # (N,)
     first = first_choice(routing)  # (N,) the expert each sample trusts most
     one = test.level == 1
     funcs = test.member[one].float().argmax(1)  # (N1,) the function of each level-1 sample

@@ -3,6 +3,7 @@
 import inspect
 import math
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -340,3 +341,30 @@ def test_the_family_pairs_the_cached_runs_by_seed():
     assert tb.diffs == pytest.approx(
         testbeds["dirichlet"].differences("adaptive 0.1", "top-1", "rel_error")
     )
+
+
+@pytest.mark.gpu
+def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+    """The chapters' live cells run it on the device they pick: every tensor where the model is,
+    the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
+    cpu = Tiny(TINY).run_one("adaptive 0.1", 0)
+    gpu = Tiny(replace(TINY, device="cuda")).run_one("adaptive 0.1", 0)
+    assert gpu["measures"].keys() == cpu["measures"].keys()
+    assert all(math.isfinite(v) for v in gpu["measures"].values())
+    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)
+
+
+@pytest.mark.gpu
+def test_the_chapters_timings_and_reports_run_on_cuda():
+    exp = Tiny(replace(TINY, device="cuda"))
+    model, _ = exp.trained("adaptive 0.1", 0)
+    _, val = ex.make_data(TINY, 0)
+    assert ex.routing_report(model, val)["by_task"].keys() <= set(TASKS)
+    samples, _ = exp.data(0)
+    models = {"a": model, "top-1": ex.with_threshold(model, 0.0)}
+    times = ex.time_train_steps(models, {k: v[:4] for k, v in samples.items()}, repeats=1)
+    assert min(times["a"], times["top-1"]) > 0
+    rows = ex.time_dispatch(
+        (0.0, 0.5), tokens=64, d_model=16, d_hidden=16, num_experts=4, repeats=1, device="cuda"
+    )
+    assert [r["flop_ratio"] for r in rows] == [0.5, 0.75, 1.0]

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -440,3 +441,14 @@ def test_the_family_pairs_the_cached_runs_by_seed():
     )
     assert (fam["layers"].a, fam["layers"].b) == ("layer 0", f"layer {setup.n_layers - 1}")
     assert fam["sort vs top-2"].lower_is_better is False  # exact match: higher is better
+
+
+@pytest.mark.gpu
+def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+    """The chapters' live cells run it on the device they pick: every tensor where the model is,
+    the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
+    cpu = Tiny(TINY).run_one("top-p 0.4", 0)
+    gpu = Tiny(replace(TINY, device="cuda")).run_one("top-p 0.4", 0)
+    assert gpu["measures"].keys() == cpu["measures"].keys()
+    assert all(math.isfinite(v) for v in gpu["measures"].values())
+    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)
