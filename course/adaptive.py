@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from course import harness
+from course import harness, stats
 from course.common import Timings, interleaved
 from course.harness import Experiment, Run
 from minimoe.analysis import RoutingRecorder
@@ -239,6 +239,55 @@ def load(path=None) -> harness.Results:
 
 def add_parser(sub) -> None:
     AdaptiveGating().add_parser(sub)
+
+
+# ---- the chapter's family of comparisons -----------------------------------------------------
+
+# (a, b, measure) on the whole runs: six on the held-out loss, one on the share on two experts
+FAMILY = [
+    ("top-2 raw", "top-2", "loss"),
+    ("adaptive 0.1", "top-2", "loss"),
+    ("adaptive 0.1", "top-2 raw", "loss"),
+    ("adaptive 0.2", "top-2 raw", "loss"),
+    ("adaptive 0.1 + curriculum", "adaptive 0.1", "loss"),
+    ("adaptive 0.1 z=0.001", "adaptive 0.1", "loss"),
+    ("adaptive 0.1 z=0.001", "adaptive 0.1", "two_expert_share"),
+]
+TESTBED_PAIRS = [("adaptive 0.1", "top-2 raw"), ("adaptive 0.1", "top-1")]  # on rel_error
+
+
+def by_position(results: harness.Results) -> dict[str, stats.Comparison]:
+    """Adaptive 0.1's share on two experts at the end of the whole runs, paired by seed
+    (uncorrected): answer against prompt positions, and add against the mean of the other tasks."""
+    reports = [results.record("adaptive 0.1", s)["extra"] for s in results.seeds]
+    kind = {k: [r["by_kind"][k] for r in reports] for k in ("answer", "prompt")}
+    others = [statistics.fmean(v for t, v in r["by_task"].items() if t != "add") for r in reports]
+    share = {"measure": "two-expert share", "lower_is_better": None}
+    return {
+        "answer vs prompt": stats.compare(
+            kind["answer"], kind["prompt"], ("answer positions", "prompt positions"), **share
+        ),
+        "add vs the other tasks": stats.compare(
+            [r["by_task"]["add"] for r in reports], others, ("add", "the other tasks"), **share
+        ),
+    }
+
+
+def family(
+    results: harness.Results, testbeds: dict[str, harness.Results]
+) -> dict[tuple[str, ...] | str, stats.Comparison]:
+    """The chapter's comparisons, uncorrected: ``FAMILY`` on the whole runs (keyed by their
+    triple), ``by_position`` (by name) and adaptive gating against its control and top-1 on each
+    testbed (keyed ``(mixing, a, b)``). Chapter 5 and its deeper part (5b) both correct the whole
+    family together (``stats.holm``), so a verdict reads the same in either."""
+    out: dict[tuple[str, ...] | str, stats.Comparison] = {
+        (a, b, m): results.compare(a, b, m, lower_is_better=True if m == "loss" else None)
+        for a, b, m in FAMILY
+    }
+    out |= by_position(results)
+    for mixing, tb in testbeds.items():
+        out |= {(mixing, a, b): tb.compare(a, b, "rel_error") for a, b in TESTBED_PAIRS}
+    return out
 
 
 # ---- time against FLOPs ---------------------------------------------------------------------

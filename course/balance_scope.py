@@ -211,9 +211,9 @@ def measure(model: StackedRegressor, test: MixtureTask) -> dict[str, float]:
     """Relative error (overall, per level), specialization (mean over layers, and each layer's),
     MaxVio over the test set and within a domain (means over layers)."""
     model.eval()
-    out = model(test.x)
-    err = (out.logits - test.y).pow(2).mean(1)  # (N,)
-    routings = [o.routing for o in out.layers]
+    out = model(test.x.to(next(model.parameters()).device))
+    err = (out.logits.cpu() - test.y).pow(2).mean(1)  # (N,)
+    routings = [o.routing.to("cpu") for o in out.layers]  # beside the test set's labels
     per_layer = [specialization(r, test) for r in routings]
     measures = {"rel_error": (err.mean() / test.y.var(0).mean()).item()}
     for m in LEVELS:
@@ -267,8 +267,9 @@ class BalanceScope(Testbed):
     def extra(self, model: StackedRegressor, held_out: MixtureTask, history, record) -> dict:
         """Per layer, the (E, C) counts of level-1 test inputs each expert takes first."""
         model.eval()
-        out = model(held_out.x)
-        return {"first_choices": [first_choices(o.routing, held_out).tolist() for o in out.layers]}
+        out = model(held_out.x.to(next(model.parameters()).device))
+        routings = [o.routing.to("cpu") for o in out.layers]  # beside the test set's labels
+        return {"first_choices": [first_choices(r, held_out).tolist() for r in routings]}
 
 
 def load(path=None) -> harness.Results:

@@ -140,7 +140,7 @@ def _pass(model: nn.Module, batches: list[Batch]) -> dict[str, float]:
         out = model(**{k: v.to(device) for k, v in b.items()})
         n = b["targets"].numel()
         loss += out.loss.item() * n
-        correct += (out.logits.argmax(-1).cpu() == b["targets"]).sum().item()
+        correct += (out.logits.argmax(-1).cpu() == b["targets"].cpu()).sum().item()
         tokens += n
         sums = {k: sums.get(k, 0.0) + v for k, v in _layer_sums(out).items()}
         per_layer = torch.stack([m.routing.mask.sum(0).float() for m in out.layers])

@@ -51,6 +51,7 @@ from minimoe.train import History, TrainConfig, train
 
 FORMAT = "minimoe-course-results/1"
 LOSS_RECIPES = ("paper", "course")
+EXACT = 1e-3  # a live re-run against the cache where both did the same arithmetic: the last digits
 
 
 @dataclass(frozen=True)
@@ -503,6 +504,17 @@ class Results:
         """``measure`` of ``run`` on ``seed`` at each evaluated step; None if not recorded."""
         c = self.record(run, seed)["curve"]
         return dict(zip(c["step"], c[measure])) if measure in c and len(c["step"]) > 1 else None
+
+    def rerun_tolerance(self, run: str, measure: str, step: int) -> float:
+        """How far a live re-run of ``run`` may sit from its cached curve at an evaluated
+        ``step``: the range of ``measure`` over the cached seeds there, at least ``EXACT``.
+
+        Where the cache was made the two agree to the last digits. On another CPU, torch build
+        or a GPU the rounding differs, and routing's discrete choices (a threshold, a near-tie in
+        a top-k) amplify it over the steps until a re-run differs as much as another seed may.
+        """
+        values = [self.curve(run, s, measure)[step] for s in self.seeds_of(run)]
+        return max(EXACT, max(values) - min(values))
 
     def drift(self, a: str, b: str | None, measure: str) -> float | None:
         """Mean over seeds of how much ``a``'s curve (minus ``b``'s) moved over the last fifth

@@ -100,7 +100,7 @@ def measure(model: MoERegressor, test: MixtureTask) -> dict:
     model runs on its own device; the statistics are taken on the CPU, where the test set is)."""
     model.eval()
     out = model(test.x.to(next(model.parameters()).device))
-    routing = out.layers[0].routing.to("cpu")
+    routing = out.layers[0].routing.to("cpu")  # beside the test set's labels, on the CPU
     err = (out.logits.cpu() - test.y).pow(2).mean(1)  # (N,)
     first = first_choice(routing)  # (N,) the expert each sample trusts most
     one = test.level == 1

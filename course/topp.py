@@ -281,6 +281,70 @@ def within_run(
     )  # fmt: skip
 
 
+def experts_at(results: harness.Results, run: str, step: int) -> list[float]:
+    """Experts per token of ``run`` at an evaluated ``step``, one value per seed; step 0 is the
+    untrained model (kept in ``extra``)."""
+    seeds = results.seeds_of(run)
+    if step == 0:
+        return [results.record(run, s)["extra"]["experts_per_token_at_0"] for s in seeds]
+    return [results.curve(run, s, "experts_per_token")[step] for s in seeds]
+
+
+def family(results: harness.Results, setup: TopPSetup) -> dict[str, stats.Comparison]:
+    """The chapter's comparisons on the token tasks, by name, uncorrected: the count and its
+    fall over training, by task and by layer, quality against top-2, the losses' effect on the
+    count, and p. Chapter 4 and its deeper part (4b) both correct the whole family together
+    (``stats.holm``), so a verdict reads the same in either."""
+    count = {"lower_is_better": None}  # experts per token: no side is better
+    top = setup.n_layers - 1
+
+    def over_time(run: str, a: int, b: int) -> stats.Comparison:
+        at = [experts_at(results, run, step) for step in (a, b)]
+        names = (f"step {a}", f"step {b}")
+        return stats.compare(*at, names, f"{run}, experts per token", lower_is_better=None)
+
+    def by_task(run: str, a: str, b: str) -> stats.Comparison:
+        key = "experts_per_token"
+        return within_run(results, run, f"{key}@{a}", f"{key}@{b}", (a, b))
+
+    def by_layer(run: str) -> stats.Comparison:
+        key = "experts_per_token"
+        names = ("layer 0", f"layer {top}")
+        return within_run(results, run, f"{key}@layer0", f"{key}@layer{top}", names)
+
+    return {
+        # the count, and the count over training
+        "count vs top-2": results.compare("top-p 0.4", "top-2", "experts_per_token", **count),
+        "first 100 steps": over_time("top-p 0.4", 100, 0),
+        "after step 100": over_time("top-p 0.4", setup.steps, 100),
+        "after step 100, beta=0.01": over_time("top-p 0.4 beta=0.01", setup.steps, 100),
+        # by task and by layer
+        "sort vs copy": by_task("top-p 0.4", "sort", "copy"),
+        "add vs copy": by_task("top-p 0.4", "add", "copy"),
+        "layers": by_layer("top-p 0.4"),
+        "layers, beta=0.01": by_layer("top-p 0.4 beta=0.01"),
+        # quality against top-2 and its control
+        "loss vs top-2": results.compare("top-p 0.4", "top-2", "loss"),
+        "loss vs top-2 raw": results.compare("top-p 0.4", "top-2 raw", "loss"),
+        "sort vs top-2": results.compare(
+            "top-p 0.4", "top-2", "exact_match@sort", lower_is_better=False
+        ),
+        "loss beta=0.01 vs top-2": results.compare("top-p 0.4 beta=0.01", "top-2", "loss"),
+        # the dynamic loss and the z-loss
+        "count beta=0": results.compare(
+            "top-p 0.4 beta=0", "top-p 0.4", "experts_per_token", **count
+        ),
+        "count beta=0.01": results.compare(
+            "top-p 0.4 beta=0.01", "top-p 0.4", "experts_per_token", **count
+        ),
+        "count z": results.compare("top-p 0.4 z=0.001", "top-p 0.4", "experts_per_token", **count),
+        "loss z": results.compare("top-p 0.4 z=0.001", "top-p 0.4", "loss"),
+        # two more p
+        "loss p=0.2 vs top-2": results.compare("top-p 0.2", "top-2", "loss"),
+        "loss p=0.7 vs top-2": results.compare("top-p 0.7", "top-2", "loss"),
+    }
+
+
 def load(path=None) -> harness.Results:
     """The cached results (``data/topp``), checked against the declared runs."""
     return harness.load(TokenTasks(), path)

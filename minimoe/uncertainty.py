@@ -94,15 +94,17 @@ def uncertain_in_any_layer(
 
 @torch.no_grad()
 def record_routing(model: nn.Module, batch: Batch) -> tuple[object, list[Routing]]:
-    """Run ``model(**batch)`` in eval mode; return its output and each MoE layer's Routing.
+    """Run ``model(**batch)`` in eval mode, the batch moved to the model's device; return its
+    output and each MoE layer's Routing (on the CPU, as the recorder keeps it).
 
     The model's train/eval mode is restored afterwards.
     """
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         with RoutingRecorder(model) as rec:
-            out = model(**batch)
+            out = model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         model.train(was_training)
     return out, [rec.routing(i) for i in range(len(rec))]

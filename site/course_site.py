@@ -119,7 +119,7 @@ class CoursePages(Transform):
         self.link_repository_files(env)
         if not docname.startswith("notebooks/"):
             return
-        chapter = str(int(Path(docname).name.split("_")[0]))
+        chapter = Path(docname).name.split("_")[0].lstrip("0")  # "4", or "4b": its deeper part
         nb = json.loads(Path(env.doc2path(docname)).read_text(encoding="utf-8"))
         state = nb["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
         figure = 0

@@ -3,6 +3,7 @@
 import inspect
 import math
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -314,3 +315,56 @@ def test_runs_carry_their_papers_losses(name):
         "first",
         None,
     )
+
+
+def test_the_family_pairs_the_cached_runs_by_seed():
+    from course import testbed
+
+    results = ex.load()
+    testbeds = {mx: testbed.load(mx) for mx in ("equal", "dirichlet")}
+    fam = ex.family(results, testbeds)
+    assert len(fam) == 13, "chapter 5 and 5b correct these together: their number sets the width"
+    loss = [results.values(r, "loss") for r in ("adaptive 0.1", "top-2 raw")]
+    c = fam["adaptive 0.1", "top-2 raw", "loss"]
+    assert c.diffs == pytest.approx([a - b for a, b in zip(*loss)]) and c.lower_is_better
+    share = fam["adaptive 0.1 z=0.001", "adaptive 0.1", "two_expert_share"]
+    assert share.lower_is_better is None
+    reports = [results.record("adaptive 0.1", s)["extra"] for s in results.seeds]
+    by_hand = [r["by_kind"]["answer"] - r["by_kind"]["prompt"] for r in reports]
+    assert fam["answer vs prompt"].diffs == pytest.approx(by_hand)
+    add = fam["add vs the other tasks"].diffs[0]
+    first = reports[0]["by_task"]
+    assert add == pytest.approx(
+        first["add"] - (first["copy"] + first["reverse"] + first["sort"]) / 3
+    )
+    tb = fam["dirichlet", "adaptive 0.1", "top-1"]
+    assert tb.diffs == pytest.approx(
+        testbeds["dirichlet"].differences("adaptive 0.1", "top-1", "rel_error")
+    )
+
+
+@pytest.mark.gpu
+def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+    """The chapters' live cells run it on the device they pick: every tensor where the model is,
+    the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
+    cpu = Tiny(TINY).run_one("adaptive 0.1", 0)
+    gpu = Tiny(replace(TINY, device="cuda")).run_one("adaptive 0.1", 0)
+    assert gpu["measures"].keys() == cpu["measures"].keys()
+    assert all(math.isfinite(v) for v in gpu["measures"].values())
+    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)
+
+
+@pytest.mark.gpu
+def test_the_chapters_timings_and_reports_run_on_cuda():
+    exp = Tiny(replace(TINY, device="cuda"))
+    model, _ = exp.trained("adaptive 0.1", 0)
+    _, val = ex.make_data(TINY, 0)
+    assert ex.routing_report(model, val)["by_task"].keys() <= set(TASKS)
+    samples, _ = exp.data(0)
+    models = {"a": model, "top-1": ex.with_threshold(model, 0.0)}
+    times = ex.time_train_steps(models, {k: v[:4] for k, v in samples.items()}, repeats=1)
+    assert min(times["a"], times["top-1"]) > 0
+    rows = ex.time_dispatch(
+        (0.0, 0.5), tokens=64, d_model=16, d_hidden=16, num_experts=4, repeats=1, device="cuda"
+    )
+    assert [r["flop_ratio"] for r in rows] == [0.5, 0.75, 1.0]

@@ -2,6 +2,7 @@
 top-2's snapshot, dropless evaluation beside the capacity's, the table, the command."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -182,3 +183,28 @@ def test_a_continuing_run_needs_a_branch_inside_the_run():
     with pytest.raises(ValueError, match="unknown run 'top-3'"):
         Tiny(TINY).run_one("top-3", 0)
     assert Run(cx.TOP2).continues is None
+
+
+@pytest.mark.gpu
+def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+    """The chapters' live cells run it on the device they pick: every tensor where the model is,
+    the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
+    cpu = Tiny(TINY).run_one("top-2", 0)
+    gpu = Tiny(replace(TINY, device="cuda")).run_one("top-2", 0)
+    assert gpu["measures"].keys() == cpu["measures"].keys()
+    assert all(math.isfinite(v) for v in gpu["measures"].values())
+    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)
+
+
+@pytest.mark.gpu
+def test_inference_cost_runs_on_cuda():
+    from course.gw import inference_cost
+
+    exp = Tiny(replace(TINY, device="cuda"))
+    models = {
+        n: exp.model(cx.RUNS[n].moe_config(exp.base_moe()), 0).to("cuda")
+        for n in ("top-2", "top-1")
+    }
+    cost = inference_cost(models, held_out(TINY)[0], repeats=1, reference="top-2")
+    assert 0 < cost["top-1"]["flops_per_token"] < cost["top-2"]["flops_per_token"]
+    assert cost["top-2"]["time_ratio"] == 1.0

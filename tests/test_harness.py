@@ -145,6 +145,22 @@ def test_family_is_holm_corrected(tmp_path):
         assert corrected.high - corrected.low >= raw.high - raw.low - 1e-12
 
 
+def test_a_rerun_is_held_to_the_seeds_range_or_the_last_digits():
+    def record(seed, losses):
+        return {"run": "a", "seed": seed, "curve": {"step": [10, 20], "loss": losses}}
+
+    results = harness.Results(
+        {
+            "seeds": [0, 1, 2],
+            "results": [record(0, [1.0, 0.5]), record(1, [1.2, 0.5]), record(2, [0.9, 0.5])],
+        }
+    )
+    assert results.rerun_tolerance("a", "loss", 10) == pytest.approx(0.3)  # 1.2 - 0.9
+    assert results.rerun_tolerance("a", "loss", 20) == harness.EXACT  # every seed alike
+    with pytest.raises(KeyError):
+        results.rerun_tolerance("b", "loss", 10)
+
+
 def test_merge_joins_processes_run_side_by_side(tmp_path):
     exp = Tiny(TINY)
     exp.run_all(tmp_path / "a", seeds=[0], progress=False)

@@ -9,7 +9,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO = Path(__file__).resolve().parent.parent
-CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 

@@ -27,6 +27,13 @@ def bias_change(u: float, load: list[int], expert: int) -> float:
     return state["bias"][expert].item()
 
 
+def ideal_top_p(m: int, p: float) -> int:
+    """Experts top-p keeps for a router that gives m of 8 experts 1/m each and the rest 0."""
+    logits = torch.full((1, 8), -1e4)
+    logits[0, :m] = 0.0
+    return int(routing.top_p(logits, p).expert_counts)
+
+
 # The right answers, from the library where it computes them; a letter picks a choice.
 KEYS = {
     "01": [
@@ -45,7 +52,9 @@ KEYS = {
     ],
     "03": ["c", 0.75 * 2 + 0.25 * 8, "a", 100 * 2 / 32, "b"],
     "04": [1, 2, 3, "c", "b"],
+    "04b": [ideal_top_p(3, 0.5), ideal_top_p(3, 0.7), "b", "b", "b"],
     "05": [2, 0.05 / 0.85, 1, "b", "c"],
+    "05b": [2 * (1 - 0.66), 1 - 0.68 * (1 - 0.8), "b", "b", "b"],
     "06": [
         "c",
         (400 + 200 * 1.5) / 600,

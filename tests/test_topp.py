@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -420,3 +421,34 @@ def test_explorer_draws_for_every_p_and_rule(with_groups, monkeypatch):
     for value in (p_slider.min, 0.4, p_slider.max):
         p_slider.value = value
     rule.value = "code"
+
+
+# ---- the chapter's family of comparisons -------------------------------------------------
+
+
+def test_the_family_pairs_the_cached_runs_by_seed():
+    results, setup = topp.load(), topp.TopPSetup()
+    fam = topp.family(results, setup)
+    assert len(fam) == 18, "chapter 4 and 4b correct these together: their number sets the width"
+    loss = [results.values(r, "loss") for r in ("top-p 0.4", "top-2")]
+    assert fam["loss vs top-2"].diffs == pytest.approx([a - b for a, b in zip(*loss)])
+    assert fam["loss vs top-2"].lower_is_better and fam["count vs top-2"].lower_is_better is None
+    untrained = [results.record("top-p 0.4", s)["extra"]["experts_per_token_at_0"] for s in [0, 1]]
+    at_100 = [results.curve("top-p 0.4", s, "experts_per_token")[100] for s in [0, 1]]
+    assert topp.experts_at(results, "top-p 0.4", 0)[:2] == untrained
+    assert fam["first 100 steps"].diffs[:2] == pytest.approx(
+        [b - a for a, b in zip(untrained, at_100)]
+    )
+    assert (fam["layers"].a, fam["layers"].b) == ("layer 0", f"layer {setup.n_layers - 1}")
+    assert fam["sort vs top-2"].lower_is_better is False  # exact match: higher is better
+
+
+@pytest.mark.gpu
+def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+    """The chapters' live cells run it on the device they pick: every tensor where the model is,
+    the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
+    cpu = Tiny(TINY).run_one("top-p 0.4", 0)
+    gpu = Tiny(replace(TINY, device="cuda")).run_one("top-p 0.4", 0)
+    assert gpu["measures"].keys() == cpu["measures"].keys()
+    assert all(math.isfinite(v) for v in gpu["measures"].values())
+    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)

@@ -214,3 +214,16 @@ def test_swapped_first_choice_changes_the_output_and_restores_the_model():
     with pytest.raises(ValueError, match="no MoE layer"):
         with swapped_first_choice(torch.nn.Linear(2, 2)):
             pass
+
+
+@pytest.mark.gpu
+def test_recording_and_flips_take_a_cpu_batch_for_a_cuda_model():
+    torch.manual_seed(0)
+    model = MoERegressor(16, 8, MoEConfig(d_model=16, d_hidden=32, num_experts=4, router=TopK(k=2)))
+    batch = {"x": torch.randn(64, 16)}
+    _, cpu = record_routing(model, batch)
+    _, gpu = record_routing(model.to("cuda"), batch)  # the batch stays on the CPU
+    assert gpu[0].probs.device.type == "cpu"
+    torch.testing.assert_close(gpu[0].probs, cpu[0].probs, rtol=1e-4, atol=1e-5)
+    (flips,) = flip_rate(model, batch, input_noise=0.1, draws=2)
+    assert flips.shape == (64,)

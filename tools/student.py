@@ -40,7 +40,7 @@ TITLE = "# @title "  # Colab's form title: the solution cells' first line
 
 def chapters() -> list[Path]:
     """The chapters' notebooks, in course order."""
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]*_*.ipynb"))
 
 
 SUFFIX = "_student"

@@ -24,15 +24,16 @@ from browsing import ROOT
 pytestmark = pytest.mark.browser
 
 # Per chapter: the cells the explorer needs (the first code cell containing each text, in
-# order: imports, then what builds its inputs) and the explorer's own cell. Only these run, so
-# the test trains two tiny models per chapter instead of re-running the chapter.
+# order: the set-up cell that picks DEVICE, imports, then what builds its inputs) and the
+# explorer's own cell. Only these run, so the test trains two tiny models per chapter instead
+# of re-running the chapter.
 EXPLORERS = {
     "01_top_k_routing": (
-        ["from minimoe import", "def train_lm", "logits_collapsed ="],
+        ["DEVICE = torch.device(", "from minimoe import", "def train_lm", "logits_collapsed ="],
         "capacity_explorer(",
     ),
     "04_top_p_routing": (
-        ["from minimoe import", "tt_exp.trained(", "layer_logits ="],
+        ["DEVICE = torch.device(", "from minimoe import", "tt_exp.trained(", "layer_logits ="],
         "top_p_explorer(",
     ),
 }
