@@ -286,6 +286,26 @@ def test_phimoe_trains_as_hf_under_the_same_seed():
     )
 
 
+def test_sparse_mixer_is_hfs_function_bit_for_bit_at_the_benchmarks_size():
+    """T = 2048 tokens over E = 64 experts (benchmarks/moe_layer.py's size), training: under one
+    seed the same two experts per token and the same weights, to the bit, as Hugging Face's
+    ``sparsemixer``; the global generator left in the same state."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from minimoe.routing import sparse_mixer
+
+    logits = x_of(2048, 64) * 2
+    torch.manual_seed(5)
+    weights, experts = sparsemixer(logits, jitter_eps=0.01, training=True, top_k=2)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    ours = sparse_mixer(logits, 2, 0.01, training=True)
+    assert torch.equal(torch.rand(3), after)
+    assert torch.equal(ours.mask, torch.zeros_like(ours.mask).scatter(1, experts, True))
+    assert torch.equal(ours.weights.gather(1, experts), weights)
+    assert (ours.mask != sparse_mixer(logits, 2, 0.01).mask).any()  # sampled, not the best
+
+
 def test_phimoe_input_jitter_routes_at_evaluation_and_refuses_to_train():
     """DEFECT: PhimoeSparseMoeBlock scales its input by U(1-eps, 1+eps) in place, and its router
     scales that same tensor again: in training the experts see the tokens jittered twice."""

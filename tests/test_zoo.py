@@ -21,6 +21,7 @@ from minimoe.routing import (
     sparse_mixer,
     top_k,
 )
+from minimoe.routing.sparsemixer import exponential_at
 
 
 def rand(*shape, seed=0):
@@ -200,6 +201,22 @@ def test_sparse_mixer_draws_from_the_generator_it_is_given():
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weights, b.weights)
     greedy = SparseMixer(jitter_eps=0.5, sample_in_training=False)
     assert torch.equal(greedy(logits, training=True).mask, sparse_mixer(logits, 2, 0.5).mask)
+
+
+def test_sparse_mixer_draws_exponential_numbers_bit_for_bit():
+    """On CPU the Gumbel draws skip torch's serial ``exponential_`` kernel (float64 uniforms, a
+    vectorized log1p, only at the candidates): the same float32 numbers, a million of them,
+    and the generator left where the kernel leaves it."""
+    shape = (4096, 256)
+    kernel, fast = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    expected = torch.empty(shape).exponential_(generator=kernel)
+    every = torch.ones(shape, dtype=torch.bool).nonzero(as_tuple=True)
+    assert torch.equal(exponential_at(shape, every, fast), expected.flatten())
+    assert torch.equal(torch.rand(4, generator=fast), torch.rand(4, generator=kernel))
+    some = (rand(*shape) > 1.5).nonzero(as_tuple=True)  # the candidates only
+    assert torch.equal(
+        exponential_at(shape, some, torch.Generator().manual_seed(3)), expected[some]
+    )
 
 
 def test_hash_routing_reads_the_table():
