@@ -32,6 +32,8 @@ _IMPLIED: dict[type, dict[str, Any]] = {
     ScoreTopK: {},
 }
 _UNTRAINED = ("bias_rate", "balance_count", "dynamic_coef")  # not part of the forward rule
+# what interop checks against the block's dtype (Switch's router jitters a float32 copy)
+_BY_DTYPE = ("jitter_experts",)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class RouterMap:
                 f"{family} cannot express router={router!r} (needs {self.spec.__name__})"
             )
         fixed = {f.name for f in fields(router)} - set(self.fields.values()) - set(_UNTRAINED)
+        fixed -= set(_BY_DTYPE)
+        if not getattr(router, "input_jitter", 0.0):  # how it jitters means nothing without it
+            fixed.discard("jitter_draws")
         default = self.spec(**({"k": router.k} | self.constants))  # k: from the config
         for name in sorted(fixed):
             if getattr(router, name) != getattr(default, name):
@@ -104,17 +109,21 @@ class DeepSeekV2Map(RouterMap):
 
 class DbrxMap(RouterMap):
     """DBRX's ``moe_normalize_expert_weights``: p of the p-norm that divides the k weights, or
-    None: the weights are the softmax values, undivided."""
+    None: the weights are the softmax values, undivided. Its ``moe_jitter_eps`` None is no
+    jitter (0.0 would draw numbers and multiply by 1)."""
 
     def settings(self, config: Any) -> dict[str, Any]:
         out = super().settings(config)
         return out | ({"renormalize": False} if config.moe_normalize_expert_weights is None else {})
 
     def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        jitter = {} if getattr(router, "input_jitter", 0.0) else {"moe_jitter_eps": None}
         if getattr(router, "renormalize", True):
-            return super().config_fields(router, family)
+            return super().config_fields(router, family) | jitter
         plain = replace(router, renormalize=True, norm_p=1.0)  # the rest must be DBRX's
-        return super().config_fields(plain, family) | {"moe_normalize_expert_weights": None}
+        return (
+            super().config_fields(plain, family) | {"moe_normalize_expert_weights": None} | jitter
+        )
 
 
 # modeling files of 5.25.0 that define ``load_balancing_loss_func`` (the others train no balance
@@ -151,6 +160,10 @@ class Family:
     # Hugging Face's activation name -> minimoe's (gated experts: silu is SwiGLU)
     activations: tuple[tuple[str, str], ...] = (("silu", "swiglu"), ("swish", "swiglu"))
     wrap: str | None = None  # the block takes a model config holding ``config`` in this field
+    # the router jitters a float32 copy of the block's input in place (Switch): the experts see
+    # the jitter only when that input is float32 already (else the block jitters its input)
+    jitter_copy: bool = False
+    jitter_at: str | None = None  # path from the block of the jitter eps its forward reads
     selection: str = ""  # the rule in words where no spec expresses it
     null_experts: str = ""
     trains: str = ""  # beyond the router weight
@@ -166,9 +179,13 @@ def _like(base: Family, name: str, module: str, block: str, config: str, **chang
     return replace(base, name=name, module=module, block=block, config=config, **changes)
 
 
-def _topk(norm: str | None = "norm_topk_prob", k: str = "num_experts_per_tok", **req) -> RouterMap:
-    """Softmax, top-k, renormalized as config field ``norm`` says (None: always)."""
-    return RouterMap(TopK, {k: "k"} | ({norm: "renormalize"} if norm else {}), requires=req)
+def _topk(
+    norm: str | None = "norm_topk_prob", k: str = "num_experts_per_tok", jitter: str | None = None
+) -> RouterMap:
+    """Softmax, top-k, renormalized as config field ``norm`` says (None: always), with the
+    input jitter of config field ``jitter``."""
+    fields_ = {k: "k"} | ({norm: "renormalize"} if norm else {})
+    return RouterMap(TopK, fields_ | ({jitter: "input_jitter"} if jitter else {}))
 
 
 def _score(fields_: dict[str, str], k: str = "num_experts_per_tok", **constants) -> RouterMap:
@@ -193,10 +210,10 @@ _TWO_INPUTS = (
 )
 
 MIXTRAL = Family("Mixtral", "mixtral", "MixtralSparseMoeBlock", "MixtralConfig",
-                 _topk(None, router_jitter_noise=0.0), "num_local_experts", "intermediate_size",
-                 notes="router_jitter_noise: input times U(1 - eps, 1 + eps) in training")  # fmt: skip
+                 _topk(None, jitter="router_jitter_noise"), "num_local_experts",
+                 "intermediate_size", jitter_at="jitter_noise")  # fmt: skip
 OLMOE = _like(MIXTRAL, "OLMoE", "olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig", rule=_topk(),
-              num_experts="num_experts", notes="")  # fmt: skip
+              num_experts="num_experts", jitter_at=None)  # fmt: skip
 QWEN2 = Family("Qwen2-MoE", "qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeConfig", _topk(),
                shared="shared_expert", shared_width="shared_expert_intermediate_size",
                shared_gate="shared_expert_gate")  # fmt: skip
@@ -204,7 +221,7 @@ QWEN3 = _like(QWEN2, "Qwen3-MoE", "qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3M
               shared=None, shared_width=None, shared_gate=None)  # fmt: skip
 GRANITE = _like(MIXTRAL, "Granite-MoE", "granitemoe", "GraniteMoeMoE", "GraniteMoeConfig",
                 rule=_score({}, score="logits", weight="softmax", renormalize=False),
-                router="router.weight", notes="")  # fmt: skip
+                router="router.weight", jitter_at=None)  # fmt: skip
 DSV3 = Family("DeepSeek-V3", "deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config", _DSV3_RULE,
               "n_routed_experts", bias="gate.e_score_correction_bias", shared="shared_experts",
               shared_count="n_shared_experts", trains=_BIAS_TRAINS)  # fmt: skip
@@ -249,14 +266,14 @@ FAMILIES: tuple[Family, ...] = (
     _like(QWEN3, "Lara-mini", "lara_mini", "LaraMiniSparseMoeBlock", "LaraMiniConfig",
           shared="shared_expert", shared_width="shared_expert_intermediate_size"),
     _like(QWEN3, "DBRX", "dbrx", "DbrxFFN", "DbrxFFNConfig",
-          rule=DbrxMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"},
-                       requires={"moe_jitter_eps": None}),
+          rule=DbrxMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p",
+                                   "moe_jitter_eps": "input_jitter"}),
           num_experts="moe_num_experts", width="ffn_hidden_size", router="router.layer.weight",
           layout="dbrx", act="ffn_act_fn.name", wrap="ffn_config",
           notes="p unset: undivided; a block is built from a DbrxConfig's ffn_config (to_hf's "
-          "like=); DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model; "
-          "a DEFECT: the router's training-time jitter (moe_jitter_eps) scales the block's input "
-          "in place, so the experts see it too"),
+          "like=); DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass "
+          "d_model; a DEFECT: its router jitters the block's input in place, so the experts see "
+          "the jitter (megablocks' router jitters a copy)"),
     # softmax with a selection bias
     _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
           "Ernie4_5_MoeConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
@@ -355,7 +372,8 @@ FAMILIES: tuple[Family, ...] = (
           bias="e_score_correction_bias", shared_count="num_shared_experts"),
     _like(DSV3, "MiniMax-M2", "minimax_m2", "MiniMaxM2SparseMoeBlock", "MiniMaxM2Config",
           rule=replace(SIGMOID_BIAS, constants={"score": "sigmoid", "selection_bias": True},
-                       requires={"router_jitter_noise": 0.0}),
+                       fields={"num_experts_per_tok": "k", "router_jitter_noise": "input_jitter"}),
+          jitter_at="jitter_noise",
           num_experts="num_local_experts", width="intermediate_size",
           bias="e_score_correction_bias", shared=None, shared_count=None),
     _like(DSV3, "MiniMax-M3-VL", "minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock",
@@ -421,12 +439,14 @@ FAMILIES: tuple[Family, ...] = (
     # other rules
     _like(MIXTRAL, "PhiMoE", "phimoe", "PhimoeSparseMoeBlock", "PhimoeConfig",
           rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps",
-                                       "input_jitter_noise": "input_jitter"}, {"k": 2},
+                                       "input_jitter_noise": "input_jitter"},
+                         {"k": 2, "jitter_draws": 2},
                          {"num_experts_per_tok": 2}),  # its code routes two rounds, whatever k
-          router="router.weight", trains="experts sampled (Gumbel), Heun's-method gradient",
-          notes="in training too, with the same seed the same experts and weights; its input "
-          "jitter becomes input_jitter: routes at evaluation, refuses to train (a DEFECT: block "
-          "and router both scale the input in place, so the experts see it scaled twice)"),
+          router="router.weight", trains="Heun's-method gradient for the sampled experts",
+          jitter_at="input_jitter_noise",
+          notes="in training too, with the same seed the same experts and weights; a DEFECT: "
+          "block and router both jitter the input in place (jitter_draws=2): router and experts "
+          "see it jittered twice"),
     _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
           selection="MLP router with states carried across layers, softmax, + bias, top-k",
           null_experts="1 skip expert (bias -1): weight dropped",
@@ -440,10 +460,11 @@ FAMILIES: tuple[Family, ...] = (
           width="d_ff", router="router.classifier.weight", layout="modules", act="dense_act_fn",
           activations=(("relu", "relu"), ("gelu", "gelu")),
           trains="capacity drops tokens; a router z-loss",
-          notes="its router jitter becomes input_jitter: routes at evaluation, refuses to train "
-          "(a DEFECT: in float32 it scales the block's input in place, the experts' too); "
-          "experts with dropout are refused; the loss coefficients are the model's, not the "
-          "block's: MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
+          jitter_copy=True,
+          notes="a DEFECT: its router jitters its float32 copy of the input in place, which in a "
+          "float32 block is the block's input: the experts see the jitter too; experts with "
+          "dropout are refused; the loss coefficients are the model's, not the block's: "
+          "MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
     _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",
           rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
                                         "moe_eval_capacity_token_fraction":

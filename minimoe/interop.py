@@ -27,10 +27,13 @@ so in float32 the outputs agree to rounding. In lower precision they differ slig
 families take the router matmul in the input dtype (minimoe in float32), and HF multiplies expert
 outputs by the weights before casting (minimoe casts the weights to the expert dtype first).
 A block returns only its output; its routing is its router's output. Training-time input jitter
-has no minimoe counterpart: blocks with it are refused, except Switch's, whose router keeps it
-(``CapacityTopK.input_jitter``) and refuses to train; blocks with dropout are refused. DBRX and
-Switch blocks keep no config: ``from_hf`` rebuilds one from their modules. Selection-bias update
-rules are not part of any block: ``from_hf`` keeps the spec's default ``bias_rate``.
+(Mixtral, MiniMax, MiniMax-M2, DBRX, Switch, PhiMoE) is the router's ``input_jitter``: in training
+the layer multiplies its tokens by U(1 - eps, 1 + eps) drawn as Hugging Face draws, so under one
+seed a converted layer trains as the block does; ``jitter_experts`` says whether the experts see
+the jitter, as they do in every such block, except Switch's outside float32 (its router jitters
+a float32 copy). Blocks with dropout are refused. DBRX and Switch blocks keep no config:
+``from_hf`` rebuilds one from their modules. Selection-bias update rules are not part of any
+block: ``from_hf`` keeps the spec's default ``bias_rate``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -267,12 +271,12 @@ def from_hf(block: nn.Module) -> MoE:
     _refuse_family(family)
     config = _config_of(block, family)
     activation = _activation(config, family)
-    if getattr(block, "jitter_noise", 0):
-        raise ValueError(
-            f"minimoe has no router jitter; the block has jitter_noise={block.jitter_noise}"
-        )
     E, h, d, weight = _expert_sizes(block, family)
     router = family.rule.router(config, family.name)
+    if family.jitter_at is not None:  # what the block's forward reads, not its config's copy
+        router = replace(router, input_jitter=float(_get(block, family.jitter_at)))
+    if getattr(router, "input_jitter", 0.0):
+        router = replace(router, jitter_experts=_jitter_experts(family, weight.dtype))
     groups = getattr(router, "n_group", 1)
     if groups > 1 and getattr(router, "group_score", "top2_sum") == "top2_sum" and E // groups < 2:
         # HF scores a group by its two best experts (topk(2)): its own forward fails on this block
@@ -300,6 +304,20 @@ def from_hf(block: nn.Module) -> MoE:
         moe.router_state.to(_get(block, family.bias).dtype)  # e.g. float32 in bf16 checkpoints
     _copy(_pairs(moe, block, family))
     return moe
+
+
+def _jitter_experts(family: Family, dtype: torch.dtype) -> bool:
+    """Whether ``family``'s block in ``dtype`` runs its experts on the jittered tokens: each block
+    with jitter multiplies its own input in place (or its router does), except Switch's router,
+    which jitters its float32 copy: the block's input itself only when that is float32."""
+    return not family.jitter_copy or dtype == torch.float32
+
+
+def _check_jitter(moe: MoE, family: Family) -> None:
+    r, dtype = moe.config.router, moe.experts.gate_up.dtype
+    if getattr(r, "input_jitter", 0.0) and r.jitter_experts != _jitter_experts(family, dtype):
+        needs = f"jitter_experts={not r.jitter_experts} with {dtype} experts"
+        raise _refuse(family, "jitter_experts", r.jitter_experts, needs)
 
 
 def _refuse(family: Family, name: str, value: Any, needs: str) -> ValueError:
@@ -351,6 +369,7 @@ def _to_family(
         raise TypeError(f"moe must be a minimoe MoE, got {type(moe).__name__}")
     _refuse_family(family)
     fields = _config_fields(moe.config, family)
+    _check_jitter(moe, family)
     config_cls, block_cls = _classes(family)
     if config is None:
         config = config_cls(**fields, experts_implementation=implementation)

@@ -42,6 +42,7 @@ from minimoe.routing import (
     TopK,
     check_experts,
     check_routing,
+    jittered,
     library_router,
     router_columns,
     router_from_dict,
@@ -438,11 +439,11 @@ class MoE(nn.Module):
             raise ValueError(
                 f"MoE expects inputs of shape (..., d_model={c.d_model}), got {tuple(x.shape)}"
             )
-        tokens = x.reshape(-1, c.d_model)  # (T, d)
+        tokens, routed = self._jitter(x.reshape(-1, c.d_model))  # (T, d) experts', router's
         # (B, L, d): rules per sequence (GW's slot cap, the sequence-wise loss)
         seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
         ids = None if token_ids is None else token_ids.reshape(-1)
-        routing = self.route(tokens, seq_len, ids)
+        routing = self.route(routed, seq_len, ids)
         grid = routing  # every position: the sequence-wise loss counts per sequence
         valid = None if mask is None else _token_mask(mask, x)  # (T,) True: a real token
         if valid is not None:  # boolean selection: a data-dependent size (a graph break)
@@ -482,6 +483,21 @@ class MoE(nn.Module):
         if valid is not None:  # padding's rows stay 0
             out = out.new_zeros(valid.shape[0], c.d_model).index_put((valid,), out)
         return MoEOutput(out.view(x.shape), routing, aux, losses, self._stats(routing, kept))
+
+    def _jitter(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(the experts' tokens, the router's tokens). In training, a router with
+        ``input_jitter`` eps > 0 reads its tokens times U(1 - eps, 1 + eps) (``jittered``);
+        with ``jitter_experts`` the experts (and a shared expert) run on them too, as in Hugging
+        Face's blocks; without, the router alone jitters its float32 copy (Switch's router)."""
+        router = self.config.router
+        eps = getattr(router, "input_jitter", 0.0)
+        if not (eps and self.training):
+            return tokens, tokens
+        draws = getattr(router, "jitter_draws", 1)
+        if getattr(router, "jitter_experts", True):
+            tokens = jittered(tokens, eps, draws)
+            return tokens, tokens
+        return tokens, jittered(tokens.float(), eps, draws)
 
     def _shared_output(self, tokens: Tensor) -> Tensor:
         """(T, d) -> (T, d) the shared expert on every token, in the tokens' dtype."""

@@ -21,6 +21,7 @@ COLUMNS = (
     "scaling",
     "shared expert",
     "null / identity experts",
+    "training noise",
     "what HF trains",
     "HF balance loss",
     "converts",
@@ -39,8 +40,10 @@ A `config field` in backticks means the family's config sets it. The minimoe spe
 (PhiMoE, sampled in training as Hugging Face samples); hash routing (DeepSeek-V4's first layers)
 is `HashTopK`. Each converting family is tested in `tests/test_families.py`: same experts,
 weights, outputs and router gradients in float32, and an exact round trip; what is particular to
-a family (training-time sampling, refused jitter, Hugging Face's own losses, its defects) in
-`tests/test_family_specifics.py`. A DEFECT in a row is a Hugging Face bug that a test shows.
+a family (training-time sampling and input jitter, Hugging Face's own losses, its defects) in
+`tests/test_family_specifics.py`. Training noise converts too: input jitter is the router's
+`input_jitter`, drawn as Hugging Face draws it, so under one seed a converted layer trains as
+the block does. A DEFECT in a row is a Hugging Face bug that a test shows.
 
 What Hugging Face's training code does, for every row with a balance loss in the last column
 but one (the DeepSeek-V3 relatives have none):
@@ -166,11 +169,29 @@ def describe(family: Family) -> dict[str, str]:
         | {
             "shared expert": shared,
             "null / identity experts": "; ".join(extra) or family.null_experts or "none",
+            "training noise": _noise(family),
             "what HF trains": trains,
             "HF balance loss": _balance_loss(family),
             "converts": converts,
         }
     )
+
+
+def _noise(family: Family) -> str:
+    """The randomness of the family's routing in training: input jitter, sampled experts."""
+    rule, out = family.rule, []
+    if rule is None:
+        return "none"
+    by_field = {spec: cfg for cfg, spec in rule.fields.items()}
+    if "input_jitter" in by_field:
+        twice = " twice" if rule.setting("jitter_draws") == 2 else ""
+        who = "the router (the experts too in float32)" if family.jitter_copy else "router, experts"
+        out.append(f"input times U(1 ± `{by_field['input_jitter']}`){twice}: {who}")
+    if rule.spec is SparseMixer:
+        out.append("experts sampled (Gumbel)")
+    if "second_expert" in by_field:
+        out.append(f"second expert sampled or kept at random (`{by_field['second_expert']}`)")
+    return "; ".join(out) or "none"
 
 
 def _balance_loss(family: Family) -> str:

@@ -79,6 +79,21 @@ def hf_routing(block, x: torch.Tensor):
     return chosen > 0, torch.zeros(idx.shape[0], E).scatter_add_(1, idx, w)
 
 
+def assert_same_gradients(ours, block) -> None:
+    """Our parameters' gradients, written into a block by the weights' mapping, equal the
+    block's own (router included)."""
+    holder = MoE(ours.config)  # holds our gradients as weights, to map them like weights
+    with torch.no_grad():
+        for g, p in zip(holder.parameters(), ours.parameters(), strict=True):
+            g.copy_(p.grad)
+        for b, o in zip(holder.buffers(), ours.buffers(), strict=True):
+            b.copy_(o)
+    mapped = dict(interop.to_hf(holder, like=block).named_parameters())
+    for name, p in block.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(mapped[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
 CASES = [pytest.param(f, v, id=f"{f.name}-{v}") for f in CONVERTS for v in VARIANTS]
 
 
@@ -102,19 +117,10 @@ def test_family_conforms(family, variant):
     assert out.output.abs().max() > 0.1  # not a trivially zero comparison
     if variant == "on" and family.name == "Switch":  # its capacity of 3 per sequence drops
         assert out.stats.unrouted_tokens > 0
-    # gradients, router included: ours written into a block by the same mapping
+    # gradients, router included
     out.output.pow(2).sum().backward()
     theirs.pow(2).sum().backward()
-    holder = MoE(ours.config)  # holds our gradients as weights, to map them like weights
-    with torch.no_grad():
-        for g, p in zip(holder.parameters(), ours.parameters(), strict=True):
-            g.copy_(p.grad)
-        for b, o in zip(holder.buffers(), ours.buffers(), strict=True):
-            b.copy_(o)
-    mapped = dict(interop.to_hf(holder, like=block).named_parameters())
-    for name, p in block.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(mapped[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert_same_gradients(ours, block)
     # the round trip is exact
     back = interop.to_hf(ours, like=block)
     for name, t in block.state_dict().items():

@@ -15,8 +15,10 @@ from minimoe.routing import (
     HashTopK,
     ScoreTopK,
     SparseMixer,
+    TopK,
     capacity_top_k,
     hash_top_k,
+    jittered,
     score_top_k,
     sparse_mixer,
     top_k,
@@ -219,6 +221,61 @@ def test_sparse_mixer_draws_exponential_numbers_bit_for_bit():
     )
 
 
+# ---- input jitter: a router option the layer applies in training ---------------------------
+
+
+def test_jitter_by_hand():
+    """x times U(1 - eps, 1 + eps) per element, drawn as Hugging Face's blocks draw it (one
+    ``uniform_`` of x's shape per draw, torch's global generator): 2 draws, eps 0.5."""
+    x = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
+    torch.manual_seed(0)
+    u1 = torch.empty(2, 2).uniform_(0.5, 1.5)
+    u2 = torch.empty(2, 2).uniform_(0.5, 1.5)
+    torch.manual_seed(0)
+    assert torch.equal(jittered(x, 0.5, draws=2), x * u1 * u2)
+    assert ((jittered(x, 0.5) / x - 1).abs() <= 0.5).all()
+    assert torch.equal(jittered(x, 0.0), x)
+
+
+def jitter_layer(**router) -> MoE:
+    torch.manual_seed(0)
+    return MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=TopK(**router)))
+
+
+@pytest.mark.parametrize("experts_see_it", [True, False])
+def test_jitter_in_training_only_and_who_sees_it(experts_see_it):
+    """The router always reads the jittered tokens; the experts too with ``jitter_experts``.
+    Written out: y = sum_e g_e(jittered x) Expert_e(x or jittered x)."""
+    moe = jitter_layer(input_jitter=0.3, jitter_experts=experts_see_it)
+    plain = jitter_layer()
+    x = rand(2, 6, 8)
+    torch.manual_seed(4)
+    out = moe(x)
+    torch.manual_seed(4)
+    noisy = jittered(x.reshape(12, 8), 0.3)
+    routing = plain.route(noisy)
+    assert torch.equal(out.routing.mask, routing.mask)
+    torch.testing.assert_close(out.routing.weights, routing.weights)
+    runs = plain.experts.dense(noisy if experts_see_it else x.reshape(12, 8))  # (T, E, d)
+    by_hand = (routing.weights[:, :, None] * runs).sum(1)
+    torch.testing.assert_close(out.output.reshape(12, 8), by_hand, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(out.routing.weights, plain(x).routing.weights)  # the jitter acts
+    assert torch.equal(moe.eval()(x).output, plain.eval()(x).output)  # and not at evaluation
+
+
+def test_jitter_same_seed_same_numbers():
+    moe = jitter_layer(input_jitter=0.3)
+    x = rand(2, 6, 8)
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        out = moe(x)
+        (grad,) = torch.autograd.grad(out.output.sum() + out.aux_loss, moe.gate.weight)
+        runs.append((out.output, grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
 def test_hash_routing_reads_the_table():
     r = hash_top_k(torch.zeros(2, 4), torch.tensor([[0, 3], [2, 1]]), score="sigmoid")
     assert r.mask.tolist() == [[True, False, False, True], [False, True, True, False]]
@@ -298,8 +355,12 @@ def test_refusals_name_the_field():
         SparseMixer(input_jitter=-0.1)
     with pytest.raises(TypeError, match="sample_in_training"):
         SparseMixer(sample_in_training="yes")
-    with pytest.raises(ValueError, match=r"CapacityTopK\(input_jitter=0.01\) cannot train"):
-        CapacityTopK(input_jitter=0.01)(rand(4, 4), training=True)
+    with pytest.raises(ValueError, match="input_jitter=-0.1"):
+        TopK(input_jitter=-0.1)
+    with pytest.raises(TypeError, match="jitter_experts='no'"):
+        ScoreTopK(input_jitter=0.1, jitter_experts="no")
+    with pytest.raises(ValueError, match="jitter_draws=0"):
+        SparseMixer(input_jitter=0.1, jitter_draws=0)
     with pytest.raises(ValueError, match="norm_p"):
         score_top_k(rand(4, 8), 2, norm_p=0.0)
     with pytest.raises(ValueError, match="n_group=3"):

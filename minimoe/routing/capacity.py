@@ -17,9 +17,9 @@ from minimoe.routing import flags
 from minimoe.routing.core import (
     Routing,
     _mask_of_top,
+    check_jitter,
     check_logits,
     check_recipe,
-    refuse_training_jitter,
 )
 
 NORMALIZE = ("none", "before_drop", "after_drop")
@@ -76,11 +76,9 @@ class CapacityTopK:
     at evaluation ``eval_capacity_fraction`` f > 0 gives ceil(f * T) slots instead (NLLB).
 
     Only these two Hugging Face families drop tokens (only Switch's code adds a router z-loss);
-    the recipe here is Switch's alpha = 1e-2 with ST-MoE's z-loss 1e-3. Their training-time
-    extras are not rules of this spec: NLLB's sampled or random second expert and its padding
-    mask, and Switch's input jitter: ``input_jitter`` keeps a converted Switch router's eps, and
-    the router then routes as Hugging Face's at evaluation and refuses to train
-    (``core.refuse_training_jitter``).
+    the recipe here is Switch's alpha = 1e-2 with ST-MoE's z-loss 1e-3. ``input_jitter``: Switch's
+    ``router_jitter_noise`` (in training the router reads its tokens times U(1 - eps, 1 + eps);
+    ``jitter_experts=False``: the router alone, as the Switch paper has it).
     """
 
     k: int = field(default=2, metadata=flags.K)
@@ -106,6 +104,7 @@ class CapacityTopK:
         },
     )
     input_jitter: float = field(default=0.0, metadata=flags.INPUT_JITTER)
+    jitter_experts: bool = field(default=True, metadata=flags.JITTER_EXPERTS)
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "capacity_top_k"
@@ -118,7 +117,7 @@ class CapacityTopK:
         check_float("eval_capacity_fraction", self.eval_capacity_fraction, 0.0)
         check_bool("per_sequence", self.per_sequence)
         check_choice("normalize", self.normalize, NORMALIZE)
-        check_float("input_jitter", self.input_jitter, 0.0)
+        check_jitter(self)
         check_recipe(self)
 
     def check_experts(self, num_experts: int) -> None:
@@ -133,7 +132,6 @@ class CapacityTopK:
         return self.k * math.ceil(num_tokens / num_experts)
 
     def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
-        refuse_training_jitter(self, training)
         L = seq_len if self.per_sequence and seq_len else logits.shape[0]
         return capacity_top_k(
             logits,

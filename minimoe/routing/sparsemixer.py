@@ -18,7 +18,7 @@ from torch import Tensor
 
 from minimoe.checks import check_bool, check_float, check_int
 from minimoe.routing import flags
-from minimoe.routing.core import Routing, check_logits, check_recipe, refuse_training_jitter
+from minimoe.routing.core import Routing, check_jitter, check_logits, check_recipe
 
 
 def exponential_at(
@@ -118,9 +118,9 @@ class SparseMixer:
     """PhiMoE's router: ``sparse_mixer`` (k = 2 in PhiMoE), sampling in training unless
     ``sample_in_training=False`` (then the inference rule in training too).
 
-    ``input_jitter`` keeps a converted PhiMoE block's ``input_jitter_noise`` eps: its block
-    multiplies the tokens by U(1 - eps, 1 + eps) before routing, which a rule over logits cannot
-    do, so such a router routes as Hugging Face's at evaluation and refuses to train.
+    ``input_jitter``: PhiMoE's ``input_jitter_noise`` (in training the tokens times
+    U(1 - eps, 1 + eps) before the router, the experts' tokens too). Hugging Face's PhiMoE block
+    and its router each multiply the same tokens in place: ``jitter_draws=2`` reproduces that.
     """
 
     k: int = field(default=2, metadata=flags.K)
@@ -135,6 +135,13 @@ class SparseMixer:
         metadata={"help": "sample each round's expert in training (Gumbel), Heun-weighted"},
     )
     input_jitter: float = field(default=0.0, metadata=flags.INPUT_JITTER)
+    jitter_experts: bool = field(default=True, metadata=flags.JITTER_EXPERTS)
+    jitter_draws: int = field(
+        default=1,
+        metadata={
+            "no_flag": "Hugging Face's PhiMoE jitters twice (block and router): a converted setting"
+        },
+    )
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "sparse_mixer"
@@ -144,13 +151,12 @@ class SparseMixer:
         check_int("k", self.k, 1)
         check_float("jitter_eps", self.jitter_eps, 0.0)
         check_bool("sample_in_training", self.sample_in_training)
-        check_float("input_jitter", self.input_jitter, 0.0)
+        check_jitter(self)
         check_recipe(self)
 
     def check_experts(self, num_experts: int) -> None:
         check_int("k", self.k, 1, num_experts)
 
     def __call__(self, logits: Tensor, *, training: bool, seq_len: int | None = None) -> Routing:
-        refuse_training_jitter(self, training)
         sample = training and self.sample_in_training
         return sparse_mixer(logits, self.k, self.jitter_eps, training=sample)
