@@ -3,12 +3,13 @@ files of the version the ``bench`` extra pins (5.25.0); ``minimoe.interop`` conv
 table and the zoo table (``python -m minimoe zoo``, docs/zoo.md) is generated from it.
 
 A family converts when a minimoe spec expresses its router (``rule``) and its block computes what
-a minimoe ``MoE`` computes: SwiGLU (silu) experts without biases (Switch: Linear-ReLU-Linear),
-optionally one shared MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and
-``interop`` raises it. A few rules are checked against the family's router module although its
-block does not convert (Gemma 4, gpt-oss, Llama 4, DeepSeek-V4, NLLB-MoE: tests/test_families.py
-and tests/test_family_specifics.py). Where a block is wrong, the table says DEFECT and a test
-shows it.
+a minimoe ``MoE`` computes: SwiGLU (silu) experts without biases (Switch: Linear-ReLU-Linear;
+NLLB-MoE: the same with biases), optionally one shared MLP (optionally sigmoid-gated). Otherwise
+``refuse`` says why, and ``interop`` raises it. A few rules are checked against the family's
+router module although its block does not convert (Gemma 4, gpt-oss, Llama 4, DeepSeek-V4:
+tests/test_families.py and tests/test_family_specifics.py). Where a block is wrong, the table
+says DEFECT and a test shows it; where its output does not follow its own router
+(``follows_router=False``: NLLB-MoE), the conversion follows the router.
 
 Hugging Face's code: routers return raw logits; where a family trains a balance loss
 (``POOLED_BALANCE_LOSS``), ``load_balancing_loss_func`` concatenates the logits of *all* layers
@@ -126,6 +127,45 @@ class DbrxMap(RouterMap):
         )
 
 
+class NllbMap(RouterMap):
+    """NLLB-MoE's ``normalize_router_prob_before_dropping``: True is ``normalize="before_drop"``,
+    False ``"after_drop"``. With True, ``second_expert_policy="random"`` is refused: Hugging
+    Face's router then weighs the second expert by its raw probability and keeps it with
+    probability 2 P_2, where it normalizes the first by P_1 + P_2 (fairseq's ``top2gating``, which
+    minimoe's spec follows, uses the normalized P_2 for both)."""
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        before = config.normalize_router_prob_before_dropping
+        if before and config.second_expert_policy == "random":
+            raise ValueError(
+                "NLLB-MoE converts second_expert_policy='random' only with "
+                "normalize_router_prob_before_dropping=False: with True, Hugging Face's router "
+                "weighs and keeps the second expert by its raw probability, not the normalized "
+                "one it weighs the first by (a defect; fairseq's top2gating uses the normalized)"
+            )
+        return super().settings(config) | {"normalize": "before_drop" if before else "after_drop"}
+
+    def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        normalize = getattr(router, "normalize", None)
+        if normalize not in ("before_drop", "after_drop"):
+            raise ValueError(
+                f"{family} cannot express router={router!r} (it needs normalize='before_drop' or "
+                "'after_drop')"
+            )
+        if normalize == "before_drop" and router.second_expert == "random":
+            raise ValueError(
+                f"{family} cannot express second_expert='random' with normalize='before_drop' "
+                "(Hugging Face's router weighs the second expert by its raw probability then)"
+            )
+        out = super().config_fields(replace(router, normalize="after_drop"), family)
+        return out | {"normalize_router_prob_before_dropping": normalize == "before_drop"}
+
+    def setting(self, name: str) -> Any:
+        if name == "normalize":
+            return "`normalize_router_prob_before_dropping`"
+        return super().setting(name)
+
+
 # modeling files of 5.25.0 that define ``load_balancing_loss_func`` (the others train no balance
 # loss in Hugging Face's code; Switch and Doge define their own)
 POOLED_BALANCE_LOSS = frozenset(
@@ -150,7 +190,7 @@ class Family:
     router: str = "gate.weight"  # path from the block of the router weight (E, d)
     bias: str | None = None  # path from the block of the selection bias
     # experts: "stacked" (E, 2h, d), (E, d, h); "transposed" (Aria); "dbrx" (rows of w1, v1, w2);
-    # "modules" (one Linear-act-Linear module per expert: Switch)
+    # "modules" (one Linear-act-Linear module per expert: Switch, NLLB-MoE)
     layout: str = "stacked"
     shared: str | None = None  # block attribute of the shared MLP (gate/up/down_proj)
     shared_count: str | None = None  # config field: shared width = count * width
@@ -164,6 +204,12 @@ class Family:
     # the jitter only when that input is float32 already (else the block jitters its input)
     jitter_copy: bool = False
     jitter_at: str | None = None  # path from the block of the jitter eps its forward reads
+    expert_linears: tuple[str, str] = ("wi", "wo")  # layout "modules": each expert's two Linears
+    expert_bias: bool = False  # the experts' Linears have biases (NLLB-MoE)
+    width_arg: str | None = None  # the block takes the experts' width as this argument
+    # the block's output follows its router's decision (False: a DEFECT; minimoe follows the
+    # router, and the conformance test computes what a correct block would)
+    follows_router: bool = True
     selection: str = ""  # the rule in words where no spec expresses it
     null_experts: str = ""
     trains: str = ""  # beyond the router weight
@@ -466,16 +512,26 @@ FAMILIES: tuple[Family, ...] = (
           "dropout are refused; the loss coefficients are the model's, not the block's: "
           "MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
     _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",
-          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
-                                        "moe_eval_capacity_token_fraction":
-                                        "eval_capacity_fraction"}, {"k": 2},
-                         {"second_expert_policy": "all", "batch_prioritized_routing": False,
-                          "normalize_router_prob_before_dropping": False}),
-          refuse="experts are Linear-relu-Linear modules with biases; and a DEFECT: they one-hot "
-          "the 0/1 routing mask as if it held expert indices (expert 1 runs every first "
-          "choice, expert 0 every other pair), so the block ignores its router",
+          rule=NllbMap(CapacityTopK, {"expert_capacity": "expert_capacity",
+                                      "moe_eval_capacity_token_fraction":
+                                      "eval_capacity_fraction",
+                                      "second_expert_policy": "second_expert",
+                                      "batch_prioritized_routing": "batch_prioritized"}, {"k": 2},
+                       {"router_bias": False, "router_dtype": "float32",
+                        "moe_token_dropout": 0.0, "activation_dropout": 0.0}),
+          router="router.classifier.weight", layout="modules", expert_linears=("fc1", "fc2"),
+          expert_bias=True, width_arg="ffn_dim", act="activation_function",
+          activations=(("relu", "relu"), ("gelu", "gelu")), follows_router=False,
           trains="capacity drops tokens; no z-loss (its coefficient is read, unused)",
-          notes="second expert sampled or random in training (second_expert_policy); a DEFECT: "
-          "its router stores the evaluation capacity in expert_capacity, and training keeps it"),
+          notes="a DEFECT: its experts one-hot the 0/1 routing mask as if it held expert indices "
+          "(expert 1 runs every first choice, expert 0 every other pair), so the block's output "
+          "ignores its router: minimoe follows the router; a DEFECT: with second_expert_policy "
+          "'sampling' its router adds the Gumbel noise to the logits it returns, in place, so "
+          "the balance loss reads noisy logits; a DEFECT: its router stores the evaluation "
+          "capacity in expert_capacity, and training keeps it: "
+          "from_hf reads the capacity the router holds now; a DEFECT, refused: 'random' with "
+          "normalize_router_prob_before_dropping weighs and keeps the second expert by its raw "
+          "probability; moe_token_dropout > 0 is refused; padding tokens take no slots in HF's "
+          "router, in minimoe's they do"),
 )
 # fmt: on

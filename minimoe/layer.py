@@ -77,6 +77,7 @@ class MoEConfig:
     activation: str = "swiglu"  # "swiglu" | "gelu" | "relu"
     shared_hidden: int = 0  # width of the shared expert, run on every token; 0 = none
     shared_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(w^T x)
+    expert_bias: bool = False  # the routed experts' projections add biases (NLLB-MoE)
     balance_coef: float = 1e-2  # alpha of the load-balance loss
     z_coef: float = 1e-3  # ST-MoE router z-loss
     balance_count: str | None = None  # "first" (Switch) | "selected" (Top-P); None: the router's
@@ -112,6 +113,7 @@ class MoEConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_int("shared_hidden", self.shared_hidden, 0)
         check_bool("shared_gate", self.shared_gate)
+        check_bool("expert_bias", self.expert_bias)
         if self.shared_gate and not self.shared_hidden:
             raise ValueError("shared_gate=True needs a shared expert: set shared_hidden > 0")
         expert_capacity(1, 1, self.capacity_factor)  # validates capacity_factor
@@ -298,7 +300,11 @@ class MoE(nn.Module):
         self._init_router_state()
         self._stale_steps = 0  # training forwards since the router state last updated
         self.experts = Experts(
-            num_experts=E, d_model=d, d_hidden=config.d_hidden, activation=config.activation
+            num_experts=E,
+            d_model=d,
+            d_hidden=config.d_hidden,
+            activation=config.activation,
+            bias=config.expert_bias,
         )
         # built after the routed experts: configs without them draw the same initial weights
         self.shared = (
@@ -364,6 +370,7 @@ class MoE(nn.Module):
             "activation",
             "shared_hidden",
             "shared_gate",
+            "expert_bias",
         ):
             if getattr(new, name) != getattr(self.config, name):
                 raise ValueError(

@@ -75,11 +75,17 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
     if rule.spec is CapacityTopK:
         capacity = f"capacity {_text(s('expert_capacity'))} slots per expert"
         per = ", per sequence" if s("per_sequence") is True else ""
-        normalize = {"none": "none (g = P)", "after_drop": "over the kept pairs"}
+        prioritized = s("batch_prioritized")
+        if isinstance(prioritized, str):
+            per += f", the most confident tokens first if {prioritized}"
+        norm = s("normalize")
+        normalize = {"none": "none (g = P)", "after_drop": "over the kept pairs"}.get(
+            norm, f"over the chosen before the drops if {norm}, else over the kept pairs"
+        )
         return {
             "score": "softmax",
             "selection": f"top-{_text(s('k'))}, {capacity}{per}, first choices first",
-            "normalization": normalize.get(s("normalize"), _text(s("normalize"))),
+            "normalization": normalize,
             "bias": "none",
             "groups": "none",
             "scaling": "1",
@@ -160,6 +166,8 @@ def describe(family: Family) -> dict[str, str]:
                     f"{_text(count)} {what}" + (" (output g x)" if what == "identity" else "")
                 )
     converts = "yes" if family.converts else f"no: {family.refuse}"
+    if family.converts and not family.follows_router:
+        converts += ", to its router's decision (its block's output does not follow it)"
     if family.notes:
         converts += f" ({family.notes})"
     trains = "router W" + (f"; {family.trains}" if family.trains else "")
@@ -190,7 +198,10 @@ def _noise(family: Family) -> str:
     if rule.spec is SparseMixer:
         out.append("experts sampled (Gumbel)")
     if "second_expert" in by_field:
-        out.append(f"second expert sampled or kept at random (`{by_field['second_expert']}`)")
+        out.append(
+            f"second expert sampled or kept at random as `{by_field['second_expert']}` says, "
+            "at evaluation too"
+        )
     return "; ".join(out) or "none"
 
 

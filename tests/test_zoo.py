@@ -141,6 +141,45 @@ def test_capacity_counts_first_choices_first_per_sequence():
     assert two.weights[0].tolist() == pytest.approx(torch.softmax(logits[0], 0).tolist())
 
 
+def test_capacity_by_priority_gives_the_slots_to_the_most_confident_tokens():
+    logits = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0]])  # all prefer expert 0, one slot
+    in_order = capacity_top_k(logits, 1, capacity=1, normalize="none")
+    by_priority = capacity_top_k(logits, 1, capacity=1, normalize="none", prioritized=True)
+    assert in_order.mask[:, 0].tolist() == [True, False, False]
+    assert by_priority.mask[:, 0].tolist() == [False, True, False]  # P_max 0.95 > 0.88 > 0.73
+    two = capacity_top_k(logits, 1, capacity=2, normalize="none", prioritized=True)
+    assert two.mask[:, 0].tolist() == [False, True, True]
+
+
+def test_nllbs_second_expert_policies():
+    """'sampling': the second is drawn from the softmax of the other logits (Gumbel-max), its
+    weight still its P; 'random': kept with probability min(1, 2 g), g its weight before the drops
+    (P_2, or P_2 / (P_1 + P_2) normalized first). 4000 copies of one token, no capacity limit."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).expand(4000, 4)
+    p = logits[0].softmax(0)
+    torch.manual_seed(0)
+    sampled = capacity_top_k(logits, 2, capacity=4000, second="sampling")
+    assert sampled.mask[:, 0].all()  # the first is the best, always
+    share = sampled.mask[:, 1:].float().mean(0)
+    want = logits[0, 1:].softmax(0)
+    assert ((share - want).abs() <= 4 * (want * (1 - want) / 4000).sqrt()).all(), (share, want)
+    picked = sampled.mask.clone()
+    picked[:, 0] = False
+    e = picked.float().argmax(1)
+    torch.testing.assert_close(sampled.weights[:, 0], p[0] / (p[0] + p[e]))
+    for normalize, g in (("after_drop", p[1]), ("before_drop", p[1] / (p[0] + p[1]))):
+        kept = capacity_top_k(logits, 2, capacity=4000, normalize=normalize, second="random")
+        rate, want = kept.mask[:, 1].float().mean(), min(1.0, 2 * g)
+        assert abs(rate - want) <= 4 * (want * (1 - want) / 4000) ** 0.5, (normalize, rate, want)
+        alone = ~kept.mask[:, 1]  # dropped at random: the first's weight as normalized
+        first = 1.0 if normalize == "after_drop" else float(p[0] / (p[0] + p[1]))
+        torch.testing.assert_close(kept.weights[alone, 0], torch.full((int(alone.sum()),), first))
+    with pytest.raises(ValueError, match="second_expert='random' .* k=2, got k=1"):
+        CapacityTopK(k=1, second_expert="random")
+    with pytest.raises(ValueError, match="second"):
+        capacity_top_k(logits, 2, 8, second="best")
+
+
 def test_capacity_renormalizes_after_the_drop():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 2.0, -1.0], [2.0, 1.0, -1.0]])
     after = capacity_top_k(logits, 2, capacity=1)  # token 2 loses both experts
