@@ -302,6 +302,19 @@ def test_jitter_in_training_only_and_who_sees_it(experts_see_it):
     assert torch.equal(moe.eval()(x).output, plain.eval()(x).output)  # and not at evaluation
 
 
+def test_gw_broadcast_jitters_as_its_base():
+    base = TopK(input_jitter=0.3, jitter_experts=False)
+    gw = routing.GWBroadcast(base, threshold=0.99)  # no token is that uncertain
+    x = rand(2, 6, 8)
+    outs = []
+    for router in (base, gw):
+        moe = jitter_layer()
+        moe.replace_config(router=router)
+        torch.manual_seed(4)
+        outs.append(moe(x).output)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_jitter_same_seed_same_numbers():
     moe = jitter_layer(input_jitter=0.3)
     x = rand(2, 6, 8)

@@ -392,6 +392,19 @@ class GWBroadcast:
     def dynamic_coef(self) -> float:
         return getattr(self.base, "dynamic_coef", 0.0)
 
+    # the base's input jitter, which the layer applies (minimoe.routing: the router interface)
+    @property
+    def input_jitter(self) -> float:
+        return getattr(self.base, "input_jitter", 0.0)
+
+    @property
+    def jitter_experts(self) -> bool:
+        return getattr(self.base, "jitter_experts", True)
+
+    @property
+    def jitter_draws(self) -> int:
+        return getattr(self.base, "jitter_draws", 1)
+
     def router_columns(self, num_experts: int) -> int:
         return router_columns(self.base, num_experts)
 
