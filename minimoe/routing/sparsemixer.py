@@ -40,7 +40,7 @@ def _sampled(masked: Tensor, candidate: Tensor, generator: torch.Generator | Non
     """(T, 1) one expert per row drawn from softmax(masked): Gumbel-max, argmax(l - log u) with
     u ~ Exp(1) drawn for every (T, E) entry as Hugging Face draws it (``exponential_``). Only
     the ``candidate`` entries can win (the others' l is -inf): on CPU only their u are computed
-    (``exponential_at``, in a third of the kernel's time)."""
+    (``exponential_at``, in a fraction of the kernel's time)."""
     if masked.device.type != "cpu" or masked.dtype != torch.float32:
         u = torch.empty_like(masked).exponential_(generator=generator)
         return (masked - u.log()).max(dim=-1)[1].unsqueeze(-1)
