@@ -4,6 +4,8 @@ Layout as Hugging Face Mixtral (transformers 5): ``gate_up`` (E, 2h, d) holds th
 and up projections of SwiGLU stacked, ``down`` (E, d, h). Expert e computes
     SwiGLU: down_e(silu(gate_e x) * up_e x)        GELU: down_e(gelu(up_e x))
     ReLU: down_e(relu(up_e x)) (Switch Transformers' experts)
+With ``bias=True`` each projection adds a bias, ``gate_up_bias`` (E, 2h or h) and ``down_bias``
+(E, d) (NLLB-MoE's experts): those run one matmul per expert (no grouped kernel, no threads).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minimoe.checks import check_choice, check_int
+from minimoe.checks import check_bool, check_choice, check_int
 from minimoe.compiled import expert_ffn
 from minimoe.threaded import ACTIVATIONS, ThreadedExperts, activate, check_counts, openmp_backend
 
@@ -72,7 +74,13 @@ class Experts(nn.Module):
     """``num_experts`` FFNs of width ``d_hidden``, run one at a time or grouped."""
 
     def __init__(
-        self, *, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"
+        self,
+        *,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "swiglu",
+        bias: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -87,22 +95,44 @@ class Experts(nn.Module):
         width = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.gate_up = nn.Parameter(torch.empty(num_experts, width, d_model))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        check_bool("bias", bias)
+        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, width)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # the default init of nn.Linear, expert by expert
-        nn.init.uniform_(self.gate_up, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
-        nn.init.uniform_(self.down, -1 / math.sqrt(self.d_hidden), 1 / math.sqrt(self.d_hidden))
+        # the default init of nn.Linear, expert by expert (its bias too)
+        for w, b, fan_in in (
+            (self.gate_up, self.gate_up_bias, self.d_model),
+            (self.down, self.down_bias, self.d_hidden),
+        ):
+            for t in (w, b) if b is not None else (w,):
+                nn.init.uniform_(t, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def _act(self, h: Tensor) -> Tensor:
         return activate(h, self.activation)
 
-    def _ffn(self, x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-        return F.linear(self._act(F.linear(x, gate_up)), down)
+    def _ffn(
+        self,
+        x: Tensor,
+        gate_up: Tensor,
+        down: Tensor,
+        b1: Tensor | None = None,
+        b2: Tensor | None = None,
+    ) -> Tensor:
+        return F.linear(self._act(F.linear(x, gate_up, b1)), down, b2)
+
+    def _biases(self) -> list[tuple[Tensor | None, Tensor | None]]:
+        """(gate_up bias, down bias) of each expert; Nones without biases."""
+        if self.gate_up_bias is None:
+            return [(None, None)] * self.num_experts
+        return list(zip(self.gate_up_bias.unbind(0), self.down_bias.unbind(0), strict=True))
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e on its tokens: (n, d) -> (n, d)."""
-        return self._ffn(x, self.gate_up[e], self.down[e])
+        if self.gate_up_bias is None:
+            return self._ffn(x, self.gate_up[e], self.down[e])
+        return self._ffn(x, self.gate_up[e], self.down[e], self.gate_up_bias[e], self.down_bias[e])
 
     def grouped(self, x: Tensor, counts: list[int] | Tensor) -> Tensor:
         """Tokens sorted by expert, ``counts[e]`` rows for expert e: (N, d) -> (N, d).
@@ -119,6 +149,8 @@ class Experts(nn.Module):
         per-expert weight gradients), all experts run in two grouped GEMMs; elsewhere, and if
         that kernel refuses the shapes, one matmul per expert.
         """
+        if self.gate_up_bias is not None:  # the per-expert loop (under compile: a graph break)
+            return self._loop(x, counts.tolist() if isinstance(counts, Tensor) else counts)
         if isinstance(counts, Tensor):
             dtype = compute_dtype(x)
             y, _, _ = expert_ffn(
@@ -146,11 +178,17 @@ class Experts(nn.Module):
                 warnings.warn(
                     f"F.grouped_mm failed, using the per-expert loop: {err}", stacklevel=2
                 )
+        return self._loop(x, counts)
+
+    def _loop(self, x: Tensor, counts: list[int]) -> Tensor:
+        """One matmul per expert with rows."""
         # unbind once: indexing gate_up[e] per expert would make backward build E full-size
         # zero gradients, one per expert
-        weights = zip(self.gate_up.unbind(0), self.down.unbind(0), strict=True)
+        weights = zip(self.gate_up.unbind(0), self.down.unbind(0), self._biases(), strict=True)
         outs = [
-            self._ffn(xe, w1, w2) for xe, (w1, w2) in zip(x.split(counts), weights) if xe.shape[0]
+            self._ffn(xe, w1, w2, *b)
+            for xe, (w1, w2, b) in zip(x.split(counts), weights, strict=True)
+            if xe.shape[0]
         ]
         return torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
 
@@ -177,6 +215,7 @@ class Experts(nn.Module):
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, "
             f"d_hidden={self.d_hidden}, activation={self.activation!r}"
+            + (", bias=True" if self.gate_up_bias is not None else "")
         )
 
 

@@ -3,12 +3,13 @@ files of the version the ``bench`` extra pins (5.25.0); ``minimoe.interop`` conv
 table and the zoo table (``python -m minimoe zoo``, docs/zoo.md) is generated from it.
 
 A family converts when a minimoe spec expresses its router (``rule``) and its block computes what
-a minimoe ``MoE`` computes: SwiGLU (silu) experts without biases (Switch: Linear-ReLU-Linear),
-optionally one shared MLP (optionally sigmoid-gated). Otherwise ``refuse`` says why, and
-``interop`` raises it. A few rules are checked against the family's router module although its
-block does not convert (Gemma 4, gpt-oss, Llama 4, DeepSeek-V4, NLLB-MoE: tests/test_families.py
-and tests/test_family_specifics.py). Where a block is wrong, the table says DEFECT and a test
-shows it.
+a minimoe ``MoE`` computes: SwiGLU (silu) experts without biases (Switch: Linear-ReLU-Linear;
+NLLB-MoE: the same with biases), optionally one shared MLP (optionally sigmoid-gated). Otherwise
+``refuse`` says why, and ``interop`` raises it. A few rules are checked against the family's
+router module although its block does not convert (Gemma 4, gpt-oss, Llama 4, DeepSeek-V4:
+tests/test_families.py and tests/test_family_specifics.py). Where a block is wrong, the table
+says DEFECT and a test shows it; where its output does not follow its own router
+(``follows_router=False``: NLLB-MoE), the conversion follows the router.
 
 Hugging Face's code: routers return raw logits; where a family trains a balance loss
 (``POOLED_BALANCE_LOSS``), ``load_balancing_loss_func`` concatenates the logits of *all* layers
@@ -38,6 +39,8 @@ _UNTRAINED = (  # not part of the forward rule
     "experts_per_token",
     "free_balance_weight",
 )
+# what interop checks against the block's dtype (Switch's router jitters a float32 copy)
+_BY_DTYPE = ("jitter_experts",)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class RouterMap:
                 f"{family} cannot express router={router!r} (needs {self.spec.__name__})"
             )
         fixed = {f.name for f in fields(router)} - set(self.fields.values()) - set(_UNTRAINED)
+        fixed -= set(_BY_DTYPE)
+        if not getattr(router, "input_jitter", 0.0):  # how it jitters means nothing without it
+            fixed.discard("jitter_draws")
         default = self.spec(**({"k": router.k} | self.constants))  # k: from the config
         for name in sorted(fixed):
             if getattr(router, name) != getattr(default, name):
@@ -110,17 +116,60 @@ class DeepSeekV2Map(RouterMap):
 
 class DbrxMap(RouterMap):
     """DBRX's ``moe_normalize_expert_weights``: p of the p-norm that divides the k weights, or
-    None: the weights are the softmax values, undivided."""
+    None: the weights are the softmax values, undivided. Its ``moe_jitter_eps`` None is no
+    jitter (0.0 would draw numbers and multiply by 1)."""
 
     def settings(self, config: Any) -> dict[str, Any]:
         out = super().settings(config)
         return out | ({"renormalize": False} if config.moe_normalize_expert_weights is None else {})
 
     def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        jitter = {} if getattr(router, "input_jitter", 0.0) else {"moe_jitter_eps": None}
         if getattr(router, "renormalize", True):
-            return super().config_fields(router, family)
+            return super().config_fields(router, family) | jitter
         plain = replace(router, renormalize=True, norm_p=1.0)  # the rest must be DBRX's
-        return super().config_fields(plain, family) | {"moe_normalize_expert_weights": None}
+        return (
+            super().config_fields(plain, family) | {"moe_normalize_expert_weights": None} | jitter
+        )
+
+
+class NllbMap(RouterMap):
+    """NLLB-MoE's ``normalize_router_prob_before_dropping``: True is ``normalize="before_drop"``,
+    False ``"after_drop"``. With True, ``second_expert_policy="random"`` is refused: Hugging
+    Face's router then weighs the second expert by its raw probability and keeps it with
+    probability 2 P_2, where it normalizes the first by P_1 + P_2 (fairseq's ``top2gating``, which
+    minimoe's spec follows, uses the normalized P_2 for both)."""
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        before = config.normalize_router_prob_before_dropping
+        if before and config.second_expert_policy == "random":
+            raise ValueError(
+                "NLLB-MoE converts second_expert_policy='random' only with "
+                "normalize_router_prob_before_dropping=False: with True, Hugging Face's router "
+                "weighs and keeps the second expert by its raw probability, not the normalized "
+                "one it weighs the first by (a defect; fairseq's top2gating uses the normalized)"
+            )
+        return super().settings(config) | {"normalize": "before_drop" if before else "after_drop"}
+
+    def config_fields(self, router: Router, family: str) -> dict[str, Any]:
+        normalize = getattr(router, "normalize", None)
+        if normalize not in ("before_drop", "after_drop"):
+            raise ValueError(
+                f"{family} cannot express router={router!r} (it needs normalize='before_drop' or "
+                "'after_drop')"
+            )
+        if normalize == "before_drop" and router.second_expert == "random":
+            raise ValueError(
+                f"{family} cannot express second_expert='random' with normalize='before_drop' "
+                "(Hugging Face's router weighs the second expert by its raw probability then)"
+            )
+        out = super().config_fields(replace(router, normalize="after_drop"), family)
+        return out | {"normalize_router_prob_before_dropping": normalize == "before_drop"}
+
+    def setting(self, name: str) -> Any:
+        if name == "normalize":
+            return "`normalize_router_prob_before_dropping`"
+        return super().setting(name)
 
 
 # modeling files of 5.25.0 that define ``load_balancing_loss_func`` (the others train no balance
@@ -147,7 +196,7 @@ class Family:
     router: str = "gate.weight"  # path from the block of the router weight (E, d)
     bias: str | None = None  # path from the block of the selection bias
     # experts: "stacked" (E, 2h, d), (E, d, h); "transposed" (Aria); "dbrx" (rows of w1, v1, w2);
-    # "modules" (one Linear-act-Linear module per expert: Switch)
+    # "modules" (one Linear-act-Linear module per expert: Switch, NLLB-MoE)
     layout: str = "stacked"
     shared: str | None = None  # block attribute of the shared MLP (gate/up/down_proj)
     shared_count: str | None = None  # config field: shared width = count * width
@@ -157,6 +206,16 @@ class Family:
     # Hugging Face's activation name -> minimoe's (gated experts: silu is SwiGLU)
     activations: tuple[tuple[str, str], ...] = (("silu", "swiglu"), ("swish", "swiglu"))
     wrap: str | None = None  # the block takes a model config holding ``config`` in this field
+    # the router jitters a float32 copy of the block's input in place (Switch): the experts see
+    # the jitter only when that input is float32 already (else the block jitters its input)
+    jitter_copy: bool = False
+    jitter_at: str | None = None  # path from the block of the jitter eps its forward reads
+    expert_linears: tuple[str, str] = ("wi", "wo")  # layout "modules": each expert's two Linears
+    expert_bias: bool = False  # the experts' Linears have biases (NLLB-MoE)
+    width_arg: str | None = None  # the block takes the experts' width as this argument
+    # the block's output follows its router's decision (False: a DEFECT; minimoe follows the
+    # router, and the conformance test computes what a correct block would)
+    follows_router: bool = True
     selection: str = ""  # the rule in words where no spec expresses it
     null_experts: str = ""
     trains: str = ""  # beyond the router weight
@@ -172,9 +231,13 @@ def _like(base: Family, name: str, module: str, block: str, config: str, **chang
     return replace(base, name=name, module=module, block=block, config=config, **changes)
 
 
-def _topk(norm: str | None = "norm_topk_prob", k: str = "num_experts_per_tok", **req) -> RouterMap:
-    """Softmax, top-k, renormalized as config field ``norm`` says (None: always)."""
-    return RouterMap(TopK, {k: "k"} | ({norm: "renormalize"} if norm else {}), requires=req)
+def _topk(
+    norm: str | None = "norm_topk_prob", k: str = "num_experts_per_tok", jitter: str | None = None
+) -> RouterMap:
+    """Softmax, top-k, renormalized as config field ``norm`` says (None: always), with the
+    input jitter of config field ``jitter``."""
+    fields_ = {k: "k"} | ({norm: "renormalize"} if norm else {})
+    return RouterMap(TopK, fields_ | ({jitter: "input_jitter"} if jitter else {}))
 
 
 def _score(fields_: dict[str, str], k: str = "num_experts_per_tok", **constants) -> RouterMap:
@@ -199,10 +262,10 @@ _TWO_INPUTS = (
 )
 
 MIXTRAL = Family("Mixtral", "mixtral", "MixtralSparseMoeBlock", "MixtralConfig",
-                 _topk(None, router_jitter_noise=0.0), "num_local_experts", "intermediate_size",
-                 notes="router_jitter_noise: input times U(1 - eps, 1 + eps) in training")  # fmt: skip
+                 _topk(None, jitter="router_jitter_noise"), "num_local_experts",
+                 "intermediate_size", jitter_at="jitter_noise")  # fmt: skip
 OLMOE = _like(MIXTRAL, "OLMoE", "olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig", rule=_topk(),
-              num_experts="num_experts", notes="")  # fmt: skip
+              num_experts="num_experts", jitter_at=None)  # fmt: skip
 QWEN2 = Family("Qwen2-MoE", "qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeConfig", _topk(),
                shared="shared_expert", shared_width="shared_expert_intermediate_size",
                shared_gate="shared_expert_gate")  # fmt: skip
@@ -210,7 +273,7 @@ QWEN3 = _like(QWEN2, "Qwen3-MoE", "qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3M
               shared=None, shared_width=None, shared_gate=None)  # fmt: skip
 GRANITE = _like(MIXTRAL, "Granite-MoE", "granitemoe", "GraniteMoeMoE", "GraniteMoeConfig",
                 rule=_score({}, score="logits", weight="softmax", renormalize=False),
-                router="router.weight", notes="")  # fmt: skip
+                router="router.weight", jitter_at=None)  # fmt: skip
 DSV3 = Family("DeepSeek-V3", "deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config", _DSV3_RULE,
               "n_routed_experts", bias="gate.e_score_correction_bias", shared="shared_experts",
               shared_count="n_shared_experts", trains=_BIAS_TRAINS)  # fmt: skip
@@ -255,14 +318,14 @@ FAMILIES: tuple[Family, ...] = (
     _like(QWEN3, "Lara-mini", "lara_mini", "LaraMiniSparseMoeBlock", "LaraMiniConfig",
           shared="shared_expert", shared_width="shared_expert_intermediate_size"),
     _like(QWEN3, "DBRX", "dbrx", "DbrxFFN", "DbrxFFNConfig",
-          rule=DbrxMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p"},
-                       requires={"moe_jitter_eps": None}),
+          rule=DbrxMap(ScoreTopK, {"moe_top_k": "k", "moe_normalize_expert_weights": "norm_p",
+                                   "moe_jitter_eps": "input_jitter"}),
           num_experts="moe_num_experts", width="ffn_hidden_size", router="router.layer.weight",
           layout="dbrx", act="ffn_act_fn.name", wrap="ffn_config",
           notes="p unset: undivided; a block is built from a DbrxConfig's ffn_config (to_hf's "
-          "like=); DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass d_model; "
-          "a DEFECT: the router's training-time jitter (moe_jitter_eps) scales the block's input "
-          "in place, so the experts see it too"),
+          "like=); DbrxConfig(hidden_size=h) leaves ffn_config.hidden_size at 2048: pass "
+          "d_model; a DEFECT: its router jitters the block's input in place, so the experts see "
+          "the jitter (megablocks' router jitters a copy)"),
     # softmax with a selection bias
     _like(QWEN3, "ERNIE-4.5-MoE", "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock",
           "Ernie4_5_MoeConfig", rule=_score({"moe_norm_min": "norm_min"}, selection_bias=True),
@@ -361,7 +424,8 @@ FAMILIES: tuple[Family, ...] = (
           bias="e_score_correction_bias", shared_count="num_shared_experts"),
     _like(DSV3, "MiniMax-M2", "minimax_m2", "MiniMaxM2SparseMoeBlock", "MiniMaxM2Config",
           rule=replace(SIGMOID_BIAS, constants={"score": "sigmoid", "selection_bias": True},
-                       requires={"router_jitter_noise": 0.0}),
+                       fields={"num_experts_per_tok": "k", "router_jitter_noise": "input_jitter"}),
+          jitter_at="jitter_noise",
           num_experts="num_local_experts", width="intermediate_size",
           bias="e_score_correction_bias", shared=None, shared_count=None),
     _like(DSV3, "MiniMax-M3-VL", "minimax_m3_vl", "MiniMaxM3VLSparseMoeBlock",
@@ -427,12 +491,14 @@ FAMILIES: tuple[Family, ...] = (
     # other rules
     _like(MIXTRAL, "PhiMoE", "phimoe", "PhimoeSparseMoeBlock", "PhimoeConfig",
           rule=RouterMap(SparseMixer, {"router_jitter_noise": "jitter_eps",
-                                       "input_jitter_noise": "input_jitter"}, {"k": 2},
+                                       "input_jitter_noise": "input_jitter"},
+                         {"k": 2, "jitter_draws": 2},
                          {"num_experts_per_tok": 2}),  # its code routes two rounds, whatever k
-          router="router.weight", trains="experts sampled (Gumbel), Heun's-method gradient",
-          notes="in training too, with the same seed the same experts and weights; its input "
-          "jitter becomes input_jitter: routes at evaluation, refuses to train (a DEFECT: block "
-          "and router both scale the input in place, so the experts see it scaled twice)"),
+          router="router.weight", trains="Heun's-method gradient for the sampled experts",
+          jitter_at="input_jitter_noise",
+          notes="in training too, with the same seed the same experts and weights; a DEFECT: "
+          "block and router both jitter the input in place (jitter_draws=2): router and experts "
+          "see it jittered twice"),
     _like(QWEN3, "Zaya", "zaya", "ZayaSparseMoeBlock", "ZayaConfig", rule=None,
           selection="MLP router with states carried across layers, softmax, + bias, top-k",
           null_experts="1 skip expert (bias -1): weight dropped",
@@ -446,21 +512,32 @@ FAMILIES: tuple[Family, ...] = (
           width="d_ff", router="router.classifier.weight", layout="modules", act="dense_act_fn",
           activations=(("relu", "relu"), ("gelu", "gelu")),
           trains="capacity drops tokens; a router z-loss",
-          notes="its router jitter becomes input_jitter: routes at evaluation, refuses to train "
-          "(a DEFECT: in float32 it scales the block's input in place, the experts' too); "
-          "experts with dropout are refused; the loss coefficients are the model's, not the "
-          "block's: MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
+          jitter_copy=True,
+          notes="a DEFECT: its router jitters its float32 copy of the input in place, which in a "
+          "float32 block is the block's input: the experts see the jitter too; experts with "
+          "dropout are refused; the loss coefficients are the model's, not the block's: "
+          "MoEConfig(z_coef=router_z_loss_coef, balance_coef=router_aux_loss_coef)"),
     _like(QWEN3, "NLLB-MoE", "nllb_moe", "NllbMoeSparseMLP", "NllbMoeConfig",
-          rule=RouterMap(CapacityTopK, {"expert_capacity": "expert_capacity",
-                                        "moe_eval_capacity_token_fraction":
-                                        "eval_capacity_fraction"}, {"k": 2},
-                         {"second_expert_policy": "all", "batch_prioritized_routing": False,
-                          "normalize_router_prob_before_dropping": False}),
-          refuse="experts are Linear-relu-Linear modules with biases; and a DEFECT: they one-hot "
-          "the 0/1 routing mask as if it held expert indices (expert 1 runs every first "
-          "choice, expert 0 every other pair), so the block ignores its router",
+          rule=NllbMap(CapacityTopK, {"expert_capacity": "expert_capacity",
+                                      "moe_eval_capacity_token_fraction":
+                                      "eval_capacity_fraction",
+                                      "second_expert_policy": "second_expert",
+                                      "batch_prioritized_routing": "batch_prioritized"}, {"k": 2},
+                       {"router_bias": False, "router_dtype": "float32",
+                        "moe_token_dropout": 0.0, "activation_dropout": 0.0}),
+          router="router.classifier.weight", layout="modules", expert_linears=("fc1", "fc2"),
+          expert_bias=True, width_arg="ffn_dim", act="activation_function",
+          activations=(("relu", "relu"), ("gelu", "gelu")), follows_router=False,
           trains="capacity drops tokens; no z-loss (its coefficient is read, unused)",
-          notes="second expert sampled or random in training (second_expert_policy); a DEFECT: "
-          "its router stores the evaluation capacity in expert_capacity, and training keeps it"),
+          notes="a DEFECT: its experts one-hot the 0/1 routing mask as if it held expert indices "
+          "(expert 1 runs every first choice, expert 0 every other pair), so the block's output "
+          "ignores its router: minimoe follows the router; a DEFECT: with second_expert_policy "
+          "'sampling' its router adds the Gumbel noise to the logits it returns, in place, so "
+          "the balance loss reads noisy logits; a DEFECT: its router stores the evaluation "
+          "capacity in expert_capacity, and training keeps it: "
+          "from_hf reads the capacity the router holds now; a DEFECT, refused: 'random' with "
+          "normalize_router_prob_before_dropping weighs and keeps the second expert by its raw "
+          "probability; moe_token_dropout > 0 is refused; padding tokens take no slots in HF's "
+          "router, in minimoe's they do"),
 )
 # fmt: on

@@ -15,22 +15,29 @@ Weights (most families keep their routed experts stacked; s the shared width):
     experts.down             (E, d, h)    experts.down_proj                              (Aria: T)
                                           DBRX: experts.mlp.w1, v1 (E h, d) gate, up; w2 (E h, d) = T
                                           Switch: experts.expert_<e>.wi (h, d), wo (d, h): ungated
+                                          NLLB-MoE: experts.expert_<e>.fc1 (h, d), fc2 (d, h)
+    experts.gate_up_bias     (E, h)       NLLB-MoE: experts.expert_<e>.fc1.bias
+    experts.down_bias        (E, d)       NLLB-MoE: experts.expert_<e>.fc2.bias
     shared.gate_up[0]        (2s, d)      <shared>.gate_proj; up_proj   (s, d) each
     shared.down[0]           (d, s)       <shared>.down_proj
     shared_gate.weight       (1, d)       shared_expert_gate.weight        Qwen2-MoE and relatives
     router_state.bias        (E,)         the family's selection bias (e_score_correction_bias...)
     activation="swiglu"                   hidden_act="silu" (DBRX: ffn_act_fn={"name": "silu"})
-    activation="relu" or "gelu"           Switch: dense_act_fn, the same name
+    activation="relu" or "gelu"           Switch: dense_act_fn, NLLB-MoE: activation_function
 
 Both sides compute y = sum_{i in S} g_i down_i(silu(gate_i x) * up_i x) (+ the shared expert),
 so in float32 the outputs agree to rounding. In lower precision they differ slightly: several
 families take the router matmul in the input dtype (minimoe in float32), and HF multiplies expert
 outputs by the weights before casting (minimoe casts the weights to the expert dtype first).
 A block returns only its output; its routing is its router's output. Training-time input jitter
-has no minimoe counterpart: blocks with it are refused, except Switch's, whose router keeps it
-(``CapacityTopK.input_jitter``) and refuses to train; blocks with dropout are refused. DBRX and
-Switch blocks keep no config: ``from_hf`` rebuilds one from their modules. Selection-bias update
-rules are not part of any block: ``from_hf`` keeps the spec's default ``bias_rate``.
+(Mixtral, MiniMax, MiniMax-M2, DBRX, Switch, PhiMoE) is the router's ``input_jitter``: in training
+the layer multiplies its tokens by U(1 - eps, 1 + eps) drawn as Hugging Face draws, so under one
+seed a converted layer trains as the block does; ``jitter_experts`` says whether the experts see
+the jitter, as they do in every such block, except Switch's outside float32 (its router jitters
+a float32 copy). Blocks with dropout are refused. DBRX, Switch and NLLB-MoE blocks keep no
+config: ``from_hf`` rebuilds one from their modules. Selection-bias update rules are not part of
+any block: ``from_hf`` keeps the spec's default ``bias_rate``. NLLB-MoE's block does not follow
+its own router (a defect of its experts' code): its conversion follows the router's decision.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -157,7 +165,28 @@ def _switch_config(block: nn.Module, family: Family) -> Any:
     )
 
 
-_REBUILD = {"dbrx": _dbrx_config, "switch_transformers": _switch_config}
+def _nllb_config(block: nn.Module, family: Family) -> Any:
+    router, first = block.router, block.experts["expert_0"]
+    return _classes(family)[0](
+        d_model=first.fc1.in_features,
+        encoder_ffn_dim=first.fc1.out_features,
+        decoder_ffn_dim=first.fc1.out_features,
+        num_experts=router.num_experts,
+        expert_capacity=router.expert_capacity,  # as the router holds it now (see the table)
+        router_bias=router.classifier.bias is not None,
+        router_dtype=str(router.dtype).removeprefix("torch."),
+        router_ignore_padding_tokens=router.router_ignore_padding_tokens,
+        second_expert_policy=router.second_expert_policy,
+        normalize_router_prob_before_dropping=router.normalize_router_prob_before_dropping,
+        batch_prioritized_routing=router.batch_prioritized_routing,
+        moe_eval_capacity_token_fraction=router.moe_eval_capacity_token_fraction,
+        moe_token_dropout=block.experts.moe_token_dropout,
+        activation_function=_act_name(first.act, family),
+        activation_dropout=first.dropout.p,
+    )
+
+
+_REBUILD = {"dbrx": _dbrx_config, "switch_transformers": _switch_config, "nllb_moe": _nllb_config}
 
 
 def _activation(config: Any, family: Family) -> str:
@@ -193,8 +222,9 @@ def _expert_sizes(block: nn.Module, family: Family) -> tuple[int, int, int, Tens
         ex = block.experts
         return ex.num_experts, ex.ffn_hidden_size, ex.hidden_size, ex.mlp.w1
     if family.layout == "modules":
-        wi = block.experts["expert_0"].wi.weight  # (h, d)
-        return len(block.experts), wi.shape[0], wi.shape[1], wi
+        wi = getattr(block.experts["expert_0"], family.expert_linears[0]).weight  # (h, d)
+        E = sum(name.startswith("expert_") for name in block.experts.keys())  # NLLB: + dropout
+        return E, wi.shape[0], wi.shape[1], wi
     w = block.experts.gate_up_proj  # (E, 2h, d); Aria (E, d, 2h)
     E, a, b = w.shape
     return (E, b // 2, a, w) if family.layout == "transposed" else (E, a // 2, b, w)
@@ -212,11 +242,14 @@ def _expert_pairs(moe: MoE, block: nn.Module, family: Family) -> list[tuple[Tens
             (down, split(mlp.w2).transpose(1, 2)),
         ]
     if family.layout == "modules":
-        return [
-            pair
-            for e, mlp in enumerate(block.experts.values())
-            for pair in ((gate_up[e], mlp.wi.weight), (down[e], mlp.wo.weight))
-        ]
+        ex, first, second = moe.experts, *family.expert_linears
+        mlps = [block.experts[f"expert_{e}"] for e in range(moe.config.num_experts)]
+        pairs = [(gate_up[e], getattr(m, first).weight) for e, m in enumerate(mlps)]
+        pairs += [(down[e], getattr(m, second).weight) for e, m in enumerate(mlps)]
+        if ex.gate_up_bias is not None:
+            pairs += [(ex.gate_up_bias[e], getattr(m, first).bias) for e, m in enumerate(mlps)]
+            pairs += [(ex.down_bias[e], getattr(m, second).bias) for e, m in enumerate(mlps)]
+        return pairs
     w, v = block.experts.gate_up_proj, block.experts.down_proj
     if family.layout == "transposed":
         w, v = w.transpose(1, 2), v.transpose(1, 2)
@@ -267,12 +300,12 @@ def from_hf(block: nn.Module) -> MoE:
     _refuse_family(family)
     config = _config_of(block, family)
     activation = _activation(config, family)
-    if getattr(block, "jitter_noise", 0):
-        raise ValueError(
-            f"minimoe has no router jitter; the block has jitter_noise={block.jitter_noise}"
-        )
     E, h, d, weight = _expert_sizes(block, family)
     router = family.rule.router(config, family.name)
+    if family.jitter_at is not None:  # what the block's forward reads, not its config's copy
+        router = replace(router, input_jitter=float(_get(block, family.jitter_at)))
+    if getattr(router, "input_jitter", 0.0):
+        router = replace(router, jitter_experts=_jitter_experts(family, weight.dtype))
     groups = getattr(router, "n_group", 1)
     if groups > 1 and getattr(router, "group_score", "top2_sum") == "top2_sum" and E // groups < 2:
         # HF scores a group by its two best experts (topk(2)): its own forward fails on this block
@@ -291,6 +324,7 @@ def from_hf(block: nn.Module) -> MoE:
         activation=activation,
         shared_hidden=shared,
         shared_gate=family.shared_gate is not None and shared > 0,
+        expert_bias=family.expert_bias,
     )
     moe = MoE(moe_config).to(device=weight.device, dtype=weight.dtype)
     moe.gate.to(_get(block, family.router).dtype)
@@ -300,6 +334,20 @@ def from_hf(block: nn.Module) -> MoE:
         moe.router_state.to(_get(block, family.bias).dtype)  # e.g. float32 in bf16 checkpoints
     _copy(_pairs(moe, block, family))
     return moe
+
+
+def _jitter_experts(family: Family, dtype: torch.dtype) -> bool:
+    """Whether ``family``'s block in ``dtype`` runs its experts on the jittered tokens: each block
+    with jitter multiplies its own input in place (or its router does), except Switch's router,
+    which jitters its float32 copy: the block's input itself only when that is float32."""
+    return not family.jitter_copy or dtype == torch.float32
+
+
+def _check_jitter(moe: MoE, family: Family) -> None:
+    r, dtype = moe.config.router, moe.experts.gate_up.dtype
+    if getattr(r, "input_jitter", 0.0) and r.jitter_experts != _jitter_experts(family, dtype):
+        needs = f"jitter_experts={not r.jitter_experts} with {dtype} experts"
+        raise _refuse(family, "jitter_experts", r.jitter_experts, needs)
 
 
 def _refuse(family: Family, name: str, value: Any, needs: str) -> ValueError:
@@ -335,11 +383,11 @@ def _config_fields(c: MoEConfig, family: Family) -> dict[str, Any]:
     grouped = getattr(r, "n_group", 1) > 1 and getattr(r, "group_score", "top2_sum") != "max"
     if grouped and c.num_experts // r.n_group < 2:  # HF scores a group by its two best experts
         raise _refuse(family, "n_group", r.n_group, "at least 2 experts per group")
-    structure = {
-        "hidden_size": c.d_model,
-        family.width: c.d_hidden,
-        family.num_experts: c.num_experts,
-    }
+    if c.expert_bias != family.expert_bias:
+        raise _refuse(family, "expert_bias", c.expert_bias, f"expert_bias={family.expert_bias}")
+    structure = {"hidden_size": c.d_model, family.num_experts: c.num_experts}
+    if family.width_arg is None:  # else the block takes the width as an argument
+        structure[family.width] = c.d_hidden
     return structure | _act_fields(family, c.activation) | _shared_fields(c, family) | fields
 
 
@@ -351,6 +399,7 @@ def _to_family(
         raise TypeError(f"moe must be a minimoe MoE, got {type(moe).__name__}")
     _refuse_family(family)
     fields = _config_fields(moe.config, family)
+    _check_jitter(moe, family)
     config_cls, block_cls = _classes(family)
     if config is None:
         config = config_cls(**fields, experts_implementation=implementation)
@@ -362,7 +411,8 @@ def _to_family(
     w = moe.experts.gate_up
     # DBRX's block takes the model config: its FFN config is the only field it reads
     built = config if family.wrap is None else SimpleNamespace(**{family.wrap: config})
-    block = block_cls(built).to(device=w.device, dtype=w.dtype)  # uninitialised until _copy
+    width = {} if family.width_arg is None else {family.width_arg: moe.config.d_hidden}
+    block = block_cls(built, **width).to(device=w.device, dtype=w.dtype)  # set by _copy below
     router_path = family.router.rsplit(".", 1)[0]
     _get(block, router_path).to(moe.gate.weight.dtype)
     if hasattr(moe.router_state, "bias"):  # the bias keeps its own dtype (float32 usually)

@@ -42,6 +42,7 @@ from minimoe.routing import (
     TopK,
     check_experts,
     check_routing,
+    jittered,
     library_router,
     router_columns,
     router_from_dict,
@@ -76,6 +77,7 @@ class MoEConfig:
     activation: str = "swiglu"  # "swiglu" | "gelu" | "relu"
     shared_hidden: int = 0  # width of the shared expert, run on every token; 0 = none
     shared_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(w^T x)
+    expert_bias: bool = False  # the routed experts' projections add biases (NLLB-MoE)
     balance_coef: float = 1e-2  # alpha of the load-balance loss
     z_coef: float = 1e-3  # ST-MoE router z-loss
     balance_count: str | None = None  # "first" (Switch) | "selected" (Top-P); None: the router's
@@ -111,6 +113,7 @@ class MoEConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_int("shared_hidden", self.shared_hidden, 0)
         check_bool("shared_gate", self.shared_gate)
+        check_bool("expert_bias", self.expert_bias)
         if self.shared_gate and not self.shared_hidden:
             raise ValueError("shared_gate=True needs a shared expert: set shared_hidden > 0")
         expert_capacity(1, 1, self.capacity_factor)  # validates capacity_factor
@@ -301,7 +304,11 @@ class MoE(nn.Module):
         self._init_router_state()
         self._stale_steps = 0  # training forwards since the router state last updated
         self.experts = Experts(
-            num_experts=E, d_model=d, d_hidden=config.d_hidden, activation=config.activation
+            num_experts=E,
+            d_model=d,
+            d_hidden=config.d_hidden,
+            activation=config.activation,
+            bias=config.expert_bias,
         )
         # built after the routed experts: configs without them draw the same initial weights
         self.shared = (
@@ -369,6 +376,7 @@ class MoE(nn.Module):
             "activation",
             "shared_hidden",
             "shared_gate",
+            "expert_bias",
         ):
             if getattr(new, name) != getattr(self.config, name):
                 raise ValueError(
@@ -457,11 +465,11 @@ class MoE(nn.Module):
             raise ValueError(
                 f"MoE expects inputs of shape (..., d_model={c.d_model}), got {tuple(x.shape)}"
             )
-        tokens = x.reshape(-1, c.d_model)  # (T, d)
+        tokens, routed = self._jitter(x.reshape(-1, c.d_model))  # (T, d) experts', router's
         # (B, L, d): rules per sequence (GW's slot cap, the sequence-wise loss)
         seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] else None
         ids = None if token_ids is None else token_ids.reshape(-1)
-        routing = self.route(tokens, seq_len, ids)
+        routing = self.route(routed, seq_len, ids)
         grid = routing  # every position: the sequence-wise loss counts per sequence
         valid = None if mask is None else _token_mask(mask, x)  # (T,) True: a real token
         if valid is not None:  # boolean selection: a data-dependent size (a graph break)
@@ -511,6 +519,21 @@ class MoE(nn.Module):
         hook = getattr(self.config.router, "balance_weights", None)
         eta = hook(self.config.num_experts) if hook is not None else None
         return None if eta is None else eta.to(self.gate.weight.device)
+
+    def _jitter(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(the experts' tokens, the router's tokens). In training, a router with
+        ``input_jitter`` eps > 0 reads its tokens times U(1 - eps, 1 + eps) (``jittered``);
+        with ``jitter_experts`` the experts (and a shared expert) run on them too, as in Hugging
+        Face's blocks; without, the router alone jitters its float32 copy (Switch's router)."""
+        router = self.config.router
+        eps = getattr(router, "input_jitter", 0.0)
+        if not (eps and self.training):
+            return tokens, tokens
+        draws = getattr(router, "jitter_draws", 1)
+        if getattr(router, "jitter_experts", True):
+            tokens = jittered(tokens, eps, draws)
+            return tokens, tokens
+        return tokens, jittered(tokens.float(), eps, draws)
 
     def _shared_output(self, tokens: Tensor) -> Tensor:
         """(T, d) -> (T, d) the shared expert on every token, in the tokens' dtype."""

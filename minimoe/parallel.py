@@ -274,6 +274,10 @@ class ExpertParallelMoE(MoE):
     """
 
     def __init__(self, config: MoEConfig, group: Group = None):
+        if config.expert_bias:  # a setting: refused before the process group is asked for
+            raise ValueError(
+                "ExpertParallelMoE shards expert weights without biases: expert_bias=True"
+            )
         _rank_and_world(group)
         config = replace(config, dispatch="sorted")  # the loop path runs experts one at a time
         _check_same_config(config, group)

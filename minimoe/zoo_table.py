@@ -21,6 +21,7 @@ COLUMNS = (
     "scaling",
     "shared expert",
     "null / identity experts",
+    "training noise",
     "what HF trains",
     "HF balance loss",
     "converts",
@@ -39,8 +40,10 @@ A `config field` in backticks means the family's config sets it. The minimoe spe
 (PhiMoE, sampled in training as Hugging Face samples); hash routing (DeepSeek-V4's first layers)
 is `HashTopK`. Each converting family is tested in `tests/test_families.py`: same experts,
 weights, outputs and router gradients in float32, and an exact round trip; what is particular to
-a family (training-time sampling, refused jitter, Hugging Face's own losses, its defects) in
-`tests/test_family_specifics.py`. A DEFECT in a row is a Hugging Face bug that a test shows.
+a family (training-time sampling and input jitter, Hugging Face's own losses, its defects) in
+`tests/test_family_specifics.py`. Training noise converts too: input jitter is the router's
+`input_jitter`, drawn as Hugging Face draws it, so under one seed a converted layer trains as
+the block does. A DEFECT in a row is a Hugging Face bug that a test shows.
 
 What Hugging Face's training code does, for every row with a balance loss in the last column
 but one (the DeepSeek-V3 relatives have none):
@@ -72,11 +75,17 @@ def _rule_columns(rule: RouterMap, family: Family) -> dict[str, str]:
     if rule.spec is CapacityTopK:
         capacity = f"capacity {_text(s('expert_capacity'))} slots per expert"
         per = ", per sequence" if s("per_sequence") is True else ""
-        normalize = {"none": "none (g = P)", "after_drop": "over the kept pairs"}
+        prioritized = s("batch_prioritized")
+        if isinstance(prioritized, str):
+            per += f", the most confident tokens first if {prioritized}"
+        norm = s("normalize")
+        normalize = {"none": "none (g = P)", "after_drop": "over the kept pairs"}.get(
+            norm, f"over the chosen before the drops if {norm}, else over the kept pairs"
+        )
         return {
             "score": "softmax",
             "selection": f"top-{_text(s('k'))}, {capacity}{per}, first choices first",
-            "normalization": normalize.get(s("normalize"), _text(s("normalize"))),
+            "normalization": normalize,
             "bias": "none",
             "groups": "none",
             "scaling": "1",
@@ -157,6 +166,8 @@ def describe(family: Family) -> dict[str, str]:
                     f"{_text(count)} {what}" + (" (output g x)" if what == "identity" else "")
                 )
     converts = "yes" if family.converts else f"no: {family.refuse}"
+    if family.converts and not family.follows_router:
+        converts += ", to its router's decision (its block's output does not follow it)"
     if family.notes:
         converts += f" ({family.notes})"
     trains = "router W" + (f"; {family.trains}" if family.trains else "")
@@ -166,11 +177,32 @@ def describe(family: Family) -> dict[str, str]:
         | {
             "shared expert": shared,
             "null / identity experts": "; ".join(extra) or family.null_experts or "none",
+            "training noise": _noise(family),
             "what HF trains": trains,
             "HF balance loss": _balance_loss(family),
             "converts": converts,
         }
     )
+
+
+def _noise(family: Family) -> str:
+    """The randomness of the family's routing in training: input jitter, sampled experts."""
+    rule, out = family.rule, []
+    if rule is None:
+        return "none"
+    by_field = {spec: cfg for cfg, spec in rule.fields.items()}
+    if "input_jitter" in by_field:
+        twice = " twice" if rule.setting("jitter_draws") == 2 else ""
+        who = "the router (the experts too in float32)" if family.jitter_copy else "router, experts"
+        out.append(f"input times U(1 ± `{by_field['input_jitter']}`){twice}: {who}")
+    if rule.spec is SparseMixer:
+        out.append("experts sampled (Gumbel)")
+    if "second_expert" in by_field:
+        out.append(
+            f"second expert sampled or kept at random as `{by_field['second_expert']}` says, "
+            "at evaluation too"
+        )
+    return "; ".join(out) or "none"
 
 
 def _balance_loss(family: Family) -> str:

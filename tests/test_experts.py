@@ -56,6 +56,27 @@ def test_relu_expert_is_switchs_linear_relu_linear():
     assert _max_diff(grouped[3:], experts.dense(x)[3:, 2]) < TOL
 
 
+def test_relu_expert_with_biases_is_nllbs_linear_relu_linear():
+    """NLLB-MoE's experts: relu(x W1^T + b1) W2^T + b2; the grouped call (one matmul per
+    expert with biases) and the layer's two dispatch paths agree with it."""
+    torch.manual_seed(0)
+    experts = Experts(num_experts=3, d_model=8, d_hidden=16, activation="relu", bias=True).double()
+    x = torch.randn(9, 8, dtype=torch.float64)
+    for e in range(3):
+        w_in, w_out = experts.gate_up[e].detach().T, experts.down[e].detach().T  # (d, h), (h, d)
+        b_in, b_out = experts.gate_up_bias[e].detach(), experts.down_bias[e].detach()
+        assert b_in.abs().min() > 0  # initialised, as nn.Linear's
+        want = (x @ w_in + b_in).clamp_min(0) @ w_out + b_out
+        assert _max_diff(experts.expert(e, x), want) < TOL
+    grouped = experts.grouped(x, torch.tensor([3, 0, 6]))  # as under torch.compile: the loop
+    assert _max_diff(grouped[:3], experts.dense(x)[:3, 0]) < TOL
+    assert _max_diff(grouped[3:], experts.dense(x)[3:, 2]) < TOL
+    grouped.sum().backward()
+    assert experts.down_bias.grad[1].abs().sum() == 0 and experts.down_bias.grad[2].abs().min() > 0
+    with pytest.raises(TypeError, match="bias"):
+        Experts(num_experts=3, d_model=8, d_hidden=16, bias=1)
+
+
 def test_swiglu_expert_is_silu_gate_times_up_then_down():
     experts = _experts("swiglu")
     x = torch.randn(7, 8, dtype=torch.float64)

@@ -425,6 +425,11 @@ def test_training_matches_single_process(two_ranks, tmp_path):
     )
 
 
+def test_expert_biases_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="expert_bias=True"):
+        ExpertParallelMoE(MoEConfig(activation="relu", expert_bias=True))
+
+
 def test_not_initialised_is_a_clear_error():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="initialised process group"):

@@ -15,12 +15,15 @@ from minimoe.routing import (
     HashTopK,
     ScoreTopK,
     SparseMixer,
+    TopK,
     capacity_top_k,
     hash_top_k,
+    jittered,
     score_top_k,
     sparse_mixer,
     top_k,
 )
+from minimoe.routing.sparsemixer import exponential_at
 
 
 def rand(*shape, seed=0):
@@ -138,6 +141,45 @@ def test_capacity_counts_first_choices_first_per_sequence():
     assert two.weights[0].tolist() == pytest.approx(torch.softmax(logits[0], 0).tolist())
 
 
+def test_capacity_by_priority_gives_the_slots_to_the_most_confident_tokens():
+    logits = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0]])  # all prefer expert 0, one slot
+    in_order = capacity_top_k(logits, 1, capacity=1, normalize="none")
+    by_priority = capacity_top_k(logits, 1, capacity=1, normalize="none", prioritized=True)
+    assert in_order.mask[:, 0].tolist() == [True, False, False]
+    assert by_priority.mask[:, 0].tolist() == [False, True, False]  # P_max 0.95 > 0.88 > 0.73
+    two = capacity_top_k(logits, 1, capacity=2, normalize="none", prioritized=True)
+    assert two.mask[:, 0].tolist() == [False, True, True]
+
+
+def test_nllbs_second_expert_policies():
+    """'sampling': the second is drawn from the softmax of the other logits (Gumbel-max), its
+    weight still its P; 'random': kept with probability min(1, 2 g), g its weight before the drops
+    (P_2, or P_2 / (P_1 + P_2) normalized first). 4000 copies of one token, no capacity limit."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).expand(4000, 4)
+    p = logits[0].softmax(0)
+    torch.manual_seed(0)
+    sampled = capacity_top_k(logits, 2, capacity=4000, second="sampling")
+    assert sampled.mask[:, 0].all()  # the first is the best, always
+    share = sampled.mask[:, 1:].float().mean(0)
+    want = logits[0, 1:].softmax(0)
+    assert ((share - want).abs() <= 4 * (want * (1 - want) / 4000).sqrt()).all(), (share, want)
+    picked = sampled.mask.clone()
+    picked[:, 0] = False
+    e = picked.float().argmax(1)
+    torch.testing.assert_close(sampled.weights[:, 0], p[0] / (p[0] + p[e]))
+    for normalize, g in (("after_drop", p[1]), ("before_drop", p[1] / (p[0] + p[1]))):
+        kept = capacity_top_k(logits, 2, capacity=4000, normalize=normalize, second="random")
+        rate, want = kept.mask[:, 1].float().mean(), min(1.0, 2 * g)
+        assert abs(rate - want) <= 4 * (want * (1 - want) / 4000) ** 0.5, (normalize, rate, want)
+        alone = ~kept.mask[:, 1]  # dropped at random: the first's weight as normalized
+        first = 1.0 if normalize == "after_drop" else float(p[0] / (p[0] + p[1]))
+        torch.testing.assert_close(kept.weights[alone, 0], torch.full((int(alone.sum()),), first))
+    with pytest.raises(ValueError, match="second_expert='random' .* k=2, got k=1"):
+        CapacityTopK(k=1, second_expert="random")
+    with pytest.raises(ValueError, match="second"):
+        capacity_top_k(logits, 2, 8, second="best")
+
+
 def test_capacity_renormalizes_after_the_drop():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 2.0, -1.0], [2.0, 1.0, -1.0]])
     after = capacity_top_k(logits, 2, capacity=1)  # token 2 loses both experts
@@ -200,6 +242,90 @@ def test_sparse_mixer_draws_from_the_generator_it_is_given():
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weights, b.weights)
     greedy = SparseMixer(jitter_eps=0.5, sample_in_training=False)
     assert torch.equal(greedy(logits, training=True).mask, sparse_mixer(logits, 2, 0.5).mask)
+
+
+def test_sparse_mixer_draws_exponential_numbers_bit_for_bit():
+    """On CPU the Gumbel draws skip torch's serial ``exponential_`` kernel (float64 uniforms, a
+    vectorized log1p, only at the candidates): the same float32 numbers, a million of them,
+    and the generator left where the kernel leaves it."""
+    shape = (4096, 256)
+    kernel, fast = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    expected = torch.empty(shape).exponential_(generator=kernel)
+    every = torch.ones(shape, dtype=torch.bool).nonzero(as_tuple=True)
+    assert torch.equal(exponential_at(shape, every, fast), expected.flatten())
+    assert torch.equal(torch.rand(4, generator=fast), torch.rand(4, generator=kernel))
+    some = (rand(*shape) > 1.5).nonzero(as_tuple=True)  # the candidates only
+    assert torch.equal(
+        exponential_at(shape, some, torch.Generator().manual_seed(3)), expected[some]
+    )
+
+
+# ---- input jitter: a router option the layer applies in training ---------------------------
+
+
+def test_jitter_by_hand():
+    """x times U(1 - eps, 1 + eps) per element, drawn as Hugging Face's blocks draw it (one
+    ``uniform_`` of x's shape per draw, torch's global generator): 2 draws, eps 0.5."""
+    x = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
+    torch.manual_seed(0)
+    u1 = torch.empty(2, 2).uniform_(0.5, 1.5)
+    u2 = torch.empty(2, 2).uniform_(0.5, 1.5)
+    torch.manual_seed(0)
+    assert torch.equal(jittered(x, 0.5, draws=2), x * u1 * u2)
+    assert ((jittered(x, 0.5) / x - 1).abs() <= 0.5).all()
+    assert torch.equal(jittered(x, 0.0), x)
+
+
+def jitter_layer(**router) -> MoE:
+    torch.manual_seed(0)
+    return MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=TopK(**router)))
+
+
+@pytest.mark.parametrize("experts_see_it", [True, False])
+def test_jitter_in_training_only_and_who_sees_it(experts_see_it):
+    """The router always reads the jittered tokens; the experts too with ``jitter_experts``.
+    Written out: y = sum_e g_e(jittered x) Expert_e(x or jittered x)."""
+    moe = jitter_layer(input_jitter=0.3, jitter_experts=experts_see_it)
+    plain = jitter_layer()
+    x = rand(2, 6, 8)
+    torch.manual_seed(4)
+    out = moe(x)
+    torch.manual_seed(4)
+    noisy = jittered(x.reshape(12, 8), 0.3)
+    routing = plain.route(noisy)
+    assert torch.equal(out.routing.mask, routing.mask)
+    torch.testing.assert_close(out.routing.weights, routing.weights)
+    runs = plain.experts.dense(noisy if experts_see_it else x.reshape(12, 8))  # (T, E, d)
+    by_hand = (routing.weights[:, :, None] * runs).sum(1)
+    torch.testing.assert_close(out.output.reshape(12, 8), by_hand, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(out.routing.weights, plain(x).routing.weights)  # the jitter acts
+    assert torch.equal(moe.eval()(x).output, plain.eval()(x).output)  # and not at evaluation
+
+
+def test_gw_broadcast_jitters_as_its_base():
+    base = TopK(input_jitter=0.3, jitter_experts=False)
+    gw = routing.GWBroadcast(base, threshold=0.99)  # no token is that uncertain
+    x = rand(2, 6, 8)
+    outs = []
+    for router in (base, gw):
+        moe = jitter_layer()
+        moe.replace_config(router=router)
+        torch.manual_seed(4)
+        outs.append(moe(x).output)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_jitter_same_seed_same_numbers():
+    moe = jitter_layer(input_jitter=0.3)
+    x = rand(2, 6, 8)
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        out = moe(x)
+        (grad,) = torch.autograd.grad(out.output.sum() + out.aux_loss, moe.gate.weight)
+        runs.append((out.output, grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])
 
 
 def test_hash_routing_reads_the_table():
@@ -281,8 +407,12 @@ def test_refusals_name_the_field():
         SparseMixer(input_jitter=-0.1)
     with pytest.raises(TypeError, match="sample_in_training"):
         SparseMixer(sample_in_training="yes")
-    with pytest.raises(ValueError, match=r"CapacityTopK\(input_jitter=0.01\) cannot train"):
-        CapacityTopK(input_jitter=0.01)(rand(4, 4), training=True)
+    with pytest.raises(ValueError, match="input_jitter=-0.1"):
+        TopK(input_jitter=-0.1)
+    with pytest.raises(TypeError, match="jitter_experts='no'"):
+        ScoreTopK(input_jitter=0.1, jitter_experts="no")
+    with pytest.raises(ValueError, match="jitter_draws=0"):
+        SparseMixer(input_jitter=0.1, jitter_draws=0)
     with pytest.raises(ValueError, match="norm_p"):
         score_top_k(rand(4, 8), 2, norm_p=0.0)
     with pytest.raises(ValueError, match="n_group=3"):

@@ -43,3 +43,9 @@ def test_hand_checked_rows():
     assert rows["DeepSeek-V2"]["groups"].endswith("by max")
     assert "DEFECT" in rows["NLLB-MoE"]["converts"]
     assert rows["Qwen2-MoE"]["shared expert"].startswith("sigmoid-gated")
+    assert rows["Mixtral"]["training noise"] == (
+        "input times U(1 ± `router_jitter_noise`): router, experts"
+    )
+    assert "twice" in rows["PhiMoE"]["training noise"]
+    assert "float32" in rows["Switch"]["training noise"]
+    assert rows["OLMoE"]["training noise"] == "none"

@@ -44,6 +44,11 @@ the length of the sequences the T tokens were flattened from (None: one sequence
   trained with the router, frozen with it); they come in ``state=`` beside the buffers;
 - ``router_input(tokens, state) -> Tensor``: a transform of the (T, d) float32 tokens before the
   router's matmul (Gemma 4 RMS-norms them and multiplies by a learned scale);
+- ``input_jitter`` (eps, default 0), ``jitter_experts`` (default True), ``jitter_draws``
+  (default 1): in training the layer multiplies its tokens by U(1 - eps, 1 + eps) per element
+  (``jittered``, drawn as Hugging Face draws) before the router; with ``jitter_experts`` the
+  experts run on the jittered tokens too (Mixtral's, DBRX's, PhiMoE's blocks), else only the
+  router reads them (the Switch paper's router jitter);
 - ``batch_measure(routing) -> Tensor``: what the router's ``update_state`` needs from the step's
   tokens beyond the counts (expert threshold routing: the logits its cutoffs are read from); the
   layer computes it without gradient and passes it in ``MoEStats.router_measure``. Under expert
@@ -88,6 +93,7 @@ from minimoe.routing.core import (
     entropy,
     first_choice,
     is_uncertain,
+    jittered,
     library_router,
     normalized_entropy,
     router_columns,
@@ -156,6 +162,7 @@ __all__ = [
     "gw_broadcast",
     "hash_top_k",
     "is_uncertain",
+    "jittered",
     "noisy_top_k",
     "normalized_entropy",
     "normed_router_input",

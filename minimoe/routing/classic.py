@@ -23,6 +23,7 @@ from minimoe.routing.core import (
     _mask_of_top,
     _uncertainty,
     check_experts,
+    check_jitter,
     check_logits,
     check_recipe,
     check_threshold,
@@ -216,6 +217,8 @@ class TopK:
     k: int = field(default=2, metadata=flags.K)
     # None: True, with a warning at k=1 (no router gradient)
     renormalize: bool | None = field(default=None, metadata=flags.RENORMALIZE)
+    input_jitter: float = field(default=0.0, metadata=flags.INPUT_JITTER)  # Mixtral's
+    jitter_experts: bool = field(default=True, metadata=flags.JITTER_EXPERTS)
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "top_k"
@@ -224,6 +227,7 @@ class TopK:
     def __post_init__(self) -> None:
         check_int("k", self.k, 1)
         resolve_renormalize(self)
+        check_jitter(self)
         check_recipe(self)
 
     def check_experts(self, num_experts: int) -> None:
@@ -387,6 +391,19 @@ class GWBroadcast:
     @property
     def dynamic_coef(self) -> float:
         return getattr(self.base, "dynamic_coef", 0.0)
+
+    # the base's input jitter, which the layer applies (minimoe.routing: the router interface)
+    @property
+    def input_jitter(self) -> float:
+        return getattr(self.base, "input_jitter", 0.0)
+
+    @property
+    def jitter_experts(self) -> bool:
+        return getattr(self.base, "jitter_experts", True)
+
+    @property
+    def jitter_draws(self) -> int:
+        return getattr(self.base, "jitter_draws", 1)
 
     def router_columns(self, num_experts: int) -> int:
         return router_columns(self.base, num_experts)

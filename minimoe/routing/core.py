@@ -13,7 +13,14 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from minimoe.checks import check_bool, check_choice, check_float, host_checkable, require
+from minimoe.checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    host_checkable,
+    require,
+)
 
 
 @dataclass(frozen=True)
@@ -232,19 +239,27 @@ def check_routing(
     return routing
 
 
-def refuse_training_jitter(spec: Any, training: bool) -> None:
-    """A router converted from a Hugging Face block with input jitter keeps its eps
-    (``spec.input_jitter``): that block multiplies the tokens by U(1 - eps, 1 + eps) in training
-    before the router's matmul, which a rule over logits cannot do. So the router routes as
-    Hugging Face's at evaluation and refuses to train (a host check of a setting: no sync)."""
-    if training and spec.input_jitter:
-        name = type(spec).__name__
-        raise ValueError(
-            f"{name}(input_jitter={spec.input_jitter}) cannot train: the Hugging Face block it "
-            "came from multiplies the router's input by U(1 - eps, 1 + eps) in training, which "
-            "minimoe's router (a rule over logits) does not reproduce. Evaluate (.eval()), or "
-            "train without it: dataclasses.replace(router, input_jitter=0.0)"
-        )
+def jittered(tokens: Tensor, eps: float, draws: int = 1) -> Tensor:
+    """(T, d) ``tokens`` times U(1 - eps, 1 + eps) drawn per element, ``draws`` times over.
+
+    Hugging Face's router jitter (Mixtral's and Switch's ``router_jitter_noise``, DBRX's
+    ``moe_jitter_eps``, PhiMoE's ``input_jitter_noise``), drawn as it draws: one
+    ``torch.empty_like(tokens).uniform_(1 - eps, 1 + eps)`` per draw, from torch's global
+    generator, in the tokens' dtype; so under one seed the same numbers. The layer applies it in
+    training only (``MoE.forward``; the router interface in ``minimoe.routing``).
+    """
+    for _ in range(draws):
+        tokens = tokens * torch.empty_like(tokens).uniform_(1.0 - eps, 1.0 + eps)
+    return tokens
+
+
+def check_jitter(spec: Any) -> None:
+    """The input-jitter settings a spec carries: eps >= 0, whether the experts see the jitter,
+    and (where the spec has it) the number of draws."""
+    check_float("input_jitter", spec.input_jitter, 0.0)
+    check_bool("jitter_experts", spec.jitter_experts)
+    if hasattr(spec, "jitter_draws"):
+        check_int("jitter_draws", spec.jitter_draws, 1)
 
 
 def check_recipe(spec: Any) -> None:

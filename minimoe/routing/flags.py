@@ -40,8 +40,12 @@ TARGET = {"flag": "target_experts", "help": "target mean experts per token", "po
 BALANCE_COUNT = {"no_flag": "loss recipe: MoEConfig.balance_count overrides it"}
 DYNAMIC_COEF = {"no_flag": "loss recipe: the layer's --dynamic-coef overrides it"}
 INPUT_JITTER = {
-    "no_flag": "a converted Hugging Face setting, kept for the round trip: a router "
-    "with it refuses to train"
+    "help": "eps of the input jitter: in training the layer's tokens times U(1 - eps, 1 + eps) "
+    "per element before the router (Mixtral, Switch, DBRX, PhiMoE)"
+}
+JITTER_EXPERTS = {
+    "help": "with input jitter, the experts run on the jittered tokens too (Hugging Face's "
+    "blocks); else the router alone reads them"
 }
 
 KINDS = (int, float, bool, str)

@@ -28,7 +28,13 @@ from torch import Tensor
 
 from minimoe.checks import check_bool, check_choice, check_float, check_int
 from minimoe.routing import flags
-from minimoe.routing.core import Routing, _mask_of_top, check_logits, check_recipe
+from minimoe.routing.core import (
+    Routing,
+    _mask_of_top,
+    check_jitter,
+    check_logits,
+    check_recipe,
+)
 from minimoe.routing.production import (
     GROUP_SCORES,
     check_groups,
@@ -317,6 +323,8 @@ class ScoreTopK:
     expert_scales: bool = field(
         default=False, metadata={"help": "a learned scale per expert multiplies its weight"}
     )
+    input_jitter: float = field(default=0.0, metadata=flags.INPUT_JITTER)  # DBRX's, MiniMax-M2's
+    jitter_experts: bool = field(default=True, metadata=flags.JITTER_EXPERTS)
     balance_count: str = field(default="first", metadata=flags.BALANCE_COUNT)
     dynamic_coef: float = field(default=0.0, metadata=flags.DYNAMIC_COEF)
     name: ClassVar[str] = "score_top_k"
@@ -354,6 +362,7 @@ class ScoreTopK:
         check_bool("input_norm", self.input_norm)
         check_float("input_norm_eps", self.input_norm_eps, 0.0, low_open=True)
         check_bool("expert_scales", self.expert_scales)
+        check_jitter(self)
         free = self.null_experts + self.identity_experts + self.constant_experts
         if self.n_group > 1 and free:
             raise ValueError(
