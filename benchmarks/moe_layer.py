@@ -698,7 +698,7 @@ def print_tables(results: dict[int, dict], device: torch.device, num_experts: in
     print(
         f"target (issue 22): time per expert FLOP (fwd+bwd) <= {TARGET_ON_DEMAND}x that of "
         "top-k at the k nearest the rule's experts per token; null and identity experts "
-        "cost no expert FLOPs, a constant expert O(d) a pair (counted in the rule's FLOPs)\n"
+        "cost no expert FLOPs, the constant experts about 6 c d per token (counted in the rule's FLOPs)\n"
     )
     print(
         "| T | router | experts/token | vs | FLOP ratio | fwd+bwd ms (time ratio) "

@@ -239,7 +239,7 @@ class MoEStats(NamedTuple):
         Tensor  # () share of tokens over the GW threshold (the released code's gw_ratio)
     )
     broadcast_ratio: Tensor  # () share of tokens broadcast to all experts, after the slot cap
-    # () expert FLOPs: kept pairs, the shared expert and the constant experts' pairs (matmuls; no
+    # () expert FLOPs: kept pairs, the shared expert and the constant experts' (every token; no
     # router); null and identity experts cost none
     flops: Tensor
     # what a stateful router measured on these tokens for its update_state (its ``batch_measure``
@@ -575,9 +575,8 @@ class MoE(nn.Module):
             flops = kept.sum() * self.experts.flops_per_assignment()
             if self.shared is not None:
                 flops = flops + T * self.shared.flops_per_assignment()
-            if routing.constant is not None:  # O(d) a pair: ConstantExperts' own count
-                pairs = (routing.constant != 0).sum()
-                flops = flops + pairs * self.constants.flops_per_assignment()
+            if routing.constant is not None:  # every token, all c at once: O(c d)
+                flops = flops + T * self.constants.flops_per_token()
 
             measure = getattr(self.config.router, "batch_measure", None)
 
