@@ -157,7 +157,6 @@ class AdaptiveGating(Experiment):
     help = "chapter 5: adaptive gating vs top-2 and its control, thresholds, curriculum"
     setup_class = AdaptiveSetup
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
     eval_every = 100
 
     def base_moe(self) -> MoEConfig:

@@ -46,7 +46,6 @@ class Balance(ByteLM):
     name = "balance"
     help = "chapter 1: the balance loss's cost, and dense baselines, on the byte-level LM"
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
 
 
 def add_parser(sub) -> None:

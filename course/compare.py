@@ -194,7 +194,6 @@ class Compare(ByteLM):
     help = "chapter 6: every router on one model and data set (quality, FLOPs, time, drops)"
     setup_class = CompareSetup
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
 
     def base_moe(self) -> MoEConfig:
         s = self.setup

@@ -29,7 +29,7 @@ from matplotlib.axes import Axes
 from torch import nn
 
 from course import harness, stats
-from course.common import cached, interleaved, set_threads
+from course.common import cached, interleaved
 from course.harness import Run
 from minimoe.data import BYTE_VOCAB_SIZE, Batch, ByteCorpus, byte_corpus, lm_batches, load_text
 from minimoe.layer import MoEConfig
@@ -141,6 +141,24 @@ def load_pretrained(path: str | Path | None = None) -> TinyTransformer:
     return model
 
 
+class LayerShares:
+    """A training callback: per step and MoE layer, the shares of tokens over the GW threshold
+    and broadcast (the layers' stats)."""
+
+    KEYS = ("uncertain_ratio", "broadcast_ratio")
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[list[float]]] = {k: [] for k in self.KEYS}
+
+    def __call__(self, step: int, model: nn.Module, out: Any) -> None:
+        for key, per_step in self.steps.items():
+            per_step.append([getattr(layer.stats, key).item() for layer in out.layers])
+
+    def means(self) -> dict[str, list[float]]:
+        """Per key, the mean over the steps per layer (4 decimals)."""
+        return {k: np.round(np.mean(v, axis=0), 4).tolist() for k, v in self.steps.items()}
+
+
 # ---- the experiment -----------------------------------------------------------------------
 
 
@@ -235,21 +253,16 @@ class GWExperiment(harness.Experiment):
     def evaluate(self, model: nn.Module, held_out: Batch) -> dict[str, float]:
         return evaluate(model, held_out, self.uncertain(self.current[1], held_out, model))
 
-    def recorder(self, name: str):
-        self._ratios: dict[str, list[list[float]]] = {"uncertain_ratio": [], "broadcast_ratio": []}
+    def recorder(self, name: str) -> LayerShares:
+        return LayerShares()
 
-        def record(step: int, model: nn.Module, out: Any) -> None:
-            for key, per_step in self._ratios.items():
-                per_step.append([getattr(layer.stats, key).item() for layer in out.layers])
-
-        return record
-
-    def extra(self, model: nn.Module, held_out: Batch, history: History, record: Any) -> dict:
+    def extra(
+        self, model: nn.Module, held_out: Batch, history: History, record: LayerShares
+    ) -> dict:
         """Per MoE layer, averaged over the steps: the shares of tokens over the threshold
         (``uncertain_ratio``, the released code's gw_ratio) and broadcast (``broadcast_ratio``);
         and the last 10 steps' training loss."""
-        shares = {k: np.round(np.mean(v, axis=0), 4).tolist() for k, v in self._ratios.items()}
-        return shares | {"final_train_loss": float(np.mean(history.loss[-10:]))}
+        return record.means() | {"final_train_loss": float(np.mean(history.loss[-10:]))}
 
     def pretrained(self, arm: str = "top-2", seed: int = 0) -> TinyTransformer:
         """``arm``'s pretrained model of ``seed`` (trained here unless kept), in eval mode."""
@@ -273,17 +286,13 @@ class GWExperiment(harness.Experiment):
         )
         return p
 
-    @classmethod
-    def main(cls, args: argparse.Namespace) -> harness.Results:
-        """The harness's command, then ``--save-pretrained`` from the same training."""
-        set_threads(args)
-        exp = cls.from_args(args)
-        results = exp.run_args(args)
+    def run_args(self, args: argparse.Namespace) -> harness.Results:
+        """The harness's runs, then ``--save-pretrained`` from the same training."""
+        results = super().run_args(args)
         if args.save_pretrained is not None:
             path = args.save_pretrained
-            save_checkpoint(
-                exp.pretrained("top-2", 0), path, pretrain_steps=exp.setup.pretrain_steps
-            )
+            model = self.pretrained("top-2", 0)
+            save_checkpoint(model, path, pretrain_steps=self.setup.pretrain_steps)
             print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB)")
         return results
 

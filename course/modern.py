@@ -217,7 +217,6 @@ class Modern(ByteLM):
     name = "modern"
     help = "chapter 8: loss-free balancing, expert choice, shared and fine-grained experts"
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
 
     def initial_weights(self, base: dict[str, Tensor], own: dict[str, Tensor]) -> dict:
         """The base draw wherever the shapes agree (``ByteLM``); fine-grained experts are its

@@ -149,7 +149,6 @@ class Testbed(Experiment):
     help = "every router on the known-answer mixture testbed (equal mixture weights)"
     setup_class = TestbedSetup
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
     eval_every = 200
 
     @cached_property

@@ -64,7 +64,6 @@ class Text(ByteLM):
     name = "text"
     help = "chapters 4-5: top-p and adaptive gating on text, experts by difficulty"
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
 
     def __init__(self, setup=None) -> None:
         super().__init__(setup)

@@ -207,7 +207,6 @@ class TokenTasks(Experiment):
     help = "chapter 4: top-2 vs top-p on the graded token tasks (dynamic loss, z-loss, p)"
     setup_class = TopPSetup
     runs = RUNS
-    seeds = (0, 1, 2, 3, 4)
     eval_every = 50
 
     def __init__(self, setup: TopPSetup | None = None) -> None:

@@ -1,6 +1,9 @@
 """Shared test setup: one torch thread; tests marked ``@pytest.mark.gpu`` are skipped without CUDA;
 fixtures every module may use (``corpus``, ``randn``)."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -33,3 +36,21 @@ def randn():
         return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture
+def on_cuda_as_on_cpu():
+    """``check(cls, setup, run, measure="loss")``: run ``run`` of the harness experiment ``cls``
+    on seed 0 with ``setup`` on the CPU and on CUDA (the device the chapters' live cells pick):
+    the same measures, finite, ``measure`` the CPU's up to rounding (routing near-ties may flip a
+    few tokens). Returns the GPU's record, for a test's own further checks."""
+
+    def check(cls, setup, run: str, measure: str = "loss") -> dict:
+        cpu = cls(setup).run_one(run, 0)
+        gpu = cls(replace(setup, device="cuda")).run_one(run, 0)
+        assert gpu["measures"].keys() == cpu["measures"].keys()
+        assert all(math.isfinite(v) for v in gpu["measures"].values())
+        assert gpu["measures"][measure] == pytest.approx(cpu["measures"][measure], rel=0.05)
+        return gpu
+
+    return check

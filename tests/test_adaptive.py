@@ -344,14 +344,10 @@ def test_the_family_pairs_the_cached_runs_by_seed():
 
 
 @pytest.mark.gpu
-def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+def test_the_experiment_runs_on_cuda_as_on_the_cpu(on_cuda_as_on_cpu):
     """The chapters' live cells run it on the device they pick: every tensor where the model is,
     the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
-    cpu = Tiny(TINY).run_one("adaptive 0.1", 0)
-    gpu = Tiny(replace(TINY, device="cuda")).run_one("adaptive 0.1", 0)
-    assert gpu["measures"].keys() == cpu["measures"].keys()
-    assert all(math.isfinite(v) for v in gpu["measures"].values())
-    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)
+    on_cuda_as_on_cpu(Tiny, TINY, "adaptive 0.1")
 
 
 @pytest.mark.gpu

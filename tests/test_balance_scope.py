@@ -1,7 +1,6 @@
 """Chapter 8's balance-scope experiment: each scope is the library's loss over the right tokens,
 batches of domains, the specialization measure by hand, the same start for every run."""
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -137,11 +136,7 @@ def test_the_command_writes_its_results_and_the_scope_is_part_of_the_run(tmp_pat
 
 
 @pytest.mark.gpu
-def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+def test_the_experiment_runs_on_cuda_as_on_the_cpu(on_cuda_as_on_cpu):
     """The chapters' live cells run it on the device they pick: every tensor where the model is,
     the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
-    cpu = bs.BalanceScope(TINY).run_one(bs.REFERENCE, 0)
-    gpu = bs.BalanceScope(replace(TINY, device="cuda")).run_one(bs.REFERENCE, 0)
-    assert gpu["measures"].keys() == cpu["measures"].keys()
-    assert all(math.isfinite(v) for v in gpu["measures"].values())
-    assert gpu["measures"]["rel_error"] == pytest.approx(cpu["measures"]["rel_error"], rel=0.05)
+    on_cuda_as_on_cpu(bs.BalanceScope, TINY, bs.REFERENCE, "rel_error")

@@ -2,7 +2,6 @@
 top-2's snapshot, dropless evaluation beside the capacity's, the table, the command."""
 
 import json
-import math
 from dataclasses import replace
 
 import pytest
@@ -186,14 +185,10 @@ def test_a_continuing_run_needs_a_branch_inside_the_run():
 
 
 @pytest.mark.gpu
-def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+def test_the_experiment_runs_on_cuda_as_on_the_cpu(on_cuda_as_on_cpu):
     """The chapters' live cells run it on the device they pick: every tensor where the model is,
     the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
-    cpu = Tiny(TINY).run_one("top-2", 0)
-    gpu = Tiny(replace(TINY, device="cuda")).run_one("top-2", 0)
-    assert gpu["measures"].keys() == cpu["measures"].keys()
-    assert all(math.isfinite(v) for v in gpu["measures"].values())
-    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)
+    on_cuda_as_on_cpu(Tiny, TINY, "top-2")
 
 
 @pytest.mark.gpu

@@ -1,9 +1,6 @@
 """Chapter 8's comparison on the harness: same start for every run, fine-grained experts cut
 from the coarse ones, Wang et al.'s loss, the leak measure, the command."""
 
-import math
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -135,13 +132,9 @@ def test_the_table_of_recent_routers_is_rows_of_the_family_table():
 
 
 @pytest.mark.gpu
-def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+def test_the_experiment_runs_on_cuda_as_on_the_cpu(on_cuda_as_on_cpu):
     """The chapters' live cells run it on the device they pick: every tensor where the model is,
     the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
-    cpu = md.Modern(TINY).run_one(md.BASE, 0)
-    gpu = md.Modern(replace(TINY, device="cuda")).run_one(md.BASE, 0)
-    assert gpu["measures"].keys() == cpu["measures"].keys()
-    assert all(math.isfinite(v) for v in gpu["measures"].values())
-    assert gpu["measures"]["loss"] == pytest.approx(cpu["measures"]["loss"], rel=0.05)
+    gpu = on_cuda_as_on_cpu(md.Modern, TINY, md.BASE)
 
     assert gpu["extra"]["leak_loss"] < 1e-5, "causal on the GPU too, to rounding"

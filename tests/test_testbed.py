@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -105,17 +102,8 @@ def test_command_writes_results_and_refuses_a_bad_run_first(tmp_path):
 
 
 @pytest.mark.gpu
-def test_the_experiment_runs_on_cuda_as_on_the_cpu():
+def test_the_experiment_runs_on_cuda_as_on_the_cpu(on_cuda_as_on_cpu):
     """The chapters' live cells run it on the device they pick: every tensor where the model is,
     the held-out measures the CPU's up to rounding (routing near-ties may flip a few tokens)."""
-    cpu = testbed.Testbed(
-        testbed.TestbedSetup(n_train=256, n_test=3000, steps=20, batch_size=32)
-    ).run_one("top-2", 0)
-    gpu = testbed.Testbed(
-        replace(
-            testbed.TestbedSetup(n_train=256, n_test=3000, steps=20, batch_size=32), device="cuda"
-        )
-    ).run_one("top-2", 0)
-    assert gpu["measures"].keys() == cpu["measures"].keys()
-    assert all(math.isfinite(v) for v in gpu["measures"].values())
-    assert gpu["measures"]["rel_error"] == pytest.approx(cpu["measures"]["rel_error"], rel=0.05)
+    setup = testbed.TestbedSetup(n_train=256, n_test=3000, steps=20, batch_size=32)
+    on_cuda_as_on_cpu(testbed.Testbed, setup, "top-2", "rel_error")
